@@ -1,0 +1,34 @@
+"""imagegen: plugin-based, multi-model image generation on MLX.
+
+The names here are the public API that users and plugins (in-tree and third-party) import.
+"""
+
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
+from . import registry
+from .config import HFConfig, Options
+from .errors import (
+    ImagegenError,
+    InvalidImageError,
+    InvalidOptionError,
+    PluginError,
+    UnknownModelError,
+    WeightsError,
+    WeightsNotFoundError,
+)
+from .hookspecs import hookimpl
+from .pipeline import GenerationResult, Pipeline, Request, Run, Step, seeded_noise
+from .registry import IMAGE_EDIT, TEXT_TO_IMAGE, ModelSpec
+
+try:
+    __version__ = _version("imagegen")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0"
+
+__all__ = [
+    "GenerationResult", "HFConfig", "IMAGE_EDIT", "ImagegenError", "InvalidImageError", "InvalidOptionError",
+    "ModelSpec", "Options", "Pipeline", "PluginError", "Request", "Run", "Step", "TEXT_TO_IMAGE",
+    "UnknownModelError", "WeightsError", "WeightsNotFoundError", "hookimpl", "registry", "seeded_noise",
+    "__version__",
+]

@@ -1,0 +1,112 @@
+"""Find weights: an explicit folder, the local Hugging Face cache (offline), or bundled weights."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import ImagegenError, WeightsNotFoundError
+
+if TYPE_CHECKING:
+    from .registry import ModelSpec
+
+
+def hf_cache_dir() -> Path:
+    """The hub cache as huggingface_hub computes it: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def repo_cache_dir(repo_id: str) -> Path:
+    return hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+
+
+def cached_snapshot(repo_id: str, revision: str = "main") -> Path | None:
+    """The snapshot folder of a cached repo (refs/<revision> names the commit), if present."""
+    repo = repo_cache_dir(repo_id)
+    ref = repo / "refs" / revision
+    if ref.is_file():
+        snapshot = repo / "snapshots" / ref.read_text().strip()
+        if snapshot.is_dir():
+            return snapshot
+    snapshots = sorted((repo / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime) if repo.is_dir() else []
+    return snapshots[-1] if snapshots else None
+
+
+def _looks_like_repo_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~"))
+
+
+def resolve_weights(spec: ModelSpec, weights: str | Path | None = None) -> Path | None:
+    """Where a model's weights are, or a WeightsNotFoundError saying where we looked and what to do."""
+    if not spec.needs_weights:
+        return None
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if path.is_dir():
+            return path
+        if path.exists():
+            raise WeightsNotFoundError(f"--weights {weights} is a file; pass the model's folder.")
+        if _looks_like_repo_id(str(weights)):
+            snapshot = cached_snapshot(str(weights))
+            if snapshot is not None:
+                return snapshot
+            raise WeightsNotFoundError(
+                f"No folder '{weights}' and no cached repo at {repo_cache_dir(str(weights))}; "
+                f"download it with `imagegen pull {spec.id} --repo {weights}`."
+            )
+        raise WeightsNotFoundError(f"Weights folder not found: {path}")
+    if spec.bundled_weights is not None and Path(spec.bundled_weights).is_dir():
+        return Path(spec.bundled_weights)
+    if spec.hf_repo:
+        snapshot = cached_snapshot(spec.hf_repo)
+        if snapshot is not None:
+            return snapshot
+        raise WeightsNotFoundError(
+            f"No weights for '{spec.id}': looked in {repo_cache_dir(spec.hf_repo)}. "
+            f"Get them with `imagegen pull {spec.id}` or pass --weights DIR (a diffusers-layout folder)."
+        )
+    raise WeightsNotFoundError(f"No weights for '{spec.id}': pass --weights DIR (a diffusers-layout folder).")
+
+
+def weights_present(spec: ModelSpec) -> Path | None:
+    """The folder resolve_weights would use without --weights, or None."""
+    try:
+        return resolve_weights(spec) if spec.needs_weights else None
+    except WeightsNotFoundError:
+        return None
+
+
+def folder_size(path: Path) -> int:
+    """Bytes on disk, following the HF cache's symlinks to blobs."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def pull(spec: ModelSpec, repo: str | None = None) -> Path:
+    """Download a model's repo into the HF cache with huggingface_hub (the optional `hub` extra)."""
+    repo = repo or spec.hf_repo
+    if not repo:
+        raise ImagegenError(f"Model '{spec.id}' has no Hugging Face repo to pull from.")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ImagegenError("Downloading needs huggingface_hub: pip install 'imagegen[hub]'") from None
+    try:
+        path = snapshot_download(repo, cache_dir=hf_cache_dir(), allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"])
+    except Exception as e:  # network, auth (gated repos), disk
+        raise ImagegenError(f"Could not download {repo}: {type(e).__name__}: {e}") from None
+    return Path(path)
+
+
+def remove(spec: ModelSpec) -> Path:
+    """Delete a model's cached repo; returns the folder removed."""
+    if not spec.hf_repo or not repo_cache_dir(spec.hf_repo).is_dir():
+        raise WeightsNotFoundError(f"No cached weights for '{spec.id}'.")
+    folder = repo_cache_dir(spec.hf_repo)
+    shutil.rmtree(folder)
+    return folder

@@ -1,0 +1,164 @@
+"""Model registry: specs registered by plugins, resolved by id, alias or family name."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import InvalidOptionError, UnknownModelError
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+
+# Options of Pipeline.generate() that only some models accept; the rest (prompt, size, steps,
+# seed, num_images) every model takes.
+OPTIONAL_OPTIONS = ("guidance", "negative_prompt", "images", "latents", "tile")
+TEXT_TO_IMAGE, IMAGE_EDIT = "text-to-image", "image-edit"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a model is and how to load it. Plugins build these and pass them to ``register``."""
+
+    id: str
+    family: str
+    load: Callable[..., Pipeline]  # load(spec, weights: Path | None, dtype=, quantize=, **kwargs)
+    aliases: tuple[str, ...] = ()
+    description: str = ""
+    hf_repo: str | None = None  # official Hugging Face repo id of the weights
+    bundled_weights: Path | None = None  # weights shipped inside the plugin package
+    needs_weights: bool = True  # False for procedural models
+    default_steps: int = 4
+    default_guidance: float | None = None
+    default_size: tuple[int, int] = (1024, 1024)  # (width, height)
+    max_pixels: int = 2048 * 2048
+    size_multiple: int = 16
+    tasks: tuple[str, ...] = (TEXT_TO_IMAGE,)
+    options: frozenset[str] = frozenset()  # subset of OPTIONAL_OPTIONS this model accepts
+    quantize_modes: tuple[str, ...] = ()  # accepted --quantize values; empty = no quantization
+    default_dtype: str = "bfloat16"
+    family_default: bool = False  # the family name resolves to this variant
+    plugin: str = ""  # filled in by the registry
+    extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    def accepts(self, option: str) -> bool:
+        return option in self.options
+
+    def pipeline(
+        self,
+        weights: str | Path | None = None,
+        dtype: str | None = None,
+        quantize: str | None = None,
+        **kwargs: Any,
+    ) -> Pipeline:
+        """Load this model: resolve weights (folder, HF cache, bundled) and build a resident pipeline."""
+        from . import hub
+        from .quantize import normalize_mode
+
+        if quantize is not None:
+            quantize = normalize_mode(quantize)
+            if quantize not in self.quantize_modes:
+                supported = ", ".join(self.quantize_modes) or "none"
+                raise InvalidOptionError(
+                    f"Model '{self.id}' does not support --quantize {quantize} (supported: {supported})."
+                )
+        path = hub.resolve_weights(self, weights)
+        return self.load(self, path, dtype=dtype or self.default_dtype, quantize=quantize, **kwargs)
+
+
+_specs: dict[str, ModelSpec] | None = None
+_aliases: dict[str, str] = {}
+_families: dict[str, str] = {}
+
+
+def _build() -> dict[str, ModelSpec]:
+    from . import plugins
+
+    pm = plugins.get_plugin_manager()
+    specs: dict[str, ModelSpec] = {}
+    aliases: dict[str, str] = {}
+    for impl in pm.hook.register_models.get_hookimpls():
+        name = impl.plugin_name
+        mine: list[ModelSpec] = []
+        try:
+            impl.function(register=mine.append)
+        except Exception as e:
+            warnings.warn(f"imagegen: plugin '{name}' failed to register models ({e})", stacklevel=3)
+            continue
+        info = plugins.plugin_info(name)
+        for spec in mine:
+            taken = [n for n in (spec.id, *spec.aliases) if n in specs or n in aliases]
+            if taken:
+                warnings.warn(
+                    f"imagegen: plugin '{name}' registers '{taken[0]}', which is already taken; skipped",
+                    stacklevel=3,
+                )
+                continue
+            spec = replace(spec, plugin=name)
+            specs[spec.id] = spec
+            aliases.update({a: spec.id for a in spec.aliases})
+            if info is not None and spec.id not in info.models:
+                info.models.append(spec.id)
+    families: dict[str, str] = {}
+    for spec in specs.values():
+        if spec.family_default or spec.family not in families:
+            families.setdefault(spec.family, spec.id)
+            if spec.family_default:
+                families[spec.family] = spec.id
+    _aliases.clear(), _aliases.update(aliases)
+    _families.clear(), _families.update({f: i for f, i in families.items() if f not in specs})
+    return specs
+
+
+def _registry() -> dict[str, ModelSpec]:
+    global _specs
+    if _specs is None:
+        _specs = _build()
+    return _specs
+
+
+def invalidate() -> None:
+    """Rebuild the registry on next use (after plugins are added or removed)."""
+    global _specs
+    _specs = None
+
+
+def all_specs() -> list[ModelSpec]:
+    return sorted(_registry().values(), key=lambda s: (s.family, s.id))
+
+
+def names() -> list[str]:
+    """Every name that resolves: ids, aliases and family names."""
+    specs = _registry()
+    return sorted({*specs, *_aliases, *_families})
+
+
+def get(name: str) -> ModelSpec:
+    """Resolve a model id, an alias or a family name (its default variant)."""
+    specs = _registry()
+    key = name.strip().lower()
+    key = _aliases.get(key) or _families.get(key) or key
+    if key in specs:
+        return specs[key]
+    raise UnknownModelError(name, suggest(name))
+
+
+def suggest(name: str, n: int = 3) -> list[str]:
+    candidates = names()
+    close = difflib.get_close_matches(name.lower(), candidates, n=n, cutoff=0.5)
+    prefix = [c for c in candidates if name and (c.startswith(name.lower()) or name.lower() in c)]
+    return list(dict.fromkeys([*close, *prefix]))[:n]
+
+
+def default_model() -> str | None:
+    """The model `imagegen run` uses without --model: $IMAGEGEN_MODEL, else the demo model."""
+    env = os.environ.get("IMAGEGEN_MODEL")
+    if env:
+        return env
+    specs = _registry()
+    return "flux2-demo" if "flux2-demo" in specs else next(iter(sorted(specs)), None)

@@ -1,0 +1,1 @@
+"""imagegen plugin package for the flux2 model family."""

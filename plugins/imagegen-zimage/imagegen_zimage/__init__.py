@@ -1,0 +1,1 @@
+"""imagegen plugin package for the zimage model family."""
