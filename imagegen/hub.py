@@ -97,7 +97,8 @@ def pull(spec: ModelSpec, repo: str | None = None) -> Path:
     except ImportError:
         raise ImagegenError("Downloading needs huggingface_hub: pip install 'imagegen[hub]'") from None
     try:
-        path = snapshot_download(repo, cache_dir=hf_cache_dir(), allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"])
+        patterns = ["*.json", "*.safetensors", "*.jinja", "*.txt"]
+        path = snapshot_download(repo, cache_dir=hf_cache_dir(), allow_patterns=patterns)
     except Exception as e:  # network, auth (gated repos), disk
         raise ImagegenError(f"Could not download {repo}: {type(e).__name__}: {e}") from None
     return Path(path)

@@ -144,7 +144,8 @@ class Pipeline(ABC):
 
                 t = time.perf_counter()
                 latents = self.prepare_latents(request)  # 2. initial noise
-                for i, latents in enumerate(self.denoise_steps(request, conditioning, latents), 1):  # 3.
+                for i, step_latents in enumerate(self.denoise_steps(request, conditioning, latents), 1):  # 3.
+                    latents = step_latents
                     mx.eval(latents)
                     now = time.perf_counter()
                     yield Step("denoise", i, request.steps, now - t, latents)

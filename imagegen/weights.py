@@ -118,7 +118,8 @@ def load_module(
     if quantize is not None and record is None:
         record = quantize_model(module, quantize, predicate)
     elif quantize is not None and record is not None and record.get("quantization") != quantize:
-        raise WeightsError(f"{folder} is saved quantized as {record.get('quantization')}; cannot re-quantize to {quantize}")
+        saved = record.get("quantization")
+        raise WeightsError(f"{folder} is saved quantized as {saved}; cannot re-quantize to {quantize}")
     mx.eval(module.parameters())
     module.eval()
     return record
