@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -80,6 +81,22 @@ def weights_present(spec: ModelSpec) -> Path | None:
         return resolve_weights(spec) if spec.needs_weights else None
     except WeightsNotFoundError:
         return None
+
+
+def weights_identity(spec: ModelSpec, path: Path | None) -> dict[str, str]:
+    """What weights made an image: the repo or folder, plus a hash of its configs (for PNG metadata)."""
+    if path is None:
+        return {"source": "procedural"}
+    path = Path(path)
+    digest = hashlib.sha256()
+    for config in sorted(path.glob("*.json")) + sorted(path.glob("*/config.json")):
+        digest.update(config.relative_to(path).as_posix().encode() + b"\0" + config.read_bytes())
+    source = str(path)
+    if spec.hf_repo and cached_snapshot(spec.hf_repo) == path:
+        source = spec.hf_repo
+    elif spec.bundled_weights is not None and Path(spec.bundled_weights) == path:
+        source = f"bundled:{spec.id}"
+    return {"source": source, "config_sha256": digest.hexdigest()[:16]}
 
 
 def folder_size(path: Path) -> int:

@@ -16,6 +16,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,9 +91,18 @@ class Pipeline(ABC):
     """Base of every family pipeline. Subclasses implement the four stages."""
 
     def __init__(self, spec: ModelSpec, weights: Path | None = None, dtype: str = "bfloat16",
-                 quantize: str | None = None):
+                 quantize: str | None = None, on_load: Callable[[str, float], None] | None = None):
         self.spec, self.weights, self.dtype, self.quantize = spec, weights, dtype, quantize
+        self._on_load = on_load
         self._lock = threading.Lock()
+
+    @contextmanager
+    def loading(self, component: str) -> Iterator[None]:
+        """Wrap the load of one component: reports (name, seconds) to the caller's on_load."""
+        start = time.perf_counter()
+        yield
+        if self._on_load is not None:
+            self._on_load(component, time.perf_counter() - start)
 
     # ---- the four stages (families implement) -------------------------------------------
     @abstractmethod

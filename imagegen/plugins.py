@@ -78,7 +78,9 @@ def register_plugin(module: object, name: str, distribution: str = "", version: 
     """Register an in-process plugin (tests, notebooks); the registry is rebuilt on next use."""
     from . import registry
 
-    get_plugin_manager().register(module, name=name)
+    pm = get_plugin_manager()
+    if pm.get_plugin(name) is not module:
+        pm.register(module, name=name)
     _infos[name] = PluginInfo(name, distribution or name, version, module)
     registry.invalidate()
 

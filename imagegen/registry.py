@@ -43,6 +43,8 @@ class ModelSpec:
     quantize_modes: tuple[str, ...] = ()  # accepted --quantize values; empty = no quantization
     default_dtype: str = "bfloat16"
     family_default: bool = False  # the family name resolves to this variant
+    # estimate_memory(spec, weights: Path | None, dtype, quantize, width, height, batch) -> bytes at peak
+    estimate_memory: Callable[..., int] | None = None
     plugin: str = ""  # filled in by the registry
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
