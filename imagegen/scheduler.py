@@ -65,7 +65,8 @@ def sigmas(config: FlowMatchEulerConfig, steps: int, custom: np.ndarray | list[f
         train = train / config.num_train_timesteps
         if not config.use_dynamic_shifting:
             train = fixed_shift(config.shift, train)
-        t = np.linspace(train[0] * config.num_train_timesteps, train[-1] * config.num_train_timesteps, steps)
+        n = config.num_train_timesteps
+        t = np.linspace(float(train[0]) * n, float(train[-1]) * n, steps)
         s = t / config.num_train_timesteps
     else:
         s = np.asarray(custom).astype(np.float32)
