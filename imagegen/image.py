@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -40,18 +41,31 @@ def to_pil(images: mx.array) -> list[Image.Image]:
 
 def from_pil(image: Image.Image) -> mx.array:
     """PIL RGB -> NHWC float32 in [-1, 1], batch of one."""
-    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    arr = (np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0) * 2.0 - 1.0  # diffusers' exact arithmetic
     return mx.array(arr)[None]
+
+
+def png_info(metadata: dict[str, Any] | None) -> PngImagePlugin.PngInfo:
+    """PNG text chunks: our JSON metadata, and the prompt where most image viewers look."""
+    info = PngImagePlugin.PngInfo()
+    if metadata:
+        info.add_text(METADATA_KEY, json.dumps(metadata, sort_keys=True))
+        if "prompt" in metadata:
+            info.add_text("parameters", str(metadata["prompt"]))
+    return info
+
+
+def png_bytes(image: Image.Image, metadata: dict[str, Any] | None = None) -> bytes:
+    """The PNG file save_png would write, in memory (the server's b64_json and image URLs)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=png_info(metadata))
+    return buffer.getvalue()
 
 
 def save_png(image: Image.Image, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
     """Write atomically (temp file + rename) so an interrupted run never leaves a partial file."""
     path = Path(path)
-    info = PngImagePlugin.PngInfo()
-    if metadata:
-        info.add_text(METADATA_KEY, json.dumps(metadata, sort_keys=True))
-        if "prompt" in metadata:
-            info.add_text("parameters", str(metadata["prompt"]))  # what most image viewers show
+    info = png_info(metadata)
     fd, tmp = tempfile.mkstemp(prefix=".imagegen-", suffix=".png", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
