@@ -1,0 +1,151 @@
+"""Qwen3 text encoder parity with transformers: every hidden state, padded batches, checkpoint layouts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from imagegen.errors import WeightsError
+from imagegen.text.qwen3 import Qwen3Config, Qwen3Model, load_qwen3
+
+TINY = dict(
+    vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, max_position_embeddings=128, pad_token_id=0,
+    rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+)
+LENGTHS = (13, 8, 3)  # a right-padded batch of three prompts
+PAD_ID = 7
+
+
+def randomize_norms(model: torch.nn.Module) -> None:
+    """RMSNorm weights start at one: randomize them (and biases) so the test sees them."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+
+
+def make_qwen3(folder: Path, seed: int = 0, base: bool = False, max_shard_size: str = "50GB",
+               **overrides) -> torch.nn.Module:
+    """A random Qwen3ForCausalLM (or bare Qwen3Model) saved in the transformers layout; returns the torch model."""
+    torch.manual_seed(seed)
+    config = transformers.Qwen3Config(**{**TINY, **overrides})
+    cls = transformers.Qwen3Model if base else transformers.Qwen3ForCausalLM
+    model = cls(config).eval()
+    randomize_norms(model)
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    return model
+
+
+def padded_batch(vocab: int = TINY["vocab_size"], lengths=LENGTHS, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    length = max(lengths)
+    ids = rng.integers(0, vocab, size=(len(lengths), length))
+    mask = np.arange(length)[None] < np.array(lengths)[:, None]
+    ids[~mask] = PAD_ID
+    return ids, mask
+
+
+def reference_hidden_states(model: torch.nn.Module, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask.astype(np.int64)),
+                    output_hidden_states=True, use_cache=False)
+    return [h.numpy() for h in out.hidden_states]
+
+
+def errors(got: mx.array, want: np.ndarray) -> tuple[float, float]:
+    got = np.array(got.astype(mx.float32))
+    abs_err = float(np.abs(got - want).max())
+    return abs_err, abs_err / float(np.abs(want).max())
+
+
+CASES = {
+    "causal-lm": {},
+    # bare Qwen3Model layout, tied embeddings, attention biases, sharded files
+    "base-tied-bias-sharded": dict(base=True, tie_word_embeddings=True, attention_bias=True, max_shard_size="40KB"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_hidden_state_matches_transformers(tmp_path, case):
+    ref = make_qwen3(tmp_path / "text_encoder", **CASES[case])
+    model = load_qwen3(tmp_path / "text_encoder", dtype="float32")
+    ids, mask = padded_batch()
+    want = reference_hidden_states(ref, ids, mask)
+    n = TINY["num_hidden_layers"]
+    asked = [*range(n + 1), -2, -1]
+    got = model.forward_with_layer_outputs(mx.array(ids), mx.array(mask), asked)
+    worst = (0.0, 0.0)
+    for index, hidden in zip(asked, got, strict=True):
+        abs_err, rel_err = errors(hidden, want[index])  # padded positions included: FLUX.2 reads them all
+        worst = max(worst[0], abs_err), max(worst[1], rel_err)
+        assert rel_err < 1e-5, f"hidden state {index}: max abs {abs_err:.2e}, rel {rel_err:.2e}"
+    print(f"{case}: over {len(asked)} hidden states max abs {worst[0]:.2e}, max rel {worst[1]:.2e}")
+
+
+def test_stops_after_the_last_asked_layer(tmp_path):
+    make_qwen3(tmp_path / "te")
+    model = load_qwen3(tmp_path / "te", dtype="float32")
+    calls = []
+
+    class Spy(nn.Module):
+        def __init__(self, layer, index):
+            super().__init__()
+            self.layer, self.index = layer, index
+
+        def __call__(self, *args):
+            calls.append(self.index)
+            return self.layer(*args)
+
+    model.layers = [Spy(layer, i) for i, layer in enumerate(model.layers)]
+    ids, mask = padded_batch()
+    outs = model.forward_with_layer_outputs(mx.array(ids), mx.array(mask), [2, 1])
+    assert calls == [0, 1] and [o.shape for o in outs] == [(3, 13, 64)] * 2
+    with pytest.raises(ValueError, match="out of range"):
+        model.forward_with_layer_outputs(mx.array(ids), mx.array(mask), [TINY["num_hidden_layers"] + 1])
+
+
+def test_bfloat16_and_quantized_stay_close(tmp_path):
+    ref = make_qwen3(tmp_path / "te")
+    ids, mask = padded_batch()
+    want = reference_hidden_states(ref, ids, mask)[-2]
+    for dtype, quantize, tolerance in (("bfloat16", None, 3e-2), ("float32", "8", 3e-2)):
+        model = load_qwen3(tmp_path / "te", dtype=dtype, quantize=quantize)
+        _, rel_err = errors(model.forward_with_layer_outputs(mx.array(ids), mx.array(mask), [-2])[0], want)
+        assert rel_err < tolerance, (dtype, quantize, rel_err)
+    assert type(model.embed_tokens) is nn.Embedding  # kept in full precision
+    assert isinstance(model.layers[0].mlp.down_proj, nn.QuantizedLinear)
+
+
+def test_real_configs_build_with_their_shapes():
+    qwen3_4b = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                    num_key_value_heads=8, head_dim=128, vocab_size=151936, rope_theta=1000000,
+                    rope_scaling=None, tie_word_embeddings=True, sliding_window=None, use_sliding_window=False,
+                    max_window_layers=36, architectures=["Qwen3ForCausalLM"], torch_dtype="bfloat16")
+    qwen3_8b = {**qwen3_4b, "hidden_size": 4096, "intermediate_size": 12288, "tie_word_embeddings": False}
+    for config, params in ((qwen3_4b, 4_022_468_096), (qwen3_8b, 7_568_405_504)):
+        cfg = Qwen3Config.from_dict(config)
+        model = Qwen3Model(cfg)  # lazy: nothing is allocated; counts match Qwen's model cards (no lm_head)
+        assert model.layers[0].self_attn.q_proj.weight.shape == (32 * 128, cfg.hidden_size)
+        assert model.layers[0].self_attn.k_proj.weight.shape == (8 * 128, cfg.hidden_size)
+        assert sum(p.size for _, p in nn.utils.tree_flatten(model.parameters())) == params
+        assert cfg.theta == 1e6 and "architectures" in cfg.unknown_keys
+
+
+def test_config_reads_rope_theta_either_way_and_refuses_what_it_cannot_run():
+    assert Qwen3Config.from_dict({"rope_theta": 5e5}).theta == 5e5
+    assert Qwen3Config.from_dict({"rope_parameters": {"rope_type": "default", "rope_theta": 2e6}}).theta == 2e6
+    with pytest.raises(WeightsError, match="yarn"):
+        Qwen3Config.from_dict({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(WeightsError, match="sliding"):
+        Qwen3Config.from_dict({"num_hidden_layers": 4, "use_sliding_window": True, "max_window_layers": 2})
+    with pytest.raises(WeightsError, match="sliding"):
+        Qwen3Config.from_dict({"num_hidden_layers": 2, "layer_types": ["full_attention", "sliding_attention"]})
