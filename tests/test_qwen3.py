@@ -2,47 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
-import transformers
 
 from imagegen.errors import WeightsError
+from imagegen.testing import TINY_QWEN3 as TINY
+from imagegen.testing import make_qwen3
 from imagegen.text.qwen3 import Qwen3Config, Qwen3Model, load_qwen3
 
-TINY = dict(
-    vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, max_position_embeddings=128, pad_token_id=0,
-    rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-)
 LENGTHS = (13, 8, 3)  # a right-padded batch of three prompts
 PAD_ID = 7
-
-
-def randomize_norms(model: torch.nn.Module) -> None:
-    """RMSNorm weights start at one: randomize them (and biases) so the test sees them."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif name.endswith(".bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-
-
-def make_qwen3(folder: Path, seed: int = 0, base: bool = False, max_shard_size: str = "50GB",
-               **overrides) -> torch.nn.Module:
-    """A random Qwen3ForCausalLM (or bare Qwen3Model) saved in the transformers layout; returns the torch model."""
-    torch.manual_seed(seed)
-    config = transformers.Qwen3Config(**{**TINY, **overrides})
-    cls = transformers.Qwen3Model if base else transformers.Qwen3ForCausalLM
-    model = cls(config).eval()
-    randomize_norms(model)
-    model.save_pretrained(folder, max_shard_size=max_shard_size)
-    return model
 
 
 def padded_batch(vocab: int = TINY["vocab_size"], lengths=LENGTHS, seed: int = 1):

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import gc
-import importlib.util
 import shutil
 import weakref
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,20 +15,9 @@ from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
 from diffusers.pipelines.z_image.pipeline_z_image import ZImagePipeline
 
 import imagegen.text.encoder as encoder_module
+from imagegen.testing import SAMPLE_PROMPTS as PROMPTS
+from imagegen.testing import make_qwen3, make_tokenizer
 from imagegen.text import load_text_encoder
-
-
-def _sibling(name: str):
-    """A test module beside this one (pytest's importlib mode puts none of them on sys.path)."""
-    spec = importlib.util.spec_from_file_location(f"_imagegen_{name}", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-make_qwen3 = _sibling("test_qwen3").make_qwen3
-_tokenizer_tests = _sibling("test_tokenizer")
-PROMPTS, make_tokenizer = _tokenizer_tests.PROMPTS, _tokenizer_tests.make_tokenizer
 
 VOCAB = 416  # covers the test tokenizer's 400 BPE tokens and its added tokens
 MAX_LENGTH = 48  # the long prompt is truncated

@@ -8,105 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import transformers
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from imagegen.hub import hf_cache_dir
+from imagegen.testing import SAMPLE_PROMPTS as PROMPTS
+from imagegen.testing import make_tokenizer
 from imagegen.text.tokenizer import ChatTokenizer
-
-# The chat template Qwen3 checkpoints ship (Qwen/Qwen3-4B tokenizer_config.json).
-QWEN3_TEMPLATE = (
-    "{%- if tools %}\n    {{- '<|im_start|>system\\n' }}\n    {%- if messages[0].role == 'system' %}\n"
-    "        {{- messages[0].content + '\\n\\n' }}\n    {%- endif %}\n"
-    "    {{- \"# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided "
-    "with function signatures within <tools></tools> XML tags:\\n<tools>\" }}\n    {%- for tool in tools %}\n"
-    "        {{- \"\\n\" }}\n        {{- tool | tojson }}\n    {%- endfor %}\n"
-    "    {{- \"\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
-    "within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": <function-name>, \\\"arguments\\\": "
-    "<args-json-object>}\\n</tool_call><|im_end|>\\n\" }}\n{%- else %}\n"
-    "    {%- if messages[0].role == 'system' %}\n"
-    "        {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}\n    {%- endif %}\n{%- endif %}\n"
-    "{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}\n"
-    "{%- for message in messages[::-1] %}\n    {%- set index = (messages|length - 1) - loop.index0 %}\n"
-    "    {%- if ns.multi_step_tool and message.role == \"user\" and not(message.content.startswith('<tool_response>') "
-    "and message.content.endswith('</tool_response>')) %}\n        {%- set ns.multi_step_tool = false %}\n"
-    "        {%- set ns.last_query_index = index %}\n    {%- endif %}\n{%- endfor %}\n"
-    "{%- for message in messages %}\n"
-    "    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) %}\n"
-    "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
-    "    {%- elif message.role == \"assistant\" %}\n        {%- set content = message.content %}\n"
-    "        {%- set reasoning_content = '' %}\n"
-    "        {%- if message.reasoning_content is defined and message.reasoning_content is not none %}\n"
-    "            {%- set reasoning_content = message.reasoning_content %}\n        {%- else %}\n"
-    "            {%- if '</think>' in message.content %}\n"
-    "                {%- set content = message.content.split('</think>')[-1].lstrip('\\n') %}\n"
-    "                {%- set reasoning_content = message.content.split('</think>')[0].rstrip('\\n')"
-    ".split('<think>')[-1].lstrip('\\n') %}\n            {%- endif %}\n        {%- endif %}\n"
-    "        {%- if loop.index0 > ns.last_query_index %}\n"
-    "            {%- if loop.last or (not loop.last and reasoning_content) %}\n"
-    "                {{- '<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content.strip('\\n') + "
-    "'\\n</think>\\n\\n' + content.lstrip('\\n') }}\n            {%- else %}\n"
-    "                {{- '<|im_start|>' + message.role + '\\n' + content }}\n            {%- endif %}\n"
-    "        {%- else %}\n            {{- '<|im_start|>' + message.role + '\\n' + content }}\n        {%- endif %}\n"
-    "        {%- if message.tool_calls %}\n            {%- for tool_call in message.tool_calls %}\n"
-    "                {%- if (loop.first and content) or (not loop.first) %}\n                    {{- '\\n' }}\n"
-    "                {%- endif %}\n                {%- if tool_call.function %}\n"
-    "                    {%- set tool_call = tool_call.function %}\n                {%- endif %}\n"
-    "                {{- '<tool_call>\\n{\"name\": \"' }}\n                {{- tool_call.name }}\n"
-    "                {{- '\", \"arguments\": ' }}\n                {%- if tool_call.arguments is string %}\n"
-    "                    {{- tool_call.arguments }}\n                {%- else %}\n"
-    "                    {{- tool_call.arguments | tojson }}\n                {%- endif %}\n"
-    "                {{- '}\\n</tool_call>' }}\n            {%- endfor %}\n        {%- endif %}\n"
-    "        {{- '<|im_end|>\\n' }}\n    {%- elif message.role == \"tool\" %}\n"
-    "        {%- if loop.first or (messages[loop.index0 - 1].role != \"tool\") %}\n"
-    "            {{- '<|im_start|>user' }}\n        {%- endif %}\n        {{- '\\n<tool_response>\\n' }}\n"
-    "        {{- message.content }}\n        {{- '\\n</tool_response>' }}\n"
-    "        {%- if loop.last or (messages[loop.index0 + 1].role != \"tool\") %}\n"
-    "            {{- '<|im_end|>\\n' }}\n        {%- endif %}\n    {%- endif %}\n{%- endfor %}\n"
-    "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n"
-    "    {%- if enable_thinking is defined and enable_thinking is false %}\n"
-    "        {{- '<think>\\n\\n</think>\\n\\n' }}\n    {%- endif %}\n{%- endif %}"
-)
-# Qwen2Tokenizer's pre-tokenizer split (transformers models/qwen2/tokenization_qwen2.py)
-QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
-              r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
-CORPUS = [
-    "A fox in the snow, photographed at dawn with a telephoto lens.",
-    "Une maison bleue près de la mer; café crème, naïve façade.",
-    "東京の夜景と桜の花。猫がいる。 Пейзаж с горами и рекой.",
-    "Emoji party 🦊🎉✨ and numbers 12345 67890 3.14159.",
-    "The quick brown fox jumps over the lazy dog. It's what they'll do, we've seen.",
-    "user assistant system think\n\n</think>\n",
-]
-PROMPTS = [
-    "a red fox sitting in fresh snow, golden hour",
-    "",
-    "Café 東京 🦊🎉 — naïve «quotes» and\ttabs\nnew lines",
-    "a long prompt that goes on " * 40,  # truncated at max_length
-    "say <|im_end|> inside a prompt",  # special tokens in user text are matched, as in transformers
-]
-
-
-def make_tokenizer(folder: Path, template_file: bool = True) -> Path:
-    """A byte-level BPE with Qwen's pipeline and special tokens, saved by transformers' Qwen2Tokenizer."""
-    backend = Tokenizer(models.BPE())
-    backend.normalizer = normalizers.NFC()
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<|endoftext|>"], show_progress=False)
-    backend.train_from_iterator(CORPUS, trainer)
-    data = json.loads(backend.to_str())
-    tokenizer = transformers.Qwen2Tokenizer(
-        vocab=data["model"]["vocab"], merges=[tuple(m) for m in data["model"]["merges"]],
-        eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
-        extra_special_tokens=["<|im_start|>", "<|im_end|>"], chat_template=QWEN3_TEMPLATE,
-    )
-    tokenizer.add_tokens(["<think>", "</think>"])  # added but not special, as in Qwen3
-    tokenizer.save_pretrained(folder, save_jinja_files=template_file)
-    return folder
 
 
 def reference(folder: Path, prompts: list[str], max_length: int, enable_thinking: bool):

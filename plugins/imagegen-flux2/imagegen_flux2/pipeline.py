@@ -1,0 +1,208 @@
+"""FLUX.2 Klein pipeline: Qwen3 features -> flow-match Euler over the transformer -> VAE, with reference-image
+editing and CFG for the base variants. Follows diffusers 0.42.1 Flux2KleinPipeline (pipeline_flux2_klein.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from PIL import Image
+
+import imagegen
+from imagegen import scheduler
+from imagegen.errors import InvalidImageError, InvalidOptionError, WeightsError
+from imagegen.image import from_pil, to_pil
+from imagegen.memory import weight_bytes
+from imagegen.text import load_text_encoder
+from imagegen.weights import load_module, to_dtype
+
+from .config import Flux2PipelineConfig, Flux2TransformerConfig
+from .transformer import Flux2Transformer, quant_predicate
+from .vae import AutoencoderKLFlux2
+
+TEXT_LAYERS = (9, 18, 27)  # diffusers' text_encoder_out_layers: Qwen3 hidden states stacked per token
+MAX_SEQUENCE_LENGTH = 512  # every prompt is padded to this and all positions reach the transformer
+REFERENCE_MAX_AREA = 1024 * 1024  # larger reference images are resized down to this area (LANCZOS)
+REFERENCE_MIN_SIDE, REFERENCE_MAX_ASPECT = 64, 8  # Flux2ImageProcessor.check_image_input
+SETTINGS_FILE = "imagegen.json"  # optional per-checkpoint overrides (the demo model's short prompts)
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    text: mx.array  # [B, L, len(layers) * D] prompt embeddings
+    negative: mx.array | None  # the same for the negative prompts when CFG runs
+    references: mx.array | None  # [1, N_ref, C] packed reference-image tokens
+    reference_grids: tuple[tuple[int, int], ...]
+
+
+def checkpoint_settings(root: Path) -> dict[str, Any]:
+    """imagegen.json beside model_index.json: max_sequence_length, text_encoder_out_layers, defaults."""
+    path = Path(root) / SETTINGS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def prepare_reference(image: Image.Image, multiple: int) -> Image.Image:
+    """Resize down to at most 1024x1024 worth of pixels, then center-crop to multiples of `multiple`."""
+    width, height = image.size
+    if width < REFERENCE_MIN_SIDE or height < REFERENCE_MIN_SIDE:
+        raise InvalidImageError(f"Reference image too small: {width}x{height} (both sides must be >= 64).")
+    if max(width / height, height / width) > REFERENCE_MAX_ASPECT:
+        raise InvalidImageError(f"Reference image aspect ratio too extreme: {width}x{height} (at most 8:1).")
+    if width * height > REFERENCE_MAX_AREA:
+        scale = math.sqrt(REFERENCE_MAX_AREA / (width * height))
+        image = image.resize((int(width * scale), int(height * scale)), Image.Resampling.LANCZOS)
+        width, height = image.size
+    w, h = width // multiple * multiple, height // multiple * multiple
+    left, top = (width - w) // 2, (height - h) // 2
+    return image.crop((left, top, left + w, top + h))
+
+
+def pack(latents: mx.array) -> mx.array:
+    """[B, h, w, C] -> [B, h * w, C] tokens in row-major order."""
+    b, h, w, c = latents.shape
+    return latents.reshape(b, h * w, c)
+
+
+def to_mx(latents: Any) -> mx.array:
+    """A caller's latents (mx, numpy or torch) as float32 mx."""
+    if hasattr(latents, "detach"):  # torch
+        latents = latents.detach().float().cpu().numpy()
+    return mx.array(np.asarray(latents, dtype=np.float32)) if not isinstance(latents, mx.array) else latents
+
+
+class Flux2Pipeline(imagegen.Pipeline):
+    def __init__(self, spec: imagegen.ModelSpec, weights: Path, dtype: str = "bfloat16",
+                 quantize: str | None = None, on_load=None, compile: bool = True):
+        super().__init__(spec, weights, dtype, quantize, on_load)
+        root = Path(weights)
+        if not (root / "model_index.json").is_file():
+            raise WeightsError(f"{root} is not a FLUX.2 diffusers folder: model_index.json is missing.")
+        self.distilled = Flux2PipelineConfig.from_file(root / "model_index.json").is_distilled
+        if self.distilled != spec.extra.get("distilled", self.distilled):
+            kind = "step-distilled" if self.distilled else "base (CFG)"
+            raise WeightsError(f"{root} holds a {kind} FLUX.2 Klein checkpoint, which does not fit '{spec.id}'.")
+        settings = checkpoint_settings(root)
+        self.text_layers = tuple(settings.get("text_encoder_out_layers", TEXT_LAYERS))
+        self.max_sequence_length = int(settings.get("max_sequence_length", MAX_SEQUENCE_LENGTH))
+        with self.loading("text encoder"):
+            self.text_encoder = load_text_encoder(root / "text_encoder", root / "tokenizer", dtype, quantize)
+        with self.loading("transformer"):
+            config = Flux2TransformerConfig.from_file(root / "transformer" / "config.json")
+            self.transformer = Flux2Transformer(config)
+            load_module(self.transformer, root / "transformer", dtype, quantize, quant_predicate)
+        with self.loading("vae"):
+            self.vae = AutoencoderKLFlux2.from_folder(root / "vae", dtype)
+        self.scheduler = scheduler.FlowMatchEulerConfig.from_file(root / "scheduler" / "scheduler_config.json")
+        self.model_dtype = to_dtype(dtype)
+        self.latent_channels = config.in_channels
+        self.multiple = 2 * self.vae.scale_factor  # one latent token covers this many pixels per side
+        self._forward = mx.compile(self.transformer) if compile else self.transformer
+
+    def default_size(self, images: Sequence[Image.Image]) -> tuple[int, int]:
+        if images:  # diffusers: the first reference image's size after preparation
+            return prepare_reference(images[0], self.multiple).size
+        return self.spec.default_size
+
+    # 1. prompts and reference images -> conditioning
+    def encode(self, request: imagegen.Request) -> Conditioning:
+        text = self.embed_prompts(request.prompts)
+        negative = None
+        if self.uses_cfg(request):
+            negative = self.embed_prompts(request.negative_prompts or ("",) * request.batch_size)
+        references, grids = None, ()
+        if request.images:
+            references, grids = self.encode_references(request.images)
+        return Conditioning(text, negative, references, grids)
+
+    def uses_cfg(self, request: imagegen.Request) -> bool:
+        return not self.distilled and request.guidance is not None and request.guidance > 1
+
+    def embed_prompts(self, prompts: Sequence[str]) -> mx.array:
+        """[B, L, layers * D]: each token's hidden states of the chosen layers, concatenated."""
+        features = self.text_encoder.encode(prompts, self.text_layers, self.max_sequence_length, enable_thinking=False)
+        stacked = mx.stack([f.hidden for f in features])  # [B, layers, L, D]
+        b, n, length, d = stacked.shape
+        return stacked.transpose(0, 2, 1, 3).reshape(b, length, n * d).astype(self.model_dtype)
+
+    def encode_references(self, images: Sequence[Image.Image]) -> tuple[mx.array, tuple[tuple[int, int], ...]]:
+        tokens, grids = [], []
+        for image in images:
+            pixels = from_pil(prepare_reference(image, self.multiple)).astype(self.vae.dtype)
+            latents = self.vae.encode_latents(pixels)  # VAE mean, patchified, BN-normalized: [1, h, w, C]
+            grids.append(latents.shape[1:3])
+            tokens.append(pack(latents))
+        return mx.concatenate(tokens, axis=1).astype(self.model_dtype), tuple(grids)
+
+    # 2. initial noise, in diffusers' `latents=` layout [B, C, H/16, W/16]
+    def latent_shape(self, request: imagegen.Request) -> tuple[int, int, int, int]:
+        return (request.batch_size, self.latent_channels, request.height // self.multiple,
+                request.width // self.multiple)
+
+    def prepare_latents(self, request: imagegen.Request) -> mx.array:
+        shape = self.latent_shape(request)
+        if request.latents is not None:
+            latents = to_mx(request.latents)
+            if tuple(latents.shape) != shape:
+                raise InvalidOptionError(f"latents must have shape {shape} (B, C, H/16, W/16), got {latents.shape}.")
+        else:
+            latents = imagegen.seeded_noise(shape, request.seeds)
+        return pack(latents.astype(mx.float32).transpose(0, 2, 3, 1))  # float32 state, tokens [B, N, C]
+
+    # 3. Euler steps over the transformer's velocity
+    def denoise_steps(self, request: imagegen.Request, cond: Conditioning, latents: mx.array) -> Iterator[mx.array]:
+        b, n, _ = latents.shape
+        grid = (request.height // self.multiple, request.width // self.multiple)
+        use_flow = getattr(self.scheduler, "use_flow_sigmas", False)
+        custom = None if use_flow else scheduler.default_sigmas(request.steps)
+        sigmas = scheduler.sigmas(self.scheduler, request.steps, custom, scheduler.empirical_mu(n, request.steps))
+        timesteps = scheduler.timesteps(sigmas, self.scheduler.num_train_timesteps)
+        rope = self.transformer.rope(cond.text.shape[1], grid, cond.reference_grids)
+        text = cond.text if cond.negative is None else mx.concatenate([cond.text, cond.negative])
+        references = None
+        if cond.references is not None:
+            references = mx.broadcast_to(cond.references, (text.shape[0], *cond.references.shape[1:]))
+        for i in range(request.steps):
+            x = latents.astype(self.model_dtype)
+            if cond.negative is not None:
+                x = mx.concatenate([x, x])
+            if references is not None:
+                x = mx.concatenate([x, references], axis=1)
+            t = mx.full((x.shape[0],), float(np.float32(timesteps[i]) / np.float32(1000)))
+            velocity = self._forward(x, text, t, rope)[:, :n]
+            if cond.negative is not None:
+                pos, neg = velocity[:b], velocity[b:]
+                velocity = neg + request.guidance * (pos - neg)
+            latents = scheduler.euler_step(latents, velocity, float(sigmas[i]), float(sigmas[i + 1]))
+            latents = latents.astype(mx.float32)
+            yield latents
+
+    # 4. latents -> images
+    def decode(self, request: imagegen.Request, latents: mx.array) -> list[Image.Image]:
+        h, w = request.height // self.multiple, request.width // self.multiple
+        latents = latents.reshape(latents.shape[0], h, w, -1).astype(self.vae.dtype)
+        images = []
+        for one in latents:  # one image at a time keeps the VAE's peak memory flat in the batch size
+            images.extend(to_pil(self.vae.decode_latents(one[None], tile=True if request.tile else False)))
+        return images
+
+
+def estimate_memory(spec: imagegen.ModelSpec, weights: Path | None, dtype: str, quantize: str | None,
+                    width: int, height: int, batch: int) -> int:
+    """Peak bytes: the three components' weights plus the larger of the transformer's and the VAE's activations."""
+    if weights is None or not (Path(weights) / "transformer").is_dir():
+        return 0
+    root = Path(weights)
+    total = weight_bytes(root / "text_encoder", dtype, quantize, quantized=True)
+    total += weight_bytes(root / "transformer", dtype, quantize, quantized=True)
+    total += weight_bytes(root / "vae", dtype, None, quantized=False)
+    config = Flux2TransformerConfig.from_file(root / "transformer" / "config.json")
+    tokens = (width // 16) * (height // 16) + MAX_SEQUENCE_LENGTH
+    transformer_activations = batch * tokens * config.inner_dim * 2 * 16
+    vae_activations = width * height * 128 * 2 * 6  # one image at a time: a few 128-channel full-size maps
+    return int(total + max(transformer_activations, vae_activations))

@@ -1,0 +1,283 @@
+"""The whole FLUX.2 Klein pipeline against diffusers' Flux2KleinPipeline: same tiny random checkpoint folder
+(diffusers layout), same `latents=`, float32. Text-to-image, two reference images, base with CFG, batches."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+from imagegen_flux2.pipeline import Flux2Pipeline
+from imagegen_flux2.plugin import klein
+from PIL import Image
+from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+import imagegen
+from imagegen.testing import make_qwen3, make_tokenizer
+
+VOCAB = 416  # the test tokenizer's vocabulary with its added tokens
+SIZE = (64, 48)  # width, height: a 4x3 grid of latent tokens
+# Klein's scheduler_config.json
+SCHEDULER = {
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "max_image_seq_len": 4096,
+    "max_shift": 1.15,
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+}
+
+
+def randomize_norms(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and p.ndim == 1:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+
+
+def build(folder: Path, distilled: bool, layers: int) -> Flux2KleinPipeline:
+    """A tiny Klein checkpoint saved by diffusers; the Qwen3 has `layers` layers (28 reaches Klein's 9/18/27)."""
+    make_tokenizer(folder / "tokenizer")
+    make_qwen3(
+        folder / "text_encoder",
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+    )
+    torch.manual_seed(2)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=48,
+        timestep_guidance_channels=32,
+        axes_dims_rope=[2, 2, 2, 2],
+        guidance_embeds=False,
+    )
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, latent_channels=4, sample_size=32
+    )
+    for model in (transformer, vae):
+        randomize_norms(model)
+    with torch.no_grad():
+        vae.bn.running_mean.normal_(0, 0.3)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    pipe = Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER),
+        vae=vae.eval(),
+        text_encoder=Qwen3ForCausalLM.from_pretrained(folder / "text_encoder").eval(),
+        tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"),
+        transformer=transformer.eval(),
+        is_distilled=distilled,
+    )
+    pipe.save_pretrained(folder)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("klein")
+    return folder, build(folder, distilled=True, layers=28)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("klein_base")
+    return folder, build(folder, distilled=False, layers=28)
+
+
+def ours(folder: Path, is_base: bool) -> Flux2Pipeline:
+    return klein("4B", base=is_base).pipeline(weights=folder, dtype="float32")
+
+
+def noise(batch: int, seed: int = 0) -> np.ndarray:
+    w, h = SIZE
+    return np.random.default_rng(seed).standard_normal((batch, 16, h // 16, w // 16)).astype(np.float32)
+
+
+def compare(got: list[Image.Image], want: list[Image.Image]) -> int:
+    diff = max(int(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max()) for a, b in zip(got, want))
+    spread = max(float(np.asarray(b, np.float32).std()) for b in want)
+    print(f"max pixel difference {diff}/255 over {len(got)} images (reference std {spread:.1f})")
+    assert spread > 5, "the reference images are flat: the test would prove nothing"
+    assert len(got) == len(want) and diff <= 2
+    return diff
+
+
+def test_text_to_image_matches_diffusers(distilled):
+    folder, reference = distilled
+    latents = noise(2)
+    prompts = ["a red fox in the snow", "Café 🦊 at night"]
+    want = reference(
+        prompt=prompts, latents=torch.from_numpy(latents), num_inference_steps=3, width=SIZE[0], height=SIZE[1]
+    ).images
+    got = ours(folder, False).generate(prompts, latents=latents, steps=3, width=SIZE[0], height=SIZE[1]).images
+    compare(got, want)
+
+
+def test_two_reference_images_match_diffusers(distilled):
+    folder, reference = distilled
+    rng = np.random.default_rng(5)
+    refs = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in ((80, 64), (64, 72))]
+    latents = noise(1, seed=3)
+    want = reference(
+        image=refs,
+        prompt="make it blue",
+        latents=torch.from_numpy(latents),
+        num_inference_steps=2,
+        width=SIZE[0],
+        height=SIZE[1],
+    ).images
+    got = (
+        ours(folder, False)
+        .generate("make it blue", images=refs, latents=latents, steps=2, width=SIZE[0], height=SIZE[1])
+        .images
+    )
+    compare(got, want)
+
+
+def test_reference_image_sets_default_size():
+    pipe_size = Flux2Pipeline.default_size
+    fake = type("P", (), {"multiple": 16, "spec": klein("4B", False)})()
+    assert pipe_size(fake, [Image.new("RGB", (100, 70))]) == (96, 64)
+    assert pipe_size(fake, []) == (1024, 1024)
+
+
+def test_base_with_cfg_and_negative_prompt_matches_diffusers(base):
+    folder, reference = base
+    latents = noise(1, seed=7)
+    negative_embeds, _ = reference.encode_prompt("blurry, dark")
+    want = reference(
+        prompt="a lighthouse",
+        latents=torch.from_numpy(latents),
+        num_inference_steps=3,
+        guidance_scale=4.0,
+        negative_prompt_embeds=negative_embeds,
+        width=SIZE[0],
+        height=SIZE[1],
+    ).images
+    got = (
+        ours(folder, True)
+        .generate(
+            "a lighthouse",
+            negative_prompt="blurry, dark",
+            guidance=4.0,
+            latents=latents,
+            steps=3,
+            width=SIZE[0],
+            height=SIZE[1],
+        )
+        .images
+    )
+    compare(got, want)
+    # diffusers' default negative is the empty prompt
+    want = reference(
+        prompt="a lighthouse",
+        latents=torch.from_numpy(latents),
+        num_inference_steps=2,
+        guidance_scale=2.5,
+        width=SIZE[0],
+        height=SIZE[1],
+    ).images
+    got = (
+        ours(folder, True)
+        .generate("a lighthouse", guidance=2.5, latents=latents, steps=2, width=SIZE[0], height=SIZE[1])
+        .images
+    )
+    compare(got, want)
+
+
+def test_checkpoint_settings_short_prompts(distilled, tmp_path):
+    """imagegen.json: shorter prompts and other text layers (what the demo model uses) = diffusers' call args."""
+    folder, reference = distilled
+    settings = {"max_sequence_length": 40, "text_encoder_out_layers": [1, 2, 3]}
+    copy = tmp_path / "short"
+    shutil.copytree(folder, copy)
+    (copy / "imagegen.json").write_text(json.dumps(settings))
+    latents = noise(1, seed=4)
+    want = reference(
+        prompt="a tiny red circle",
+        latents=torch.from_numpy(latents),
+        num_inference_steps=2,
+        width=SIZE[0],
+        height=SIZE[1],
+        max_sequence_length=40,
+        text_encoder_out_layers=(1, 2, 3),
+    ).images
+    got = (
+        ours(copy, False).generate("a tiny red circle", latents=latents, steps=2, width=SIZE[0], height=SIZE[1]).images
+    )
+    compare(got, want)
+
+
+def test_seeded_noise_is_diffusers_latents_layout(distilled):
+    """Our seeded noise, exported as `latents=`, gives diffusers the same image: reproducible across runtimes."""
+    folder, reference = distilled
+    pipe = ours(folder, False)
+    request = pipe.request("x", width=SIZE[0], height=SIZE[1], seed=42, steps=2)
+    latents = np.array(imagegen.seeded_noise(pipe.latent_shape(request), request.seeds))
+    want = reference(
+        prompt="x", latents=torch.from_numpy(latents), num_inference_steps=2, width=SIZE[0], height=SIZE[1]
+    ).images
+    compare(pipe.generate("x", width=SIZE[0], height=SIZE[1], seed=42, steps=2).images, want)
+
+
+def test_rejects_wrong_latents_variant_mismatch_and_negative_on_distilled(distilled, base):
+    pipe = ours(distilled[0], False)
+    with pytest.raises(imagegen.InvalidOptionError, match="latents must have shape"):
+        pipe.generate("x", latents=np.zeros((1, 16, 2, 2), np.float32), width=64, height=48)
+    with pytest.raises(imagegen.InvalidOptionError, match="negative_prompt"):
+        pipe.generate("x", negative_prompt="no", width=64, height=48)
+    with pytest.raises(imagegen.WeightsError, match="does not fit 'flux2-klein-base-4b'"):
+        ours(distilled[0], True)
+    with pytest.raises(imagegen.InvalidImageError, match="too small"):
+        pipe.generate("x", images=[Image.new("RGB", (32, 32))])
+
+
+def test_cli_runs_on_a_diffusers_folder(distilled, tmp_path):
+    from typer.testing import CliRunner
+
+    from imagegen.cli import get_app
+    from imagegen.image import read_metadata
+
+    out = tmp_path / "fox.png"
+    result = CliRunner().invoke(
+        get_app(),
+        [
+            "run",
+            "--model",
+            "flux2-klein-4b",
+            "--weights",
+            str(distilled[0]),
+            "a fox",
+            "--size",
+            "64x48",
+            "--steps",
+            "2",
+            "--seed",
+            "3",
+            "-o",
+            str(out),
+            "--dtype",
+            "float32",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    meta = read_metadata(out)
+    assert meta["weights"]["source"] == str(distilled[0]) and meta["steps"] == 2 and meta["dtype"] == "float32"
+    bad = CliRunner().invoke(
+        get_app(), ["run", "--model", "flux2-klein-4b", "--weights", str(distilled[0]), "x", "--negative", "no"]
+    )
+    assert bad.exit_code == 1 and "does not support --negative" in bad.output
