@@ -1,0 +1,29 @@
+"""`imagegen serve`: a resident server with the OpenAI images API (needs the `serve` extra)."""
+
+from __future__ import annotations
+
+import typer
+
+from . import app, handle_errors
+
+
+@app.command()
+@handle_errors
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (localhost by default)."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    model: list[str] = typer.Option(None, "--model", "-m", help="Model to load at start; repeatable. The first is "
+                                    "the default for requests that name none."),
+    keep_alive: str = typer.Option("5m", "--keep-alive", help="How long an idle model stays loaded: 30s, 5m, 1h, "
+                                   "0 (unload after each request) or forever."),
+    api_key: str = typer.Option(None, "--api-key", envvar="IMAGEGEN_API_KEY",
+                                help="Require 'Authorization: Bearer KEY' on every request."),
+    max_memory: str = typer.Option(None, "--max-memory", help="Memory budget for loaded models, e.g. 24GB "
+                                   "(default: what is available at start)."),
+    max_queue: int = typer.Option(None, "--max-queue", help="Requests waiting at most; more get HTTP 429."),
+) -> None:
+    """Serve models over HTTP: POST /v1/images/generations and /v1/images/edits, GET /v1/models."""
+    from ..server import run_server
+
+    run_server(host=host, port=port, models=model or (), keep_alive=keep_alive, api_key=api_key,
+               max_memory=max_memory, max_queue=max_queue)
