@@ -77,3 +77,13 @@ def preflight(needed: int, model: str, force: bool = False, available: int | Non
         f"'{model}' needs about {needed / gib:.1f} GiB but {available / gib:.1f} GiB is available: "
         "try --quantize 4, a smaller --size, or --tile (or --force to try anyway)."
     )
+
+
+def pipeline_weight_bytes(root: Path, dtype: str, quantize: str | None) -> int:
+    """A diffusers-layout folder's weights once loaded: text encoder and transformer (quantized when asked)
+    plus the VAE (never quantized)."""
+    root = Path(root)
+    total = weight_bytes(root / "vae", dtype, None, quantized=False)
+    for component in ("text_encoder", "transformer"):
+        total += weight_bytes(root / component, dtype, quantize, quantized=True)
+    return total

@@ -44,6 +44,10 @@ class Request:
     latents: Any = None
     tile: bool = False
     num_images: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)  # family-specific options the spec declares
+
+    def option(self, name: str, default: Any = None) -> Any:
+        return self.extra.get(name, default)
 
     @property
     def batch_size(self) -> int:
@@ -179,8 +183,10 @@ class Pipeline(ABC):
                 latents: Any = None, num_images: int = 1, tile: bool = False, **unknown: Any) -> Request:
         """Check options against this model and fill in its defaults."""
         spec = self.spec
-        if unknown:
-            raise InvalidOptionError(f"Unknown option(s) for generate(): {', '.join(sorted(unknown))}.")
+        foreign = sorted(k for k in unknown if k not in spec.extra_options)
+        if foreign:
+            raise InvalidOptionError(f"Model '{spec.id}' does not support the option(s): {', '.join(foreign)}.")
+        extra = {k: spec.extra_options[k](v) for k, v in unknown.items() if v is not None}
         given = {"guidance": guidance is not None, "negative_prompt": negative_prompt is not None,
                  "images": bool(images), "latents": latents is not None, "tile": bool(tile)}
         for option, used in given.items():
@@ -219,7 +225,7 @@ class Pipeline(ABC):
             prompts=tuple(p for p in prompts for _ in range(num_images)),
             width=width, height=height, steps=steps, guidance=guidance,
             seeds=tuple(seed + i for i in range(count)), negative_prompts=negatives,
-            images=loaded, latents=latents, tile=bool(tile), num_images=num_images,
+            images=loaded, latents=latents, tile=bool(tile), num_images=num_images, extra=extra,
         )
 
 

@@ -40,6 +40,8 @@ class ModelSpec:
     size_multiple: int = 16
     tasks: tuple[str, ...] = (TEXT_TO_IMAGE,)
     options: frozenset[str] = frozenset()  # subset of OPTIONAL_OPTIONS this model accepts
+    # family-specific generate() options: name -> parser that validates a value (raises InvalidOptionError)
+    extra_options: dict[str, Callable[[Any], Any]] = field(default_factory=dict, hash=False, compare=False)
     quantize_modes: tuple[str, ...] = ()  # accepted --quantize values; empty = no quantization
     default_dtype: str = "bfloat16"
     family_default: bool = False  # the family name resolves to this variant

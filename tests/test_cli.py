@@ -104,6 +104,8 @@ def test_info_prints_metadata(in_tmp):
     (["--image", "x.png"], ["does not support --image"]),
     (["--quantize", "4"], ["does not support --quantize 4"]),
     (["--quantize", "3.5bit"], ["Unknown quantization"]),
+    (["--option", "cfg_truncation=0.5"], ["does not support --option cfg_truncation"]),
+    (["--option", "novalue"], ["--option must look like NAME=VALUE"]),
 ])
 def test_bad_options_are_one_line_errors(args, fragments, in_tmp):
     one_line_error(invoke("run", "-m", "hello", "x", *args), *fragments)

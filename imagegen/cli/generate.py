@@ -54,6 +54,20 @@ def output_paths(output: Path | None, model: str, seed: int, count: int) -> list
     return paths
 
 
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """NAME=VALUE pairs; values are JSON where they parse (numbers, true/false), else strings."""
+    options = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise InvalidOptionError(f"--option must look like NAME=VALUE, got '{pair}'.")
+        try:
+            options[name.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[name.strip()] = value
+    return options
+
+
 def check_writable(folder: Path) -> None:
     if not folder.exists():
         try:
@@ -96,6 +110,8 @@ def run(
     quantize: str = typer.Option(None, "--quantize", "-q", help="Quantize weights: 4, 8, mxfp8, mxfp4, nvfp4, ..."),
     dtype: str = typer.Option(None, "--dtype", help="bfloat16 (default), float16 or float32."),
     tile: bool = typer.Option(False, "--tile", help="Decode the image in tiles (less memory)."),
+    option: list[str] = typer.Option(None, "--option", "-O", help="A model-specific option NAME=VALUE, e.g. "
+                                     "cfg_truncation=0.9 (zimage); repeatable."),
     from_image: Path = typer.Option(None, "--from", help="Reuse the settings saved in an imagegen PNG."),
     force: bool = typer.Option(False, "--force", help="Run even if the memory estimate says it will not fit."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -119,6 +135,10 @@ def run(
     dtype = dtype or saved.get("dtype")
     weights = weights or _saved_weights(saved)
     image = image or [Path(p) for p in saved.get("images", [])]
+    extra = {**saved.get("options", {}), **parse_options(option or [])}
+    unknown = sorted(set(extra) - set(spec.extra_options))
+    if unknown:
+        raise InvalidOptionError(f"Model '{spec.id}' does not support --option {unknown[0]}.")
 
     given = {"--negative": negative is not None, "--image": bool(image), "--guidance": guidance is not None,
              "--tile": tile}
@@ -155,7 +175,7 @@ def run(
                                    "num_images": count}
         optional = {"guidance": guidance, "negative_prompt": negative, "images": references or None,
                     "tile": tile or None}
-        options.update({k: v for k, v in optional.items() if v is not None})
+        options.update({k: v for k, v in optional.items() if v is not None}, **extra)
         result = pipe.generate(prompt, on_step=progress.on_step, **options)
 
     plugin = plugin_info(spec.plugin)
@@ -164,7 +184,7 @@ def run(
             "prompt": prompt, "negative_prompt": negative, "model": spec.id,
             "weights": hub.weights_identity(spec, path), "seed": result.seeds[i],
             "steps": result.request.steps, "guidance": result.request.guidance, "width": width, "height": height,
-            "quantize": quantize, "dtype": pipe.dtype, "images": [str(p) for p in image],
+            "quantize": quantize, "dtype": pipe.dtype, "images": [str(p) for p in image], "options": extra,
             "imagegen": __version__, "plugin": f"{plugin.distribution} {plugin.version}" if plugin else spec.plugin,
             "timings": {k: round(v, 4) for k, v in result.timings.items()},
         }

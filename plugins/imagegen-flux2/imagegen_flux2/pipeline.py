@@ -18,7 +18,7 @@ import imagegen
 from imagegen import scheduler
 from imagegen.errors import InvalidImageError, InvalidOptionError, WeightsError
 from imagegen.image import from_pil, to_pil
-from imagegen.memory import weight_bytes
+from imagegen.memory import pipeline_weight_bytes
 from imagegen.text import load_text_encoder
 from imagegen.weights import load_module, to_dtype
 
@@ -198,11 +198,8 @@ def estimate_memory(spec: imagegen.ModelSpec, weights: Path | None, dtype: str, 
     if weights is None or not (Path(weights) / "transformer").is_dir():
         return 0
     root = Path(weights)
-    total = weight_bytes(root / "text_encoder", dtype, quantize, quantized=True)
-    total += weight_bytes(root / "transformer", dtype, quantize, quantized=True)
-    total += weight_bytes(root / "vae", dtype, None, quantized=False)
     config = Flux2TransformerConfig.from_file(root / "transformer" / "config.json")
     tokens = (width // 16) * (height // 16) + MAX_SEQUENCE_LENGTH
     transformer_activations = batch * tokens * config.inner_dim * 2 * 16
     vae_activations = width * height * 128 * 2 * 6  # one image at a time: a few 128-channel full-size maps
-    return int(total + max(transformer_activations, vae_activations))
+    return int(pipeline_weight_bytes(root, dtype, quantize) + max(transformer_activations, vae_activations))

@@ -1,8 +1,38 @@
-"""Registers this family's models with imagegen (entry point group "imagegen")."""
+"""Registers the Z-Image models (Tongyi-MAI) with imagegen."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import imagegen
+from imagegen.quantize import ALL_MODES
+
+from .pipeline import ZImagePipeline, cfg_normalization, cfg_truncation, estimate_memory
+
+
+def load(spec: imagegen.ModelSpec, weights: Path, **kwargs) -> ZImagePipeline:
+    return ZImagePipeline(spec, weights, **kwargs)
+
+
+def variant(turbo: bool) -> imagegen.ModelSpec:
+    return imagegen.ModelSpec(
+        id="zimage-turbo" if turbo else "zimage",
+        family="zimage",
+        description="Z-Image Turbo, step-distilled (Tongyi-MAI)" if turbo else "Z-Image base (Tongyi-MAI)",
+        load=load,
+        hf_repo="Tongyi-MAI/Z-Image-Turbo" if turbo else "Tongyi-MAI/Z-Image",
+        # turbo: 9 scheduler steps as diffusers counts them; base: diffusers' __call__ defaults
+        default_steps=9 if turbo else 50,
+        default_guidance=None if turbo else 5.0,
+        options=frozenset({"latents", "tile"} | (set() if turbo else {"guidance", "negative_prompt"})),
+        extra_options={} if turbo else {"cfg_normalization": cfg_normalization, "cfg_truncation": cfg_truncation},
+        quantize_modes=ALL_MODES,
+        family_default=turbo,
+        estimate_memory=estimate_memory,
+    )
 
 
 @imagegen.hookimpl
 def register_models(register):
-    pass
+    register(variant(turbo=True))
+    register(variant(turbo=False))
