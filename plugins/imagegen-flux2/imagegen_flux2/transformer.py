@@ -11,7 +11,7 @@ import mlx.nn as nn
 import numpy as np
 
 from imagegen.nn import TimestepEmbedding, attention, timestep_embedding
-from imagegen.rope import apply_rope, rope_cos_sin
+from imagegen.rope import apply_rope_tables, rope_cos_sin, rope_tables
 
 from .config import Flux2TransformerConfig
 
@@ -56,10 +56,12 @@ def reference_ids(grids: Sequence[Grid], scale: int = REFERENCE_T_SCALE) -> np.n
 def flux2_rope(
     text_len: int, grid: Grid, ref_grids: tuple[Grid, ...], axes_dims: tuple[int, ...], theta: float
 ) -> Rope:
-    """cos, sin [text_len + h * w + reference tokens, sum(axes_dims) // 2] for the joint sequence
-    [text, latents, references], the order the transformer attends over."""
+    """Full-width RoPE tables cos, sin [text_len + h * w + reference tokens, sum(axes_dims)] (see
+    imagegen.rope.rope_tables) for the joint sequence [text, latents, references], the order attended over."""
     ids = np.concatenate([text_ids(text_len), latent_ids(*grid), reference_ids(ref_grids)])
-    return rope_cos_sin(ids, axes_dims, theta)
+    cos, sin = rope_tables(*rope_cos_sin(ids, axes_dims, theta))
+    mx.eval(cos, sin)
+    return cos, sin
 
 
 # Helpers shared by the blocks.
@@ -82,8 +84,8 @@ def _rope_attention(q: mx.array, k: mx.array, v: mx.array, rope: Rope) -> mx.arr
     [B, H, L, D] layout of scaled_dot_product_attention, so a compiled step does both in one kernel."""
     b, length, heads, d = q.shape
     cos, sin = rope
-    q = apply_rope(q.transpose(0, 2, 1, 3), cos, sin)
-    k = apply_rope(k.transpose(0, 2, 1, 3), cos, sin)
+    q = apply_rope_tables(q.transpose(0, 2, 1, 3), cos, sin)
+    k = apply_rope_tables(k.transpose(0, 2, 1, 3), cos, sin)
     out = attention(q, k, v.transpose(0, 2, 1, 3))
     return out.transpose(0, 2, 1, 3).reshape(b, length, heads * d)
 
