@@ -96,11 +96,13 @@ def load_module(
     quantize: str | None = None,
     predicate: Predicate | None = None,
     sanitize: Callable[[dict[str, mx.array]], dict[str, mx.array]] | None = None,
+    defer: Callable[[str], bool] | None = None,
 ) -> dict[str, Any] | None:
     """Load a component folder into `module` (in place). Returns the quantization record, if any.
 
     Order: read -> sanitize (module.sanitize unless given; not for our own quantized saves) -> cast
-    -> rebuild saved quantization -> strict check -> assign -> quantize on load (if asked) -> evaluate."""
+    -> rebuild saved quantization -> strict check -> assign -> quantize on load (if asked) -> evaluate.
+    Parameters whose name `defer` accepts are not evaluated: they stay on disk until first used."""
     folder = Path(folder)
     weights = read_safetensors(folder)
     record_file = folder / QUANT_FILE
@@ -120,7 +122,7 @@ def load_module(
     elif quantize is not None and record is not None and record.get("quantization") != quantize:
         saved = record.get("quantization")
         raise WeightsError(f"{folder} is saved quantized as {saved}; cannot re-quantize to {quantize}")
-    mx.eval(module.parameters())
+    mx.eval([v for k, v in tree_flatten(module.parameters()) if defer is None or not defer(k)])
     module.eval()
     return record
 

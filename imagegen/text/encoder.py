@@ -143,11 +143,12 @@ _load_lock = threading.Lock()
 
 
 def load_text_encoder(text_encoder_dir: str | Path, tokenizer_dir: str | Path, dtype: str | mx.Dtype = "bfloat16",
-                      quantize: str | None = None) -> TextEncoder:
+                      quantize: str | None = None, layers: Sequence[int] | None = None) -> TextEncoder:
     """The text encoder of these folders, shared with every live caller that loaded the same content.
 
     Weights are shared across tokenizers (two pipelines may template prompts differently yet hold one
-    copy of the Qwen3 stack); an encoder is freed once no caller holds it."""
+    copy of the Qwen3 stack); an encoder is freed once no caller holds it. `layers` (the hidden states
+    this caller needs) lets the first loader leave later layers on disk until some caller runs them."""
     quantize = normalize_mode(quantize) if quantize is not None else None
     model_key = (weights_fingerprint(text_encoder_dir), str(to_dtype(dtype)), quantize)
     encoder_key = (*model_key, files_fingerprint(tokenizer_dir))
@@ -156,7 +157,7 @@ def load_text_encoder(text_encoder_dir: str | Path, tokenizer_dir: str | Path, d
         if encoder is None:
             model = _models.get(model_key)
             if model is None:
-                model = load_qwen3(text_encoder_dir, dtype=dtype, quantize=quantize)
+                model = load_qwen3(text_encoder_dir, dtype=dtype, quantize=quantize, layers=layers)
                 _models[model_key] = model
             identity = hashlib.sha256(repr(encoder_key).encode()).hexdigest()[:16]
             encoder = TextEncoder(model, ChatTokenizer(tokenizer_dir), identity)

@@ -176,9 +176,19 @@ class Qwen3Model(nn.Module):
         return self.forward_with_layer_outputs(input_ids, attention_mask, [-1])[0]
 
 
-def load_qwen3(folder: str | Path, dtype: str | mx.Dtype = "bfloat16", quantize: str | None = None) -> Qwen3Model:
-    """A Qwen3 text encoder from a checkpoint folder (config.json + safetensors), optionally quantized."""
+def load_qwen3(folder: str | Path, dtype: str | mx.Dtype = "bfloat16", quantize: str | None = None,
+               layers: Sequence[int] | None = None) -> Qwen3Model:
+    """A Qwen3 text encoder from a checkpoint folder (config.json + safetensors), optionally quantized.
+
+    `layers`: the hidden-state indices the caller will ask for. Weights of later layers stay on disk
+    (lazily mapped) until a caller runs them: FLUX.2 stops at 27 of 36, so a quarter is never read."""
     folder = Path(folder)
     model = Qwen3Model(Qwen3Config.from_file(folder / "config.json"))
-    load_module(model, folder, dtype=dtype, quantize=quantize, predicate=quant_predicate)
+    defer = None
+    if layers is not None:
+        needed = max(model.resolve_layers(layers))
+        deferred = {f"layers.{i}." for i in range(needed, len(model.layers))}
+        deferred |= {"norm."} if needed < len(model.layers) else set()
+        defer = lambda name: any(name.startswith(d) for d in deferred)  # noqa: E731
+    load_module(model, folder, dtype=dtype, quantize=quantize, predicate=quant_predicate, defer=defer)
     return model

@@ -91,7 +91,8 @@ class Flux2Pipeline(imagegen.Pipeline):
         self.text_layers = tuple(settings.get("text_encoder_out_layers", TEXT_LAYERS))
         self.max_sequence_length = int(settings.get("max_sequence_length", MAX_SEQUENCE_LENGTH))
         with self.loading("text encoder"):
-            self.text_encoder = load_text_encoder(root / "text_encoder", root / "tokenizer", dtype, quantize)
+            self.text_encoder = load_text_encoder(root / "text_encoder", root / "tokenizer", dtype, quantize,
+                                                  self.text_layers)
         with self.loading("transformer"):
             config = Flux2TransformerConfig.from_file(root / "transformer" / "config.json")
             self.transformer = Flux2Transformer(config)

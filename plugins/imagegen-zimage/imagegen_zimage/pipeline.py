@@ -67,7 +67,8 @@ class ZImagePipeline(imagegen.Pipeline):
         if not (root / "model_index.json").is_file():
             raise WeightsError(f"{root} is not a Z-Image diffusers folder: model_index.json is missing.")
         with self.loading("text encoder"):
-            self.text_encoder = load_text_encoder(root / "text_encoder", root / "tokenizer", dtype, quantize)
+            self.text_encoder = load_text_encoder(root / "text_encoder", root / "tokenizer", dtype, quantize,
+                                                  TEXT_LAYERS)
         with self.loading("transformer"):
             config = ZImageTransformerConfig.from_file(root / "transformer" / "config.json")
             self.transformer = ZImageTransformer(config)
