@@ -9,7 +9,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .errors import ImagegenError
+from .errors import ImagegenError, WeightsError
 from .quantize import normalize_mode, scheme
 
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -23,9 +23,12 @@ def parameter_counts(folder: Path) -> tuple[int, int]:
     """(parameters in matrices, other parameters) of a component, read from safetensors headers only."""
     matrices = other = 0
     for f in sorted(Path(folder).glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(size))
+        try:
+            with open(f, "rb") as fh:
+                (size,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(size))
+        except (struct.error, ValueError, UnicodeDecodeError) as e:  # truncated or not safetensors
+            raise WeightsError(f"Cannot read {f}: not a valid safetensors file ({type(e).__name__})") from None
         for name, meta in header.items():
             if name == "__metadata__":
                 continue

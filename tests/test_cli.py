@@ -180,3 +180,31 @@ def test_real_subprocess_error_has_no_traceback(in_tmp):
                           text=True, env=env)
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith("Error: Unknown model 'nope'") and "Traceback" not in proc.stderr
+
+
+def test_pull_and_rm_use_the_cache(heavy_model, monkeypatch):
+    """pull goes through huggingface_hub (replaced here: tests never touch the network); rm asks first."""
+    import huggingface_hub
+
+    cache = heavy_model
+
+    def fake_download(repo_id, cache_dir, allow_patterns):
+        snapshot = Path(cache_dir) / f"models--{repo_id.replace('/', '--')}" / "snapshots" / "c0ffee"
+        snapshot.mkdir(parents=True)
+        (snapshot / "model_index.json").write_text("{}")
+        (snapshot.parent.parent / "refs").mkdir()
+        (snapshot.parent.parent / "refs" / "main").write_text("c0ffee")
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    result = invoke("pull", "heavy-1")
+    assert result.exit_code == 0, result.output
+    assert "models--acme--heavy" in result.output
+    rows = {r["id"]: r for r in json.loads(invoke("models", "--json").stdout)}
+    assert rows["heavy-1"]["weights"] == "present" and rows["heavy-1"]["weights_bytes"] == 2
+    kept = invoke("rm", "heavy-1", input="n\n")
+    assert kept.exit_code != 0 and (cache / "models--acme--heavy").is_dir()
+    assert invoke("rm", "heavy-1", "--yes").exit_code == 0
+    assert not (cache / "models--acme--heavy").exists()
+    one_line_error(invoke("rm", "heavy-1", "--yes"), "No cached weights")
+    one_line_error(invoke("pull", "hello"), "has no Hugging Face repo")

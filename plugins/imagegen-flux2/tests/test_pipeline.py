@@ -281,3 +281,30 @@ def test_cli_runs_on_a_diffusers_folder(distilled, tmp_path):
         get_app(), ["run", "--model", "flux2-klein-4b", "--weights", str(distilled[0]), "x", "--negative", "no"]
     )
     assert bad.exit_code == 1 and "does not support --negative" in bad.output
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("truncate", "Cannot read"),
+    ("config", "do not fit Flux2Transformer: "),
+    ("index", "model_index.json is missing"),
+])
+def test_damaged_folders_are_one_line_errors(distilled, tmp_path, damage, message):
+    from typer.testing import CliRunner
+
+    from imagegen.cli import get_app
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(distilled[0], folder)
+    if damage == "truncate":
+        weights = next((folder / "transformer").glob("*.safetensors"))
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "config":
+        config = json.loads((folder / "transformer" / "config.json").read_text())
+        (folder / "transformer" / "config.json").write_text(json.dumps({**config, "mlp_ratio": 4.0}))
+    else:
+        (folder / "model_index.json").unlink()
+    result = CliRunner().invoke(get_app(), ["run", "-m", "flux2-klein-4b", "--weights", str(folder), "x",
+                                            "--size", "64x48", "-o", str(tmp_path / "x.png")])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and message in lines[0], result.output
+    assert not (tmp_path / "x.png").exists()
