@@ -7,7 +7,9 @@ dropped before the parameters are evaluated, so peak memory stays near the final
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,8 @@ from mlx.utils import tree_flatten
 
 from .errors import WeightsError, WeightsNotFoundError
 from .quantize import QUANT_FILE, Predicate, apply_record, quantize_model
+
+_random = ContextVar("imagegen_random_weights", default=False)
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 MAX_LISTED = 6  # keys named per kind of problem; the rest are counted
@@ -89,6 +93,21 @@ def check_weights(module: nn.Module, weights: dict[str, mx.array], where: str = 
         raise WeightsError(f"Weights in {where or 'the checkpoint'} do not fit {name}: " + "; ".join(problems))
 
 
+@contextmanager
+def random_weights() -> Iterator[None]:
+    """Inside it, load_module keeps each module's random initialisation instead of reading safetensors (configs
+    and tokenizers are still read): benchmarks of full-size models without downloading their weights."""
+    token = _random.set(True)
+    try:
+        yield
+    finally:
+        _random.reset(token)
+
+
+def using_random_weights() -> bool:
+    return _random.get()
+
+
 def load_module(
     module: nn.Module,
     folder: str | Path,
@@ -104,6 +123,12 @@ def load_module(
     -> rebuild saved quantization -> strict check -> assign -> quantize on load (if asked) -> evaluate.
     Parameters whose name `defer` accepts are not evaluated: they stay on disk until first used."""
     folder = Path(folder)
+    if _random.get():
+        module.set_dtype(to_dtype(dtype))
+        record = quantize_model(module, quantize, predicate) if quantize is not None else None
+        mx.eval(module.parameters())
+        module.eval()
+        return record
     weights = read_safetensors(folder)
     record_file = folder / QUANT_FILE
     record = json.loads(record_file.read_text()) if record_file.is_file() else None

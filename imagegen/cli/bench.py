@@ -4,14 +4,11 @@ peak memory, through the Pipeline contract, so it works for every plugin's model
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
-from pathlib import Path
+from contextlib import nullcontext
 from typing import Any
 
 import mlx.core as mx
@@ -19,8 +16,8 @@ import typer
 
 from .. import __version__, hub, registry
 from ..pipeline import Pipeline, check_size
-from ..quantize import normalize_mode, quantize_model
-from ..weights import to_dtype
+from ..quantize import normalize_mode
+from ..weights import random_weights
 from . import app, handle_errors
 from .generate import parse_size
 
@@ -88,46 +85,23 @@ def clear_prompt_cache(pipe: Pipeline) -> None:
         encoder.clear_cache()
 
 
-def _random_load(module, folder, dtype="bfloat16", quantize=None, predicate=None, sanitize=None):
-    """load_module's stand-in under random_weights(): keep the module's initialisation, in the asked dtype."""
-    module.set_dtype(to_dtype(dtype))
-    record = quantize_model(module, quantize, predicate) if quantize is not None else None
-    mx.eval(module.parameters())
-    module.eval()
-    return record
-
-
-def _config_fingerprint(folder) -> str:
-    """weights_fingerprint's stand-in: the folder stands for the (random) content."""
-    return hashlib.sha256(f"random:{Path(folder).resolve()}".encode()).hexdigest()
-
-
-@contextmanager
-def random_weights() -> Iterator[None]:
-    """Inside it, pipelines load with MLX's random initialisation instead of reading safetensors: only a folder's
-    configs and tokenizer are read. Swaps the loader in every loaded module that imported it (core and plugins);
-    resolve the model (registry.get) before entering, so its plugin is imported."""
-    from .. import weights
-    from ..text import encoder
-
-    swaps = {"load_module": (weights.load_module, _random_load),
-             "weights_fingerprint": (encoder.weights_fingerprint, _config_fingerprint)}
-    patched = []
-    for module in list(sys.modules.values()):
-        namespace = getattr(module, "__dict__", {})
-        for name, (original, stand_in) in swaps.items():
-            if namespace.get(name) is original:
-                setattr(module, name, stand_in)
-                patched.append((module, name, original))
-    try:
-        yield
-    finally:
-        for module, name, original in patched:
-            setattr(module, name, original)
-
-
 def _record(stage: str, timing: Timing, **extra: Any) -> dict[str, Any]:
     return {"stage": stage, **timing.record(), **extra}
+
+
+def time_step(pipe: Pipeline, request: Any, warmup: int = 2, repeats: int = 5) -> tuple[Timing, mx.array]:
+    """One iteration of the pipeline's own denoise loop (its compiled transformer call and Euler update), timed over
+    a request of warmup + repeats steps; returns the timing and the last latents."""
+    request = dataclasses.replace(request, steps=warmup + repeats)
+    conditioning = evaluate(pipe.encode(request))
+    steps = pipe.denoise_steps(request, conditioning, pipe.prepare_latents(request))
+    latest: dict[str, mx.array] = {}
+
+    def step() -> mx.array:
+        latest["latents"] = next(steps)
+        return latest["latents"]
+
+    return time_mlx(step, warmup, repeats), latest["latents"]
 
 
 def bench_pipeline(pipe: Pipeline, prompt: str, width: int, height: int, steps: int | None = None,
@@ -137,7 +111,7 @@ def bench_pipeline(pipe: Pipeline, prompt: str, width: int, height: int, steps: 
     encode: the prompt (cache cleared each run); step: one iteration of denoise_steps (the pipeline's own,
     compiled, transformer call and Euler update); decode: latents to PIL images; e2e: generate() with the
     model's default steps (or `steps`), prompt cache cleared each run."""
-    request = pipe.request(prompt, width=width, height=height, steps=warmup + repeats, seed=0)
+    request = pipe.request(prompt, width=width, height=height, seed=0)
     size = f"{width}x{height}"
 
     def encode() -> Any:
@@ -145,16 +119,9 @@ def bench_pipeline(pipe: Pipeline, prompt: str, width: int, height: int, steps: 
         return pipe.encode(request)
 
     yield _record("encode", time_mlx(encode, warmup, repeats), size=size)
-    conditioning = evaluate(pipe.encode(request))
-    steps_iter = pipe.denoise_steps(request, conditioning, pipe.prepare_latents(request))
-    latest: dict[str, mx.array] = {}
-
-    def step() -> mx.array:
-        latest["latents"] = next(steps_iter)
-        return latest["latents"]
-
-    yield _record("step", time_mlx(step, warmup, repeats), size=size)
-    yield _record("decode", time_mlx(lambda: pipe.decode(request, latest["latents"]), 1, repeats), size=size)
+    timing, latents = time_step(pipe, request, warmup, repeats)
+    yield _record("step", timing, size=size)
+    yield _record("decode", time_mlx(lambda: pipe.decode(request, latents), 1, repeats), size=size)
 
     def generate() -> Any:
         clear_prompt_cache(pipe)

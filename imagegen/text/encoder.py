@@ -20,7 +20,7 @@ import mlx.core as mx
 
 from ..errors import WeightsError, WeightsNotFoundError
 from ..quantize import QUANT_FILE, normalize_mode
-from ..weights import safetensors_files, to_dtype
+from ..weights import safetensors_files, to_dtype, using_random_weights
 from .qwen3 import Qwen3Config, Qwen3Model, load_qwen3
 from .tokenizer import ChatTokenizer
 
@@ -43,6 +43,8 @@ def weights_fingerprint(folder: str | Path) -> str:
     architectures): the parsed config, the quantization record, and per tensor its name, dtype, shape and
     two sampled chunks. Files are never read whole: two small reads per tensor (~800 for Qwen3-8B)."""
     folder = Path(folder)
+    if using_random_weights():  # nothing to read: the folder stands for its random content
+        return hashlib.sha256(f"random:{folder.resolve()}".encode()).hexdigest()
     config = Qwen3Config.from_file(folder / "config.json").model_dump(exclude={"unknown_keys"})
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     if (folder / QUANT_FILE).is_file():
