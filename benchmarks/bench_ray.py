@@ -6,12 +6,12 @@ workers and replicas grow, in the same run. One JSON line per measurement.
     python3 benchmarks/bench_ray.py [--model flux2-klein-4b] [--size 1024] [--steps 4] [--images 16] [--out F]
     python3 benchmarks/bench_ray.py --tiny      # a tiny random Klein on the CPU: proves the code paths
 
-What is timed: a batch's steady rate is (images - 1) / (time between the first and the last finished row),
-so model loading and Ray's start-up are left out (they are reported apart); a server is timed from the
-client, after two warm-up requests, as the median latency of sequential requests and as images/s with two
-clients per replica (the device never idles). Every path draws the same seeded images from the same
-random checkpoint, which sits in a private Hugging Face cache ($HF_HUB_CACHE) so servers and Ray workers
-find it by model id alone.
+What is timed: a batch's steady rate counts the rows finished after its first two (which load the model
+and compile), so model loading and Ray's start-up are left out (`first_row_s` and `wall_s` report them);
+a server is timed from the client, after two warm-up requests per replica, as the median latency of
+sequential requests and as images/s with two clients per replica (the device never idles). Every path
+draws the same seeded images from the same random checkpoint, which sits in a private Hugging Face cache
+($HF_HUB_CACHE) so servers and Ray workers find it by model id alone.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from families import FULL, TINY, family, torch_device
 
 PLUGIN_PATHS = (REPO, REPO / "plugins" / "imagegen-flux2", REPO / "plugins" / "imagegen-zimage")
 SECTIONS = ("batch", "serve", "scaling")
+WARMUP_ROWS = 2  # a batch's first rows load the model and compile: left out of its steady rate
 PROMPT = "A lighthouse on a cliff at dusk, waves breaking below, warm light in the windows; photo {i}."
 
 
@@ -43,18 +44,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="flux2-klein-4b", help="flux2-klein-4b, flux2-klein-9b or zimage-turbo")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default 1024; --tiny: 32)")
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--images", type=int, default=None, help="images per measurement (default 16; --tiny: 6)")
+    p.add_argument("--images", type=int, default=None, help="images per measurement, at least 4 (default 16; "
+                   "--tiny: 6)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
     p.add_argument("--scale", default=None, help="worker / replica counts for 'scaling', e.g. 1,2 (default: 1..GPUs "
                    "when there are several GPUs; --tiny: 1,2 on the CPU)")
     p.add_argument("--tiny", action="store_true", help="tiny random weights on the CPU (a smoke test, not a timing)")
-    p.add_argument("--budget", type=float, default=None, help="seconds for the whole run; later sections skip")
+    p.add_argument("--budget-s", type=float, default=None, help="seconds for the whole run; later sections skip")
     p.add_argument("--work", type=Path, default=None, help="folder for weights and images (default: a temp folder)")
     p.add_argument("--out", type=Path, default=None, help="also append the JSON lines to this file")
     p.add_argument("--child-serve", type=int, default=None, help=argparse.SUPPRESS)  # internal: plain serve on PORT
     args = p.parse_args(argv)
     args.size = args.size or (TINY.size if args.tiny else FULL.size)
-    args.images = args.images or (6 if args.tiny else 16)
+    args.images = max(4, args.images or (6 if args.tiny else 16))
     return args
 
 
@@ -121,8 +123,9 @@ def time_batch(args: argparse.Namespace, work: Path, ray: str | None, workers: i
     summary = run_batch(prompts_file(args, work), out, Defaults(model=args.model, width=args.size, height=args.size,
                                                                  steps=args.steps), ray=ray, workers=workers,
                         reporter=clock)
-    steady = (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
-    generate = statistics.median(clock.seconds[1:])
+    warm = WARMUP_ROWS - 1  # the rate counts from the end of the last warm-up row
+    steady = (len(clock.times) - 1 - warm) / (clock.times[-1] - clock.times[warm])
+    generate = statistics.median(clock.seconds[WARMUP_ROWS:])
     return {"images": summary.done, "workers": summary.workers, "images_per_s": steady, "s_per_image": 1 / steady,
             "generate_s": generate, "outside_generate_s": 1 / steady - generate / summary.workers,
             "first_row_s": clock.times[0] - clock.t0, "wall_s": summary.seconds}
@@ -230,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
 
     sections = set(args.sections.split(","))
     recorder = Recorder(args.out)
-    runner = Runner(recorder, Budget(args.budget), sections)
+    runner = Runner(recorder, Budget(args.budget_s), sections)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-ray-"))
     work.mkdir(parents=True, exist_ok=True)
     recorder.emit({**header({k: str(v) for k, v in vars(args).items()}), "ray": ray.__version__})
@@ -260,6 +263,8 @@ def main(argv: list[str] | None = None) -> None:
     runner.run("serve", args.model, "plain", serve_plain)
     ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     gpus = int(ray.cluster_resources().get("GPU", 0))
+    recorder.emit({"section": "cluster", "resources": {k: v for k, v in ray.cluster_resources().items()
+                                                       if k in ("CPU", "GPU", "memory")}})
     counts = [int(c) for c in args.scale.split(",")] if args.scale else ([1, 2] if args.tiny else
                                                                          list(range(1, gpus + 1)) if gpus > 1 else [])
     if args.tiny and not gpus:

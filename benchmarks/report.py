@@ -162,10 +162,27 @@ def model_section(records: list[Record], model: str) -> list[str]:
     return out
 
 
+def with_floor(records: list[Record]) -> list[Record]:
+    """Give every step record its floor (its FLOPs at the measured MLX GEMM rate), also records of runs that
+    did not measure the rate themselves."""
+    rate = find(records, section="floor", impl="mlx")
+    if rate is None or not rate.get("tflops"):
+        return records
+    out = []
+    for r in records:
+        if r.get("gflop") and r.get("ms") and not r.get("floor_ms"):
+            floor_ms = r["gflop"] / rate["tflops"]  # GFLOP / (TFLOP/s) = ms
+            r = {**r, "floor_ms": round(floor_ms, 1), "floor_ratio": round(r["ms"] / floor_ms, 3)}
+        out.append(r)
+    return out
+
+
 def problems(records: list[Record]) -> list[str]:
     lines = []
-    for r in records:
-        if "error" in r or "skipped" in r:
+    for i, r in enumerate(records):
+        later = [x for x in records[i + 1:] if "error" not in x and "skipped" not in x
+                 and all(x.get(k) == r.get(k) for k in ("model", "section", "impl", "what") if k in r)]
+        if ("error" in r or "skipped" in r) and not later:
             what = " ".join(str(r.get(k)) for k in ("model", "section", "impl") if r.get(k))
             lines.append(f"- {what}: {'error: ' + r['error'] if 'error' in r else 'skipped: ' + r['skipped']}")
     return lines
@@ -225,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results-dir", type=Path, default=HERE / "results")
     p.add_argument("--readme", type=Path, default=None, help="README to update between the bench markers")
     args = p.parse_args(argv)
-    records = read(args.inputs)
+    records = with_floor(read(args.inputs))
     head = find(records, section="header")
     if head is None:
         print("no header record in the input", file=sys.stderr)
