@@ -7,13 +7,16 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from .errors import InvalidImageError
+
+if TYPE_CHECKING:
+    from .pipeline import GenerationResult, Pipeline
 
 METADATA_KEY = "imagegen"  # PNG text chunk holding our JSON metadata
 
@@ -75,6 +78,26 @@ def save_png(image: Image.Image, path: str | Path, metadata: dict[str, Any] | No
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def generation_metadata(pipe: Pipeline, result: GenerationResult, index: int = 0, **fields: Any) -> dict[str, Any]:
+    """The metadata of image `index` of a result, as `imagegen run` writes it (so `imagegen run --from`
+    reproduces that image alone); `fields` add to it or override it (reference image paths, a source)."""
+    from . import __version__, hub
+    from .plugins import plugin_info
+
+    spec, request = pipe.spec, result.request
+    plugin = plugin_info(spec.plugin)
+    negatives = request.negative_prompts
+    metadata = {
+        "prompt": request.prompts[index], "negative_prompt": negatives[index] if negatives else None,
+        "model": spec.id, "weights": hub.weights_identity(spec, pipe.weights), "seed": result.seeds[index],
+        "steps": request.steps, "guidance": request.guidance, "width": request.width, "height": request.height,
+        "quantize": pipe.quantize, "dtype": pipe.dtype, "images": [], "options": dict(request.extra),
+        "imagegen": __version__, "plugin": f"{plugin.distribution} {plugin.version}" if plugin else spec.plugin,
+        "timings": {k: round(v, 4) for k, v in result.timings.items()},
+    }
+    return {**metadata, **fields}
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

@@ -11,12 +11,11 @@ from typing import Any
 
 import typer
 
-from .. import __version__, hub, registry
+from .. import hub, registry
 from ..errors import InvalidOptionError
-from ..image import load_image, read_metadata, save_png
+from ..image import generation_metadata, load_image, read_metadata, save_png
 from ..memory import preflight
 from ..pipeline import check_size
-from ..plugins import plugin_info
 from ..quantize import normalize_mode
 from . import app, handle_errors
 from .progress import RunProgress
@@ -178,18 +177,9 @@ def run(
         options.update({k: v for k, v in optional.items() if v is not None}, **extra)
         result = pipe.generate(prompt, on_step=progress.on_step, **options)
 
-    plugin = plugin_info(spec.plugin)
     for i, (img, path_out) in enumerate(zip(result.images, paths)):
-        metadata = {
-            "prompt": prompt, "negative_prompt": negative, "model": spec.id,
-            "weights": hub.weights_identity(spec, path), "seed": result.seeds[i],
-            "steps": result.request.steps, "guidance": result.request.guidance, "width": width, "height": height,
-            "quantize": quantize, "dtype": pipe.dtype, "images": [str(p) for p in image], "options": extra,
-            "imagegen": __version__, "plugin": f"{plugin.distribution} {plugin.version}" if plugin else spec.plugin,
-            "timings": {k: round(v, 4) for k, v in result.timings.items()},
-        }
         # image i of a batch is image 0 of a run with seed + i: --from reproduces it alone
-        save_png(img, path_out, metadata)
+        save_png(img, path_out, generation_metadata(pipe, result, i, images=[str(p) for p in image], options=extra))
     if as_json:
         typer.echo(json.dumps({"model": spec.id, "images": [str(p) for p in paths], "seeds": result.seeds,
                                "steps": result.request.steps, "width": width, "height": height,

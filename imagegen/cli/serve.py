@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from ..errors import InvalidOptionError
 from . import app, handle_errors
 
 
@@ -21,9 +22,27 @@ def serve(
     max_memory: str = typer.Option(None, "--max-memory", help="Memory budget for loaded models, e.g. 24GB "
                                    "(default: what is available at start)."),
     max_queue: int = typer.Option(None, "--max-queue", help="Requests waiting at most; more get HTTP 429."),
+    ray: str = typer.Option(None, "--ray", help="Serve on Ray: 'local' starts a cluster on this machine, 'auto' joins "
+                            "the one `ray start` runs, or a cluster address (needs imagegen[ray])."),
+    replicas: int = typer.Option(None, "--replicas", help="With --ray: replicas, each with its own device and "
+                                 "resident models (default: one per GPU)."),
+    min_replicas: int = typer.Option(None, "--min-replicas", help="With --ray: autoscale from this many replicas."),
+    max_replicas: int = typer.Option(None, "--max-replicas", help="With --ray: autoscale up to this many replicas."),
 ) -> None:
     """Serve models over HTTP: POST /v1/images/generations and /v1/images/edits, GET /v1/models."""
     from ..server import run_server
+
+    if ray is not None:
+        from ..ray import require_ray
+
+        require_ray(serve=True)
+        from ..ray.serve import run_serve
+
+        return run_serve(ray, host=host, port=port, models=model or (), keep_alive=keep_alive, api_key=api_key,
+                         replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
+                         max_memory=max_memory, max_queue=max_queue)
+    if (replicas, min_replicas, max_replicas) != (None, None, None):
+        raise InvalidOptionError("--replicas, --min-replicas and --max-replicas need --ray.")
 
     run_server(host=host, port=port, models=model or (), keep_alive=keep_alive, api_key=api_key,
                max_memory=max_memory, max_queue=max_queue)

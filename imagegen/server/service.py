@@ -16,9 +16,8 @@ from PIL import Image
 
 from .. import __version__, hub, memory, registry
 from ..errors import ImagegenError, InvalidOptionError
-from ..image import png_bytes
+from ..image import generation_metadata, png_bytes
 from ..pipeline import Pipeline, Step, check_size
-from ..plugins import plugin_info
 from ..quantize import normalize_mode
 from ..registry import IMAGE_EDIT, ModelSpec
 from .errors import APIError
@@ -174,7 +173,7 @@ class ImageService:
                     timings[stage] = timings.get(stage, 0.0) + seconds
             request = result.request
             return Outcome(images, [plan.seed + i for i in range(plan.n)], request.width, request.height,
-                           request.steps, request.guidance, self._metadata(plan, pipe, request, timings), timings)
+                           request.steps, request.guidance, self._metadata(plan, pipe, result, timings), timings)
 
     def _on_step(self, pipe: Pipeline, plan: Plan, job: Job, emit: Emit, options: dict[str, Any],
                  first: int) -> Callable[[Step], None]:
@@ -199,18 +198,11 @@ class ImageService:
 
         return on_step
 
-    def _metadata(self, plan: Plan, pipe: Pipeline, request: Any, timings: dict[str, float]) -> dict[str, Any]:
-        """What `imagegen run` writes into its PNGs, so `imagegen run --from` reproduces a served image."""
-        plugin = plugin_info(plan.spec.plugin)
-        made_by = f"{plugin.distribution} {plugin.version}" if plugin else plan.spec.plugin
-        return {
-            "prompt": plan.prompt, "negative_prompt": plan.negative_prompt, "model": plan.spec.id,
-            "weights": hub.weights_identity(plan.spec, pipe.weights), "steps": request.steps,
-            "guidance": request.guidance, "width": request.width, "height": request.height,
-            "quantize": plan.quantize, "dtype": pipe.dtype, "images": list(plan.image_names),
-            "imagegen": __version__, "plugin": made_by,
-            "timings": {k: round(v, 4) for k, v in timings.items()}, "source": "imagegen serve",
-        }
+    def _metadata(self, plan: Plan, pipe: Pipeline, result: Any, timings: dict[str, float]) -> dict[str, Any]:
+        """What `imagegen run` writes into its PNGs, so `imagegen run --from` reproduces a served image; each
+        image adds its own seed (Outcome.png)."""
+        return generation_metadata(pipe, result, 0, images=list(plan.image_names), source="imagegen serve",
+                                   timings={k: round(v, 4) for k, v in timings.items()})
 
     # ---- reporting -----------------------------------------------------------------------
     def health(self) -> dict[str, Any]:

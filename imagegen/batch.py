@@ -1,0 +1,435 @@
+"""Batch generation: prompts from a JSON-lines file to PNGs, resumable, in one process or on Ray workers.
+
+Each input line is a JSON object: `prompt` (required), optional `id`, `model`, `seed`, `size` ("WxH"),
+`steps`, `guidance`, `negative_prompt`; `Defaults` (the CLI options) fill in what a row leaves out. The
+output folder gets `<id>.png` (with the metadata `imagegen run` writes), `results.jsonl` (one line per
+PNG: id, file, model, seed, seconds, worker) and `failures.jsonl` (this run's failed rows and why).
+
+This process is the only writer: workers (the local Generator, or Ray actors running one) return PNG
+bytes, so a row is written once however often a worker dies, and a row is done when its PNG exists,
+which is what a re-run skips (resume).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import re
+import socket
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+import mlx.core as mx
+
+from . import registry
+from .errors import ImagegenError
+from .image import generation_metadata, png_bytes, read_metadata
+from .pipeline import Pipeline, check_size
+
+RESULTS, FAILURES = "results.jsonl", "failures.jsonl"
+# the JSON types each input field may have, and their name in errors (JSON true is no seed: bools are refused)
+FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "prompt": ((str,), "a string"), "id": ((str, int), "a string or an integer"), "model": ((str,), "a string"),
+    "seed": ((int,), "an integer"), "size": ((str,), 'a string like "1024x768"'), "steps": ((int,), "an integer"),
+    "guidance": ((int, float), "a number"), "negative_prompt": ((str,), "a string"),
+}
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # safe as a file name everywhere
+SIZE_PATTERN = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+
+
+class BatchInputError(ImagegenError):
+    """The prompts file is unusable: not JSON lines, a missing prompt, a bad field (names the line)."""
+
+
+# ---- rows ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Defaults:
+    """What a row gets for each field it leaves out (the CLI options). Without a seed anywhere, a row's
+    seed is derived from its id, so a re-run or another machine draws the same image."""
+
+    model: str | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int | None = None
+    negative_prompt: str | None = None
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How every worker loads pipelines (the same for all rows of a batch)."""
+
+    weights: str | None = None
+    dtype: str | None = None
+    quantize: str | None = None
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    line: int  # 1-based line of the prompts file
+    prompt: str
+    model: str
+    seed: int
+    width: int | None = None  # None: the model's default size
+    height: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    negative_prompt: str | None = None
+
+    @property
+    def file(self) -> str:
+        return f"{self.id}.png"
+
+    def options(self) -> dict[str, Any]:
+        """The keyword options of Pipeline.generate for this row (unset ones left to the model)."""
+        options = {"width": self.width, "height": self.height, "steps": self.steps, "guidance": self.guidance,
+                   "negative_prompt": self.negative_prompt}
+        return {"seed": self.seed, **{k: v for k, v in options.items() if v is not None}}
+
+
+def row_hash(obj: dict[str, Any]) -> str:
+    """A stable id for a row that has none: its canonical JSON, hashed."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def derived_seed(row_id: str) -> int:
+    return int(hashlib.sha256(f"seed:{row_id}".encode()).hexdigest()[:8], 16) % 2**31
+
+
+def parse_row(text: str, line: int, defaults: Defaults, where: str = "") -> Row:
+    """One input line -> a Row; anything malformed raises BatchInputError naming the line."""
+    at = f"{where}line {line}"
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BatchInputError(f"{at}: not valid JSON ({e.msg}).") from None
+    if not isinstance(obj, dict):
+        raise BatchInputError(f"{at}: expected a JSON object like {{\"prompt\": \"...\"}}, got {type(obj).__name__}.")
+    unknown = sorted(set(obj) - set(FIELDS))
+    if unknown:
+        raise BatchInputError(f"{at}: unknown field '{unknown[0]}' (fields: {', '.join(FIELDS)}).")
+    for name, value in obj.items():
+        kinds, kind = FIELDS[name]
+        if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
+            raise BatchInputError(f"{at}: '{name}' must be {kind}, got {json.dumps(value)}.")
+    if not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
+        raise BatchInputError(f"{at}: missing 'prompt' (a non-empty string).")
+    row_id = str(obj["id"]) if obj.get("id") is not None else row_hash(obj)
+    if not ID_PATTERN.match(row_id):
+        raise BatchInputError(f"{at}: id '{row_id}' must be 1-128 letters, digits, '.', '_' or '-' "
+                              "(it names the PNG file).")
+    width, height = defaults.width, defaults.height
+    if obj.get("size") is not None:
+        match = SIZE_PATTERN.match(obj["size"])
+        if match is None:
+            raise BatchInputError(f"{at}: 'size' must look like \"1024x768\", got {json.dumps(obj['size'])}.")
+        width, height = int(match.group(1)), int(match.group(2))
+
+    def pick(name: str) -> Any:
+        return obj[name] if obj.get(name) is not None else getattr(defaults, name)
+
+    seed = pick("seed")
+    return Row(
+        id=row_id, line=line, prompt=obj["prompt"], model=pick("model") or registry.default_model() or "",
+        seed=derived_seed(row_id) if seed is None else seed, width=width, height=height, steps=pick("steps"),
+        guidance=pick("guidance"), negative_prompt=pick("negative_prompt"),
+    )
+
+
+def read_rows(path: str | Path, defaults: Defaults = Defaults()) -> list[Row]:
+    """Every row of a prompts file, checked before anything runs (blank lines are skipped)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise BatchInputError(f"Prompts file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BatchInputError(f"Cannot read {path}: {e}") from None
+    rows: list[Row] = []
+    first_line: dict[str, int] = {}
+    for number, text in enumerate(lines, 1):
+        if not text.strip():
+            continue
+        row = parse_row(text, number, defaults, f"{path}: ")
+        if row.id in first_line:
+            raise BatchInputError(f"{path}: line {number}: id '{row.id}' is already used on line "
+                                  f"{first_line[row.id]} (identical rows draw identical images; give each an id "
+                                  "or a seed).")
+        first_line[row.id] = number
+        rows.append(row)
+    if not rows:
+        raise BatchInputError(f"{path} has no rows.")
+    return rows
+
+
+def check_row(row: Row) -> Row:
+    """What can be checked without a pipeline (unknown model, bad size); the row with its model's id."""
+    if not row.model:
+        raise ImagegenError("No model given and none installed.")
+    spec = registry.get(row.model)
+    default_w, default_h = spec.default_size
+    check_size(spec, row.width or default_w, row.height or default_h)
+    return replace(row, model=spec.id)
+
+
+# ---- workers ---------------------------------------------------------------------------------
+@dataclass
+class Outcome:
+    """A row's result from a worker: the PNG file's bytes, or the error that stopped it."""
+
+    row: Row
+    worker: str
+    png: bytes | None = None
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def error_text(e: BaseException) -> str:
+    """One line for a row's error: the message of errors users cause, else the kind and the first line."""
+    if isinstance(e, ImagegenError):
+        return str(e)
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Generator:
+    """Runs rows on one device. A model's pipeline is loaded on its first row and kept for the rows
+    after it; one model is resident at a time (rows arrive grouped by model)."""
+
+    def __init__(self, load: LoadOptions = LoadOptions(), name: str | None = None):
+        self.load, self.name = load, name or worker_name()
+        self.model: str | None = None
+        self.pipe: Pipeline | None = None
+        self.load_errors: dict[str, str] = {}  # a model that failed to load is not retried for each row
+        self.loads = 0
+
+    def pipeline(self, model: str) -> Pipeline:
+        if self.pipe is not None and self.model == model:
+            return self.pipe
+        if model in self.load_errors:
+            raise ImagegenError(self.load_errors[model])
+        self.pipe = self.model = None
+        gc.collect()  # free the previous model before the next one loads
+        mx.clear_cache()
+        try:
+            pipe = registry.get(model).pipeline(weights=self.load.weights, dtype=self.load.dtype,
+                                                quantize=self.load.quantize)
+        except Exception as e:
+            self.load_errors[model] = f"Cannot load '{model}': {error_text(e)}"
+            raise ImagegenError(self.load_errors[model]) from None
+        self.pipe, self.model = pipe, model
+        self.loads += 1
+        return pipe
+
+    def run(self, row: Row) -> Outcome:
+        """Generate one row; its failure is the outcome's error, never an exception."""
+        try:
+            pipe = self.pipeline(row.model)
+            start = time.perf_counter()
+            result = pipe.generate(row.prompt, **row.options())
+            seconds = time.perf_counter() - start
+            batch = {"id": row.id, "seconds": round(seconds, 4), "worker": self.name}
+            metadata = generation_metadata(pipe, result, source="imagegen batch", batch=batch)
+            return Outcome(row, self.name, png_bytes(result.images[0], metadata), seconds)
+        except Exception as e:
+            return Outcome(row, self.name, error=error_text(e))
+
+
+# ---- the output folder -----------------------------------------------------------------------
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of a JSON-lines file we wrote; a line cut short by a crash is dropped."""
+    if not path.exists():
+        return []
+    records = []
+    for text in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("id"), str):
+            records.append(record)
+    return records
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Temp file + rename: an interrupted run never leaves a partial file under the real name."""
+    fd, tmp = tempfile.mkstemp(prefix=".imagegen-", suffix=path.suffix, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Reporter(Protocol):
+    """Progress: `start` once, `row` after every finished row (a results or a failures record)."""
+
+    def start(self, total: int, skipped: int, workers: int) -> None: ...
+
+    def row(self, record: dict[str, Any]) -> None: ...
+
+    def note(self, text: str) -> None: ...
+
+
+@dataclass
+class Summary:
+    total: int  # rows in the input
+    skipped: int = 0  # done by an earlier run
+    done: int = 0
+    failed: int = 0
+    retried: int = 0  # rows sent again after their worker died
+    replaced: int = 0  # workers that died and were replaced
+    workers: int = 1
+    seconds: float = 0.0
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+
+class Outputs:
+    """The output folder and the run's tally. `resume` keeps results.jsonl to one line per PNG present
+    (recovering a line lost to a crash from the PNG's metadata); `finish` writes a row's outcome."""
+
+    def __init__(self, folder: str | Path, summary: Summary, reporter: Reporter | None = None):
+        self.folder, self.summary, self.reporter = Path(folder), summary, reporter
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ImagegenError(f"Cannot create output folder {self.folder}: {e.strerror}") from None
+        self._results: IO[str] | None = None
+        self._failures: IO[str] | None = None
+
+    def resume(self, rows: Sequence[Row]) -> list[Row]:
+        """The rows whose PNG does not exist yet; also rewrites results.jsonl and clears failures.jsonl."""
+        kept = {r["id"]: r for r in _read_jsonl(self.folder / RESULTS) if (self.folder / str(r.get("file"))).exists()}
+        todo = []
+        for row in rows:
+            if not (self.folder / row.file).exists():
+                kept.pop(row.id, None)
+                todo.append(row)
+            elif row.id not in kept:
+                kept[row.id] = self._recover(row)
+        text = "".join(json.dumps(r) + "\n" for r in kept.values())
+        try:
+            _write_atomic(self.folder / RESULTS, text.encode())
+        except OSError as e:
+            raise ImagegenError(f"Output folder {self.folder} is not writable: {e.strerror}") from None
+        (self.folder / FAILURES).unlink(missing_ok=True)
+        self.summary.skipped = len(rows) - len(todo)
+        self._results = (self.folder / RESULTS).open("a", encoding="utf-8")
+        return todo
+
+    def start(self, workers: int, rejected: Iterable[Outcome] = ()) -> None:
+        """The runner is ready: report the totals, then the rows refused before any worker saw them."""
+        self.summary.workers = workers
+        if self.reporter is not None:
+            self.reporter.start(self.summary.total, self.summary.skipped, workers)
+        for outcome in rejected:
+            self.finish(outcome)
+
+    def _recover(self, row: Row) -> dict[str, Any]:
+        try:
+            metadata = read_metadata(self.folder / row.file)
+        except ImagegenError:  # a PNG imagegen did not write: still done, details unknown
+            metadata = {}
+        batch = metadata.get("batch", {})
+        return {"id": row.id, "file": row.file, "model": metadata.get("model", row.model),
+                "seed": metadata.get("seed", row.seed), "seconds": batch.get("seconds"), "worker": batch.get("worker")}
+
+    def finish(self, outcome: Outcome) -> dict[str, Any]:
+        """Write one row's PNG and results line, or its failures line; report it."""
+        row = outcome.row
+        if outcome.png is not None:
+            _write_atomic(self.folder / row.file, outcome.png)
+            record = {"id": row.id, "file": row.file, "model": row.model, "seed": row.seed,
+                      "seconds": round(outcome.seconds, 4), "worker": outcome.worker}
+            self._append("_results", RESULTS, record)
+            self.summary.done += 1
+        else:
+            record = {"id": row.id, "line": row.line, "prompt": row.prompt, "model": row.model,
+                      "error": outcome.error, "worker": outcome.worker or None}  # None: refused before any worker
+            self._append("_failures", FAILURES, record)
+            self.summary.failed += 1
+            self.summary.failures.append(record)
+        if self.reporter is not None:
+            self.reporter.row(record)
+        return record
+
+    def note(self, text: str) -> None:
+        if self.reporter is not None:
+            self.reporter.note(text)
+
+    def _append(self, attr: str, name: str, record: dict[str, Any]) -> None:
+        handle = getattr(self, attr)
+        if handle is None:
+            handle = (self.folder / name).open("a", encoding="utf-8")
+            setattr(self, attr, handle)
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()  # a line per finished row, on disk before the next one starts
+
+    def close(self) -> None:
+        for handle in (self._results, self._failures):
+            if handle is not None:
+                handle.close()
+        self._results = self._failures = None
+
+
+# ---- running ---------------------------------------------------------------------------------
+def run_local(rows: Iterable[Row], outputs: Outputs, load: LoadOptions = LoadOptions(),
+              rejected: Iterable[Outcome] = ()) -> None:
+    """All rows in this process, one after another, on one Generator."""
+    generator = Generator(load)
+    outputs.start(1, rejected)
+    for row in rows:
+        outputs.finish(generator.run(row))
+
+
+def run_batch(prompts: str | Path | Sequence[Row], out: str | Path, defaults: Defaults = Defaults(),
+              load: LoadOptions = LoadOptions(), ray: str | None = None, workers: int | None = None,
+              reporter: Reporter | None = None, max_retries: int = 2) -> Summary:
+    """Generate every row not done yet into `out`. `ray`: None runs here; "local" starts a local Ray
+    cluster, "auto" or an address joins one (see imagegen.ray.batch). `workers` overrides one worker per
+    GPU (per CPU slot without GPUs); `max_retries` bounds how often a row is resent after its worker died."""
+    rows = read_rows(prompts, defaults) if isinstance(prompts, str | Path) else list(prompts)
+    summary = Summary(total=len(rows))
+    outputs = Outputs(out, summary, reporter)
+    try:
+        todo: list[Row] = []
+        rejected: list[Outcome] = []
+        for row in outputs.resume(rows):
+            try:
+                todo.append(check_row(row))
+            except ImagegenError as e:
+                rejected.append(Outcome(row, "", error=str(e)))
+        todo.sort(key=lambda r: r.model)  # stable: file order within a model; each model loads once
+        start = time.perf_counter()
+        if ray is None:
+            run_local(todo, outputs, load, rejected)
+        else:
+            from .ray import require_ray
+
+            require_ray()
+            from .ray.batch import run_on_ray
+
+            run_on_ray(todo, outputs, load, ray, workers, max_retries, rejected)
+        summary.seconds = time.perf_counter() - start
+    finally:
+        outputs.close()
+    return summary

@@ -1,0 +1,165 @@
+"""Batch rows on Ray actors: one worker per GPU (or per CPU share with `workers`), each a
+imagegen.batch.Generator that loads its pipeline once and generates many rows.
+
+The driver keeps every worker two rows deep (no idle gap between rows) and writes every outcome itself.
+A worker that dies (crash, OOM kill, lost node) is replaced and the rows it held go back to the front
+of the queue; a row whose worker died running it more than `max_retries` times goes to failures.jsonl.
+A row is written only when a worker returned it, so no row is lost or written twice. Workers that
+cannot even start (a plugin that fails to import) stop the batch with that error.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.exceptions import ActorUnschedulableError, OutOfMemoryError, RayActorError
+
+from ..batch import Generator, LoadOptions, Outcome, Outputs, Row, error_text
+from ..errors import ImagegenError
+from . import PluginRef, connect, forwarded_plugins, runtime_env, setup_worker
+
+ROWS_IN_FLIGHT = 2  # per worker: the next row waits in the actor's queue while one runs
+WORKER_LOST = (RayActorError, OutOfMemoryError, ActorUnschedulableError)
+
+
+class BatchWorker:
+    """The Ray actor: the driver's in-process plugins, then a Generator."""
+
+    def __init__(self, load: LoadOptions, plugins: list[PluginRef]):
+        setup_worker(plugins)
+        self.generator = Generator(load)
+
+    def run(self, row: Row) -> Outcome:
+        return self.generator.run(row)
+
+
+def _share(total: float, count: int) -> float:
+    """An equal share of a resource that Ray accepts: whole units above one, 1/10000ths below."""
+    share = total / count
+    return float(int(share)) if share >= 1 else math.floor(share * 10000) / 10000
+
+
+def worker_resources(workers: int | None) -> tuple[int, dict[str, float]]:
+    """How many workers and what each reserves: one GPU each by default; without GPUs, `workers`
+    (default 1) equal shares of the CPUs."""
+    resources = ray.cluster_resources()
+    gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if gpus >= 1:
+        count = workers or int(gpus)
+        return count, {"num_gpus": min(1.0, _share(gpus, count)), "num_cpus": min(1.0, _share(cpus, count))}
+    count = workers or 1
+    return count, {"num_cpus": _share(cpus, count)}
+
+
+@dataclass(frozen=True)
+class Task:
+    """A row sent to a worker: which slot, which actor of that slot (its generation), in which order."""
+
+    slot: int
+    generation: int
+    order: int
+    row: Row
+
+
+class Pool:
+    """The worker slots and the rows they hold. A slot's actor is replaced when it dies (its generation
+    counts up); of the rows a dead actor held, only the one it was running (the oldest: an actor runs its
+    rows in order) counts a death, so rows queued behind a row that kills workers are not failed with it."""
+
+    def __init__(self, count: int, options: dict[str, Any], load: LoadOptions):
+        env = runtime_env()
+        self.actor_class = ray.remote(BatchWorker).options(max_restarts=0, max_task_retries=0, **options,
+                                                           **({"runtime_env": env} if env else {}))
+        self.load, self.plugins = load, forwarded_plugins()
+        self.actors = [self._new() for _ in range(count)]
+        self.generations = [0] * count
+        self.in_flight: dict[Any, Task] = {}  # ObjectRef -> Task, in the order sent
+        self.culprits: dict[tuple[int, int], str] = {}  # (slot, generation) of a dead actor -> the row it ran
+        self.sent = 0
+
+    def _new(self) -> Any:
+        return self.actor_class.remote(self.load, self.plugins)
+
+    def held(self, slot: int) -> list[Task]:
+        return [t for t in self.in_flight.values() if (t.slot, t.generation) == (slot, self.generations[slot])]
+
+    def send(self, queue: deque[Row]) -> None:
+        """Keep every worker ROWS_IN_FLIGHT rows deep."""
+        while queue:
+            slot = min(range(len(self.actors)), key=lambda s: len(self.held(s)))
+            if len(self.held(slot)) >= ROWS_IN_FLIGHT:
+                return
+            row = queue.popleft()
+            self.in_flight[self.actors[slot].run.remote(row)] = Task(slot, self.generations[slot], self.sent, row)
+            self.sent += 1
+
+    def next_done(self) -> tuple[Task, Any]:
+        """The next task to come back (the oldest first among those ready) and its ObjectRef."""
+        (ref,), _ = ray.wait(list(self.in_flight), num_returns=1)
+        return self.in_flight.pop(ref), ref
+
+    def lost(self, task: Task) -> bool:
+        """A task's worker died: replace it (on the first of its tasks to tell); True if this task's row
+        was the one running."""
+        key = (task.slot, task.generation)
+        if key not in self.culprits:
+            mates = [t for t in self.in_flight.values() if (t.slot, t.generation) == key]
+            self.culprits[key] = min([task, *mates], key=lambda t: t.order).row.id
+            ray.kill(self.actors[task.slot], no_restart=True)
+            self.actors[task.slot] = self._new()
+            self.generations[task.slot] += 1
+        return self.culprits[key] == task.row.id
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+
+
+def run_on_ray(rows: Sequence[Row], outputs: Outputs, load: LoadOptions, address: str | None,
+               workers: int | None = None, max_retries: int = 2, rejected: Iterable[Outcome] = ()) -> None:
+    """Generate `rows` on a Ray cluster (see imagegen.ray.connect for `address`)."""
+    started = connect(address, quiet=True)
+    pool: Pool | None = None
+    try:
+        count, options = worker_resources(workers)
+        pool = Pool(count, options, load)
+        outputs.start(count, rejected)
+        queue = deque(rows)
+        deaths: dict[str, int] = {}  # row id -> workers that died running it
+        while queue or pool.in_flight:
+            pool.send(queue)
+            task, ref = pool.next_done()
+            try:
+                outcome = ray.get(ref)
+            except WORKER_LOST as e:
+                if getattr(e, "actor_init_failed", False):  # every new worker would fail the same way
+                    cause = str(e).strip().splitlines()[-1]  # the last line of the worker's traceback
+                    raise ImagegenError(f"Ray workers cannot start: {cause}") from None
+                replaced = (task.slot, task.generation) not in pool.culprits
+                if pool.lost(task):
+                    deaths[task.row.id] = deaths.get(task.row.id, 0) + 1
+                if replaced:
+                    outputs.summary.replaced += 1
+                    outputs.note(f"worker {task.slot} died ({type(e).__name__}); replaced, its rows go again")
+                if deaths.get(task.row.id, 0) > max_retries:
+                    outputs.finish(Outcome(task.row, "", error=f"its worker died {deaths[task.row.id]} times "
+                                                               f"({error_text(e)})"))
+                else:
+                    queue.appendleft(task.row)
+                    outputs.summary.retried += 1
+                continue
+            except ray.exceptions.RayError as e:  # the row's outcome could not come back (e.g. not picklable)
+                outcome = Outcome(task.row, "", error=error_text(e))
+            outputs.finish(outcome)
+    finally:
+        if pool is not None:
+            pool.close()
+        if started:
+            ray.shutdown()
