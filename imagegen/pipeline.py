@@ -125,6 +125,20 @@ class Pipeline(ABC):
     def decode(self, request: Request, latents: mx.array) -> list[Image.Image]:
         ...
 
+    def initial_latents(self, request: Request, shape: Sequence[int], layout: str = "") -> mx.array:
+        """The caller's `latents=` (mx, numpy or torch; checked against `shape`) or seeded noise of that shape,
+        float32. `layout` names the axes in the error message, e.g. "(B, C, H/8, W/8)"."""
+        shape = tuple(shape)
+        if request.latents is None:
+            return seeded_noise(shape, request.seeds)
+        latents = request.latents
+        if hasattr(latents, "detach"):  # a torch tensor
+            latents = latents.detach().float().cpu().numpy()
+        latents = mx.array(latents) if not isinstance(latents, mx.array) else latents
+        if tuple(latents.shape) != shape:
+            raise InvalidOptionError(f"latents must have shape {shape} {layout}, got {tuple(latents.shape)}.".strip())
+        return latents.astype(mx.float32)
+
     def default_size(self, images: Sequence[Image.Image]) -> tuple[int, int]:
         """(width, height) when the caller gives none; editing models may follow the input image."""
         return self.spec.default_size

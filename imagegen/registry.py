@@ -53,6 +53,20 @@ class ModelSpec:
     def accepts(self, option: str) -> bool:
         return option in self.options
 
+    def check_quantize(self, quantize: str | None) -> str | None:
+        """The normalized quantization mode, or InvalidOptionError when this model does not support it."""
+        from .quantize import normalize_mode
+
+        if quantize is None:
+            return None
+        quantize = normalize_mode(quantize)
+        if quantize not in self.quantize_modes:
+            supported = ", ".join(self.quantize_modes) or "none"
+            raise InvalidOptionError(
+                f"Model '{self.id}' does not support --quantize {quantize} (supported: {supported})."
+            )
+        return quantize
+
     def pipeline(
         self,
         weights: str | Path | None = None,
@@ -62,15 +76,8 @@ class ModelSpec:
     ) -> Pipeline:
         """Load this model: resolve weights (folder, HF cache, bundled) and build a resident pipeline."""
         from . import hub
-        from .quantize import normalize_mode
 
-        if quantize is not None:
-            quantize = normalize_mode(quantize)
-            if quantize not in self.quantize_modes:
-                supported = ", ".join(self.quantize_modes) or "none"
-                raise InvalidOptionError(
-                    f"Model '{self.id}' does not support --quantize {quantize} (supported: {supported})."
-                )
+        quantize = self.check_quantize(quantize)
         path = hub.resolve_weights(self, weights)
         return self.load(self, path, dtype=dtype or self.default_dtype, quantize=quantize, **kwargs)
 

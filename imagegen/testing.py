@@ -134,3 +134,17 @@ def make_qwen3(folder: Path, seed: int = 0, base: bool = False, max_shard_size: 
     return model
 
 
+
+
+def assert_images_match(got: list, want: list, max_diff: int = 2) -> int:
+    """Two lists of PIL images agree within `max_diff` (of 255) per pixel, and the reference is not flat (a
+    flat picture would prove nothing). Prints and returns the largest difference."""
+    import numpy as np
+
+    assert len(got) == len(want), f"{len(got)} images vs {len(want)}"
+    diff = max(int(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max()) for a, b in zip(got, want))
+    spread = max(float(np.asarray(b, np.float32).std()) for b in want)
+    print(f"max pixel difference {diff}/255 over {len(got)} images (reference std {spread:.1f})")
+    assert spread > 5, "the reference images are flat: the comparison would prove nothing"
+    assert diff <= max_diff, f"images differ by up to {diff}/255"
+    return diff

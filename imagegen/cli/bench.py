@@ -16,7 +16,6 @@ import typer
 
 from .. import __version__, hub, registry
 from ..pipeline import Pipeline, check_size
-from ..quantize import normalize_mode
 from ..weights import random_weights
 from . import app, handle_errors
 from .generate import parse_size
@@ -152,7 +151,7 @@ def bench(
     spec = registry.get(model or registry.default_model() or "")
     width, height = parse_size(size) if size else spec.default_size
     check_size(spec, width, height)
-    quantize = normalize_mode(quantize) if quantize is not None else None
+    quantize = spec.check_quantize(quantize)
     path = hub.resolve_weights(spec, weights)
     base = {"model": spec.id, "dtype": dtype or spec.default_dtype, "quantize": quantize, "random": random,
             "device": str(mx.default_device()), "imagegen": __version__, "mlx": mx.__version__}

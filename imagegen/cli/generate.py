@@ -16,7 +16,6 @@ from ..errors import InvalidOptionError
 from ..image import generation_metadata, load_image, read_metadata, save_png
 from ..memory import preflight
 from ..pipeline import check_size
-from ..quantize import normalize_mode
 from . import app, handle_errors
 from .progress import RunProgress
 
@@ -144,13 +143,7 @@ def run(
     for flag, used in given.items():
         if used and not spec.accepts(FLAG_OPTIONS[flag]):
             raise InvalidOptionError(f"Model '{spec.id}' does not support {flag}.")
-    if quantize is not None:
-        quantize = normalize_mode(quantize)
-        if quantize not in spec.quantize_modes:
-            supported = ", ".join(spec.quantize_modes) or "none"
-            raise InvalidOptionError(
-                f"Model '{spec.id}' does not support --quantize {quantize} (supported: {supported})."
-            )
+    quantize = spec.check_quantize(quantize)
     if count < 1:
         raise InvalidOptionError(f"--count must be >= 1, got {count}.")
     if steps is not None and steps < 1:

@@ -15,10 +15,9 @@ from typing import Any
 from PIL import Image
 
 from .. import __version__, hub, memory, registry
-from ..errors import ImagegenError, InvalidOptionError
+from ..errors import ImagegenError
 from ..image import generation_metadata, png_bytes
 from ..pipeline import Pipeline, Step, check_size
-from ..quantize import normalize_mode
 from ..registry import IMAGE_EDIT, ModelSpec
 from .errors import APIError
 from .residency import Residency
@@ -227,11 +226,7 @@ def _options(plan: Plan, width: int, height: int, seed: int, count: int) -> dict
 def _quantize(spec: ModelSpec, mode: str | None) -> str | None:
     if mode is None or mode.strip().lower() in ("", "none"):
         return None
-    mode = normalize_mode(mode)
-    if mode not in spec.quantize_modes:
-        supported = ", ".join(spec.quantize_modes) or "none"
-        raise InvalidOptionError(f"Model '{spec.id}' does not support quantize '{mode}' (supported: {supported}).")
-    return mode
+    return spec.check_quantize(mode)
 
 
 def _checked(check: Callable[[], Any], param: str) -> Any:

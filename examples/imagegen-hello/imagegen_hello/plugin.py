@@ -28,9 +28,8 @@ class HelloPipeline(imagegen.Pipeline):
         return colours
 
     def prepare_latents(self, request: imagegen.Request) -> mx.array:
-        if request.latents is not None:  # the caller's own noise, [B, H, W, 3]
-            return mx.array(request.latents)
-        return imagegen.seeded_noise((request.batch_size, request.height, request.width, 3), request.seeds)
+        # the caller's own noise ([B, H, W, 3]) or seeded noise
+        return self.initial_latents(request, (request.batch_size, request.height, request.width, 3))
 
     def denoise_steps(self, request: imagegen.Request, colours: mx.array, latents: mx.array) -> Iterator[mx.array]:
         h, w = request.height, request.width

@@ -16,7 +16,7 @@ from PIL import Image
 
 import imagegen
 from imagegen import scheduler
-from imagegen.errors import InvalidImageError, InvalidOptionError, WeightsError
+from imagegen.errors import InvalidImageError, WeightsError
 from imagegen.image import from_pil, to_pil
 from imagegen.memory import pipeline_weight_bytes
 from imagegen.text import load_text_encoder
@@ -67,13 +67,6 @@ def pack(latents: mx.array) -> mx.array:
     """[B, h, w, C] -> [B, h * w, C] tokens in row-major order."""
     b, h, w, c = latents.shape
     return latents.reshape(b, h * w, c)
-
-
-def to_mx(latents: Any) -> mx.array:
-    """A caller's latents (mx, numpy or torch) as float32 mx."""
-    if hasattr(latents, "detach"):  # torch
-        latents = latents.detach().float().cpu().numpy()
-    return mx.array(np.asarray(latents, dtype=np.float32)) if not isinstance(latents, mx.array) else latents
 
 
 class Flux2Pipeline(imagegen.Pipeline):
@@ -146,14 +139,8 @@ class Flux2Pipeline(imagegen.Pipeline):
                 request.width // self.multiple)
 
     def prepare_latents(self, request: imagegen.Request) -> mx.array:
-        shape = self.latent_shape(request)
-        if request.latents is not None:
-            latents = to_mx(request.latents)
-            if tuple(latents.shape) != shape:
-                raise InvalidOptionError(f"latents must have shape {shape} (B, C, H/16, W/16), got {latents.shape}.")
-        else:
-            latents = imagegen.seeded_noise(shape, request.seeds)
-        return pack(latents.astype(mx.float32).transpose(0, 2, 3, 1))  # float32 state, tokens [B, N, C]
+        latents = self.initial_latents(request, self.latent_shape(request), "(B, C, H/16, W/16)")
+        return pack(latents.transpose(0, 2, 3, 1))  # float32 state, tokens [B, N, C]
 
     # 3. Euler steps over the transformer's velocity
     def denoise_steps(self, request: imagegen.Request, cond: Conditioning, latents: mx.array) -> Iterator[mx.array]:

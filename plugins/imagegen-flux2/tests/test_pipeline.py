@@ -17,7 +17,7 @@ from PIL import Image
 from transformers import AutoTokenizer, Qwen3ForCausalLM
 
 import imagegen
-from imagegen.testing import make_qwen3, make_tokenizer
+from imagegen.testing import assert_images_match, make_qwen3, make_tokenizer
 
 VOCAB = 416  # the test tokenizer's vocabulary with its added tokens
 SIZE = (64, 48)  # width, height: a 4x3 grid of latent tokens
@@ -107,15 +107,6 @@ def noise(batch: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((batch, 16, h // 16, w // 16)).astype(np.float32)
 
 
-def compare(got: list[Image.Image], want: list[Image.Image]) -> int:
-    diff = max(int(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max()) for a, b in zip(got, want))
-    spread = max(float(np.asarray(b, np.float32).std()) for b in want)
-    print(f"max pixel difference {diff}/255 over {len(got)} images (reference std {spread:.1f})")
-    assert spread > 5, "the reference images are flat: the test would prove nothing"
-    assert len(got) == len(want) and diff <= 2
-    return diff
-
-
 def test_text_to_image_matches_diffusers(distilled):
     folder, reference = distilled
     latents = noise(2)
@@ -124,7 +115,7 @@ def test_text_to_image_matches_diffusers(distilled):
         prompt=prompts, latents=torch.from_numpy(latents), num_inference_steps=3, width=SIZE[0], height=SIZE[1]
     ).images
     got = ours(folder, False).generate(prompts, latents=latents, steps=3, width=SIZE[0], height=SIZE[1]).images
-    compare(got, want)
+    assert_images_match(got, want)
 
 
 def test_two_reference_images_match_diffusers(distilled):
@@ -145,7 +136,7 @@ def test_two_reference_images_match_diffusers(distilled):
         .generate("make it blue", images=refs, latents=latents, steps=2, width=SIZE[0], height=SIZE[1])
         .images
     )
-    compare(got, want)
+    assert_images_match(got, want)
 
 
 def test_reference_image_sets_default_size():
@@ -181,7 +172,7 @@ def test_base_with_cfg_and_negative_prompt_matches_diffusers(base):
         )
         .images
     )
-    compare(got, want)
+    assert_images_match(got, want)
     # diffusers' default negative is the empty prompt
     want = reference(
         prompt="a lighthouse",
@@ -196,7 +187,7 @@ def test_base_with_cfg_and_negative_prompt_matches_diffusers(base):
         .generate("a lighthouse", guidance=2.5, latents=latents, steps=2, width=SIZE[0], height=SIZE[1])
         .images
     )
-    compare(got, want)
+    assert_images_match(got, want)
 
 
 def test_checkpoint_settings_short_prompts(distilled, tmp_path):
@@ -219,7 +210,7 @@ def test_checkpoint_settings_short_prompts(distilled, tmp_path):
     got = (
         ours(copy, False).generate("a tiny red circle", latents=latents, steps=2, width=SIZE[0], height=SIZE[1]).images
     )
-    compare(got, want)
+    assert_images_match(got, want)
 
 
 def test_seeded_noise_is_diffusers_latents_layout(distilled):
@@ -231,7 +222,7 @@ def test_seeded_noise_is_diffusers_latents_layout(distilled):
     want = reference(
         prompt="x", latents=torch.from_numpy(latents), num_inference_steps=2, width=SIZE[0], height=SIZE[1]
     ).images
-    compare(pipe.generate("x", width=SIZE[0], height=SIZE[1], seed=42, steps=2).images, want)
+    assert_images_match(pipe.generate("x", width=SIZE[0], height=SIZE[1], seed=42, steps=2).images, want)
 
 
 def test_rejects_wrong_latents_variant_mismatch_and_negative_on_distilled(distilled, base):

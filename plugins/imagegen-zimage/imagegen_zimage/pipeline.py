@@ -53,12 +53,6 @@ def cfg_truncation(value: Any) -> float:
     return value
 
 
-def to_mx(latents: Any) -> mx.array:
-    if hasattr(latents, "detach"):  # torch
-        latents = latents.detach().float().cpu().numpy()
-    return latents if isinstance(latents, mx.array) else mx.array(np.asarray(latents, dtype=np.float32))
-
-
 class ZImagePipeline(imagegen.Pipeline):
     def __init__(self, spec: imagegen.ModelSpec, weights: Path, dtype: str = "bfloat16",
                  quantize: str | None = None, on_load=None, compile: bool = True):
@@ -114,14 +108,8 @@ class ZImagePipeline(imagegen.Pipeline):
         return (request.batch_size, self.latent_channels, request.height // f, request.width // f)
 
     def prepare_latents(self, request: imagegen.Request) -> mx.array:
-        shape = self.latent_shape(request)
-        if request.latents is not None:
-            latents = to_mx(request.latents)
-            if tuple(latents.shape) != shape:
-                raise InvalidOptionError(f"latents must have shape {shape} (B, C, H/8, W/8), got {latents.shape}.")
-        else:
-            latents = imagegen.seeded_noise(shape, request.seeds)
-        return latents.astype(mx.float32).transpose(0, 2, 3, 1)  # NHWC, float32 as diffusers keeps them
+        latents = self.initial_latents(request, self.latent_shape(request), "(B, C, H/8, W/8)")
+        return latents.transpose(0, 2, 3, 1)  # NHWC, float32 as diffusers keeps them
 
     # 3. Euler steps; CFG per step unless truncated
     def denoise_steps(self, request: imagegen.Request, cond: Conditioning, latents: mx.array) -> Iterator[mx.array]:
