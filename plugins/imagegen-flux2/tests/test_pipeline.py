@@ -299,3 +299,21 @@ def test_damaged_folders_are_one_line_errors(distilled, tmp_path, damage, messag
     lines = result.output.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == 1 and message in lines[0], result.output
     assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_quantize_tile_and_count(distilled, tmp_path):
+    """--quantize, --tile, --count and --json through the real pipeline (tiny layers stay unquantized where their
+    width is not a multiple of the group size; the option still travels to the loader and the metadata)."""
+    from typer.testing import CliRunner
+
+    from imagegen.cli import get_app
+    from imagegen.image import read_metadata
+
+    result = CliRunner().invoke(get_app(), ["run", "-m", "flux2-klein-4b", "--weights", str(distilled[0]), "a fox",
+                                            "--size", "64x48", "--steps", "1", "--seed", "9", "--quantize", "8",
+                                            "--tile", "-n", "2", "--json", "-o", str(tmp_path / "q.png")])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["seeds"] == [9, 10] and len(data["images"]) == 2
+    meta = read_metadata(data["images"][1])
+    assert meta["quantize"] == "8" and meta["seed"] == 10
