@@ -99,7 +99,8 @@ class Runner:
         estimate = estimate_s * self.cost
         if not self.budget.allows(estimate):
             self.recorder.emit({**base, "skipped": f"time budget: ~{estimate:.0f} s needed, "
-                                                  f"{max(self.budget.remaining(), 0):.0f} s left"})
+                                                  f"{max(self.budget.remaining(), 0):.0f} s left",
+                                "t_s": round(self.budget.elapsed(), 1)})
             return False
         start = time.perf_counter()
         try:
@@ -107,7 +108,7 @@ class Runner:
                 self.recorder.emit({**base, **record, "t_s": round(self.budget.elapsed(), 1)})
             return True
         except SkipSection as e:
-            self.recorder.emit({**base, "skipped": str(e)})
+            self.recorder.emit({**base, "skipped": str(e), "t_s": round(self.budget.elapsed(), 1)})
         except Exception as e:  # one failing section must not end the run
             tail = traceback.format_exc().strip().splitlines()[-6:]
             self.recorder.emit({**base, "error": f"{type(e).__name__}: {e}", "traceback": tail,
