@@ -152,6 +152,15 @@ def load_module(
     return record
 
 
+def load_model(model_class: Callable[[Any], nn.Module], config_class: Any, folder: str | Path,
+               dtype: str | mx.Dtype = "bfloat16", quantize: str | None = None, predicate: Predicate | None = None,
+               **kwargs: Any) -> nn.Module:
+    """Build a model from `folder/config.json` (parsed by `config_class`) and load the folder's weights into it."""
+    model = model_class(config_class.from_file(Path(folder) / "config.json"))
+    load_module(model, folder, dtype, quantize, predicate, **kwargs)
+    return model
+
+
 def save_module(module: nn.Module, folder: str | Path, config: dict[str, Any] | None = None,
                 record: dict[str, Any] | None = None, filename: str = "model.safetensors") -> Path:
     """Write a component folder: safetensors (+ config.json, + quantization.json when quantized)."""

@@ -19,7 +19,7 @@ from pydantic import model_validator
 from ..config import HFConfig
 from ..nn import attention, causal_mask, combine_masks, padding_mask
 from ..quantize import keep_high_precision
-from ..weights import load_module
+from ..weights import load_model
 
 # The embedding table is a lookup: quantizing it saves memory but no time, and its error would enter
 # the residual stream of every token before the first layer. Every Linear of the stack is quantized.
@@ -182,13 +182,12 @@ def load_qwen3(folder: str | Path, dtype: str | mx.Dtype = "bfloat16", quantize:
 
     `layers`: the hidden-state indices the caller will ask for. Weights of later layers stay on disk
     (lazily mapped) until a caller runs them: FLUX.2 stops at 27 of 36, so a quarter is never read."""
-    folder = Path(folder)
-    model = Qwen3Model(Qwen3Config.from_file(folder / "config.json"))
+    config = Qwen3Config.from_file(Path(folder) / "config.json")
     defer = None
     if layers is not None:
-        needed = max(model.resolve_layers(layers))
-        deferred = {f"layers.{i}." for i in range(needed, len(model.layers))}
-        deferred |= {"norm."} if needed < len(model.layers) else set()
+        count = config.num_hidden_layers
+        needed = max(i % (count + 1) for i in layers)
+        deferred = {f"layers.{i}." for i in range(needed, count)} | ({"norm."} if needed < count else set())
         defer = lambda name: any(name.startswith(d) for d in deferred)  # noqa: E731
-    load_module(model, folder, dtype=dtype, quantize=quantize, predicate=quant_predicate, defer=defer)
+    model = load_model(Qwen3Model, Qwen3Config, folder, dtype, quantize, quant_predicate, defer=defer)
     return model

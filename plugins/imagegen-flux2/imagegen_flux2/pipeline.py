@@ -20,7 +20,7 @@ from imagegen.errors import InvalidImageError, WeightsError
 from imagegen.image import from_pil, to_pil
 from imagegen.memory import pipeline_weight_bytes
 from imagegen.text import load_text_encoder
-from imagegen.weights import load_module, to_dtype
+from imagegen.weights import load_model, to_dtype
 
 from .config import Flux2PipelineConfig, Flux2TransformerConfig
 from .transformer import Flux2Transformer, quant_predicate
@@ -87,14 +87,13 @@ class Flux2Pipeline(imagegen.Pipeline):
             self.text_encoder = load_text_encoder(root / "text_encoder", root / "tokenizer", dtype, quantize,
                                                   self.text_layers)
         with self.loading("transformer"):
-            config = Flux2TransformerConfig.from_file(root / "transformer" / "config.json")
-            self.transformer = Flux2Transformer(config)
-            load_module(self.transformer, root / "transformer", dtype, quantize, quant_predicate)
+            self.transformer = load_model(Flux2Transformer, Flux2TransformerConfig, root / "transformer", dtype,
+                                          quantize, quant_predicate)
         with self.loading("vae"):
             self.vae = AutoencoderKLFlux2.from_folder(root / "vae", dtype)
         self.scheduler = scheduler.FlowMatchEulerConfig.from_file(root / "scheduler" / "scheduler_config.json")
         self.model_dtype = to_dtype(dtype)
-        self.latent_channels = config.in_channels
+        self.latent_channels = self.transformer.config.in_channels
         self.multiple = 2 * self.vae.scale_factor  # one latent token covers this many pixels per side
         self._forward = mx.compile(self.transformer) if compile else self.transformer
 

@@ -20,7 +20,7 @@ from imagegen.image import to_pil
 from imagegen.memory import pipeline_weight_bytes
 from imagegen.nn import AutoencoderKL
 from imagegen.text import load_text_encoder
-from imagegen.weights import load_module, to_dtype
+from imagegen.weights import load_model, to_dtype
 
 from .config import ZImageTransformerConfig
 from .transformer import Layout, ZImageTransformer, quant_predicate
@@ -64,14 +64,13 @@ class ZImagePipeline(imagegen.Pipeline):
             self.text_encoder = load_text_encoder(root / "text_encoder", root / "tokenizer", dtype, quantize,
                                                   TEXT_LAYERS)
         with self.loading("transformer"):
-            config = ZImageTransformerConfig.from_file(root / "transformer" / "config.json")
-            self.transformer = ZImageTransformer(config)
-            load_module(self.transformer, root / "transformer", dtype, quantize, quant_predicate)
+            self.transformer = load_model(ZImageTransformer, ZImageTransformerConfig, root / "transformer", dtype,
+                                          quantize, quant_predicate)
         with self.loading("vae"):
             self.vae = AutoencoderKL.from_folder(root / "vae", dtype)
         self.scheduler = scheduler.FlowMatchEulerConfig.from_file(root / "scheduler" / "scheduler_config.json")
         self.model_dtype = to_dtype(dtype)
-        self.latent_channels = config.in_channels
+        self.latent_channels = self.transformer.config.in_channels
         self.multiple = 2 * self.vae.scale_factor  # the transformer patchifies latents 2x2
         self.compile = compile
         self._compiled: dict[int, Any] = {}  # id(layout) -> compiled step (layouts are cached per shape)
