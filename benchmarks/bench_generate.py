@@ -56,6 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip", default="", help="comma list of sections to leave out")
     p.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {', '.join(IMPLS)}")
     p.add_argument("--quant-modes", default=",".join(QUANT_MODES), help="imagegen quantization modes to time")
+    p.add_argument("--pace", default="1,4", help="imagegen paced variants to time: host waits every N blocks "
+                   "(imagegen.nn.pacing); empty for none")
+    p.add_argument("--pipeline-pace", type=int, default=None,
+                   help="pace of the imagegen pipelines (e2e, quant); default: the pipeline's own")
     p.add_argument("--torch-compile", choices=("auto", "on", "off"), default="auto",
                    help=f"torch.compile the diffusers transformer (auto: {', '.join(COMPILED_BY_DEFAULT)} only)")
     p.add_argument("--compile-mode", default="default", help="torch.compile mode (default, max-autotune, ...)")
@@ -75,6 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.sections = {s.strip() for s in args.sections.split(",") if s.strip()} - skip
     args.impls = {s.strip() for s in args.impls.split(",") if s.strip()}
     args.quant_modes = [s.strip() for s in args.quant_modes.split(",") if s.strip()]
+    args.pace = [int(s) for s in args.pace.split(",") if s.strip()]
     unknown = (args.sections - set(SECTIONS)) | (args.impls - set(IMPLS)) | (set(args.models) - set(FAMILIES))
     if unknown:
         p.error(f"unknown: {', '.join(sorted(unknown))}")
@@ -123,6 +128,16 @@ class ModelBench:
         if record.get("batch", 1) > 1:
             record["per_image_ms"] = t.ms / record["batch"]
         return round_floats(record)
+
+    def pipeline_options(self) -> dict[str, Any]:
+        return {} if self.args.pipeline_pace is None else {"pace": self.args.pipeline_pace}
+
+    def restore_pace(self, transformer: Any) -> None:
+        """Give the pipeline back its own pacing after a variant changed the (shared) transformer's."""
+        if self.pipe is not None:
+            self.pipe.pace(self.pipe.paced)
+        else:
+            transformer.pace(0)
 
     def wants(self, *names: str) -> bool:
         return any(n in self.runner.sections for n in names)
@@ -178,7 +193,7 @@ class ModelBench:
             spec = registry.get(self.id)
             mx.reset_peak_memory()
             start = time.perf_counter()
-            self.pipe = spec.pipeline(weights=self.folder, dtype="bfloat16")
+            self.pipe = spec.pipeline(weights=self.folder, dtype="bfloat16", **self.pipeline_options())
             seconds = time.perf_counter() - start
             yield {"s": round(seconds, 2), "peak_gb": round(mx.get_peak_memory() / 1e9, 3)}
 
@@ -214,11 +229,14 @@ class ModelBench:
             for _, sz, batch, refs in section_shapes:
                 inputs = self.fam.step_inputs(sz, batch, refs)
                 flops = self.fam.flops(sz, self.scale.text_len, batch, refs)
-                variants = (True, False) if (sz, batch, refs) == (size, 1, 0) else (True,)
-                for compiled in variants:
-                    fn = self.fam.imagegen_step(transformer, inputs, compiled)
+                default_shape = (sz, batch, refs) == (size, 1, 0)
+                variants = [(True, 0), (False, 0)] if default_shape else [(True, 0)]
+                variants += [(True, k) for k in self.args.pace] if default_shape else []
+                for compiled, pace in variants:
+                    fn = self.fam.imagegen_step(transformer, inputs, compiled, pace)
                     t = time_mlx(fn, w, r)
-                    impl = "imagegen" if compiled else "imagegen-eager"
+                    self.restore_pace(transformer)
+                    impl = f"imagegen-paced{pace}" if pace else "imagegen" if compiled else "imagegen-eager"
                     yield {"impl": impl, **self.timing(t, shape_fields(self.fam, sz, batch, refs), flops)}
 
         def pipeline_step():
@@ -238,7 +256,7 @@ class ModelBench:
 
         def capture():
             inputs = self.fam.step_inputs(size)
-            out = self.fam.imagegen_step(transformer, inputs, compiled=True)()
+            out = self.fam.imagegen_step(transformer, inputs, True, self.pipe.paced if self.pipe else 0)()
             self.reference["transformer"] = to_numpy(out)
             encoder = self.parts["text_encoder"]
             tokens = encoder.tokenizer.encode_prompts([PROMPT], self.fam.max_length, self.fam.thinking)
@@ -284,6 +302,12 @@ class ModelBench:
         yield {**fields, **t.record(), "stages_ms": stages}
         t = time_mlx(lambda: generate(cached=True), 1, self.args.e2e_repeats)
         yield {"impl": "imagegen-cached-prompt", **fields, **t.record()}
+        for pace in [p for p in self.args.pace if p != pipe.paced]:
+            pipe.pace(pace)
+            t = time_mlx(generate, 1, self.args.e2e_repeats)
+            stages = {k: round(v * 1e3, 2) for k, v in images["timings"].items()}
+            yield {"impl": f"imagegen-paced{pace}", **fields, **t.record(), "stages_ms": stages}
+        self.restore_pace(pipe.transformer)
         if "parity" in self.runner.sections:
             latents = self.fam.noise(size)
             self.reference["latents_image"] = pipe.generate(PROMPT, width=size, height=size, steps=steps,
@@ -313,15 +337,16 @@ class ModelBench:
             mx.reset_peak_memory()
             start = time.perf_counter()
             try:
-                pipe = registry.get(self.id).pipeline(weights=self.folder, dtype="bfloat16", quantize=mode)
+                pipe = registry.get(self.id).pipeline(weights=self.folder, dtype="bfloat16", quantize=mode,
+                                                      **self.pipeline_options())
                 transformer = pipe.transformer
             except UnknownModelError as e:  # no pipeline for this family: the transformer alone
                 pipe, note = None, f"transformer only ({e})"
                 transformer = self.fam.imagegen_transformer(self.folder, quantize=mode)
             load_s = time.perf_counter() - start
             yield {"what": "load", "s": round(load_s, 2), "peak_gb": round(mx.get_peak_memory() / 1e9, 3)}
-            t = time_mlx(self.fam.imagegen_step(transformer, inputs, compiled=True), self.args.warmup,
-                         self.args.repeats)
+            t = time_mlx(self.fam.imagegen_step(transformer, inputs, True, pipe.paced if pipe else 0),
+                         self.args.warmup, self.args.repeats)
             yield {"what": "step", **self.timing(t, shape_fields(self.fam, size), flops)}
             if pipe is None:
                 yield {"what": "e2e", "skipped": note}

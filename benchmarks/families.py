@@ -301,11 +301,12 @@ class Flux2(Family):
             "img_ids": ids, "txt_ids": text_ids(length),
         }
 
-    def imagegen_step(self, transformer: Any, inputs: dict[str, Any], compiled: bool) -> Any:
+    def imagegen_step(self, transformer: Any, inputs: dict[str, Any], compiled: bool, pace: int = 0) -> Any:
         x, text = (mx.array(inputs[k]).astype(mx.bfloat16) for k in ("x", "text"))
         t = mx.array(inputs["t"])
         rope = transformer.rope(text.shape[1], inputs["grid"], inputs["ref_grids"])
-        forward = mx.compile(transformer) if compiled else transformer
+        transformer.pace(pace)
+        forward = mx.compile(transformer) if compiled and not pace else transformer
         return lambda: forward(x, text, t, rope)
 
     def diffusers_step(self, transformer: Any, inputs: dict[str, Any], device: str) -> Any:
@@ -445,7 +446,7 @@ class ZImage(Family):
             "t": np.full((batch,), 0.3, np.float32),
         }
 
-    def imagegen_step(self, transformer: Any, inputs: dict[str, Any], compiled: bool) -> Any:
+    def imagegen_step(self, transformer: Any, inputs: dict[str, Any], compiled: bool, pace: int = 0) -> Any:
         latents, caps = (mx.array(inputs[k]).astype(mx.bfloat16) for k in ("latents", "caps"))
         t = mx.array(inputs["t"])
         b, h, w, _ = latents.shape
@@ -454,7 +455,8 @@ class ZImage(Family):
         def forward(latents, t, caps):
             return transformer(latents, t, caps, layout)
 
-        forward = mx.compile(forward) if compiled else forward
+        transformer.pace(pace)
+        forward = mx.compile(forward) if compiled and not pace else forward
         return lambda: forward(latents, t, caps)
 
     def diffusers_step(self, transformer: Any, inputs: dict[str, Any], device: str) -> Any:

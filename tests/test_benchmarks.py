@@ -55,7 +55,7 @@ def test_every_section_records_every_implementation(klein):
             assert r["ms"] > 0 and len(r["runs_ms"]) == r["repeats"] >= 1
 
     mflux_missing = any(r.get("impl") == "mflux" and "skipped" in r for r in records)  # CI may lack mflux
-    step_impls = {"imagegen", "imagegen-pipeline", "imagegen-eager", "diffusers"}
+    step_impls = {"imagegen", "imagegen-pipeline", "imagegen-eager", "imagegen-paced1", "imagegen-paced4", "diffusers"}
     step_impls |= set() if mflux_missing else {"mflux", "mflux-compile"}
     assert {r["impl"] for r in records if r["section"] == "step" and "ms" in r} == step_impls
     main = measured(records, "step", "imagegen")[0]
@@ -67,6 +67,7 @@ def test_every_section_records_every_implementation(klein):
         assert [r["refs"] for r in measured(records, "refs", impl)] == [1, 2]
         assert measured(records, "decode", impl) and measured(records, "e2e", impl)
         assert measured(records, "encode", impl)
+    assert measured(records, "e2e", "imagegen-paced1") and measured(records, "e2e", "imagegen-paced4")
     assert {r["layers"] for r in measured(records, "encode", "imagegen")} == {"pipeline", "all"}
     assert measured(records, "e2e", "imagegen-cached-prompt")
     compiled = [r for r in records if r["section"] == "compile" and "ms" in r]

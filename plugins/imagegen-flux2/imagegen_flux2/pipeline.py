@@ -71,7 +71,9 @@ def pack(latents: mx.array) -> mx.array:
 
 class Flux2Pipeline(imagegen.Pipeline):
     def __init__(self, spec: imagegen.ModelSpec, weights: Path, dtype: str = "bfloat16",
-                 quantize: str | None = None, on_load=None, compile: bool = True):
+                 quantize: str | None = None, on_load=None, compile: bool = True, pace: int = 0):
+        """pace > 0 bounds a step's memory: blocks compiled one by one, the host waiting every `pace` blocks
+        (imagegen.nn.pacing); 0 compiles the whole transformer call as one graph."""
         super().__init__(spec, weights, dtype, quantize, on_load)
         root = Path(weights)
         if not (root / "model_index.json").is_file():
@@ -95,7 +97,14 @@ class Flux2Pipeline(imagegen.Pipeline):
         self.model_dtype = to_dtype(dtype)
         self.latent_channels = self.transformer.config.in_channels
         self.multiple = 2 * self.vae.scale_factor  # one latent token covers this many pixels per side
-        self._forward = mx.compile(self.transformer) if compile else self.transformer
+        self.compile = compile
+        self.pace(pace)
+
+    def pace(self, every: int) -> None:
+        """Run the transformer paced every `every` blocks (bounded memory) or, with 0, as one compiled graph."""
+        self.paced = every
+        self.transformer.pace(every if self.compile else 0)
+        self._forward = mx.compile(self.transformer) if self.compile and not every else self.transformer
 
     def default_size(self, images: Sequence[Image.Image]) -> tuple[int, int]:
         if images:  # diffusers: the first reference image's size after preparation

@@ -11,6 +11,7 @@ import mlx.nn as nn
 import numpy as np
 
 from imagegen.nn import TimestepEmbedding, attention, timestep_embedding
+from imagegen.nn.pacing import Pacer, compile_each
 from imagegen.rope import apply_rope_tables, rope_cos_sin, rope_tables
 
 from .config import Flux2TransformerConfig
@@ -323,9 +324,21 @@ class Flux2Transformer(nn.Module):
 
         x = self.x_embedder(hidden_states)
         context = self.context_embedder(encoder_hidden_states)
-        for block in self.transformer_blocks:
+        every, double, single = self.__dict__.get("_pacing") or (0, self.transformer_blocks,
+                                                                 self.single_transformer_blocks)
+        pace = Pacer(every)
+        for block in double:
             x, context = block(x, context, mod_img, mod_txt, rope)
+            pace(x, context)
         x = mx.concatenate([context, x], axis=1)
-        for block in self.single_transformer_blocks:
+        for block in single:
             x = block(x, mod_single, rope)
+            pace(x)
         return self.proj_out(self.norm_out(x[:, n_txt:], temb))
+
+    def pace(self, every: int) -> None:
+        """Bound a step's in-flight memory (imagegen.nn.pacing): blocks compiled one by one, the host waiting on
+        the GPU every `every` blocks. 0 restores plain blocks (then compile the whole call, as the pipeline does)."""
+        blocks = (compile_each(self.transformer_blocks), compile_each(self.single_transformer_blocks))
+        # a plain attribute, not child modules: the compiled blocks hold the blocks' own weights
+        object.__setattr__(self, "_pacing", (every, *blocks) if every else None)

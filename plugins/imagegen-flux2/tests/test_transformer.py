@@ -82,12 +82,15 @@ def diffusers_ids(batch: int, refs: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    ("guidance_embeds", "use_guidance", "refs"),
-    [(False, False, False), (False, False, True), (True, True, True), (True, False, False)],
+    ("guidance_embeds", "use_guidance", "refs", "pace"),
+    [(False, False, False, 0), (False, False, True, 0), (True, True, True, 0), (True, False, False, 0),
+     (False, False, True, 1), (True, True, False, 2)],
 )
-def test_matches_diffusers(tmp_path, guidance_embeds, use_guidance, refs):
+def test_matches_diffusers(tmp_path, guidance_embeds, use_guidance, refs, pace):
+    """pace > 0: blocks compiled one by one with the host paced (imagegen.nn.pacing), the same numbers."""
     ref_model = save_reference(tmp_path, guidance_embeds)
     ours = load_ours(tmp_path)
+    ours.pace(pace)
     batch = 2
     n_img = GRID[0] * GRID[1] + (sum(h * w for h, w in REF_GRIDS) if refs else 0)
     x = inputs(batch, n_img)

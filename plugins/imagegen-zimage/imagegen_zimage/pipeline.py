@@ -55,7 +55,9 @@ def cfg_truncation(value: Any) -> float:
 
 class ZImagePipeline(imagegen.Pipeline):
     def __init__(self, spec: imagegen.ModelSpec, weights: Path, dtype: str = "bfloat16",
-                 quantize: str | None = None, on_load=None, compile: bool = True):
+                 quantize: str | None = None, on_load=None, compile: bool = True, pace: int = 0):
+        """pace > 0 bounds a step's memory: blocks compiled one by one, the host waiting every `pace` blocks
+        (imagegen.nn.pacing); 0 compiles the whole transformer call as one graph."""
         super().__init__(spec, weights, dtype, quantize, on_load)
         root = Path(weights)
         if not (root / "model_index.json").is_file():
@@ -72,7 +74,14 @@ class ZImagePipeline(imagegen.Pipeline):
         self.model_dtype = to_dtype(dtype)
         self.latent_channels = self.transformer.config.in_channels
         self.multiple = 2 * self.vae.scale_factor  # the transformer patchifies latents 2x2
-        self.compile = compile
+        self.can_compile = compile
+        self.pace(pace)
+
+    def pace(self, every: int) -> None:
+        """Run the transformer paced every `every` blocks (bounded memory) or, with 0, as one compiled graph."""
+        self.paced = every
+        self.transformer.pace(every if self.can_compile else 0)
+        self.compile = self.can_compile and not every
         self._compiled: dict[int, Any] = {}  # id(layout) -> compiled step (layouts are cached per shape)
 
     def forward(self, layout: Layout):

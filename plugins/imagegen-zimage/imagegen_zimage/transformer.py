@@ -22,6 +22,7 @@ import numpy as np
 
 from imagegen import InvalidOptionError
 from imagegen.nn import attention, timestep_embedding
+from imagegen.nn.pacing import Pacer, compile_each
 from imagegen.rope import apply_rope_tables, rope_cos_sin, rope_tables
 
 from .config import ZImageTransformerConfig
@@ -270,8 +271,12 @@ class ZImageTransformer(nn.Module):
             pad = mx.broadcast_to(self.x_pad_token, (b, layout.image_tokens - n, dim))
             x = mx.concatenate([x, pad], axis=1)
         adaln = self.t_embedder(t * self.config.t_scale, dtype)
-        for block in self.noise_refiner:
+        every, noise_refiner, context_refiner, layers = self.__dict__.get("_pacing") or (
+            0, self.noise_refiner, self.context_refiner, self.layers)
+        pace = Pacer(every)
+        for block in noise_refiner:
             x = block(x, group.image_rope, adaln)
+            pace(x)
 
         cap = cap_feats.astype(dtype)[:, : group.cap_tokens]
         if cap.shape[1] < group.cap_tokens:
@@ -279,17 +284,26 @@ class ZImageTransformer(nn.Module):
         for layer in self.cap_embedder:
             cap = layer(cap)
         cap = mx.where(group.cap_pad, self.cap_pad_token, cap)
-        for block in self.context_refiner:
+        for block in context_refiner:
             cap = block(cap, group.cap_rope)
+            pace(cap)
 
         x = mx.concatenate([x, cap], axis=1)
-        for block in self.layers:
+        for block in layers:
             x = block(x, group.rope, adaln)
+            pace(x)
 
         # Only the image tokens are decoded; unpatchify back to NHWC
         x = self.all_final_layer[self.patch_key](x[:, :n], adaln)
         x = x.reshape(b, h // p, w // p, p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
         return x.astype(latents.dtype)
+
+    def pace(self, every: int) -> None:
+        """Bound a step's in-flight memory (imagegen.nn.pacing): blocks compiled one by one, the host waiting on
+        the GPU every `every` blocks. 0 restores plain blocks (then compile the whole call, as the pipeline does)."""
+        blocks = (compile_each(b) for b in (self.noise_refiner, self.context_refiner, self.layers))
+        # a plain attribute, not child modules: the compiled blocks hold the blocks' own weights
+        object.__setattr__(self, "_pacing", (every, *blocks) if every else None)
 
 
 def quant_predicate(path: str, module: nn.Module) -> bool:

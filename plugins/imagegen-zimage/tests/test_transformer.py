@@ -64,8 +64,11 @@ def padded_captions(caps, length: int) -> mx.array:
     return mx.array(out)
 
 
-def test_matches_diffusers_with_unequal_captions(models):
+@pytest.mark.parametrize("pace", [0, 1])
+def test_matches_diffusers_with_unequal_captions(models, pace):
+    """pace 1: blocks compiled one by one with the host paced (imagegen.nn.pacing), the same numbers."""
     ref, model = models
+    model.pace(pace)
     latents, caps, t = inputs()
     expected = reference(ref, latents, caps, t)
     layout = model.layout(CAP_LENS, *GRID)
@@ -84,6 +87,7 @@ def test_matches_diffusers_with_unequal_captions(models):
     assert len(layout.groups) == 1 and layout.groups[0].index is None
     got = model(mx.array(latents[pick]), mx.array(t[pick]), padded_captions([caps[i] for i in pick], 20), layout)
     np.testing.assert_allclose(np.array(got), expected[pick], rtol=0, atol=1e-5 * np.abs(expected).max())
+    model.pace(0)
 
 
 def test_compiled_step_matches_eager(models):
