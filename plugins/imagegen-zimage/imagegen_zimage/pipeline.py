@@ -55,9 +55,10 @@ def cfg_truncation(value: Any) -> float:
 
 class ZImagePipeline(imagegen.Pipeline):
     def __init__(self, spec: imagegen.ModelSpec, weights: Path, dtype: str = "bfloat16",
-                 quantize: str | None = None, on_load=None, compile: bool = True, pace: int = 0):
+                 quantize: str | None = None, on_load=None, compile: bool = True, pace: int = 1):
         """pace > 0 bounds a step's memory: blocks compiled one by one, the host waiting every `pace` blocks
-        (imagegen.nn.pacing); 0 compiles the whole transformer call as one graph."""
+        (imagegen.nn.pacing); 0 compiles the whole transformer call as one graph. H100, 1024x1024 bf16: pace 1
+        takes a Klein 4B step's peak from 8.3 to 1.9 GB above the weights for +0.4% time (Z-Image +0.8%)."""
         super().__init__(spec, weights, dtype, quantize, on_load)
         root = Path(weights)
         if not (root / "model_index.json").is_file():
