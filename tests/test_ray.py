@@ -33,7 +33,6 @@ from imagegen.errors import InvalidOptionError
 from imagegen.ray.serve import APP_NAME, build_app, scaling, shutdown
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "plugins" / "imagegen-flux2" / "imagegen_flux2" / "demo"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -195,7 +194,6 @@ def test_workers_that_cannot_start_stop_the_batch(hello_plugin, crash_plugin, tm
         run_batch(prompts, tmp_path / "out", Defaults(model="hello"), ray="local", workers=1)
 
 
-@pytest.mark.skipif(not (DEMO / "model_index.json").is_file(), reason="the bundled flux2-demo model is not built yet")
 def test_demo_model_on_two_workers(tmp_path):
     prompts = tmp_path / "demo.jsonl"
     shapes = ["a red circle on a blue background", "a yellow square on a green background"]
