@@ -16,8 +16,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 NAMES = {"flux2-klein-4b": "FLUX.2 Klein 4B", "flux2-klein-9b": "FLUX.2 Klein 9B", "zimage-turbo": "Z-Image Turbo"}
-STEP_IMPLS = ("imagegen", "imagegen-pipeline", "imagegen-eager", "diffusers", "diffusers-compile", "mflux",
-              "mflux-compile")
+STEP_IMPLS = ("imagegen", "imagegen-paced1", "imagegen-paced2", "imagegen-paced4", "imagegen-pipeline",
+              "imagegen-eager", "diffusers", "diffusers-compile", "mflux", "mflux-compile")
+PIPELINE_DEFAULT = "imagegen-paced1"  # how the pipelines run the transformer (imagegen.nn.pacing)
 Record = dict[str, Any]
 
 
@@ -111,6 +112,11 @@ def model_section(records: list[Record], model: str) -> list[str]:
          cell("compile", "diffusers-compile", what="e2e"), "—"],
         ["end to end, prompt cached", cell("e2e", "imagegen-cached-prompt"), "—", "—", "—"],
     ]
+    if find(records, section="e2e", model=model, impl=PIPELINE_DEFAULT):
+        stage_rows[4:4] = [["denoise step, paced (the pipelines' default)", cell("step", PIPELINE_DEFAULT), "—",
+                            "—", "—"]]
+        stage_rows[-1:-1] = [["end to end, paced (the pipelines' default)", cell("e2e", PIPELINE_DEFAULT), "—",
+                              "—", "—"]]
     out += [f"### Stages at {size}: ms (peak GB)", ""]
     out += table(["stage", "imagegen", "diffusers", "diffusers compiled", "mflux"], stage_rows) + [""]
 
@@ -140,15 +146,16 @@ def model_section(records: list[Record], model: str) -> list[str]:
         for impl in modes:
             loaded = find(quant, impl=impl, what="load")
             run = find(quant, impl=impl, what="e2e")
-            diff = f"PSNR {run['psnr_db']:.1f} dB, mean abs {run['pixel_mean_abs']:.1f}" if run and "psnr_db" in run \
-                else "—"
+            compared = [r for r in quant if r.get("impl") == impl and "psnr_db" in r]  # runs with a bf16 image
+            diff = f"PSNR {compared[-1]['psnr_db']:.1f} dB, mean abs {compared[-1]['pixel_mean_abs']:.1f}" \
+                if compared else "—"
             rows.append([impl.removeprefix("imagegen-"), f"{loaded['s']:.1f} s" if loaded else "—",
                          ms(find(quant, impl=impl, what="step"), True), ms(run, True), diff])
         out += ["### imagegen quantized: load, step and end to end (peak GB), image vs bfloat16 (same seed)", ""]
         out += table(["weights", "load", "step ms", "end to end ms", "image difference"], rows) + [""]
 
-    parity = [r for r in records if r.get("model") == model and r.get("section") == "parity" and "what" in r
-              and r.get("impl") != "imagegen"]
+    parity = list({r["what"]: r for r in records if r.get("model") == model and r.get("section") == "parity"
+                   and "what" in r and r.get("impl") != "imagegen"}.values())  # the latest of each output
     if parity:
         rows = []
         for r in parity:
@@ -220,7 +227,9 @@ def readme_section(records: list[Record], results: str) -> str:
         def get(impl: str, model: str = model) -> Record | None:
             return step_record(records, model, impl)
 
-        ours, e2e = get("imagegen"), find(records, section="e2e", model=model, impl="imagegen")
+        ours = get("imagegen")
+        e2e = find(records, section="e2e", model=model, impl=PIPELINE_DEFAULT) or find(
+            records, section="e2e", model=model, impl="imagegen")
         floor = f"{ours['floor_ratio']:.2f}x" if ours and ours.get("floor_ratio") else "—"
         rows.append([NAMES.get(model, model), ms(ours), ms(get("diffusers")), ms(get("diffusers-compile")),
                      ms(get("mflux-compile")), floor, ms(e2e, True),
