@@ -11,36 +11,40 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 
+from .pacing import Pacer
+
 RESNET_EPS = 1e-6  # diffusers' Encoder/Decoder pass resnet_eps=1e-6 to every block and norm
 # Queries per attention call: head dim = channels (512) is beyond the fused kernels, so the fallback builds a
 # [queries, H*W] score matrix; chunking bounds it (1024 px image: 16384 positions, 4096 x 16384 scores per chunk).
 QUERY_CHUNK = 4096
 # MLX convolves by unfolding its input (9x the input for a 3x3 kernel), and a lazy graph lets many such workspaces
-# coexist: a 1024 px decode peaked at 23 GB on an H100. Large convolutions run in strips of rows whose unfolded
-# input stays under this many bytes, each evaluated before the next; the VAE also evaluates layer by layer.
-# H100, 1024 px decode (benchmarks/profile_vae_memory.py): 512 MB strips 105 ms / 5.9 GB above the weights, 2 GB
-# 82 ms / 6.0 GB, unbounded 66 ms / 8.6 GB (60 ms / 23.8 GB without the layer-by-layer evaluation).
-CONV_WORKSPACE_BYTES = 1 << 31
-EVAL_EACH_LAYER = True  # the encoder's and decoder's blocks evaluate layer by layer (see CONV_WORKSPACE_BYTES)
+# coexist. Convolutions whose unfolded input would pass this many bytes run in strips of rows, each evaluated before
+# the next; the blocks also bound their graphs layer by layer (LAYER_SYNC): "eval" waits for each layer, "paced"
+# keeps two layers in flight (imagegen.nn.pacing), "none" leaves the decode one graph. H100, 1024 px decode in bf16
+# (benchmarks/profile_vae_memory.py; diffusers: 91 ms, 2.6 GB): eval 60 ms / 3.0 GB above the weights, paced 55 ms /
+# 5.2 GB, none 56 ms / 11.1 GB; 2 GB strips instead of 8: 72 ms / 2.4 GB. 2048 px: eval 273 ms / 10.1 GB.
+CONV_WORKSPACE_BYTES = 1 << 33
+LAYER_SYNC = "eval"
+
+
+def _group_norm(x: mx.array, weight: mx.array, bias: mx.array, groups: int, eps: float, silu: bool) -> mx.array:
+    # Each group's positions and channels made one contiguous row, normalized by mx.fast.layer_norm (float32
+    # statistics inside the kernel, no float32 copy of the tensor), then the channel affine (and SiLU) fused with
+    # the transpose back. H100, 1024x1024x256 bf16: the float32 formulation peaked at 9x the input (4.8 GB).
+    b, h, w, c = x.shape
+    rows = x.reshape(b, h * w, groups, c // groups).transpose(0, 2, 1, 3).reshape(b, groups, h * w * (c // groups))
+    return _affine(mx.fast.layer_norm(rows, None, None, eps), weight, bias, (b, h, w, c), silu)
 
 
 @partial(mx.compile, shapeless=False)
-def _group_norm(x: mx.array, weight: mx.array, bias: mx.array, groups: int, eps: float, silu: bool) -> mx.array:
-    # Float32 statistics and one rounding to the model dtype, as torch's kernel. The sums run over positions
-    # first (a contiguous column reduction of [B, H*W, C]), then over each group's channels: reducing the
-    # strided [B, H*W, G, C/G] view in one pass took 800 ms at 1024x1024x128 on an H100 (this: a few ms).
-    b, h, w, c = x.shape
-    per_group = c // groups
-    count = h * w * per_group
-    xf = x.reshape(b, h * w, c).astype(mx.float32)
-    mean = xf.sum(axis=1).reshape(b, groups, per_group).sum(axis=-1) / count
-    centered = xf - mx.repeat(mean, per_group, axis=-1)[:, None]
-    var = mx.square(centered).sum(axis=1).reshape(b, groups, per_group).sum(axis=-1) / count
-    y = (centered * mx.repeat(mx.rsqrt(var + eps), per_group, axis=-1)[:, None]).reshape(b, h, w, c)
-    y = y * weight + bias
+def _affine(rows: mx.array, weight: mx.array, bias: mx.array, shape: tuple[int, ...], silu: bool) -> mx.array:
+    b, h, w, c = shape
+    groups = rows.shape[1]
+    y = rows.reshape(b, groups, h * w, c // groups).transpose(0, 2, 1, 3).reshape(b, h, w, c)
+    y = y.astype(mx.float32) * weight + bias
     if silu:
         y = y * mx.sigmoid(y)
-    return y.astype(x.dtype)
+    return y.astype(rows.dtype)
 
 
 class GroupNorm(nn.Module):
@@ -160,6 +164,17 @@ class UNetMidBlock2D(nn.Module):
         return self.resnets[1](x)
 
 
+def _run_layers(layers, x: mx.array) -> mx.array:
+    """Apply layers in turn, bounding how many layers' temporaries are alive at once (LAYER_SYNC)."""
+    pace = Pacer(1 if LAYER_SYNC == "paced" else 0)
+    for layer in layers:
+        x = layer(x)
+        if LAYER_SYNC == "eval":
+            mx.eval(x)
+        pace(x)
+    return x
+
+
 class DownEncoderBlock2D(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, add_downsample: bool):
         super().__init__()
@@ -169,11 +184,7 @@ class DownEncoderBlock2D(nn.Module):
         self.downsamplers = [Downsample2D(out_channels)] if add_downsample else []
 
     def __call__(self, x: mx.array) -> mx.array:
-        for layer in (*self.resnets, *self.downsamplers):
-            x = layer(x)
-            if EVAL_EACH_LAYER:
-                mx.eval(x)  # frees each layer's temporaries before the next (peak memory)
-        return x
+        return _run_layers((*self.resnets, *self.downsamplers), x)
 
 
 class UpDecoderBlock2D(nn.Module):
@@ -185,11 +196,7 @@ class UpDecoderBlock2D(nn.Module):
         self.upsamplers = [Upsample2D(out_channels)] if add_upsample else []
 
     def __call__(self, x: mx.array) -> mx.array:
-        for layer in (*self.resnets, *self.upsamplers):
-            x = layer(x)
-            if EVAL_EACH_LAYER:
-                mx.eval(x)  # frees each layer's temporaries before the next (peak memory)
-        return x
+        return _run_layers((*self.resnets, *self.upsamplers), x)
 
 
 class Encoder(nn.Module):
