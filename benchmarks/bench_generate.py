@@ -295,7 +295,8 @@ class ModelBench:
             images["last"], images["timings"] = result.images[0], result.timings
             return result.images
 
-        fields = {"size": f"{size}x{size}", "steps": steps, "prompt_tokens": self.prompt_tokens()}
+        fields = {"size": f"{size}x{size}", "steps": steps, "prompt_tokens": self.prompt_tokens(),
+                  "pace": getattr(pipe, "paced", None)}
         t = time_mlx(generate, 1, self.args.e2e_repeats)
         self.reference["image"] = images["last"]
         stages = {k: round(v * 1e3, 2) for k, v in images["timings"].items()}

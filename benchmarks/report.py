@@ -112,11 +112,9 @@ def model_section(records: list[Record], model: str) -> list[str]:
          cell("compile", "diffusers-compile", what="e2e"), "—"],
         ["end to end, prompt cached", cell("e2e", "imagegen-cached-prompt"), "—", "—", "—"],
     ]
-    if find(records, section="e2e", model=model, impl=PIPELINE_DEFAULT):
+    if step_record(records, model, PIPELINE_DEFAULT):
         stage_rows[4:4] = [["denoise step, paced (the pipelines' default)", cell("step", PIPELINE_DEFAULT), "—",
                             "—", "—"]]
-        stage_rows[-1:-1] = [["end to end, paced (the pipelines' default)", cell("e2e", PIPELINE_DEFAULT), "—",
-                              "—", "—"]]
     out += [f"### Stages at {size}: ms (peak GB)", ""]
     out += table(["stage", "imagegen", "diffusers", "diffusers compiled", "mflux"], stage_rows) + [""]
 
@@ -227,9 +225,7 @@ def readme_section(records: list[Record], results: str) -> str:
         def get(impl: str, model: str = model) -> Record | None:
             return step_record(records, model, impl)
 
-        ours = get("imagegen")
-        e2e = find(records, section="e2e", model=model, impl=PIPELINE_DEFAULT) or find(
-            records, section="e2e", model=model, impl="imagegen")
+        ours, e2e = get("imagegen"), find(records, section="e2e", model=model, impl="imagegen")
         floor = f"{ours['floor_ratio']:.2f}x" if ours and ours.get("floor_ratio") else "—"
         rows.append([NAMES.get(model, model), ms(ours), ms(get("diffusers")), ms(get("diffusers-compile")),
                      ms(get("mflux-compile")), floor, ms(e2e, True),
