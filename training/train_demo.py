@@ -172,6 +172,31 @@ def save_checkpoint(path: Path, state: dict) -> None:
     tmp.replace(path)  # atomic: a crash mid-save keeps the previous checkpoint
 
 
+class Steps:
+    """The bookkeeping every training loop shares: optimizer step with clipping, running loss, progress lines and
+    when to checkpoint."""
+
+    def __init__(self, name: str, opt: torch.optim.Optimizer, params, start: int, total: int, every: int):
+        self.name, self.opt, self.params = name, opt, list(params)
+        self.start, self.total, self.every = start, total, every
+        self.t0, self.running = time.time(), None
+
+    def update(self, loss: torch.Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+
+    def report(self, step: int, loss: torch.Tensor, extra: str = "") -> bool:
+        """Log every 50 steps; True when a checkpoint is due after `step`."""
+        value = loss.item()
+        self.running = value if self.running is None else 0.98 * self.running + 0.02 * value
+        if (step + 1) % 50 == 0:
+            rate = (step + 1 - self.start) / (time.time() - self.t0)
+            log(f"{self.name} step {step + 1}/{self.total} loss {self.running:.4f}{extra} ({rate:.2f} it/s)")
+        return (step + 1) % self.every == 0 or step + 1 == self.total
+
+
 # ---------------------------------------------------------------------------------------------------------- tokenizer
 
 
@@ -265,7 +290,7 @@ def train_vae(vae: AutoencoderKLFlux2, opts: Options, device: torch.device, work
         log(f"vae: resumed at step {start}")
     combos = shapes.combinations("train")
     vae.train()
-    t0, running = time.time(), None
+    steps = Steps("vae", opt, vae.parameters(), start, opts.vae_steps, opts.checkpoint_every)
     for step in range(start, opts.vae_steps):
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, opts.vae_steps, opts.vae_lr, 100)
@@ -275,15 +300,8 @@ def train_vae(vae: AutoencoderKLFlux2, opts: Options, device: torch.device, work
         y = vae.decode(z).sample
         kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).mean()
         loss = F.l1_loss(y, x) + F.mse_loss(y, x) + opts.kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if (step + 1) % 50 == 0:
-            rate = (step + 1 - start) / (time.time() - t0)
-            log(f"vae step {step + 1}/{opts.vae_steps} loss {running:.4f} kl {kl.item():.3f} ({rate:.2f} it/s)")
-        if (step + 1) % opts.checkpoint_every == 0 or step + 1 == opts.vae_steps:
+        steps.update(loss)
+        if steps.report(step, loss, f" kl {kl.item():.3f}"):
             save_checkpoint(
                 ckpt,
                 {
@@ -320,7 +338,7 @@ def finetune_decoder(vae: AutoencoderKLFlux2, opts: Options, device: torch.devic
     for p in params:
         p.requires_grad_(True)
     vae.decoder.train()
-    t0, running = time.time(), None
+    steps = Steps("decoder", opt, params, start, opts.decoder_steps, opts.checkpoint_every)
     for step in range(start, opts.decoder_steps):
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, opts.decoder_steps, opts.decoder_lr, 50)
@@ -330,15 +348,8 @@ def finetune_decoder(vae: AutoencoderKLFlux2, opts: Options, device: torch.devic
         y = vae.decode(z).sample
         loss = F.l1_loss(y, x) + F.mse_loss(y, x)
         loss = loss + sum(F.l1_loss(gy, gx) for gy, gx in zip(image_gradients(y), image_gradients(x)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if (step + 1) % 50 == 0:
-            rate = (step + 1 - start) / (time.time() - t0)
-            log(f"decoder step {step + 1}/{opts.decoder_steps} loss {running:.4f} ({rate:.2f} it/s)")
-        if (step + 1) % opts.checkpoint_every == 0 or step + 1 == opts.decoder_steps:
+        steps.update(loss)
+        if steps.report(step, loss):
             save_checkpoint(
                 ckpt,
                 {"vae": vae.state_dict(), "opt": opt.state_dict(), "rng": rng.bit_generator.state, "step": step + 1},
@@ -424,7 +435,7 @@ def train_transformer(
     mu = compute_empirical_mu(image_seq_len=h * w, num_steps=SETTINGS["default_steps"])
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     modules.train()
-    t0, running = time.time(), None
+    steps = Steps("transformer", opt, modules.parameters(), start, opts.steps, opts.checkpoint_every)
     for step in range(start, opts.steps):
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, opts.steps, opts.lr, opts.warmup)
@@ -446,18 +457,11 @@ def train_transformer(
                 return_dict=False,
             )[0]
         loss = F.mse_loss(pred.float(), noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
-        opt.step()
+        steps.update(loss)
         decay = min(opts.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(shadow, live, 1.0 - decay)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if (step + 1) % 50 == 0:
-            rate = (step + 1 - start) / (time.time() - t0)
-            log(f"transformer step {step + 1}/{opts.steps} loss {running:.4f} ({rate:.2f} it/s)")
-        if (step + 1) % opts.checkpoint_every == 0 or step + 1 == opts.steps:
+        if steps.report(step, loss):
             save_checkpoint(
                 ckpt,
                 {

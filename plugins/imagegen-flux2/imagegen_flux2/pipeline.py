@@ -72,9 +72,8 @@ def pack(latents: mx.array) -> mx.array:
 class Flux2Pipeline(imagegen.Pipeline):
     def __init__(self, spec: imagegen.ModelSpec, weights: Path, dtype: str = "bfloat16",
                  quantize: str | None = None, on_load=None, compile: bool = True, pace: int = 1):
-        """pace > 0 bounds a step's memory: blocks compiled one by one, the host waiting every `pace` blocks
-        (imagegen.nn.pacing); 0 compiles the whole transformer call as one graph. H100, 1024x1024 bf16: pace 1
-        takes a Klein 4B step's peak from 8.3 to 1.9 GB above the weights for +0.4% time (Z-Image +0.8%)."""
+        """`pace`: see `pace()`; on an H100 at 1024x1024, pace 1 takes a Klein 4B step's peak from 8.3 to 1.9 GB
+        above the weights for +0.4% time."""
         super().__init__(spec, weights, dtype, quantize, on_load)
         root = Path(weights)
         if not (root / "model_index.json").is_file():
@@ -102,7 +101,8 @@ class Flux2Pipeline(imagegen.Pipeline):
         self.pace(pace)
 
     def pace(self, every: int) -> None:
-        """Run the transformer paced every `every` blocks (bounded memory) or, with 0, as one compiled graph."""
+        """every > 0: blocks compiled one by one, the host waiting every `every` blocks (imagegen.nn.pacing: bounded
+        memory); 0: the whole transformer call compiled as one graph."""
         self.paced = every
         self.transformer.pace(every if self.compile else 0)
         self._forward = mx.compile(self.transformer) if self.compile and not every else self.transformer

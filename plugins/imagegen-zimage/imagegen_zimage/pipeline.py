@@ -56,9 +56,8 @@ def cfg_truncation(value: Any) -> float:
 class ZImagePipeline(imagegen.Pipeline):
     def __init__(self, spec: imagegen.ModelSpec, weights: Path, dtype: str = "bfloat16",
                  quantize: str | None = None, on_load=None, compile: bool = True, pace: int = 1):
-        """pace > 0 bounds a step's memory: blocks compiled one by one, the host waiting every `pace` blocks
-        (imagegen.nn.pacing); 0 compiles the whole transformer call as one graph. H100, 1024x1024 bf16: pace 1
-        takes a Klein 4B step's peak from 8.3 to 1.9 GB above the weights for +0.4% time (Z-Image +0.8%)."""
+        """`pace`: see `pace()`; on an H100 at 1024x1024, pace 1 takes a step's peak from 8.2 to 1.2 GB above the
+        weights for +0.8% time."""
         super().__init__(spec, weights, dtype, quantize, on_load)
         root = Path(weights)
         if not (root / "model_index.json").is_file():
@@ -79,7 +78,8 @@ class ZImagePipeline(imagegen.Pipeline):
         self.pace(pace)
 
     def pace(self, every: int) -> None:
-        """Run the transformer paced every `every` blocks (bounded memory) or, with 0, as one compiled graph."""
+        """every > 0: blocks compiled one by one, the host waiting every `every` blocks (imagegen.nn.pacing: bounded
+        memory); 0: the whole transformer call compiled as one graph."""
         self.paced = every
         self.transformer.pace(every if self.can_compile else 0)
         self.compile = self.can_compile and not every
