@@ -1,10 +1,11 @@
 """Bounding how much of a lazy graph is in flight on the GPU.
 
 MLX builds a whole transformer step as one lazy graph and the host enqueues it far ahead of the GPU; a temporary is
-released only once the kernels that read it have completed, so a step's peak memory grows with the number of blocks
-(on an H100, a Klein 4B step at 1024x1024 peaked ~10 GB above the weights). Running the blocks one by one, each
-compiled on its own, and pacing the host bounds that: every `every` blocks the current activations are scheduled
-and the host waits for the previous segment, so at most two segments' temporaries exist while the GPU stays fed.
+released only once the kernels that read it have completed, so a step's peak memory grows with the number of blocks.
+Running the blocks one by one, each compiled on its own, and pacing the host bounds that: every `every` blocks the
+current activations are scheduled and the host waits for the previous segment, so at most two segments'
+temporaries exist while the GPU stays fed. H100, Klein 4B at 1024x1024: 8.3 GB above the weights as one compiled
+graph, 1.9 GB paced every block, for +0.4% time.
 """
 
 from __future__ import annotations
