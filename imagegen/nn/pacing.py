@@ -38,3 +38,20 @@ class Pacer:
 def compile_each(blocks: Sequence[Callable]) -> list[Callable]:
     """One compiled function per block (its weights are captured as constants, as `mx.compile(model)` does)."""
     return [mx.compile(block) for block in blocks]
+
+
+class PacedBlocks:
+    """Mixin for a model whose block lists (attribute names in `paced_lists`) can run paced."""
+
+    paced_lists: tuple[str, ...] = ()
+
+    def pace(self, every: int) -> None:
+        """Blocks compiled one by one with the host waiting every `every` blocks; 0 restores the plain blocks (then
+        compile the whole call, as the pipelines do)."""
+        lists = tuple(compile_each(getattr(self, name)) for name in self.paced_lists)
+        # a plain attribute, not child modules: the compiled blocks hold the blocks' own weights
+        object.__setattr__(self, "_pacing", (every, *lists) if every else None)
+
+    def paced_blocks(self) -> tuple:
+        """(every, *block lists) to run: the compiled ones when paced, else the modules themselves."""
+        return self.__dict__.get("_pacing") or (0, *(getattr(self, name) for name in self.paced_lists))

@@ -11,7 +11,7 @@ import mlx.nn as nn
 import numpy as np
 
 from imagegen.nn import TimestepEmbedding, attention, timestep_embedding
-from imagegen.nn.pacing import Pacer, compile_each
+from imagegen.nn.pacing import PacedBlocks, Pacer
 from imagegen.rope import apply_rope_tables, rope_cos_sin, rope_tables
 
 from .config import Flux2TransformerConfig
@@ -258,9 +258,11 @@ def quant_predicate(path: str, module: nn.Module) -> bool:
     return path.startswith(("transformer_blocks.", "single_transformer_blocks."))
 
 
-class Flux2Transformer(nn.Module):
+class Flux2Transformer(PacedBlocks, nn.Module):
     """Flux2Transformer2DModel. Inputs are packed tokens [B, N, C] in row-major order; reference-image tokens,
     if any, follow the noisy latents (and the output keeps them: slice back to the latents' count)."""
+
+    paced_lists = ("transformer_blocks", "single_transformer_blocks")
 
     def __init__(self, config: Flux2TransformerConfig):
         super().__init__()
@@ -324,8 +326,7 @@ class Flux2Transformer(nn.Module):
 
         x = self.x_embedder(hidden_states)
         context = self.context_embedder(encoder_hidden_states)
-        every, double, single = self.__dict__.get("_pacing") or (0, self.transformer_blocks,
-                                                                 self.single_transformer_blocks)
+        every, double, single = self.paced_blocks()
         pace = Pacer(every)
         for block in double:
             x, context = block(x, context, mod_img, mod_txt, rope)
@@ -335,10 +336,3 @@ class Flux2Transformer(nn.Module):
             x = block(x, mod_single, rope)
             pace(x)
         return self.proj_out(self.norm_out(x[:, n_txt:], temb))
-
-    def pace(self, every: int) -> None:
-        """Bound a step's in-flight memory (imagegen.nn.pacing): blocks compiled one by one, the host waiting on
-        the GPU every `every` blocks. 0 restores plain blocks (then compile the whole call, as the pipeline does)."""
-        blocks = (compile_each(self.transformer_blocks), compile_each(self.single_transformer_blocks))
-        # a plain attribute, not child modules: the compiled blocks hold the blocks' own weights
-        object.__setattr__(self, "_pacing", (every, *blocks) if every else None)

@@ -74,21 +74,20 @@ class ZImagePipeline(imagegen.Pipeline):
         self.model_dtype = to_dtype(dtype)
         self.latent_channels = self.transformer.config.in_channels
         self.multiple = 2 * self.vae.scale_factor  # the transformer patchifies latents 2x2
-        self.can_compile = compile
+        self.compile = compile
+        self._compiled: dict[int, Any] = {}  # id(layout) -> compiled step (layouts are cached per shape)
         self.pace(pace)
 
     def pace(self, every: int) -> None:
         """every > 0: blocks compiled one by one, the host waiting every `every` blocks (imagegen.nn.pacing: bounded
         memory); 0: the whole transformer call compiled as one graph."""
         self.paced = every
-        self.transformer.pace(every if self.can_compile else 0)
-        self.compile = self.can_compile and not every
-        self._compiled: dict[int, Any] = {}  # id(layout) -> compiled step (layouts are cached per shape)
+        self.transformer.pace(every if self.compile else 0)
 
     def forward(self, layout: Layout):
-        """The transformer for one layout: compiled once per layout (the layout holds no arrays mx.compile
-        could take as inputs, so it is closed over)."""
-        if not self.compile:
+        """The transformer for one layout: paced, or compiled once per layout (the layout holds no arrays
+        mx.compile could take as inputs, so it is closed over)."""
+        if not self.compile or self.paced:
             return lambda x, t, c: self.transformer(x, t, c, layout)
         if id(layout) not in self._compiled:
             self._compiled[id(layout)] = (layout, mx.compile(lambda x, t, c: self.transformer(x, t, c, layout)))

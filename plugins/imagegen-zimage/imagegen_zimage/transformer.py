@@ -22,7 +22,7 @@ import numpy as np
 
 from imagegen import InvalidOptionError
 from imagegen.nn import attention, timestep_embedding
-from imagegen.nn.pacing import Pacer, compile_each
+from imagegen.nn.pacing import PacedBlocks, Pacer
 from imagegen.rope import apply_rope_tables, rope_cos_sin, rope_tables
 
 from .config import ZImageTransformerConfig
@@ -212,11 +212,13 @@ class FinalLayer(nn.Module):
         return self.linear(mx.fast.layer_norm(x, None, None, 1e-6) * scale[:, None])
 
 
-class ZImageTransformer(nn.Module):
+class ZImageTransformer(PacedBlocks, nn.Module):
     """ZImageTransformer2DModel: noise refiner (image), context refiner (caption), single-stream layers.
 
     Module names are the checkpoint's keys (`all_x_embedder` and `all_final_layer` are dicts keyed
     "2-1" as in the checkpoint), so loading needs no renames."""
+
+    paced_lists = ("noise_refiner", "context_refiner", "layers")
 
     def __init__(self, config: ZImageTransformerConfig):
         super().__init__()
@@ -271,8 +273,7 @@ class ZImageTransformer(nn.Module):
             pad = mx.broadcast_to(self.x_pad_token, (b, layout.image_tokens - n, dim))
             x = mx.concatenate([x, pad], axis=1)
         adaln = self.t_embedder(t * self.config.t_scale, dtype)
-        every, noise_refiner, context_refiner, layers = self.__dict__.get("_pacing") or (
-            0, self.noise_refiner, self.context_refiner, self.layers)
+        every, noise_refiner, context_refiner, layers = self.paced_blocks()
         pace = Pacer(every)
         for block in noise_refiner:
             x = block(x, group.image_rope, adaln)
@@ -297,13 +298,6 @@ class ZImageTransformer(nn.Module):
         x = self.all_final_layer[self.patch_key](x[:, :n], adaln)
         x = x.reshape(b, h // p, w // p, p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
         return x.astype(latents.dtype)
-
-    def pace(self, every: int) -> None:
-        """Bound a step's in-flight memory (imagegen.nn.pacing): blocks compiled one by one, the host waiting on
-        the GPU every `every` blocks. 0 restores plain blocks (then compile the whole call, as the pipeline does)."""
-        blocks = (compile_each(b) for b in (self.noise_refiner, self.context_refiner, self.layers))
-        # a plain attribute, not child modules: the compiled blocks hold the blocks' own weights
-        object.__setattr__(self, "_pacing", (every, *blocks) if every else None)
 
 
 def quant_predicate(path: str, module: nn.Module) -> bool:
