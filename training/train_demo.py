@@ -172,6 +172,35 @@ def save_checkpoint(path: Path, state: dict) -> None:
     tmp.replace(path)  # atomic: a crash mid-save keeps the previous checkpoint
 
 
+def _state(part):
+    if isinstance(part, np.random.Generator):
+        return part.bit_generator.state
+    if isinstance(part, torch.Generator):
+        return part.get_state()
+    return part if isinstance(part, dict) else part.state_dict()
+
+
+def save_progress(path: Path, step: int, **parts) -> None:
+    """Checkpoint modules, optimizers, generators (and plain dicts) under their names, with the step reached."""
+    save_checkpoint(path, {**{name: _state(part) for name, part in parts.items()}, "step": step})
+
+
+def resume(path: Path, name: str, **parts) -> tuple[int, dict]:
+    """Restore what save_progress wrote into `parts` (dicts are left to the caller); the step to start from."""
+    if not path.exists():
+        return 0, {}
+    state = torch.load(path, weights_only=False)
+    for key, part in parts.items():
+        if isinstance(part, np.random.Generator):
+            part.bit_generator.state = state[key]
+        elif isinstance(part, torch.Generator):
+            part.set_state(state[key])
+        else:
+            part.load_state_dict(state[key])
+    log(f"{name}: resumed at step {state['step']}")
+    return state["step"], state
+
+
 class Steps:
     """The bookkeeping every training loop shares: optimizer step with clipping, running loss, progress lines and
     when to checkpoint."""
@@ -279,15 +308,7 @@ def train_vae(vae: AutoencoderKLFlux2, opts: Options, device: torch.device, work
     opt = torch.optim.AdamW(vae.parameters(), lr=opts.vae_lr, weight_decay=0.0)
     rng = np.random.default_rng(opts.seed + 1)
     gen = torch.Generator(device).manual_seed(opts.seed + 1)
-    start = 0
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        vae.load_state_dict(state["vae"])
-        opt.load_state_dict(state["opt"])
-        rng.bit_generator.state = state["rng"]
-        gen.set_state(state["gen"])
-        start = state["step"]
-        log(f"vae: resumed at step {start}")
+    start, _ = resume(ckpt, "vae", vae=vae, opt=opt, rng=rng, gen=gen)
     combos = shapes.combinations("train")
     vae.train()
     steps = Steps("vae", opt, vae.parameters(), start, opts.vae_steps, opts.checkpoint_every)
@@ -302,16 +323,7 @@ def train_vae(vae: AutoencoderKLFlux2, opts: Options, device: torch.device, work
         loss = F.l1_loss(y, x) + F.mse_loss(y, x) + opts.kl_weight * kl
         steps.update(loss)
         if steps.report(step, loss, f" kl {kl.item():.3f}"):
-            save_checkpoint(
-                ckpt,
-                {
-                    "vae": vae.state_dict(),
-                    "opt": opt.state_dict(),
-                    "rng": rng.bit_generator.state,
-                    "gen": gen.get_state(),
-                    "step": step + 1,
-                },
-            )
+            save_progress(ckpt, step + 1, vae=vae, opt=opt, rng=rng, gen=gen)
     vae.eval()
 
 
@@ -325,14 +337,7 @@ def finetune_decoder(vae: AutoencoderKLFlux2, opts: Options, device: torch.devic
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     opt = torch.optim.AdamW(params, lr=opts.decoder_lr, weight_decay=0.0)
     rng = np.random.default_rng(opts.seed + 4)
-    start = 0
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        vae.load_state_dict(state["vae"])
-        opt.load_state_dict(state["opt"])
-        rng.bit_generator.state = state["rng"]
-        start = state["step"]
-        log(f"decoder: resumed at step {start}")
+    start, _ = resume(ckpt, "decoder", vae=vae, opt=opt, rng=rng)
     combos = shapes.combinations("train")
     vae.requires_grad_(False)
     for p in params:
@@ -350,10 +355,7 @@ def finetune_decoder(vae: AutoencoderKLFlux2, opts: Options, device: torch.devic
         loss = loss + sum(F.l1_loss(gy, gx) for gy, gx in zip(image_gradients(y), image_gradients(x)))
         steps.update(loss)
         if steps.report(step, loss):
-            save_checkpoint(
-                ckpt,
-                {"vae": vae.state_dict(), "opt": opt.state_dict(), "rng": rng.bit_generator.state, "step": step + 1},
-            )
+            save_progress(ckpt, step + 1, vae=vae, opt=opt, rng=rng)
     vae.eval().requires_grad_(False)
 
 
@@ -415,15 +417,8 @@ def train_transformer(
     ema = {k: v.detach().clone() for k, v in modules.state_dict().items()}
     opt = torch.optim.AdamW(modules.parameters(), lr=opts.lr, betas=(0.9, 0.99), weight_decay=0.01)
     gen = torch.Generator(device).manual_seed(opts.seed + 3)
-    start = 0
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        modules.load_state_dict(state["modules"])
-        ema = state["ema"]
-        opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
-        start = state["step"]
-        log(f"transformer: resumed at step {start}")
+    start, state = resume(ckpt, "transformer", modules=modules, opt=opt, gen=gen)
+    ema = state.get("ema", ema)
     floats = [k for k, v in modules.state_dict().items() if v.dtype.is_floating_point]
     live = [modules.state_dict()[k] for k in floats]  # views of the parameters, updated in place by the optimizer
     shadow = [ema[k] for k in floats]
@@ -462,16 +457,7 @@ def train_transformer(
         with torch.no_grad():
             torch._foreach_lerp_(shadow, live, 1.0 - decay)
         if steps.report(step, loss):
-            save_checkpoint(
-                ckpt,
-                {
-                    "modules": modules.state_dict(),
-                    "ema": ema,
-                    "opt": opt.state_dict(),
-                    "gen": gen.get_state(),
-                    "step": step + 1,
-                },
-            )
+            save_progress(ckpt, step + 1, modules=modules, ema=ema, opt=opt, gen=gen)
     modules.load_state_dict(ema)
     modules.eval()
 
