@@ -597,41 +597,38 @@ def main() -> None:
         log(f"{name}: {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters")
     stage_done("setup", t0)
 
-    t0 = time.time()
-    if not (work / "vae.pt").exists():
-        train_vae(vae, opts, device, work)
-        save_checkpoint(work / "vae.pt", {"vae": vae.state_dict()})
-        stage_done("vae", t0)
-    vae.load_state_dict(torch.load(work / "vae.pt", weights_only=False)["vae"])
+    def stage(name: str, path: Path, produce) -> dict:
+        """Run a stage once (produce() returns what to keep); a rerun loads what it kept."""
+        if not path.exists():
+            t0 = time.time()
+            save_checkpoint(path, produce())
+            stage_done(name, t0)
+        return torch.load(path, weights_only=False)
+
+    def vae_stage(train) -> dict:
+        train(vae, opts, device, work)
+        return {"vae": vae.state_dict()}
+
+    vae.load_state_dict(stage("vae", work / "vae.pt", lambda: vae_stage(train_vae))["vae"])
     vae.eval().requires_grad_(False)
+    vae.load_state_dict(stage("decoder", work / "vae_decoder.pt", lambda: vae_stage(finetune_decoder))["vae"])
 
-    t0 = time.time()
-    if not (work / "vae_decoder.pt").exists():
-        finetune_decoder(vae, opts, device, work)
-        save_checkpoint(work / "vae_decoder.pt", {"vae": vae.state_dict()})
-        stage_done("decoder", t0)
-    vae.load_state_dict(torch.load(work / "vae_decoder.pt", weights_only=False)["vae"])
-
-    t0 = time.time()
-    if not (work / "latents.pt").exists():
+    def latents_stage() -> dict:
         latents, captions = encode_latents(vae, opts, device)
-        save_checkpoint(work / "latents.pt", {"bn": vae.bn.state_dict(), "latents": latents, "captions": captions})
-        stage_done("latents", t0)
-    state = torch.load(work / "latents.pt", weights_only=False)
+        return {"bn": vae.bn.state_dict(), "latents": latents, "captions": captions}
+
+    state = stage("latents", work / "latents.pt", latents_stage)
     vae.bn.load_state_dict(state["bn"])
     latents = normalize_latents(vae, state["latents"])
     index = {c: i for i, c in enumerate(captions_all)}
     caption_index = torch.tensor([index[c] for c in state["captions"]])
     log(f"latents: {tuple(latents.shape)}, normalized std {latents.std():.3f}")
 
-    t0 = time.time()
-    if not (work / "done.pt").exists():
+    def transformer_stage() -> dict:
         train_transformer(transformer, text_encoder, latents, caption_index, ids, mask, opts, device, work)
-        save_checkpoint(
-            work / "done.pt", {"transformer": transformer.state_dict(), "text_encoder": text_encoder.state_dict()}
-        )
-        stage_done("transformer", t0)
-    state = torch.load(work / "done.pt", weights_only=False)
+        return {"transformer": transformer.state_dict(), "text_encoder": text_encoder.state_dict()}
+
+    state = stage("transformer", work / "done.pt", transformer_stage)
     transformer.load_state_dict(state["transformer"])
     text_encoder.load_state_dict(state["text_encoder"])
 
