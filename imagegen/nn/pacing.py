@@ -48,7 +48,7 @@ class PacedBlocks:
     def pace(self, every: int) -> None:
         """Blocks compiled one by one with the host waiting every `every` blocks; 0 restores the plain blocks (then
         compile the whole call, as the pipelines do)."""
-        lists = tuple(compile_each(getattr(self, name)) for name in self.paced_lists)
+        lists = tuple(compile_each(getattr(self, name)) for name in self.paced_lists) if every else ()
         # a plain attribute, not child modules: the compiled blocks hold the blocks' own weights
         object.__setattr__(self, "_pacing", (every, *lists) if every else None)
 
