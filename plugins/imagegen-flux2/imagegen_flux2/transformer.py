@@ -10,9 +10,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from imagegen.nn import TimestepEmbedding, attention, timestep_embedding
+from imagegen.nn import TimestepEmbedding, timestep_embedding
+from imagegen.nn.attention_inputs import attention_blhd, qk_norm_rope
 from imagegen.nn.pacing import PacedBlocks, Pacer
-from imagegen.rope import apply_rope_tables, rope_cos_sin, rope_tables
+from imagegen.rope import rope_cos_sin, rope_tables
 
 from .config import Flux2TransformerConfig
 
@@ -23,6 +24,9 @@ REFERENCE_T_SCALE = 10  # diffusers' _prepare_image_ids(scale=10): reference ima
 # The double blocks' q/k/v projections are fused at load into one matmul per stream, under the names that
 # diffusers' own `fuse_projections()` gives them.
 QKV_FUSIONS = {"to_qkv": ("to_q", "to_k", "to_v"), "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
+# A single block's output projection, one weight over [attention, MLP] in diffusers, is split at load into its two
+# column blocks (see Flux2ParallelSelfAttention).
+SINGLE_OUT_SPLIT = ("to_out", ("to_out_attn", "to_out_mlp"))
 
 
 # Position ids (T, H, W, L) as Flux2KleinPipeline._prepare_text_ids / _prepare_latent_ids / _prepare_image_ids.
@@ -70,25 +74,9 @@ def flux2_rope(
 
 def _modulate(x: mx.array, shift: mx.array, scale: mx.array, eps: float) -> mx.array:
     """LayerNorm without affine, then the adaptive (1 + scale) * x + shift."""
+    if x.shape[0] == 1:  # one modulation for the batch: LayerNorm's own affine applies it in the same pass
+        return mx.fast.layer_norm(x, (1 + scale).reshape(-1), shift.reshape(-1), eps)
     return mx.fast.layer_norm(x, None, None, eps) * (1 + scale) + shift
-
-
-def _split_heads(qkv: mx.array, heads: int, norm_q: nn.RMSNorm, norm_k: nn.RMSNorm) -> tuple[mx.array, ...]:
-    """[B, L, 3 * H * D] -> q, k, v [B, L, H, D], with q and k RMS-normed per head."""
-    b, length, _ = qkv.shape
-    qkv = qkv.reshape(b, length, 3, heads, -1)
-    return norm_q(qkv[:, :, 0]), norm_k(qkv[:, :, 1]), qkv[:, :, 2]
-
-
-def _rope_attention(q: mx.array, k: mx.array, v: mx.array, rope: Rope) -> mx.array:
-    """q, k, v [B, L, H, D] -> [B, L, H * D]. RoPE (float32, as diffusers) follows the one transpose to the
-    [B, H, L, D] layout of scaled_dot_product_attention, so a compiled step does both in one kernel."""
-    b, length, heads, d = q.shape
-    cos, sin = rope
-    q = apply_rope_tables(q.transpose(0, 2, 1, 3), cos, sin)
-    k = apply_rope_tables(k.transpose(0, 2, 1, 3), cos, sin)
-    out = attention(q, k, v.transpose(0, 2, 1, 3))
-    return out.transpose(0, 2, 1, 3).reshape(b, length, heads * d)
 
 
 def _swiglu(x: mx.array) -> mx.array:
@@ -172,7 +160,7 @@ class Flux2Attention(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int, eps: float):
         super().__init__()
         inner = heads * head_dim
-        self.heads = heads
+        self.heads, self.head_dim = heads, head_dim
         self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
         self.norm_q = nn.RMSNorm(head_dim, eps=eps)
         self.norm_k = nn.RMSNorm(head_dim, eps=eps)
@@ -183,10 +171,9 @@ class Flux2Attention(nn.Module):
         self.to_add_out = nn.Linear(inner, dim, bias=False)
 
     def __call__(self, x: mx.array, context: mx.array, rope: Rope) -> tuple[mx.array, mx.array]:
-        q, k, v = _split_heads(self.to_qkv(x), self.heads, self.norm_q, self.norm_k)
-        cq, ck, cv = _split_heads(self.to_added_qkv(context), self.heads, self.norm_added_q, self.norm_added_k)
-        joint = [mx.concatenate(pair, axis=1) for pair in ((cq, q), (ck, k), (cv, v))]
-        out = _rope_attention(*joint, rope)
+        streams = [(self.to_added_qkv(context), self.norm_added_q, self.norm_added_k),
+                   (self.to_qkv(x), self.norm_q, self.norm_k)]
+        out = attention_blhd(*qk_norm_rope(streams, self.heads, self.head_dim, *rope))
         n_txt = context.shape[1]
         return self.to_out[0](out[:, n_txt:]), self.to_add_out(out[:, :n_txt])
 
@@ -216,23 +203,24 @@ class Flux2TransformerBlock(nn.Module):
 
 
 class Flux2ParallelSelfAttention(nn.Module):
-    """Single-stream attention and MLP in parallel: one fused input projection (q, k, v, MLP gate and value) and
-    one fused output projection over [attention, MLP]."""
+    """Single-stream attention and MLP in parallel: one fused input projection (q, k, v, MLP gate and value). The
+    output projection over [attention, MLP] is held as its two column blocks (split at load, SINGLE_OUT_SPLIT), so
+    the sum of two matmuls replaces a copy of both activations into one concatenated input."""
 
     def __init__(self, dim: int, heads: int, head_dim: int, mlp_hidden: int, eps: float):
         super().__init__()
-        self.heads = heads
+        self.heads, self.head_dim = heads, head_dim
         self.qkv_dim = 3 * heads * head_dim
         self.to_qkv_mlp_proj = nn.Linear(dim, self.qkv_dim + 2 * mlp_hidden, bias=False)
         self.norm_q = nn.RMSNorm(head_dim, eps=eps)
         self.norm_k = nn.RMSNorm(head_dim, eps=eps)
-        self.to_out = nn.Linear(heads * head_dim + mlp_hidden, dim, bias=False)
+        self.to_out_attn = nn.Linear(heads * head_dim, dim, bias=False)
+        self.to_out_mlp = nn.Linear(mlp_hidden, dim, bias=False)
 
     def __call__(self, x: mx.array, rope: Rope) -> mx.array:
         h = self.to_qkv_mlp_proj(x)
-        q, k, v = _split_heads(h[..., : self.qkv_dim], self.heads, self.norm_q, self.norm_k)
-        out = _rope_attention(q, k, v, rope)
-        return self.to_out(mx.concatenate([out, _swiglu(h[..., self.qkv_dim :])], axis=-1))
+        out = attention_blhd(*qk_norm_rope([(h, self.norm_q, self.norm_k)], self.heads, self.head_dim, *rope))
+        return self.to_out_attn(out) + self.to_out_mlp(_swiglu(h[..., self.qkv_dim :]))
 
 
 class Flux2SingleTransformerBlock(nn.Module):
@@ -289,7 +277,8 @@ class Flux2Transformer(PacedBlocks, nn.Module):
         return flux2_rope(int(text_len), (int(grid[0]), int(grid[1])), refs, axes, float(self.config.rope_theta))
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Fuse each double block's per-stream q/k/v weights into one projection (QKV_FUSIONS). Idempotent."""
+        """Fuse each double block's per-stream q/k/v weights into one projection (QKV_FUSIONS) and split each single
+        block's output projection (SINGLE_OUT_SPLIT). Idempotent."""
         weights = dict(weights)
         for i in range(len(self.transformer_blocks)):
             prefix = f"transformer_blocks.{i}.attn."
@@ -297,6 +286,15 @@ class Flux2Transformer(PacedBlocks, nn.Module):
                 names = [f"{prefix}{p}.weight" for p in parts]
                 if all(n in weights for n in names):
                     weights[f"{prefix}{fused}.weight"] = mx.concatenate([weights.pop(n) for n in names])
+        joined, (attn, mlp) = SINGLE_OUT_SPLIT
+        for i, block in enumerate(self.single_transformer_blocks):
+            prefix = f"single_transformer_blocks.{i}.attn."
+            if f"{prefix}{joined}.weight" in weights:
+                weight = weights.pop(f"{prefix}{joined}.weight")
+                width = block.attn.heads * block.attn.head_dim
+                # contiguous copies: a column slice would be copied again by every matmul
+                weights[f"{prefix}{attn}.weight"] = mx.contiguous(weight[:, :width])
+                weights[f"{prefix}{mlp}.weight"] = mx.contiguous(weight[:, width:])
         return weights
 
     def __call__(

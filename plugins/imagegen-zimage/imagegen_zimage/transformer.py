@@ -21,7 +21,8 @@ import mlx.nn as nn
 import numpy as np
 
 from imagegen import InvalidOptionError
-from imagegen.nn import attention, timestep_embedding
+from imagegen.nn import timestep_embedding
+from imagegen.nn.attention_inputs import attention_blhd, qk_norm_rope
 from imagegen.nn.pacing import PacedBlocks, Pacer
 from imagegen.rope import apply_rope_tables, rope_cos_sin, rope_tables
 
@@ -32,6 +33,9 @@ FREQ_EMBED_DIM = 256  # TimestepEmbedder's frequency_embedding_size
 T_MID_DIM = 1024  # TimestepEmbedder's mid_size in ZImageTransformer2DModel
 
 Rope = tuple[mx.array, mx.array]  # rope_tables' full-width cos, sin: [1, L, 1, head_dim]
+# Checkpoint projections fused at load, per block: one matmul instead of three (attention) or two (SwiGLU)
+FUSIONS = {"attention.to_qkv": ("attention.to_q", "attention.to_k", "attention.to_v"),
+           "feed_forward.w13": ("feed_forward.w1", "feed_forward.w3")}
 
 
 def _round_up(n: int, multiple: int = SEQ_MULTI_OF) -> int:
@@ -132,44 +136,47 @@ class TimestepEmbedder(nn.Module):
 
 
 class Attention(nn.Module):
-    """Self-attention with per-head RMSNorm on q/k and interleaved-pair 3-axis RoPE."""
+    """Self-attention with per-head RMSNorm on q/k and interleaved-pair 3-axis RoPE. The checkpoint's to_q, to_k
+    and to_v are fused at load into one projection (ZImageTransformer.sanitize)."""
 
     def __init__(self, dim: int, heads: int, qk_norm: bool):
         super().__init__()
-        self.heads = heads
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(dim, dim, bias=False)
-        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.heads, self.head_dim = heads, dim // heads
+        self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.to_out = [nn.Linear(dim, dim, bias=False)]
-        head_dim = dim // heads
         # diffusers' Attention(qk_norm="rms_norm", eps=1e-5): the eps is fixed, not config.norm_eps
-        self.norm_q = nn.RMSNorm(head_dim, eps=1e-5) if qk_norm else None
-        self.norm_k = nn.RMSNorm(head_dim, eps=1e-5) if qk_norm else None
+        self.norm_q = nn.RMSNorm(self.head_dim, eps=1e-5) if qk_norm else None
+        self.norm_k = nn.RMSNorm(self.head_dim, eps=1e-5) if qk_norm else None
 
     def __call__(self, x: mx.array, rope: Rope) -> mx.array:
-        b, length, dim = x.shape
-        # q, k stay [B, L, H, D] in memory for the norms and RoPE; attention reads transposed views
-        q = self.to_q(x).reshape(b, length, self.heads, -1)
-        k = self.to_k(x).reshape(b, length, self.heads, -1)
-        v = self.to_v(x).reshape(b, length, self.heads, -1)
+        qkv = self.to_qkv(x)
         if self.norm_q is not None:
-            q, k = self.norm_q(q), self.norm_k(k)
-        q, k = apply_rope_tables(q, *rope), apply_rope_tables(k, *rope)
-        out = attention(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
-        return self.to_out[0](out.transpose(0, 2, 1, 3).reshape(b, length, dim))
+            q, k, v = qk_norm_rope([(qkv, self.norm_q, self.norm_k)], self.heads, self.head_dim, *rope)
+        else:
+            b, length, _ = x.shape
+            q, k, v = (qkv.reshape(b, length, 3, self.heads, self.head_dim)[:, :, i] for i in range(3))
+            q, k = apply_rope_tables(q, *rope), apply_rope_tables(k, *rope)
+        return self.to_out[0](attention_blhd(q, k, v))
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU: w2(silu(w1 x) * w3 x), with w1 and w3 fused at load into one projection w13."""
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w13 = nn.Linear(dim, 2 * hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.w2(nn.silu(self.w1(x)) * self.w3(x))
+        gate, value = mx.split(self.w13(x), 2, axis=-1)
+        return self.w2(nn.silu(gate) * value)
+
+
+def _scaled_norm(norm: nn.RMSNorm, x: mx.array, scale: mx.array) -> mx.array:
+    """norm(x) * (1 + scale); with one scale for the batch, folded into the norm's weight (one pass, not two)."""
+    if x.shape[0] == 1:
+        return mx.fast.rms_norm(x, norm.weight * (1.0 + scale).reshape(-1), norm.eps)
+    return norm(x) * (1.0 + scale)
 
 
 class ZImageTransformerBlock(nn.Module):
@@ -193,9 +200,9 @@ class ZImageTransformerBlock(nn.Module):
             x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope))
             return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
         scale_msa, gate_msa, scale_mlp, gate_mlp = mx.split(self.adaLN_modulation[0](adaln)[:, None], 4, axis=-1)
-        attn = self.attention(self.attention_norm1(x) * (1.0 + scale_msa), rope)
+        attn = self.attention(_scaled_norm(self.attention_norm1, x, scale_msa), rope)
         x = x + mx.tanh(gate_msa) * self.attention_norm2(attn)
-        ff = self.feed_forward(self.ffn_norm1(x) * (1.0 + scale_mlp))
+        ff = self.feed_forward(_scaled_norm(self.ffn_norm1, x, scale_mlp))
         return x + mx.tanh(gate_mlp) * self.ffn_norm2(ff)
 
 
@@ -216,7 +223,7 @@ class ZImageTransformer(PacedBlocks, nn.Module):
     """ZImageTransformer2DModel: noise refiner (image), context refiner (caption), single-stream layers.
 
     Module names are the checkpoint's keys (`all_x_embedder` and `all_final_layer` are dicts keyed
-    "2-1" as in the checkpoint), so loading needs no renames."""
+    "2-1" as in the checkpoint), except the projections `sanitize` fuses at load (FUSIONS)."""
 
     paced_lists = ("noise_refiner", "context_refiner", "layers")
 
@@ -240,6 +247,17 @@ class ZImageTransformer(PacedBlocks, nn.Module):
         self.x_pad_token = mx.zeros((1, dim))
         self.cap_pad_token = mx.zeros((1, dim))
         self.layers = [ZImageTransformerBlock(config) for _ in range(config.n_layers)]
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Fuse each block's q/k/v projections and its SwiGLU's w1/w3 into one matmul each (FUSIONS). Idempotent."""
+        weights = dict(weights)
+        for name in self.paced_lists:
+            for i in range(len(getattr(self, name))):
+                for fused, parts in FUSIONS.items():
+                    keys = [f"{name}.{i}.{p}.weight" for p in parts]
+                    if all(k in weights for k in keys):
+                        weights[f"{name}.{i}.{fused}.weight"] = mx.concatenate([weights.pop(k) for k in keys])
+        return weights
 
     def layout(self, cap_lens: Sequence[int], height: int, width: int) -> Layout:
         """The per-run layout for captions of `cap_lens` valid tokens and a latent grid height x width."""

@@ -105,7 +105,8 @@ def test_compiled_step_matches_eager(models):
 def test_quant_predicate_keeps_embedders_modulation_and_final_layer(models):
     _, model = models
     picked = {path for path, m in model.named_modules() if isinstance(m, nn.Linear) and quant_predicate(path, m)}
-    assert "layers.0.attention.to_q" in picked and "noise_refiner.0.feed_forward.w2" in picked
+    assert "layers.0.attention.to_qkv" in picked and "noise_refiner.0.feed_forward.w2" in picked
+    assert "layers.0.feed_forward.w13" in picked
     assert "context_refiner.0.attention.to_out.0" in picked
     assert not any("adaLN" in p or "embedder" in p or "final_layer" in p for p in picked)
 

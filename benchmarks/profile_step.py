@@ -1,0 +1,92 @@
+"""Where a FLUX.2 Klein step's time goes on the GPU: per-kernel times (recorded through torch.profiler's CUPTI
+tracer, which sees every CUDA kernel of the process, MLX's included), and the step with the fused attention-input
+kernel on and off (imagegen.nn.attention_inputs), random weights, bf16, 1024x1024.
+
+    python3 benchmarks/profile_step.py [flux2-klein-4b|flux2-klein-9b] [--no-kernels]   # JSON lines"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections import defaultdict
+
+import mlx.core as mx
+import numpy as np
+from families import FULL, Flux2
+from imagegen_flux2.config import Flux2TransformerConfig
+from imagegen_flux2.transformer import Flux2Transformer
+
+from imagegen.cli.bench import time_mlx
+from imagegen.nn import attention_inputs
+
+# Kernel families by name (cuBLAS / CUTLASS GEMMs, cuDNN attention, MLX's own kernels).
+GROUPS = [("gemm", r"gemm|cutlass|sm90_xmma|nvjet|cublas"), ("attention", r"sdpa|fmha|flash|cudnn|attn"),
+          ("fused_qk", r"imagegen_qk"), ("norm", r"norm"), ("copy", r"copy|concat|gather|scatter"),
+          ("compiled", r"compiled|fused"), ("other", r".")]
+
+
+def group(name: str) -> str:
+    return next(g for g, pattern in GROUPS if re.search(pattern, name, re.IGNORECASE))
+
+
+def kernel_times(fn, steps: int = 3) -> dict[str, float]:
+    """GPU microseconds per kernel name over `steps` calls of fn, divided by steps."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    mx.eval(fn())
+    mx.synchronize()
+    totals: dict[str, float] = defaultdict(float)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            mx.eval(fn())
+        mx.synchronize()
+        torch.cuda.synchronize()
+    for event in prof.events():
+        if event.device_type.name == "CUDA":
+            totals[event.name] += event.time_range.elapsed_us() / steps
+    return dict(totals)
+
+
+def main() -> None:
+    model_id = next((a for a in sys.argv[1:] if not a.startswith("--")), "flux2-klein-4b")
+    fam = Flux2(model_id, FULL)
+    transformer = Flux2Transformer(Flux2TransformerConfig(**fam.transformer_config))
+    transformer.set_dtype(mx.bfloat16)
+    mx.eval(transformer.parameters())
+    inputs = fam.step_inputs(FULL.size)
+    flops = fam.flops(FULL.size, FULL.text_len)
+    outputs = {}
+    for fused in (True, False):
+        attention_inputs.ENABLED = fused
+        for pace in (1, 0):
+            fn = fam.imagegen_step(transformer, inputs, True, pace)
+            t = time_mlx(fn, 2, 7)
+            outputs[fused] = np.array(fn().astype(mx.float32))
+            print(json.dumps({"model": model_id, "fused_kernels": fused, "pace": pace, "ms": round(t.ms, 2),
+                              "runs_ms": [round(r, 2) for r in t.runs], "peak_gb": round(t.peak_gb, 3),
+                              "tflops": round(flops / t.ms / 1e9, 1)}), flush=True)
+        if "--no-kernels" in sys.argv:
+            continue
+        try:
+            times = kernel_times(fam.imagegen_step(transformer, inputs, True, 1))
+        except Exception as e:  # noqa: BLE001 - no CUPTI: the timings above still stand
+            print(json.dumps({"kernels": "unavailable", "error": f"{type(e).__name__}: {e}"[:300]}), flush=True)
+            continue
+        groups: dict[str, float] = defaultdict(float)
+        for name, us in times.items():
+            groups[group(name)] += us
+        top = sorted(times.items(), key=lambda kv: -kv[1])[:25]
+        by_group = {g: round(v / 1e3, 2) for g, v in sorted(groups.items(), key=lambda kv: -kv[1])}
+        print(json.dumps({"model": model_id, "fused_kernels": fused, "by_group_ms": by_group,
+                          "gpu_ms_per_step": round(sum(times.values()) / 1e3, 2),
+                          "top_kernels_ms": [[n[:120], round(v / 1e3, 3)] for n, v in top]}), flush=True)
+    a, b = outputs[True], outputs[False]
+    print(json.dumps({"model": model_id, "fused_vs_plain_max_rel": float(np.abs(a - b).max() / np.abs(b).max()),
+                      "mean_abs": float(np.abs(a - b).mean())}), flush=True)
+    attention_inputs.ENABLED = True
+
+
+if __name__ == "__main__":
+    main()
