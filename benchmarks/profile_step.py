@@ -1,6 +1,6 @@
 """Where a FLUX.2 Klein step's time goes on the GPU: per-kernel times (recorded through torch.profiler's CUPTI
-tracer, which sees every CUDA kernel of the process, MLX's included), and the step with the fused attention-input
-kernel on and off (imagegen.nn.attention_inputs), random weights, bf16, 1024x1024.
+tracer, which sees every CUDA kernel of the process, MLX's included), and the step with imagegen's CUDA kernels on
+and off (imagegen.nn.cuda_kernels: attention inputs, SwiGLU), random weights, bf16, 1024x1024.
 
     python3 benchmarks/profile_step.py [flux2-klein-4b|flux2-klein-9b] [--no-kernels]   # JSON lines"""
 
@@ -18,11 +18,11 @@ from imagegen_flux2.config import Flux2TransformerConfig
 from imagegen_flux2.transformer import Flux2Transformer
 
 from imagegen.cli.bench import time_mlx
-from imagegen.nn import attention_inputs
+from imagegen.nn import cuda_kernels
 
 # Kernel families by name (cuBLAS / CUTLASS GEMMs, cuDNN attention, MLX's own kernels).
 GROUPS = [("gemm", r"gemm|cutlass|sm90_xmma|nvjet|cublas"), ("attention", r"sdpa|fmha|flash|cudnn|attn"),
-          ("fused_qk", r"imagegen_qk"), ("norm", r"norm"), ("copy", r"copy|concat|gather|scatter"),
+          ("imagegen_kernels", r"imagegen_"), ("norm", r"norm"), ("copy", r"copy|concat|gather|scatter"),
           ("compiled", r"compiled|fused"), ("other", r".")]
 
 
@@ -59,7 +59,7 @@ def main() -> None:
     flops = fam.flops(FULL.size, FULL.text_len)
     outputs = {}
     for fused in (True, False):
-        attention_inputs.ENABLED = fused
+        cuda_kernels.ENABLED = fused
         for pace in (1, 0):
             fn = fam.imagegen_step(transformer, inputs, True, pace)
             t = time_mlx(fn, 2, 7)
@@ -85,7 +85,7 @@ def main() -> None:
     a, b = outputs[True], outputs[False]
     print(json.dumps({"model": model_id, "fused_vs_plain_max_rel": float(np.abs(a - b).max() / np.abs(b).max()),
                       "mean_abs": float(np.abs(a - b).mean())}), flush=True)
-    attention_inputs.ENABLED = True
+    cuda_kernels.ENABLED = True
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from imagegen.nn import attention_inputs
+from imagegen.nn import cuda_kernels
 from imagegen.nn.attention_inputs import attention_blhd, qk_norm_rope
 from imagegen.rope import rope_cos_sin, rope_tables
 
@@ -15,8 +15,10 @@ HEADS, HEAD_DIM = 3, 64
 
 
 def _source(rng, length, extra=0, dtype=mx.float32, eps=1e-6):
-    """A projection [1, length, 3HD + extra] (extra columns make its q/k/v slices strided) with random q/k norms."""
-    x = mx.array(rng.standard_normal((1, length, 3 * HEADS * HEAD_DIM + extra)).astype(np.float32)).astype(dtype)
+    """A projection [1, length, 3HD + extra] (extra columns make its q/k/v slices strided; a view that starts two
+    tokens into its buffer) with random q/k norms."""
+    x = mx.array(rng.standard_normal((1, length + 2, 3 * HEADS * HEAD_DIM + extra)).astype(np.float32)).astype(dtype)
+    x = x[:, 2:]
     norms = []
     for _ in range(2):
         norm = nn.RMSNorm(HEAD_DIM, eps=eps)
@@ -26,8 +28,10 @@ def _source(rng, length, extra=0, dtype=mx.float32, eps=1e-6):
 
 
 def _tables(length):
-    ids = np.stack([np.arange(length), np.arange(length)[::-1] % 7], axis=-1)
-    return rope_tables(*rope_cos_sin(ids, (HEAD_DIM // 2, HEAD_DIM // 2), 10000.0))
+    """Full-width tables [length, D], as views starting three rows into larger ones."""
+    ids = np.stack([np.arange(length + 3), np.arange(length + 3)[::-1] % 7], axis=-1)
+    cos, sin = rope_tables(*rope_cos_sin(ids, (HEAD_DIM // 2, HEAD_DIM // 2), 10000.0))
+    return cos[3:], sin[3:]
 
 
 def _numpy_reference(sources, cos, sin):
@@ -53,7 +57,7 @@ def _numpy_reference(sources, cos, sin):
 
 @pytest.mark.parametrize("streams", [1, 2])
 def test_plain_path_matches_numpy(streams, monkeypatch):
-    monkeypatch.setattr(attention_inputs, "ENABLED", False)
+    monkeypatch.setattr(cuda_kernels, "ENABLED", False)
     rng = np.random.default_rng(0)
     sources = [_source(rng, 5, extra=0), _source(rng, 7, extra=32)][-streams:]
     cos, sin = _tables(sum(s[0].shape[1] for s in sources))
@@ -74,7 +78,7 @@ def test_attention_blhd_matches_bhld_attention():
     np.testing.assert_allclose(np.array(got), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not attention_inputs._cuda(), reason="the fused kernel runs on CUDA only")
+@pytest.mark.skipif(not cuda_kernels._cuda(), reason="the fused kernel runs on CUDA only")
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 @pytest.mark.parametrize("streams", [1, 2])
 def test_fused_kernel_matches_plain_path(streams, dtype, monkeypatch):
@@ -82,7 +86,7 @@ def test_fused_kernel_matches_plain_path(streams, dtype, monkeypatch):
     sources = [_source(rng, 40, 0, dtype), _source(rng, 200, 96, dtype)][-streams:]
     cos, sin = _tables(sum(s[0].shape[1] for s in sources))
     fused = qk_norm_rope(sources, HEADS, HEAD_DIM, cos, sin)
-    monkeypatch.setattr(attention_inputs, "ENABLED", False)
+    monkeypatch.setattr(cuda_kernels, "ENABLED", False)
     plain = qk_norm_rope(sources, HEADS, HEAD_DIM, cos, sin)
     for f, p in zip(fused, plain):
         f, p = np.array(f.astype(mx.float32)), np.array(p.astype(mx.float32))

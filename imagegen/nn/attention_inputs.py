@@ -5,28 +5,28 @@ Each source is a projection whose first 3 * H * D columns hold q, k and v ([3, H
 norms; several sources (FLUX.2's text and image streams) are concatenated along the tokens. On CUDA one kernel reads
 each head of q and k once and writes it normed and rotated: the plain MLX path copies the strided q/k slices, norms
 them and rotates them in three passes. Elsewhere, or with
-IMAGEGEN_FUSED_KERNELS=0, the plain path runs; both give the same numbers up to float rounding order."""
+IMAGEGEN_FUSED_KERNELS=0, the plain path runs (imagegen.nn.cuda_kernels)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from functools import cache, lru_cache
+from functools import cache
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..rope import apply_rope_tables
+from . import cuda_kernels
 from .attention import attention
+from .cuda_kernels import PACK_HEADER
 
 Source = tuple[mx.array, nn.RMSNorm, nn.RMSNorm]  # projection [B, L, >= 3 * H * D], norm of q, norm of k
 
-ENABLED = os.environ.get("IMAGEGEN_FUSED_KERNELS", "1") != "0"
 THREADS = 256
 
-# One warp per (token, head) row: each lane owns D / 32 consecutive channels (whole RoPE pairs), the row's sum of
-# squares is a warp reduction. Arithmetic follows mx.fast.rms_norm (w * T(x * rsqrt(mean(x^2) + eps))) and
-# apply_rope_tables (float32 rotation of the normed values, rounded once).
+# One warp per (token, head) row: each lane owns D / 32 consecutive channels (whole RoPE pairs); q's and k's sums of
+# squares are reduced across the warp together. Arithmetic follows mx.fast.rms_norm (w * T(x * rsqrt(mean(x^2) +
+# eps))) and apply_rope_tables (float32 rotation of the normed values, rounded once).
 _KERNEL = """
   constexpr int PER = D / 32;
   const int lane = threadIdx.x & 31;
@@ -42,27 +42,32 @@ _KERNEL = """
   {select}
   const int d0 = lane * PER;
   x += (h * D + d0) * cs;
+  float v[2][PER], c[PER], s[PER];
+  load_row<T, PER>(x, cs, v[0]);
+  load_row<T, PER>(x + H * D * cs, cs, v[1]);
+  load_row<float, PER>(cos + l * D + d0, 1, c);
+  load_row<float, PER>(sin + l * D + d0, 1, s);
+  float ss[2] = {{0.f, 0.f}};
+  for (int i = 0; i < PER; ++i) {{
+    ss[0] += v[0][i] * v[0][i];
+    ss[1] += v[1][i] * v[1][i];
+  }}
+  for (int o = 16; o > 0; o >>= 1) {{
+    ss[0] += __shfl_xor_sync(0xffffffff, ss[0], o);
+    ss[1] += __shfl_xor_sync(0xffffffff, ss[1], o);
+  }}
   const long out = row * D + d0;
-  const float* c = cos + l * D + d0;
-  const float* s = sin + l * D + d0;
   for (int part = 0; part < 2; ++part) {{
-    const T* src = x + part * H * D * cs;
+    const float r = rsqrtf(ss[part] / D + {eps});
     const T* w = (part == 0 ? wq : wk) + d0;
-    float v[PER];
-    float ss = 0.f;
-    for (int i = 0; i < PER; ++i) {{
-      v[i] = static_cast<float>(src[i * cs]);
-      ss += v[i] * v[i];
-    }}
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, o);
-    const float r = rsqrtf(ss / D + {eps});
-    T* dst = (part == 0 ? q_out : k_out) + out;
+    Pack<T, PER> y;
     for (int i = 0; i < PER; i += 2) {{
-      const float a = static_cast<float>(w[i] * static_cast<T>(v[i] * r));
-      const float z = static_cast<float>(w[i + 1] * static_cast<T>(v[i + 1] * r));
-      dst[i] = static_cast<T>(a * c[i] + z * s[i]);
-      dst[i + 1] = static_cast<T>(z * c[i + 1] + a * s[i + 1]);
+      const float a = static_cast<float>(w[i] * static_cast<T>(v[part][i] * r));
+      const float z = static_cast<float>(w[i + 1] * static_cast<T>(v[part][i + 1] * r));
+      y.v[i] = static_cast<T>(a * c[i] + z * s[i]);
+      y.v[i + 1] = static_cast<T>(z * c[i + 1] + a * s[i + 1]);
     }}
+    *reinterpret_cast<Pack<T, PER>*>((part == 0 ? q_out : k_out) + out) = y;
   }}
   {copy_v}
 """
@@ -73,7 +78,11 @@ _SELECT_TWO = """if (l < first_len) {
   } else {
     x = xb + b * xb_strides[0] + (l - first_len) * xb_strides[1]; cs = xb_strides[2]; wq = wqb; wk = wkb;
   }"""
-_COPY_V = "for (int i = 0; i < PER; ++i) v_out[out + i] = x[(2 * H * D + i) * cs];"
+_COPY_V = """float vv[PER];
+  load_row<T, PER>(x + 2 * H * D * cs, cs, vv);
+  Pack<T, PER> y;
+  for (int i = 0; i < PER; ++i) y.v[i] = static_cast<T>(vv[i]);
+  *reinterpret_cast<Pack<T, PER>*>(v_out + out) = y;"""
 
 
 @cache
@@ -84,16 +93,11 @@ def _kernel(sources: int, eps: float):
     inputs = (["xa", "xb", "wqa", "wka", "wqb", "wkb"] if two else ["xb", "wqb", "wkb"]) + ["cos", "sin"]
     outputs = ["q_out", "k_out", "v_out"] if two else ["q_out", "k_out"]
     return mx.fast.cuda_kernel(name=f"imagegen_qk_norm_rope_{sources}", input_names=inputs, output_names=outputs,
-                               source=source, ensure_row_contiguous=False)
-
-
-@lru_cache(maxsize=1)
-def _cuda() -> bool:
-    return hasattr(mx, "cuda") and mx.cuda.is_available()
+                               source=source, header=PACK_HEADER, ensure_row_contiguous=False)
 
 
 def _fused_ok(sources: Sequence[Source], head_dim: int, cos: mx.array) -> bool:
-    if not (ENABLED and len(sources) <= 2 and mx.default_device() == mx.gpu and _cuda()):
+    if not (len(sources) <= 2 and cuda_kernels.available()):
         return False
     x = sources[0][0]
     same_eps = len({n.eps for _, nq, nk in sources for n in (nq, nk)}) == 1

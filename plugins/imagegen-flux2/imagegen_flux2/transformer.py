@@ -13,6 +13,7 @@ import numpy as np
 from imagegen.nn import TimestepEmbedding, timestep_embedding
 from imagegen.nn.attention_inputs import attention_blhd, qk_norm_rope
 from imagegen.nn.pacing import PacedBlocks, Pacer
+from imagegen.nn.swiglu import swiglu
 from imagegen.rope import rope_cos_sin, rope_tables
 
 from .config import Flux2TransformerConfig
@@ -77,11 +78,6 @@ def _modulate(x: mx.array, shift: mx.array, scale: mx.array, eps: float) -> mx.a
     if x.shape[0] == 1:  # one modulation for the batch: LayerNorm's own affine applies it in the same pass
         return mx.fast.layer_norm(x, (1 + scale).reshape(-1), shift.reshape(-1), eps)
     return mx.fast.layer_norm(x, None, None, eps) * (1 + scale) + shift
-
-
-def _swiglu(x: mx.array) -> mx.array:
-    gate, value = mx.split(x, 2, axis=-1)
-    return nn.silu(gate) * value
 
 
 def _clip_fp16(x: mx.array) -> mx.array:
@@ -150,7 +146,7 @@ class Flux2FeedForward(nn.Module):
         self.linear_out = nn.Linear(hidden, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.linear_out(_swiglu(self.linear_in(x)))
+        return self.linear_out(swiglu(self.linear_in(x)))
 
 
 class Flux2Attention(nn.Module):
@@ -220,7 +216,7 @@ class Flux2ParallelSelfAttention(nn.Module):
     def __call__(self, x: mx.array, rope: Rope) -> mx.array:
         h = self.to_qkv_mlp_proj(x)
         out = attention_blhd(*qk_norm_rope([(h, self.norm_q, self.norm_k)], self.heads, self.head_dim, *rope))
-        return self.to_out_attn(out) + self.to_out_mlp(_swiglu(h[..., self.qkv_dim :]))
+        return self.to_out_attn(out) + self.to_out_mlp(swiglu(h, self.qkv_dim))
 
 
 class Flux2SingleTransformerBlock(nn.Module):

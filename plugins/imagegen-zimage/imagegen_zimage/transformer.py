@@ -24,6 +24,7 @@ from imagegen import InvalidOptionError
 from imagegen.nn import timestep_embedding
 from imagegen.nn.attention_inputs import attention_blhd, qk_norm_rope
 from imagegen.nn.pacing import PacedBlocks, Pacer
+from imagegen.nn.swiglu import swiglu
 from imagegen.rope import apply_rope_tables, rope_cos_sin, rope_tables
 
 from .config import ZImageTransformerConfig
@@ -168,8 +169,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        gate, value = mx.split(self.w13(x), 2, axis=-1)
-        return self.w2(nn.silu(gate) * value)
+        return self.w2(swiglu(self.w13(x)))
 
 
 def _scaled_norm(norm: nn.RMSNorm, x: mx.array, scale: mx.array) -> mx.array:
