@@ -4,8 +4,8 @@ MLX builds a whole transformer step as one lazy graph and the host enqueues it f
 released only once the kernels that read it have completed, so a step's peak memory grows with the number of blocks.
 Running the blocks one by one, each compiled on its own, and pacing the host bounds that: every `every` blocks the
 current activations are scheduled and the host waits for the previous segment, so at most two segments'
-temporaries exist while the GPU stays fed. H100, Klein 4B at 1024x1024: 8.3 GB above the weights as one compiled
-graph, 1.9 GB paced every block, for +0.4% time.
+temporaries exist while the GPU stays fed. H100, Klein 4B pipeline at 1024x1024 (15.0 GB of weights resident): one
+compiled graph 60.4 ms peaking at 24.2 GB, paced every block 60.8 ms at 15.6 GB.
 """
 
 from __future__ import annotations

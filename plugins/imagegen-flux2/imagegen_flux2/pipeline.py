@@ -72,8 +72,8 @@ def pack(latents: mx.array) -> mx.array:
 class Flux2Pipeline(imagegen.Pipeline):
     def __init__(self, spec: imagegen.ModelSpec, weights: Path, dtype: str = "bfloat16",
                  quantize: str | None = None, on_load=None, compile: bool = True, pace: int = 1):
-        """`pace`: see `pace()`; on an H100 at 1024x1024, pace 1 takes a Klein 4B step's peak from 8.3 to 1.9 GB
-        above the weights for +0.4% time."""
+        """`pace`: see `pace()`; on an H100 at 1024x1024, pace 1 takes a Klein 4B step's peak from 9.2 to 0.6 GB
+        above the resident weights for +0.7% time."""
         super().__init__(spec, weights, dtype, quantize, on_load)
         root = Path(weights)
         if not (root / "model_index.json").is_file():
