@@ -4,8 +4,8 @@
 Each source is a projection whose first 3 * H * D columns hold q, k and v ([3, H, D] per token), with its own q/k
 norms; several sources (FLUX.2's text and image streams) are concatenated along the tokens. On CUDA one kernel reads
 each head of q and k once and writes it normed and rotated: the plain MLX path copies the strided q/k slices, norms
-them and rotates them in three passes. Elsewhere, or with
-IMAGEGEN_FUSED_KERNELS=0, the plain path runs (imagegen.nn.cuda_kernels)."""
+them and rotates them in three passes. Elsewhere, or with IMAGEGEN_FUSED_KERNELS=0, the plain path runs
+(imagegen.nn.cuda_kernels)."""
 
 from __future__ import annotations
 
