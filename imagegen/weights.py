@@ -7,7 +7,7 @@ dropped before the parameters are evaluated, so peak memory stays near the final
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -71,6 +71,20 @@ def read_safetensors(folder: Path) -> dict[str, mx.array]:
 def cast(weights: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.array]:
     """Cast floating tensors; quantized (integer) tensors keep their type."""
     return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+
+
+def fuse_projections(weights: dict[str, mx.array], prefixes: Iterable[str],
+                     fusions: dict[str, tuple[str, ...]]) -> dict[str, mx.array]:
+    """Under each prefix, replace the weights of projections that read the same input (fusions: fused name ->
+    part names) by one weight concatenated along the output axis: one matmul instead of several. Checkpoints that
+    are already fused pass through unchanged. Returns a new dict."""
+    weights = dict(weights)
+    for prefix in prefixes:
+        for fused, parts in fusions.items():
+            keys = [f"{prefix}{p}.weight" for p in parts]
+            if all(k in weights for k in keys):
+                weights[f"{prefix}{fused}.weight"] = mx.concatenate([weights.pop(k) for k in keys])
+    return weights
 
 
 def check_weights(module: nn.Module, weights: dict[str, mx.array], where: str = "") -> None:

@@ -15,6 +15,7 @@ from imagegen.nn.attention_inputs import attention_blhd, qk_norm_rope
 from imagegen.nn.pacing import PacedBlocks, Pacer
 from imagegen.nn.swiglu import swiglu
 from imagegen.rope import rope_cos_sin, rope_tables
+from imagegen.weights import fuse_projections
 
 from .config import Flux2TransformerConfig
 
@@ -275,13 +276,8 @@ class Flux2Transformer(PacedBlocks, nn.Module):
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Fuse each double block's per-stream q/k/v weights into one projection (QKV_FUSIONS) and split each single
         block's output projection (SINGLE_OUT_SPLIT). Idempotent."""
-        weights = dict(weights)
-        for i in range(len(self.transformer_blocks)):
-            prefix = f"transformer_blocks.{i}.attn."
-            for fused, parts in QKV_FUSIONS.items():
-                names = [f"{prefix}{p}.weight" for p in parts]
-                if all(n in weights for n in names):
-                    weights[f"{prefix}{fused}.weight"] = mx.concatenate([weights.pop(n) for n in names])
+        prefixes = (f"transformer_blocks.{i}.attn." for i in range(len(self.transformer_blocks)))
+        weights = fuse_projections(weights, prefixes, QKV_FUSIONS)
         joined, (attn, mlp) = SINGLE_OUT_SPLIT
         for i, block in enumerate(self.single_transformer_blocks):
             prefix = f"single_transformer_blocks.{i}.attn."

@@ -26,6 +26,7 @@ from imagegen.nn.attention_inputs import attention_blhd, qk_norm_rope
 from imagegen.nn.pacing import PacedBlocks, Pacer
 from imagegen.nn.swiglu import swiglu
 from imagegen.rope import apply_rope_tables, rope_cos_sin, rope_tables
+from imagegen.weights import fuse_projections
 
 from .config import ZImageTransformerConfig
 
@@ -250,14 +251,8 @@ class ZImageTransformer(PacedBlocks, nn.Module):
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Fuse each block's q/k/v projections and its SwiGLU's w1/w3 into one matmul each (FUSIONS). Idempotent."""
-        weights = dict(weights)
-        for name in self.paced_lists:
-            for i in range(len(getattr(self, name))):
-                for fused, parts in FUSIONS.items():
-                    keys = [f"{name}.{i}.{p}.weight" for p in parts]
-                    if all(k in weights for k in keys):
-                        weights[f"{name}.{i}.{fused}.weight"] = mx.concatenate([weights.pop(k) for k in keys])
-        return weights
+        prefixes = (f"{name}.{i}." for name in self.paced_lists for i in range(len(getattr(self, name))))
+        return fuse_projections(weights, prefixes, FUSIONS)
 
     def layout(self, cap_lens: Sequence[int], height: int, width: int) -> Layout:
         """The per-run layout for captions of `cap_lens` valid tokens and a latent grid height x width."""
