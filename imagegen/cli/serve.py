@@ -22,6 +22,8 @@ def serve(
     max_memory: str = typer.Option(None, "--max-memory", help="Memory budget for loaded models, e.g. 24GB "
                                    "(default: what is available at start)."),
     max_queue: int = typer.Option(None, "--max-queue", help="Requests waiting at most; more get HTTP 429."),
+    grace: str = typer.Option("30s", "--grace", help="On SIGTERM or Ctrl-C: how long requests in flight may "
+                              "finish (e.g. 10s, 1m); then they are answered with HTTP 503."),
     ray: str = typer.Option(None, "--ray", help="Serve on Ray: 'local' starts a cluster on this machine, 'auto' joins "
                             "the one `ray start` runs, or a cluster address (needs imagegen[ray])."),
     replicas: int = typer.Option(None, "--replicas", help="With --ray: replicas, each with its own device and "
@@ -45,4 +47,4 @@ def serve(
         raise InvalidOptionError("--replicas, --min-replicas and --max-replicas need --ray.")
 
     run_server(host=host, port=port, models=model or (), keep_alive=keep_alive, api_key=api_key,
-               max_memory=max_memory, max_queue=max_queue)
+               max_memory=max_memory, max_queue=max_queue, shutdown_grace=grace)

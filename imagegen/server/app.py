@@ -5,21 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import hmac
 import ipaddress
 import json
 import logging
 import os
+import socket
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from io import BytesIO
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from PIL import Image
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -27,8 +28,9 @@ from starlette.formparsers import MultiPartException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__, registry
-from ..errors import ImagegenError, InvalidImageError
+from ..errors import ImagegenError, InvalidOptionError
 from ..registry import IMAGE_EDIT, TEXT_TO_IMAGE, ModelSpec
+from . import uploads
 from .errors import APIError, api_error
 from .schemas import (
     EditRequest,
@@ -40,10 +42,12 @@ from .schemas import (
     ModelCard,
     ModelList,
     form_schema,
+    json_schema,
 )
 from .service import ImageService, Outcome, Plan
 from .settings import Limits, parse_duration
-from .worker import Cancelled, Job, QueueFullError
+from .uploads import Upload
+from .worker import Cancelled, Job, QueueFullError, ShuttingDown
 
 log = logging.getLogger("imagegen.server")
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -64,15 +68,14 @@ class Guard:
 
     def __init__(self, app: ASGIApp, api_key: str | None, max_body: int):
         self.app, self.max_body = app, max_body
-        self.key = f"Bearer {api_key}".encode() if api_key else None
+        self.key = api_key.encode() if api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if self.key is not None and not hmac.compare_digest(headers.get(b"authorization", b""), self.key):
-            error = APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
-                             code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        error = self._auth_error([v for k, v in scope["headers"] if k == b"authorization"])
+        if error is not None:
             return await _error_response(error)(scope, receive, send)
         length = headers.get(b"content-length", b"0")
         if not length.isdigit() or int(length) > self.max_body:
@@ -91,11 +94,23 @@ class Guard:
 
         await self.app(scope, limited, send)
 
+    def _auth_error(self, values: list[bytes]) -> APIError | None:
+        """The scheme is case-insensitive (RFC 9110); two Authorization headers are ambiguous: refused."""
+        if len(values) > 1:
+            return APIError(400, "Send one Authorization header, not several.", code="invalid_authorization")
+        if self.key is None:
+            return None
+        scheme, _, token = (values[0] if values else b"").strip().partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+            return None
+        return APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                        code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
 
 # ---- errors --------------------------------------------------------------------------------
 def api_error_of(e: Exception) -> APIError:
     if isinstance(e, HTTPException):
-        codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+        codes = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
         return APIError(e.status_code, str(e.detail), param=None, code=codes.get(e.status_code))
     return api_error(e)
 
@@ -122,8 +137,8 @@ def validation_error(errors: Sequence[Any]) -> APIError:
     if kind in ("model_attributes_type", "dict_type") and not param:
         return APIError(400, "The request body must be a JSON object, sent as 'Content-Type: application/json'.",
                         code="invalid_json")
-    return APIError(400, f"Invalid value for '{param}': {first.get('msg', 'invalid')}.", param=param,
-                    code="invalid_value")
+    reason = str(first.get("msg", "invalid")).removeprefix("Value error, ")  # pydantic's prefix for our checks
+    return APIError(400, f"Invalid value for '{param}': {reason}.", param=param, code="invalid_value")
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -138,60 +153,69 @@ def _install_error_handlers(app: FastAPI) -> None:
         log.exception("unexpected error on %s", request.url.path)
         return _error_response(APIError(500, f"Internal error: {type(e).__name__}: {e}", "server_error"))
 
-    for kind in (APIError, ImagegenError, HTTPException, QueueFullError):
+    for kind in (APIError, ImagegenError, HTTPException, QueueFullError, ShuttingDown):
         app.add_exception_handler(kind, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(Exception, on_unexpected)
 
 
 # ---- requests -> plans ---------------------------------------------------------------------
-def _decode_image(data: bytes, name: str) -> Image.Image:
+def _parse(read: Callable[[], Any]) -> Any:
+    """A request model from its body; pydantic's complaints become OpenAI-style 400s."""
     try:
-        with Image.open(BytesIO(data)) as img:
-            img.load()
-            return img.convert("RGB")
-    except Exception as e:  # PIL raises many kinds (incl. DecompressionBombError) for bad uploads
-        raise InvalidImageError(f"Upload '{name}' is not a readable image ({type(e).__name__}).") from None
+        return read()
+    except ValidationError as e:
+        raise validation_error(e.errors()) from None
 
 
-async def _read_edit_form(request: Request, limits: Limits) -> tuple[EditRequest, list[Image.Image], list[str]]:
-    """The multipart body of an edit: the images (decoded off the event loop) and the other fields."""
+async def _read_edit_form(request: Request, service: ImageService) -> tuple[EditRequest, list[Upload]]:
+    """The multipart body of an edit: the other fields, then the images, each checked from its header before
+    any is decoded and then decoded and scaled down off the event loop."""
+    limits = service.limits
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise APIError(400, "Edits take multipart/form-data: the image file(s) and the fields.",
                        code="invalid_content_type")
     try:
         async with request.form(max_files=limits.max_images_in, max_fields=64) as form:
             fields: dict[str, Any] = {}
-            uploads: list[UploadFile] = []
+            files: list[UploadFile] = []
             for name, value in form.multi_items():
                 if name in IMAGE_FIELDS:
                     if not isinstance(value, UploadFile):
                         raise APIError(400, f"'{name}' must be a file upload.", param="image", code="invalid_image")
-                    uploads.append(value)
+                    files.append(value)
                 elif isinstance(value, UploadFile):
                     hint = " (masks are not supported)" if name == "mask" else ""
                     raise APIError(400, f"Unexpected file field '{name}'{hint}.", param=name,
                                    code="unknown_parameter")
                 elif name in fields:
-                    raise APIError(400, f"Field '{name}' given twice.", param=name, code="invalid_value")
+                    raise APIError(400, f"Field '{name}' given twice.", param=name, code="duplicate_key")
                 else:
                     fields[name] = value
-            blobs = [(await u.read(), u.filename or f"image {i}") for i, u in enumerate(uploads)]
+            blobs = [(await f.read(), f.filename) for f in files]
     except (MultiPartException, HTTPException) as e:  # Starlette reports parser errors as a 400 HTTPException
         if isinstance(e, HTTPException) and e.status_code != 400:
             raise
         detail = e.message if isinstance(e, MultiPartException) else e.detail
         raise APIError(400, f"Bad multipart body: {detail}", code="invalid_multipart") from None
-    try:
-        options = EditRequest.model_validate(fields)
-    except ValidationError as e:
-        raise validation_error(e.errors()) from None
-    images = [await asyncio.to_thread(_decode_image, data, name) for data, name in blobs]
-    return options, images, [name for _, name in blobs]
+    options = _parse(lambda: EditRequest.from_form(fields))
+    spec = registry.get(options.model or service.default_model())
+    uploads.check_all(blobs, spec)
+    images = [await asyncio.to_thread(uploads.decode, data, name, i, spec) for i, (data, name) in enumerate(blobs)]
+    return options, images
 
 
-def _client(request: Request, options: ImageOptions) -> str:
-    return options.user or (request.client.host if request.client else "local")
+def _client(request: Request) -> str:
+    """Whose turn in the fair queue: the caller's address (the `user` field only divides its share)."""
+    return request.client.host if request.client else "local"
+
+
+def _watch(job: Job) -> asyncio.Future[Any]:
+    """The job's outcome as an asyncio future whose failure is always retrieved, even when nobody awaits
+    it any more (a client that left): no "Future exception was never retrieved" in the log."""
+    future = asyncio.wrap_future(job.future)
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())
+    return future
 
 
 # ---- outcomes -> responses -----------------------------------------------------------------
@@ -220,7 +244,7 @@ class Responder:
     async def answer(self, request: Request, plan: Plan, options: ImageOptions, kind: str) -> Response:
         if options.stream:
             return self._stream(request, plan, options, kind)
-        job = self.service.submit(plan, _client(request, options))
+        job = self.service.submit(plan, _client(request), options.user or "")
         outcome = await self._wait(request, job)
         if outcome is None:
             return Response(status_code=499)  # the client left; nobody reads this
@@ -244,7 +268,7 @@ class Responder:
 
     async def _wait(self, request: Request, job: Job) -> Outcome | None:
         """The job's outcome; polls for a disconnect so an abandoned request leaves the queue."""
-        future = asyncio.wrap_future(job.future)
+        future = _watch(job)
         try:
             while not future.done():
                 await asyncio.wait({future}, timeout=0.5)
@@ -269,9 +293,9 @@ class Responder:
     def _stream(self, request: Request, plan: Plan, options: ImageOptions, kind: str) -> StreamingResponse:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Any] = asyncio.Queue()
-        job = self.service.submit(plan, _client(request, options),
+        job = self.service.submit(plan, _client(request), options.user or "",
                                   lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
-        future = asyncio.wrap_future(job.future)
+        future = _watch(job)
         future.add_done_callback(lambda _: events.put_nowait(_DONE))  # after every event the job emitted
         position = len(self.service.worker.queue)
 
@@ -343,17 +367,19 @@ def create_app(models: Sequence[str] = (), keep_alive: str | float | None = "5m"
     app.add_middleware(Guard, api_key=api_key, max_body=settings.max_body_bytes)
     _install_error_handlers(app)
 
-    @app.post("/v1/images/generations", response_model=ImagesResponse, tags=["images"],
+    @app.post("/v1/images/generations", response_model=ImagesResponse, tags=["images"], openapi_extra=json_schema(),
               summary="Create images from a prompt (stream: true for server-sent events)")
-    async def generations(body: GenerationRequest, request: Request) -> Response:
+    async def generations(request: Request) -> Response:
+        raw = await request.body()
+        body = _parse(lambda: GenerationRequest.from_json(raw, request.headers.get("content-type")))
         plan = service.plan(body, TEXT_TO_IMAGE)
         return await responder.answer(request, plan, body, "image_generation")
 
     @app.post("/v1/images/edits", response_model=ImagesResponse, tags=["images"], openapi_extra=form_schema(),
               summary="Edit or combine images following a prompt (multipart/form-data)")
     async def edits(request: Request) -> Response:
-        options, images, names = await _read_edit_form(request, settings)
-        plan = service.plan(options, IMAGE_EDIT, images, names)
+        options, images = await _read_edit_form(request, service)
+        plan = service.plan(options, IMAGE_EDIT, [u.image for u in images], [u.record() for u in images])
         return await responder.answer(request, plan, options, "image_edit")
 
     @app.get("/v1/files/images/{name}", tags=["images"], summary="An image made with response_format='url'",
@@ -387,15 +413,51 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before any model is touched: a bad port or one in use is one line."""
+    if not 1 <= port <= 65535:
+        raise InvalidOptionError(f"--port must be between 1 and 65535, got {port}.")
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn binds
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as e:  # includes unknown host names (gaierror)
+        why = "the port is already in use (is another server running there?)" if e.errno == errno.EADDRINUSE \
+            else e.strerror or str(e)
+        raise ImagegenError(f"Cannot listen on {host}:{port}: {why}.") from None
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, whose shutdown (SIGTERM, Ctrl-C) first drains the service: the listening socket closes,
+    requests in flight get the grace period, then what is left is answered with a 503 / an SSE error."""
+
+    def __init__(self, config: uvicorn.Config, service: ImageService):
+        super().__init__(config)
+        self.service = service
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        grace = self.service.limits.shutdown_grace
+        busy = len(self.service.worker.queue) + (self.service.worker.running is not None)
+        log.info("imagegen serve: shutting down; %d request(s) in flight get %gs to finish", busy, grace)
+        self.service.drain(grace)
+        await super().shutdown(sockets)
+
+
 def run_server(host: str = "127.0.0.1", port: int = 8000, models: Sequence[str] = (),
                keep_alive: str | float | None = "5m", api_key: str | None = None, log_level: str = "info",
                **limits: Any) -> None:
-    """Serve until interrupted (Ctrl-C). The key falls back to $IMAGEGEN_API_KEY; bad settings raise
-    ImagegenError before anything binds."""
-    import uvicorn
-
+    """Serve until SIGTERM or Ctrl-C (then drain for `shutdown_grace`). The key falls back to
+    $IMAGEGEN_API_KEY; bad settings, a bad port or one in use raise ImagegenError before a model loads."""
     api_key = api_key or os.environ.get("IMAGEGEN_API_KEY") or None
-    app = create_app(models, keep_alive, api_key, **limits)
-    if not is_loopback(host) and not api_key:
-        log.warning("imagegen serve: listening on %s without an API key; anyone who can reach it can use it", host)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    Limits.from_options(**limits)  # bad limits are reported before the port is taken
+    listener = listen(host, port)
+    try:
+        app = create_app(models, keep_alive, api_key, **limits)
+        if not is_loopback(host) and not api_key:
+            log.warning("imagegen serve: listening on %s without an API key; anyone who can reach it can use it",
+                        host)
+        service: ImageService = app.state.service
+        # uvicorn's own limit comes after ours: the requests that were answered with an error still get written
+        config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=service.limits.shutdown_grace + 5)
+        DrainingServer(config, service).run(sockets=[listener])
+    finally:
+        listener.close()

@@ -1,19 +1,33 @@
 """Request and response bodies of the images API: OpenAI's fields plus imagegen's extras.
 
-Unknown fields are refused (a typo must not be silently ignored); `user` is OpenAI's end-user id and
-here also picks the client's line in the fair queue.
+Parsing is strict: unknown fields, duplicate JSON keys, NaN/Infinity, numbers sent as strings (in JSON)
+and booleans spelled "yes" are refused, so a typo never silently changes an image. `user` is OpenAI's
+end-user id; it divides a client's share of the fair queue among its users.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import re
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from ..errors import InvalidOptionError
 
-_SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+_SIZE = re.compile(r"^\s*([0-9]+)\s*[xX]\s*([0-9]+)\s*$", re.ASCII)  # ASCII: int() would read fullwidth digits
+_FORM_INT = re.compile(r"^-?[0-9]+$", re.ASCII)
+_FORM_FLOAT = re.compile(r"^-?[0-9]+(\.[0-9]*)?([eE][-+]?[0-9]+)?$", re.ASCII)
+_JSON_TYPES = ("application/json",)
+
+
+class BodyError(InvalidOptionError):
+    """A request body refused before its fields are validated; `code` is the OpenAI-style error code."""
+
+    def __init__(self, message: str, code: str = "invalid_json", param: str | None = None):
+        super().__init__(message)
+        self.code, self.param = code, param
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
@@ -26,10 +40,63 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     return int(match.group(1)), int(match.group(2))
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object_pairs_hook: Python keeps the last of duplicate keys; a request means one value."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise BodyError(f"The JSON body gives '{key}' more than once.", "duplicate_key", key)
+        obj[key] = value
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise BodyError(f"We could not parse the JSON body of your request: {name} is not a JSON number.")
+
+
+def parse_json_object(raw: bytes, content_type: str | None) -> dict[str, Any]:
+    """The body of a JSON request as a dict. The content type must be JSON (or absent): a browser page
+    cannot send that cross-site without the server's consent."""
+    kind = (content_type or "").split(";")[0].strip().lower()
+    if kind and kind not in _JSON_TYPES and not kind.endswith("+json"):
+        raise BodyError("The request body must be a JSON object, sent as 'Content-Type: application/json'.",
+                        "invalid_content_type")
+    if not raw.strip():
+        raise BodyError("The request has no body: send a JSON object with at least a 'prompt'.", "missing_body")
+    try:
+        body = json.loads(raw, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, over-long integers, deep nesting
+        if isinstance(e, BodyError):
+            raise
+        raise BodyError("We could not parse the JSON body of your request: it is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise BodyError("The request body must be a JSON object, sent as 'Content-Type: application/json'.")
+    return body
+
+
+def _form_value(annotation: Any, name: str, text: str) -> Any:
+    """A multipart field (always text) as its field's type, read as strictly as JSON would be."""
+    types = set(get_args(annotation)) if get_origin(annotation) in (Union, type(int | None)) else {annotation}
+    if bool in types:
+        if text.lower() not in ("true", "false"):
+            raise BodyError(f"Invalid value for '{name}': use true or false.", "invalid_value", name)
+        return text.lower() == "true"
+    if int in types:
+        if not _FORM_INT.match(text):
+            raise BodyError(f"Invalid value for '{name}': '{text[:40]}' is not an integer.", "invalid_value", name)
+        return int(text)
+    if float in types:
+        if not _FORM_FLOAT.match(text) or not math.isfinite(float(text)):
+            raise BodyError(f"Invalid value for '{name}': '{text[:40]}' is not a finite number.", "invalid_value",
+                            name)
+        return float(text)
+    return text
+
+
 class ImageOptions(BaseModel):
     """Fields shared by generations (JSON) and edits (multipart form)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     prompt: str = Field(min_length=1, description="What to draw.")
     model: str | None = Field(None, description="Model id, alias or family; default: the server's first model.")
@@ -38,14 +105,42 @@ class ImageOptions(BaseModel):
     response_format: Literal["b64_json", "url"] | None = Field(
         "b64_json", description="'url' links to /v1/files/images/<id>.png, served for a limited time.")
     stream: bool | None = Field(False, description="Server-sent events: step progress, then each image.")
-    partial_images: int | None = Field(0, ge=0, le=3, description="Previews to stream during denoising (0-3).")
+    partial_images: int | None = Field(0, ge=0, le=3, description="Previews to stream during denoising (0-3); "
+                                       "needs stream.")
     output_format: Literal["png"] | None = Field(None, description="Only 'png'.")
-    user: str | None = Field(None, max_length=256, description="End-user id; requests queue fairly per user.")
+    user: str | None = Field(None, max_length=256, description="End-user id; a client's requests take turns "
+                             "per user.")
     seed: int | None = Field(None, ge=0, lt=2**31, description="imagegen: seed of the first image (+i for image i).")
     steps: int | None = Field(None, ge=1, description="imagegen: denoising steps (default: the model's).")
     guidance: float | None = Field(None, ge=0, description="imagegen: guidance scale, for models that take it.")
     negative_prompt: str | None = Field(None, description="imagegen: for models that accept one.")
     quantize: str | None = Field(None, description="imagegen: quantization of the resident model, e.g. '4', '8'.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _has_text(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("the prompt is only whitespace")
+        return prompt
+
+    @field_validator("partial_images")
+    @classmethod
+    def _with_stream(cls, count: int | None, info: ValidationInfo) -> int | None:
+        if count and not info.data.get("stream"):  # fields validate in order: stream comes first
+            raise ValueError("partial images are streamed: set stream to true, or leave partial_images out")
+        return count
+
+    @classmethod
+    def from_json(cls, raw: bytes, content_type: str | None) -> Any:
+        """Strict: JSON types must be the fields' own (no "2" for 2, no 1 for true)."""
+        return cls.model_validate(parse_json_object(raw, content_type), strict=True)
+
+    @classmethod
+    def from_form(cls, fields: dict[str, str]) -> Any:
+        """Multipart fields are text: each is read as its field's type, then validated strictly."""
+        known = cls.model_fields
+        values = {k: _form_value(known[k].annotation, k, v) if k in known else v for k, v in fields.items()}
+        return cls.model_validate(values, strict=True)
 
 
 class GenerationRequest(ImageOptions):
@@ -110,3 +205,9 @@ def form_schema() -> dict[str, Any]:
                             **schema["properties"]}
     return {"requestBody": {"required": True,
                             "content": {"multipart/form-data": {"schema": schema}}}}
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON body of /v1/images/generations for the OpenAPI document (parsed strictly in the route)."""
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": GenerationRequest.model_json_schema()}}}}

@@ -46,7 +46,7 @@ class Plan:
     quantize: str | None = None
     images: tuple[Image.Image, ...] = ()
     partial_images: int = 0
-    image_names: tuple[str, ...] = ()
+    image_records: tuple[dict[str, str], ...] = ()  # {"name", "sha256"} of each upload, for the metadata
 
 
 @dataclass
@@ -79,8 +79,11 @@ class ImageService:
             hub.resolve_weights(spec)
         self.models = [s.id for s in specs]
         budget = limits.max_memory if limits.max_memory is not None else memory.available_memory()
-        self.residency = Residency(keep_alive, budget)
-        self.worker = DeviceWorker(limits.max_queue, between=self.residency.expire)  # unloads on the device thread
+        self.residency = Residency(keep_alive, budget, strict=limits.max_memory is not None)
+        for spec in specs:
+            self.residency.check_fits(spec)
+        self.worker = DeviceWorker(limits.max_queue, between=self.residency.expire,  # unloads on the device thread
+                                   max_per_client=limits.max_queue_per_client)
         self.store = ImageStore(limits.url_ttl, limits.max_stored_bytes)
         self.started = time.time()
 
@@ -90,6 +93,10 @@ class ImageService:
         for model in self.models:
             spec = registry.get(model)
             self.worker.submit("preload", lambda job, spec=spec: self._warm(spec), limit=False)
+
+    def drain(self, grace: float) -> None:
+        """Shutting down: no new requests; those in flight finish within `grace` seconds or end with a 503."""
+        self.worker.drain(grace)
 
     def stop(self) -> None:
         self.worker.stop()
@@ -110,7 +117,7 @@ class ImageService:
         return name
 
     def plan(self, options: ImageOptions, task: str, images: Sequence[Image.Image] = (),
-             image_names: Sequence[str] = ()) -> Plan:
+             image_records: Sequence[dict[str, str]] = ()) -> Plan:
         """Check everything that can be checked before the request waits in the queue."""
         spec = registry.get(options.model or self.default_model())
         if task not in spec.tasks:
@@ -118,6 +125,12 @@ class ImageService:
             what = "image edits" if task == IMAGE_EDIT else "text-to-image generation"
             raise APIError(400, f"Model '{spec.id}' does not support {what}. Models that do: "
                            f"{', '.join(able) or 'none installed'}.", param="model", code="model_not_supported")
+        for name in ("prompt", "negative_prompt"):
+            text = getattr(options, name)
+            if text is not None and len(text) > self.limits.max_prompt_chars:
+                raise APIError(400, f"{name} is {len(text)} characters long; this server takes at most "
+                               f"{self.limits.max_prompt_chars} (models read about 512 tokens of it).", param=name,
+                               code="prompt_too_long")
         n = options.n or 1
         if n > self.limits.max_n:
             raise APIError(400, f"n must be at most {self.limits.max_n}, got {n}.", param="n", code="invalid_value")
@@ -143,19 +156,27 @@ class ImageService:
             steps=options.steps, guidance=options.guidance, negative_prompt=options.negative_prompt,
             quantize=_checked(lambda: _quantize(spec, options.quantize), "quantize"),
             images=tuple(images), partial_images=(options.partial_images or 0) if options.stream else 0,
-            image_names=tuple(image_names),
+            image_records=tuple(image_records),
         )
 
     # ---- running -------------------------------------------------------------------------
-    def submit(self, plan: Plan, client: str, emit: Emit | None = None) -> Job:
-        """Queue the plan for the device; the job's future resolves to an Outcome."""
-        return self.worker.submit(client, lambda job: self._run(plan, job, emit or (lambda event: None)))
+    def submit(self, plan: Plan, client: str, user: str = "", emit: Emit | None = None) -> Job:
+        """Queue the plan for the device (in `client`'s line, `user`'s turn); the job's future resolves to
+        an Outcome."""
+        return self.worker.submit(client, lambda job: self._run(plan, job, emit or (lambda event: None)), user=user)
 
     def _run(self, plan: Plan, job: Job, emit: Emit) -> Outcome:
-        """On the device worker: load if needed, then generate in batches that fit memory."""
+        """On the device worker: load if needed, then generate in batches that fit memory. A client that
+        left stops the job before the load, after it, and before each batch's encoding."""
         job.check()
         spec = plan.spec
-        with self.residency.use(spec, plan.quantize, on_load=lambda m: emit({"stage": "load", "model": m})) as pipe:
+
+        def on_load(model: str) -> None:
+            job.check()
+            emit({"stage": "load", "model": model})
+
+        with self.residency.use(spec, plan.quantize, on_load=on_load) as pipe:
+            job.check()  # the load can take long
             width, height = plan.width, plan.height
             if width is None or height is None:
                 width, height = pipe.default_size(plan.images)
@@ -164,6 +185,7 @@ class ImageService:
             timings: dict[str, float] = {}
             for first in range(0, plan.n, batch):
                 count = min(batch, plan.n - first)
+                job.check()
                 options = _options(plan, width, height, plan.seed + first, count)
                 result = pipe.generate(plan.prompt, on_step=self._on_step(pipe, plan, job, emit, options, first),
                                        **options)
@@ -200,7 +222,7 @@ class ImageService:
     def _metadata(self, plan: Plan, pipe: Pipeline, result: Any, timings: dict[str, float]) -> dict[str, Any]:
         """What `imagegen run` writes into its PNGs, so `imagegen run --from` reproduces a served image; each
         image adds its own seed (Outcome.png)."""
-        return generation_metadata(pipe, result, 0, images=list(plan.image_names), source="imagegen serve",
+        return generation_metadata(pipe, result, 0, images=list(plan.image_records), source="imagegen serve",
                                    timings={k: round(v, 4) for k, v in timings.items()})
 
     # ---- reporting -----------------------------------------------------------------------
