@@ -286,8 +286,10 @@ class Responder:
 
     def _failure(self, e: Exception) -> APIError:
         error = api_error(e)
-        if error.status >= 500:  # a bug or a crash in a model: logged with its traceback, server stays up
+        if error.status == 500:  # a bug or a crash in a model: logged with its traceback, server stays up
             log.error("generation failed: %s", error.message, exc_info=e)
+        elif error.status > 500:  # shutting down: expected, no traceback
+            log.info("request ended: %s", error.message)
         return error
 
     def _stream(self, request: Request, plan: Plan, options: ImageOptions, kind: str) -> StreamingResponse:
