@@ -370,6 +370,9 @@ def test_serve_command_reports_bad_ports_and_memory_in_one_line():
     lines = small.stderr.strip().splitlines()
     assert small.returncode == 1 and len(lines) == 1, small.stderr
     assert "--max-memory" in lines[0] and "flux2-demo" in lines[0] and "1.0 MB" in lines[0]
+    with running(max_memory="1MB") as (url, _):  # models loaded on demand: the request is refused instead
+        response = httpx.post(f"{url}/v1/images/generations", json={"model": "flux2-demo", "prompt": "a red circle"})
+        assert "--max-memory" in error_of(response, 400, "insufficient_memory", "model")
 
 
 # ---- 16. uploads are recorded by content hash and file name ----------------------------------

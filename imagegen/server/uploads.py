@@ -42,21 +42,25 @@ def safe_name(filename: str | None, index: int) -> str:
     return name if name.strip(" .") else f"image-{index}.png"
 
 
-def open_upload(data: bytes, name: str) -> Image.Image:
-    """The image lazily opened: Pillow reads the header (size, mode) and decodes nothing yet."""
+def open_upload(data: bytes, name: str, spec: ModelSpec) -> Image.Image:
+    """The image lazily opened, its size checked: Pillow has read the header and decoded nothing yet."""
     try:
-        return Image.open(BytesIO(data))
-    except Exception as e:  # PIL raises many kinds (incl. DecompressionBombError) for bad uploads
+        image = Image.open(BytesIO(data))
+    except Image.DecompressionBombError:  # Pillow's own, far larger limit
+        raise InvalidImageError(f"Upload '{name}' is {_too_large(spec)}") from None
+    except Exception as e:  # PIL raises many kinds for bad uploads
         raise InvalidImageError(f"Upload '{name}' is not a readable image ({type(e).__name__}).") from None
-
-
-def check_size(image: Image.Image, name: str, spec: ModelSpec) -> None:
-    """Refuse an image whose decoded size is over the budget, from its header alone."""
     width, height = image.size
     if width * height > pixel_budget(spec):
-        raise InvalidImageError(
-            f"Upload '{name}' is {width}x{height}: larger than '{spec.id}' takes ({pixel_budget(spec)} pixels at "
-            f"most, e.g. {math.isqrt(pixel_budget(spec))}x{math.isqrt(pixel_budget(spec))}). Scale it down first.")
+        image.close()
+        raise InvalidImageError(f"Upload '{name}' is {width}x{height}: {_too_large(spec)}")
+    return image
+
+
+def _too_large(spec: ModelSpec) -> str:
+    side = math.isqrt(pixel_budget(spec))
+    return (f"larger than '{spec.id}' takes ({pixel_budget(spec)} pixels at most, e.g. {side}x{side}). "
+            "Scale it down first.")
 
 
 def working_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
@@ -70,8 +74,7 @@ def working_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
 def decode(data: bytes, filename: str | None, index: int, spec: ModelSpec) -> Upload:
     """Check, decode and scale one upload (CPU work: run it off the event loop)."""
     name = safe_name(filename, index)
-    with open_upload(data, name) as img:
-        check_size(img, name, spec)
+    with open_upload(data, name, spec) as img:
         target = working_size(*img.size, spec.max_pixels)
         try:
             img.draft("RGB", target)  # JPEG decodes straight at a reduced scale (>= target); others ignore it
@@ -89,5 +92,4 @@ def check_all(blobs: list[tuple[bytes, str | None]], spec: ModelSpec) -> None:
     """Every upload's header, before any is decoded: a request with one oversized image costs nothing."""
     for index, (data, filename) in enumerate(blobs):
         name = safe_name(filename, index)
-        with open_upload(data, name) as img:
-            check_size(img, name, spec)
+        open_upload(data, name, spec).close()
