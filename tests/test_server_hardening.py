@@ -23,14 +23,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from imagegen_flux2.plugin import demo
 from PIL import Image, ImageFile
 
 import imagegen
 from imagegen import plugins
 from imagegen.image import METADATA_KEY
-from imagegen.server import create_app
+from imagegen.server.embedded import serve_in_thread as running
 
 ENCODES: list[str] = []  # prompts the slow-loading demo encoded
 SLOW_LOAD_SECONDS = 1.5
@@ -73,26 +72,6 @@ def demo_variants(tmp_path_factory):
 
 
 # ---- servers ---------------------------------------------------------------------------------
-@contextmanager
-def running(**options) -> Iterator[tuple[str, object]]:
-    """create_app(**options) under uvicorn in a thread, on a free loopback port: (base url, app)."""
-    app = create_app(**options)
-    listener = socket.create_server(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}", app
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        listener.close()
-
-
 @pytest.fixture(scope="module")
 def server():
     with running(models=["flux2-demo"], keep_alive=-1) as served:
@@ -210,12 +189,12 @@ def test_sigterm_drains_in_flight_requests_then_answers_the_rest_with_errors():
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(serve_command("--model", "flux2-demo", "--port", str(port), "--grace", "4s"),
+    proc = subprocess.Popen(serve_command("--model", "flux2-demo", "--port", str(port), "--grace", "10s"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         wait_for(lambda: proc.poll() is None and _loaded(url), 60)
         quick = {"model": "flux2-demo", "prompt": "a red circle", "steps": 1, "size": "64x64", "seed": 1}
-        slow = {"model": "flux2-demo", "prompt": "a blue square", "steps": 200, "size": "64x64"}
+        slow = {"model": "flux2-demo", "prompt": "a blue square", "steps": 500, "size": "64x64"}
         with ThreadPoolExecutor(3) as pool:
             finishing = pool.submit(httpx.post, f"{url}/v1/images/generations", json=quick, timeout=60)
             time.sleep(0.3)
@@ -228,16 +207,17 @@ def test_sigterm_drains_in_flight_requests_then_answers_the_rest_with_errors():
             time.sleep(0.5)
             with pytest.raises(httpx.ConnectError):  # no new connections once draining
                 httpx.get(f"{url}/health", timeout=2)
-            assert finishing.result().status_code == 200  # done within the grace period
-            error_of(waiting.result(), 503, "server_shutting_down")  # queued: answered when the grace ran out
-            events = sse_events(streaming.result().text)
-            assert events[0][0] == "image_generation.queued"
-            assert events[-1][0] == "error" and events[-1][1]["error"]["code"] == "server_shutting_down"
+            finished, streamed, refused = finishing.result(), streaming.result(), waiting.result()
         output, _ = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    assert finished.status_code == 200, output  # done within the grace period
+    error_of(refused, 503, "server_shutting_down")  # still queued when the grace ran out
+    events = sse_events(streamed.text)
+    assert events[0][0] == "image_generation.queued"
+    assert events[-1][0] == "error" and events[-1][1]["error"]["code"] == "server_shutting_down", output
     assert proc.returncode in (0, -signal.SIGTERM), output
     assert "Traceback" not in output and "never retrieved" not in output, output
 
