@@ -79,8 +79,9 @@ class Guard:
             return await _error_response(error)(scope, receive, send)
         length = headers.get(b"content-length", b"0")
         if not length.isdigit() or int(length) > self.max_body:
-            error = BodyTooLarge(self.max_body) if length.isdigit() else APIError(400, "Bad Content-Length header.")
-            return await _error_response(api_error_of(error))(scope, receive, send)
+            bad = APIError(400, "Bad Content-Length header.", code="invalid_request")
+            error = api_error_of(BodyTooLarge(self.max_body)) if length.isdigit() else bad
+            return await _error_response(error)(scope, receive, send)
         received = 0
 
         async def limited() -> Message:  # chunked uploads carry no Content-Length: count as they come
@@ -110,8 +111,9 @@ class Guard:
 # ---- errors --------------------------------------------------------------------------------
 def api_error_of(e: Exception) -> APIError:
     if isinstance(e, HTTPException):
-        codes = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
-        return APIError(e.status_code, str(e.detail), param=None, code=codes.get(e.status_code))
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+        fallback = "invalid_request" if e.status_code < 500 else "server_error"
+        return APIError(e.status_code, str(e.detail), param=None, code=codes.get(e.status_code, fallback))
     return api_error(e)
 
 
