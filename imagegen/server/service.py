@@ -228,7 +228,8 @@ class ImageService:
     # ---- reporting -----------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
         return {
-            "status": "ok", "version": __version__, "uptime_seconds": round(time.time() - self.started, 1),
+            "status": "shutting_down" if self.worker.draining else "ok", "version": __version__,
+            "uptime_seconds": round(time.time() - self.started, 1),
             "queue": {"waiting": len(self.worker.queue), "running": self.worker.running is not None,
                       "max": self.limits.max_queue, **self.worker.counts},
             "memory": {"budget_bytes": self.residency.budget, "resident_bytes": self.residency.used()},
