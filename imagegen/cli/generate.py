@@ -11,7 +11,7 @@ from typing import Any
 
 import typer
 
-from .. import hub, registry
+from .. import distributed, hub, registry
 from ..errors import InvalidOptionError
 from ..image import generation_metadata, load_image, read_metadata, save_png
 from ..memory import preflight
@@ -114,6 +114,7 @@ def run(
     force: bool = typer.Option(False, "--force", help="Run even if the memory estimate says it will not fit."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+    gpus: int = typer.Option(1, "--gpus", help="Spread one image over N GPUs (one process each; FLUX.2 models)."),
 ) -> None:
     """Generate images from a text prompt."""
     saved: dict[str, Any] = read_metadata(from_image) if from_image is not None else {}
@@ -155,6 +156,14 @@ def run(
     seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
     paths = output_paths(output, spec.id, seed, count)
     check_writable(paths[0].parent)
+    if gpus != 1 and distributed.WORLD_ENV not in os.environ:
+        if gpus < 1:
+            raise InvalidOptionError(f"--gpus must be >= 1, got {gpus}.")
+        if not spec.extra.get("sequence_parallel"):
+            raise InvalidOptionError(f"Model '{spec.id}' cannot spread one image over several GPUs (--gpus).")
+        # every rank runs this command with the seed fixed here, so all draw the same noise
+        raise typer.Exit(distributed.launch([sys.executable, "-m", "imagegen", *sys.argv[1:], "--seed", str(seed)],
+                                            gpus))
 
     path = hub.resolve_weights(spec, weights)
     if spec.estimate_memory is not None:

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 import imagegen
-from imagegen import scheduler
+from imagegen import distributed, scheduler
 from imagegen.errors import InvalidImageError, WeightsError
 from imagegen.image import from_pil, to_pil
 from imagegen.memory import pipeline_weight_bytes
@@ -91,6 +91,8 @@ class Flux2Pipeline(imagegen.Pipeline):
         with self.loading("transformer"):
             self.transformer = load_model(Flux2Transformer, Flux2TransformerConfig, root / "transformer", dtype,
                                           quantize, quant_predicate)
+        # a process of `imagegen run --gpus N`: this rank runs its shard of the image tokens
+        self.transformer.sequence_parallel = distributed.from_environment()
         with self.loading("vae"):
             self.vae = AutoencoderKLFlux2.from_folder(root / "vae", dtype)
         self.scheduler = scheduler.FlowMatchEulerConfig.from_file(root / "scheduler" / "scheduler_config.json")
@@ -181,6 +183,9 @@ class Flux2Pipeline(imagegen.Pipeline):
 
     # 4. latents -> images
     def decode(self, request: imagegen.Request, latents: mx.array) -> list[Image.Image]:
+        spread = self.transformer.sequence_parallel
+        if spread is not None and spread.rank:  # every rank holds the same latents: rank 0 decodes
+            return []
         h, w = request.height // self.multiple, request.width // self.multiple
         latents = latents.reshape(latents.shape[0], h, w, -1).astype(self.vae.dtype)
         images = []

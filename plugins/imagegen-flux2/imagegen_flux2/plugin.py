@@ -35,7 +35,7 @@ def klein(size: str, base: bool) -> imagegen.ModelSpec:
         quantize_modes=ALL_MODES,
         family_default=not base and size == "4B",
         estimate_memory=estimate_memory,
-        extra={"distilled": not base},
+        extra={"distilled": not base, "sequence_parallel": True},
     )
 
 
@@ -56,7 +56,7 @@ def demo() -> imagegen.ModelSpec | None:
         tasks=(imagegen.TEXT_TO_IMAGE, imagegen.IMAGE_EDIT),
         options=EDIT_OPTIONS,
         default_dtype="float32",  # small enough; float32 keeps CPU runs exact and fast
-        extra={"distilled": True},
+        extra={"distilled": True, "sequence_parallel": True},
     )
 
 
