@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -28,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__, registry
 from ..errors import ImagegenError, InvalidImageError
+from ..options import image_input
 from ..registry import IMAGE_EDIT, TEXT_TO_IMAGE, ModelSpec
 from .errors import APIError, api_error
 from .schemas import (
@@ -149,7 +151,7 @@ def _decode_image(data: bytes, name: str) -> Image.Image:
     try:
         with Image.open(BytesIO(data)) as img:
             img.load()
-            return img.convert("RGB")
+            return image_input(img.convert("RGB"), name=Path(name).name, data=data)  # remembered by name + sha256
     except Exception as e:  # PIL raises many kinds (incl. DecompressionBombError) for bad uploads
         raise InvalidImageError(f"Upload '{name}' is not a readable image ({type(e).__name__}).") from None
 
