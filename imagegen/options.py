@@ -14,7 +14,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +24,10 @@ from .errors import InvalidOptionError
 
 SEED_MAX = 2**32 - 1  # numpy, torch and MLX all take it, and it is an exact number in any JSON client
 FRONTS = frozenset({"cli", "server", "batch", "metadata"})  # where an option travels besides Python
-KINDS = ("int", "float", "bool", "str", "choice", "image", "any")
+KINDS = ("int", "float", "bool", "str", "choice", "image", "file", "any")
 _SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 _KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
-               "image": "an image (a file path, PIL image or upload)"}
+               "image": "an image (a file path, PIL image or upload)", "file": "a path to an existing file"}
 
 
 class OptionError(InvalidOptionError):
@@ -79,6 +79,9 @@ class Option:
     convert: Callable[[Any], Any] | None = None
     fronts: frozenset[str] = FRONTS
     words: str = ""  # how the Python API phrases the range ("a positive integer"); default: the rule
+    # metadata for kind "any": dump(value) -> JSON (files by file_ref), load(json, folders) -> value (find_saved_file)
+    dump: Callable[[Any], Any] | None = field(default=None, compare=False)
+    load: Callable[[Any, Sequence[Path]], Any] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -118,6 +121,10 @@ class Option:
             return value
         if self.kind == "image":
             return image_input(value)
+        if self.kind == "file":
+            if not isinstance(value, str | Path) or not Path(value).is_file():
+                raise OptionError(self.name, _KIND_WORDS["file"], str(value))
+            return Path(value)
         if self.kind == "choice":
             if value not in self.choices:
                 raise OptionError(self.name, self.rule, value)
@@ -134,12 +141,31 @@ class Option:
         return value
 
     def to_json(self, value: Any) -> Any:
-        """The metadata form: images by file name (their content hash goes to `inputs`), the rest as is."""
+        """The metadata form: images and files by file name (their sha256 goes to `inputs`), the rest as is."""
         if value is None:
             return None
-        if self.kind == "image":
-            return [image_ref(v)["name"] for v in value] if self.repeatable else image_ref(value)["name"]
+        if self.dump is not None:
+            return self.dump(value)
+        if self.kind in ("image", "file"):
+            name = (lambda v: image_ref(v)["name"]) if self.kind == "image" else (lambda v: Path(v).name)
+            return [name(v) for v in value] if self.repeatable else name(value)
         return list(value) if self.repeatable else value
+
+    def from_json(self, value: Any, inputs: dict[str, str], folders: Sequence[Path]) -> Any:
+        """The value a PNG's metadata records, for a replay: files are found by name and checked by sha256."""
+        if self.load is not None:
+            return self.load(value, folders)
+        if self.kind not in ("image", "file"):
+            return value
+        found = [find_saved_file(n, inputs.get(Path(n).name), folders) for n in (value if self.repeatable else [value])]
+        return found if self.repeatable else found[0]
+
+    def inputs(self, value: Any) -> dict[str, str]:
+        """{file name: sha256} of the files and images in a value (recorded beside the metadata)."""
+        if value is None or self.kind not in ("image", "file"):
+            return {}
+        refs = [image_ref(v) if self.kind == "image" else file_ref(v) for v in (value if self.repeatable else [value])]
+        return {r["name"]: r["sha256"] for r in refs}
 
     def parse_text(self, text: str) -> Any:
         """A value typed as text (`-O NAME=VALUE`): JSON where it parses (numbers, true/false), else the string."""
@@ -179,7 +205,12 @@ def image_ref(image: Image.Image) -> dict[str, str]:
     return image.info.get(REF_KEY) or {"name": "", "sha256": hashlib.sha256(image.tobytes()).hexdigest()}
 
 
-def find_saved_image(name: str, sha256: str | None, folders: Sequence[Path]) -> Path:
+def file_ref(path: str | Path) -> dict[str, str]:
+    """How metadata names a file: its base name (never the path) and the sha256 of its bytes."""
+    return {"name": Path(path).name, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
+
+
+def find_saved_file(name: str, sha256: str | None, folders: Sequence[Path]) -> Path:
     """The file a PNG's metadata names, looked up by name in `folders` and accepted only when its content hash
     matches: a PNG someone sent cannot make imagegen read an arbitrary path."""
     base = Path(name).name
@@ -188,8 +219,8 @@ def find_saved_image(name: str, sha256: str | None, folders: Sequence[Path]) -> 
         if base and path.is_file() and (sha256 is None or hashlib.sha256(path.read_bytes()).hexdigest() == sha256):
             return path
     where = " or ".join(str(f) for f in folders)
-    raise InvalidOptionError(f"The saved settings use the image '{base}'{f' (sha256 {sha256[:12]}…)' if sha256 else ''}"
-                             f", which is not in {where}: pass it again.")
+    raise InvalidOptionError(f"The saved settings use the file '{base}'{f' (sha256 {sha256[:12]}…)' if sha256 else ''}"
+                             f", which is not in {where} with that content: pass it again.")
 
 
 # ---- sizes and seeds: one parser, one range -----------------------------------------------------------

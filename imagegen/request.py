@@ -22,8 +22,6 @@ from .options import (
     UnsupportedOptionError,
     draw_seed,
     family_options,
-    find_saved_image,
-    image_ref,
 )
 
 if TYPE_CHECKING:
@@ -180,10 +178,7 @@ def metadata_entries(spec: ModelSpec, request: Request, index: int) -> dict[str,
             value = request.seeds[index]
         elif option.name == "negative_prompt":
             value = request.negative_prompts[index] if request.negative_prompts else None
-        if option.kind == "image" and value is not None:
-            for image in value if option.repeatable else (value,):
-                ref = image_ref(image)
-                entries["inputs"][ref["name"]] = ref["sha256"]
+        entries["inputs"].update(option.inputs(value))
         target = entries if option.name in BY_NAME else entries["options"]
         if option.name in BY_NAME or value is not None:
             target[option.name] = option.to_json(value)
@@ -207,10 +202,5 @@ def replayed(spec: ModelSpec, saved: dict[str, Any], folders: Sequence[Path]) ->
         value = source.get(option.name)
         if "metadata" not in option.fronts or not given(value) or not accepts(spec, option):
             continue
-        if option.kind == "image":
-            hashes = saved.get("inputs") or {}
-            names = value if option.repeatable else [value]
-            found = [find_saved_image(n, hashes.get(Path(n).name), folders) for n in names]
-            value = found if option.repeatable else found[0]
-        values[option.name] = value
+        values[option.name] = option.from_json(value, saved.get("inputs") or {}, folders)
     return values

@@ -136,8 +136,15 @@ def test_every_option_walks_through_every_front_end(option):
         assert metadata_value(read_metadata("b.png"), option) == expected(option, value)
         assert np.array_equal(np.asarray(Image.open("a.png")), np.asarray(Image.open("b.png")))
 
-    # server: a JSON field (the family's under `options`) -> the same request
-    if "server" in option.fronts or family:
+    # server: a JSON field (the family's under `options`), or a multipart upload for images -> the same request
+    if option.kind == "image" and "server" in option.fronts:
+        uploads = [imagegen.options.image_input(Path(v)) for v in (value if option.repeatable else [value])]
+        plan = ImageService(Limits(), None).plan(ImageOptions(prompt="x", model="walk"), "text-to-image",
+                                                 files={option.name: uploads})
+        names = [image_ref(i)["name"] for i in plan.request.option(option.name)] if option.repeatable else \
+            image_ref(plan.request.option(option.name))["name"]
+        assert names == expected(option, value)
+    elif "server" in option.fronts or family:
         fields = {"options": {option.name: value}} if family else {option.name: value}
         assert family or option.name in ImageOptions.model_fields
         plan = ImageService(Limits(), None).plan(ImageOptions(prompt="x", model="walk", **fields), "text-to-image")

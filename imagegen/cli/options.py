@@ -15,7 +15,8 @@ from ..errors import InvalidOptionError
 from ..options import OPTIONS, Option, OptionError, UnsupportedOptionError
 
 F = TypeVar("F", bound=Callable[..., Any])
-_TYPES = {"int": int, "float": float, "str": str, "choice": str, "image": Path}
+# the flag's text type per kind ("any": `convert` parses the text)
+_TYPES = {"int": int, "float": float, "str": str, "choice": str, "image": Path, "file": Path, "any": str}
 
 
 def cli_options(options: Sequence[Option] = OPTIONS) -> list[Option]:

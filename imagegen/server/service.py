@@ -23,7 +23,7 @@ from ..pipeline import Pipeline, Request, Step, check_size
 from ..registry import IMAGE_EDIT, ModelSpec
 from .errors import APIError
 from .residency import Residency
-from .schemas import ImageOptions, parse_size
+from .schemas import UPLOADS, ImageOptions, parse_size
 from .settings import Limits
 from .store import ImageStore
 from .worker import DeviceWorker, Job
@@ -115,8 +115,9 @@ class ImageService:
         return name
 
     def plan(self, options: ImageOptions, task: str, images: Sequence[Image.Image] = (),
-             image_names: Sequence[str] = ()) -> Plan:
-        """Check everything that can be checked before the request waits in the queue."""
+             image_names: Sequence[str] = (), files: dict[str, list[Image.Image]] | None = None) -> Plan:
+        """Check everything that can be checked before the request waits in the queue. `files`: uploads of
+        declared image options by field name (one each unless the option is repeatable)."""
         spec = registry.get(options.model or self.default_model())
         if task not in spec.tasks:
             able = [s.id for s in registry.all_specs() if task in s.tasks]
@@ -143,7 +144,12 @@ class ImageService:
         if unknown:
             raise APIError(400, f"Model '{spec.id}' does not support the option '{unknown[0]}'.", param="options",
                            code="unsupported_option")
-        values = {o.name: getattr(options, o.name) for o in OPTIONS if "server" in o.fronts}
+        values = {o.name: getattr(options, o.name) for o in OPTIONS if "server" in o.fronts and o.name not in UPLOADS}
+        for option in (o for o in OPTIONS if o.name in (files or {})):
+            uploaded = files[option.name]
+            if len(uploaded) > 1 and not option.repeatable:
+                raise APIError(400, f"Give one '{option.name}' file.", param=option.name, code="invalid_value")
+            values[option.name] = uploaded if option.repeatable else uploaded[0]
         names = [*image_names, *[None] * len(images)]  # uploads are recorded by base name, never as a path
         images = [image_input(i, name=Path(n).name if n else None) for i, n in zip(images, names)]
         with request_errors():
