@@ -10,7 +10,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from imagegen.distributed import SequenceParallel
 from imagegen.nn import TimestepEmbedding, timestep_embedding
 from imagegen.nn.attention_inputs import attention_blhd, qk_norm_rope
 from imagegen.nn.pacing import PacedBlocks, Pacer
@@ -249,7 +248,7 @@ class Flux2Transformer(PacedBlocks, nn.Module):
     if any, follow the noisy latents (and the output keeps them: slice back to the latents' count)."""
 
     paced_lists = ("transformer_blocks", "single_transformer_blocks")
-    sequence_parallel: SequenceParallel | None = None  # set to spread one call's image tokens over ranks
+    sequence_parallel = None  # an imagegen.distributed.SequenceParallel spreads one call's image tokens over ranks
 
     def __init__(self, config: Flux2TransformerConfig):
         super().__init__()
