@@ -29,6 +29,7 @@ from PIL import Image, ImageFile
 import imagegen
 from imagegen import plugins
 from imagegen.image import METADATA_KEY
+from imagegen.options import image_ref
 from imagegen.server.embedded import serve_in_thread as running
 
 ENCODES: list[str] = []  # prompts the slow-loading demo encoded
@@ -137,11 +138,11 @@ def test_an_accepted_upload_is_scaled_to_the_models_working_size():
     from imagegen.server.uploads import decode
 
     spec = imagegen.registry.get("flux2-demo")  # max_pixels 512x512; uploads up to 4x that are accepted
-    upload = decode(png_bytes((2048, 256)), "wide.png", 0, spec)  # twice the budget's pixels: scaled by 1/sqrt(2)
-    assert upload.image.size == (1448, 181) and upload.image.mode == "RGB"
-    assert upload.image.size[0] * upload.image.size[1] <= spec.max_pixels
-    small = decode(png_bytes((200, 100)), "small.png", 0, spec)
-    assert small.image.size == (200, 100)  # within the budget: untouched
+    wide = png_bytes((2048, 256))
+    upload = decode(wide, "wide.png", 0, spec)  # twice the budget's pixels: scaled by 1/sqrt(2)
+    assert upload.size == (1448, 181) and upload.mode == "RGB" and 1448 * 181 <= spec.max_pixels
+    assert image_ref(upload) == {"name": "wide.png", "sha256": hashlib.sha256(wide).hexdigest()}
+    assert decode(png_bytes((200, 100)), "small.png", 0, spec).size == (200, 100)  # within the budget: untouched
 
 
 # ---- 2. the prompt length --------------------------------------------------------------------
@@ -193,20 +194,19 @@ def test_sigterm_drains_in_flight_requests_then_answers_the_rest_with_errors():
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         wait_for(lambda: proc.poll() is None and _loaded(url), 60)
-        quick = {"model": "flux2-demo", "prompt": "a red circle", "steps": 1, "size": "64x64", "seed": 1}
+        quick = {"model": "flux2-demo", "prompt": "a red circle", "steps": 4, "size": "64x64", "seed": 1}
         slow = {"model": "flux2-demo", "prompt": "a blue square", "steps": 200, "size": "64x64"}
+        before = _accepted(url)  # the preload counts as a job done
         with ThreadPoolExecutor(3) as pool:
-            finishing = pool.submit(httpx.post, f"{url}/v1/images/generations", json=quick, timeout=60)
-            time.sleep(0.3)
-            streaming = pool.submit(httpx.post, f"{url}/v1/images/generations", json={**slow, "stream": True},
-                                    timeout=60)
-            time.sleep(0.3)
-            waiting = pool.submit(httpx.post, f"{url}/v1/images/generations", json=slow, timeout=60)
-            time.sleep(0.3)
+            answers = []
+            for body in (quick, {**slow, "stream": True}, slow):  # one at a time, each seen by the server
+                answers.append(pool.submit(httpx.post, f"{url}/v1/images/generations", json=body, timeout=60))
+                wait_for(lambda: _accepted(url) == before + len(answers))
             proc.send_signal(signal.SIGTERM)
             time.sleep(0.5)
             with pytest.raises(httpx.ConnectError):  # no new connections once draining
                 httpx.get(f"{url}/health", timeout=2)
+            finishing, streaming, waiting = answers
             finished, streamed, refused = finishing.result(), streaming.result(), waiting.result()
         output, _ = proc.communicate(timeout=30)
     finally:
@@ -220,6 +220,11 @@ def test_sigterm_drains_in_flight_requests_then_answers_the_rest_with_errors():
     assert events[-1][0] == "error" and events[-1][1]["error"]["code"] == "server_shutting_down", output
     assert proc.returncode in (0, -signal.SIGTERM), output
     assert "Traceback" not in output and "never retrieved" not in output, output
+
+
+def _accepted(url: str) -> int:
+    queue = httpx.get(f"{url}/health", timeout=5).json()["queue"]
+    return queue["waiting"] + queue["running"] + queue["done"]
 
 
 def _loaded(url: str) -> bool:
@@ -281,8 +286,12 @@ def test_clients_take_turns_by_address_whatever_user_they_claim(server, monkeypa
     service = app.state.service
     order: list[str] = []
     real_run = service._run
-    monkeypatch.setattr(service, "_run", lambda plan, job, emit: (order.append(plan.prompt), real_run(plan, job,
-                                                                                                      emit))[1])
+
+    def noting_run(plan, job, emit):
+        order.append(plan.request.prompts[0])
+        return real_run(plan, job, emit)
+
+    monkeypatch.setattr(service, "_run", noting_run)
     body = {"model": "flux2-demo", "steps": 1, "size": "64x64", "seed": 3}
     with device_held(app) as gate, client_at(url, "127.0.0.1") as busy, client_at(url, "127.0.0.2") as other, \
             ThreadPoolExecutor(4) as pool:
@@ -363,5 +372,6 @@ def test_an_uploads_name_is_recorded_without_its_path(http):
                          files={"image": ("../../home/someone/\x1b[31mref.png", reference, "image/png")})
     assert response.status_code == 200, response.text
     image = Image.open(io.BytesIO(__import__("base64").b64decode(response.json()["data"][0]["b64_json"])))
-    recorded = json.loads(image.text[METADATA_KEY])["images"]
-    assert recorded == [{"name": "[31mref.png", "sha256": hashlib.sha256(reference).hexdigest()}]
+    metadata = json.loads(image.text[METADATA_KEY])
+    assert metadata["images"] == ["[31mref.png"]
+    assert metadata["inputs"] == {"[31mref.png": hashlib.sha256(reference).hexdigest()}

@@ -21,6 +21,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from PIL import Image
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -33,6 +34,7 @@ from ..registry import IMAGE_EDIT, TEXT_TO_IMAGE, ModelSpec
 from . import uploads
 from .errors import APIError, api_error
 from .schemas import (
+    UPLOADS,
     EditRequest,
     ErrorResponse,
     GenerationRequest,
@@ -46,7 +48,6 @@ from .schemas import (
 )
 from .service import ImageService, Outcome, Plan
 from .settings import Limits, parse_duration
-from .uploads import Upload
 from .worker import Cancelled, Job, QueueFullError, ShuttingDown
 
 log = logging.getLogger("imagegen.server")
@@ -170,9 +171,14 @@ def _parse(read: Callable[[], Any]) -> Any:
         raise validation_error(e.errors()) from None
 
 
-async def _read_edit_form(request: Request, service: ImageService) -> tuple[EditRequest, list[Upload]]:
-    """The multipart body of an edit: the other fields, then the images, each checked from its header before
-    any is decoded and then decoded and scaled down off the event loop."""
+Uploads = dict[str, list[Image.Image]]
+
+
+async def _read_edit_form(request: Request, service: ImageService) -> tuple[EditRequest, list[Image.Image],
+                                                                          Uploads]:
+    """The multipart body of an edit: the other fields, the images and the uploads of declared image options
+    (imagegen.options, e.g. a mask) by field name. Every upload is checked from its header before any is
+    decoded, then decoded and scaled down off the event loop."""
     limits = service.limits
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise APIError(400, "Edits take multipart/form-data: the image file(s) and the fields.",
@@ -180,12 +186,14 @@ async def _read_edit_form(request: Request, service: ImageService) -> tuple[Edit
     try:
         async with request.form(max_files=limits.max_images_in, max_fields=64) as form:
             fields: dict[str, Any] = {}
-            files: list[UploadFile] = []
+            files: list[tuple[str, UploadFile]] = []  # (field, file); field "" for the images to edit
             for name, value in form.multi_items():
-                if name in IMAGE_FIELDS:
+                if name in UPLOADS and isinstance(value, UploadFile):
+                    files.append((name, value))
+                elif name in IMAGE_FIELDS:
                     if not isinstance(value, UploadFile):
                         raise APIError(400, f"'{name}' must be a file upload.", param="image", code="invalid_image")
-                    files.append(value)
+                    files.append(("", value))
                 elif isinstance(value, UploadFile):
                     hint = " (masks are not supported)" if name == "mask" else ""
                     raise APIError(400, f"Unexpected file field '{name}'{hint}.", param=name,
@@ -194,7 +202,7 @@ async def _read_edit_form(request: Request, service: ImageService) -> tuple[Edit
                     raise APIError(400, f"Field '{name}' given twice.", param=name, code="duplicate_key")
                 else:
                     fields[name] = value
-            blobs = [(await f.read(), f.filename) for f in files]
+            blobs = [(field, await f.read(), f.filename) for field, f in files]
     except (MultiPartException, HTTPException) as e:  # Starlette reports parser errors as a 400 HTTPException
         if isinstance(e, HTTPException) and e.status_code != 400:
             raise
@@ -202,9 +210,11 @@ async def _read_edit_form(request: Request, service: ImageService) -> tuple[Edit
         raise APIError(400, f"Bad multipart body: {detail}", code="invalid_multipart") from None
     options = _parse(lambda: EditRequest.from_form(fields))
     spec = registry.get(options.model or service.default_model())
-    uploads.check_all(blobs, spec)
-    images = [await asyncio.to_thread(uploads.decode, data, name, i, spec) for i, (data, name) in enumerate(blobs)]
-    return options, images
+    uploads.check_all([(data, name) for _, data, name in blobs], spec)
+    decoded: Uploads = {}
+    for i, (field, data, name) in enumerate(blobs):
+        decoded.setdefault(field, []).append(await asyncio.to_thread(uploads.decode, data, name, i, spec))
+    return options, decoded.pop("", []), decoded
 
 
 def _client(request: Request) -> str:
@@ -382,8 +392,8 @@ def create_app(models: Sequence[str] = (), keep_alive: str | float | None = "5m"
     @app.post("/v1/images/edits", response_model=ImagesResponse, tags=["images"], openapi_extra=form_schema(),
               summary="Edit or combine images following a prompt (multipart/form-data)")
     async def edits(request: Request) -> Response:
-        options, images = await _read_edit_form(request, service)
-        plan = service.plan(options, IMAGE_EDIT, [u.image for u in images], [u.record() for u in images])
+        options, images, files = await _read_edit_form(request, service)
+        plan = service.plan(options, IMAGE_EDIT, images, files=files)
         return await responder.answer(request, plan, options, "image_edit")
 
     @app.get("/v1/files/images/{name}", tags=["images"], summary="An image made with response_format='url'",

@@ -12,11 +12,14 @@ import math
 import re
 from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
 
 from ..errors import InvalidOptionError
+from ..options import OPTIONS, Option
+from ..options import parse_size as parse_text_size
 
-_SIZE = re.compile(r"^\s*([0-9]+)\s*[xX]\s*([0-9]+)\s*$", re.ASCII)  # ASCII: int() would read fullwidth digits
+_TYPES: dict[str, Any] = {"int": int, "float": float, "bool": bool, "str": str, "choice": str, "any": Any}
+UPLOADS = {o.name for o in OPTIONS if "server" in o.fronts and o.kind == "image"}  # multipart file fields
 _FORM_INT = re.compile(r"^-?[0-9]+$", re.ASCII)
 _FORM_FLOAT = re.compile(r"^-?[0-9]+(\.[0-9]*)?([eE][-+]?[0-9]+)?$", re.ASCII)
 _JSON_TYPES = ("application/json",)
@@ -34,10 +37,7 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     """"WxH" -> (width, height); None or "auto" -> the model's default (None, None)."""
     if size is None or size.strip().lower() == "auto":
         return None, None
-    match = _SIZE.match(size)
-    if match is None:
-        raise InvalidOptionError(f"Invalid size '{size}': use 'WIDTHxHEIGHT' (e.g. '1024x768') or 'auto'.")
-    return int(match.group(1)), int(match.group(2))
+    return parse_text_size(size)
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -93,7 +93,15 @@ def _form_value(annotation: Any, name: str, text: str) -> Any:
     return text
 
 
-class ImageOptions(BaseModel):
+def option_field(option: Option) -> tuple[Any, Any]:
+    """A declared option as a JSON field: its type, range and help (the request check enforces them again)."""
+    kind = _TYPES[option.kind]
+    annotation = list[kind] if option.repeatable else kind  # type: ignore[valid-type]
+    bounds = {k: v for k, v in (("ge", option.minimum), ("le", option.maximum)) if v is not None}
+    return annotation | None, Field(None, description=f"imagegen: {option.help}", **bounds)
+
+
+class OpenAIOptions(BaseModel):
     """Fields shared by generations (JSON) and edits (multipart form)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -110,11 +118,8 @@ class ImageOptions(BaseModel):
     output_format: Literal["png"] | None = Field(None, description="Only 'png'.")
     user: str | None = Field(None, max_length=256, description="End-user id; a client's requests take turns "
                              "per user.")
-    seed: int | None = Field(None, ge=0, lt=2**31, description="imagegen: seed of the first image (+i for image i).")
-    steps: int | None = Field(None, ge=1, description="imagegen: denoising steps (default: the model's).")
-    guidance: float | None = Field(None, ge=0, description="imagegen: guidance scale, for models that take it.")
-    negative_prompt: str | None = Field(None, description="imagegen: for models that accept one.")
     quantize: str | None = Field(None, description="imagegen: quantization of the resident model, e.g. '4', '8'.")
+    options: dict[str, Any] | None = Field(None, description="imagegen: the model's own options (see /v1/models).")
 
     @field_validator("prompt")
     @classmethod
@@ -141,6 +146,13 @@ class ImageOptions(BaseModel):
         known = cls.model_fields
         values = {k: _form_value(known[k].annotation, k, v) if k in known else v for k, v in fields.items()}
         return cls.model_validate(values, strict=True)
+
+
+# OpenAI's fields plus one per option declared for the server (imagegen.options)
+ImageOptions = create_model(
+    "ImageOptions", __base__=OpenAIOptions, __doc__="Fields shared by generations (JSON) and edits (multipart form).",
+    **{o.name: option_field(o) for o in OPTIONS if "server" in o.fronts and o.name not in UPLOADS},
+)
 
 
 class GenerationRequest(ImageOptions):

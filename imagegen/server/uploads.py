@@ -3,33 +3,21 @@ model's working size on arrival, and recorded by content hash and file name (nev
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
-from dataclasses import dataclass
 from io import BytesIO
 from pathlib import PurePosixPath
 
 from PIL import Image
 
 from ..errors import InvalidImageError
+from ..options import image_input
 from ..registry import ModelSpec
 
 # An upload may hold this many times the model's largest output (twice its side): a phone photo for a
 # 2048x2048 model. It is scaled down on arrival, so no request holds more than one such image decoded.
 UPLOAD_AREA_FACTOR = 4
 _UNSAFE_NAME = re.compile(r"[\x00-\x1f\x7f\u202a-\u202e\u2066-\u2069]")  # control and bidi-override characters
-
-
-@dataclass(frozen=True)
-class Upload:
-    image: Image.Image  # RGB, at most the model's max_pixels
-    name: str  # the client's file name, without folders
-    sha256: str  # of the bytes as sent
-
-    def record(self) -> dict[str, str]:
-        """How the image appears in the PNG metadata: enough to find the same file again, not a path."""
-        return {"name": self.name, "sha256": self.sha256}
 
 
 def pixel_budget(spec: ModelSpec) -> int:
@@ -71,8 +59,9 @@ def working_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
     return max(1, int(width * scale)), max(1, int(height * scale))
 
 
-def decode(data: bytes, filename: str | None, index: int, spec: ModelSpec) -> Upload:
-    """Check, decode and scale one upload (CPU work: run it off the event loop)."""
+def decode(data: bytes, filename: str | None, index: int, spec: ModelSpec) -> Image.Image:
+    """Check, decode and scale one upload (CPU work: run it off the event loop); the image remembers the
+    upload's file name and the sha256 of its bytes for the metadata (imagegen.options.image_input)."""
     name = safe_name(filename, index)
     with open_upload(data, name, spec) as img:
         target = working_size(*img.size, spec.max_pixels)
@@ -85,7 +74,7 @@ def decode(data: bytes, filename: str | None, index: int, spec: ModelSpec) -> Up
     target = working_size(*rgb.size, spec.max_pixels)  # the draft may have done part of the way
     if rgb.size != target:
         rgb = rgb.resize(target, Image.Resampling.LANCZOS)  # as FLUX.2 scales its references
-    return Upload(rgb, name, hashlib.sha256(data).hexdigest())
+    return image_input(rgb, name=name, data=data)
 
 
 def check_all(blobs: list[tuple[bytes, str | None]], spec: ModelSpec) -> None:
