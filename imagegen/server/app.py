@@ -393,7 +393,7 @@ def create_app(models: Sequence[str] = (), keep_alive: str | float | None = "5m"
               summary="Edit or combine images following a prompt (multipart/form-data)")
     async def edits(request: Request) -> Response:
         options, images, files = await _read_edit_form(request, service)
-        plan = service.plan(options, IMAGE_EDIT, images, files=files)
+        plan = await asyncio.to_thread(service.plan, options, IMAGE_EDIT, images, files)  # sizes the references
         return await responder.answer(request, plan, options, "image_edit")
 
     @app.get("/v1/files/images/{name}", tags=["images"], summary="An image made with response_format='url'",
