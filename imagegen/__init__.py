@@ -6,7 +6,7 @@ The names here are the public API that users and plugins (in-tree and third-part
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
-from . import registry
+from . import block_loop, registry
 from .config import HFConfig, Options
 from .errors import (
     ImagegenError,
@@ -17,6 +17,7 @@ from .errors import (
     WeightsError,
     WeightsNotFoundError,
 )
+from .block_loop import BlockLoopOption
 from .hookspecs import hookimpl
 from .pipeline import GenerationResult, Pipeline, Request, Run, Step, seeded_noise
 from .registry import IMAGE_EDIT, TEXT_TO_IMAGE, ModelSpec
@@ -27,8 +28,8 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
 __all__ = [
-    "GenerationResult", "HFConfig", "IMAGE_EDIT", "ImagegenError", "InvalidImageError", "InvalidOptionError",
+    "BlockLoopOption", "GenerationResult", "HFConfig", "IMAGE_EDIT", "ImagegenError", "InvalidImageError", "InvalidOptionError",
     "ModelSpec", "Options", "Pipeline", "PluginError", "Request", "Run", "Step", "TEXT_TO_IMAGE",
-    "UnknownModelError", "WeightsError", "WeightsNotFoundError", "hookimpl", "registry", "seeded_noise",
+    "UnknownModelError", "WeightsError", "WeightsNotFoundError", "block_loop", "hookimpl", "registry", "seeded_noise",
     "__version__",
 ]

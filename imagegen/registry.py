@@ -47,6 +47,8 @@ class ModelSpec:
     family_default: bool = False  # the family name resolves to this variant
     # estimate_memory(spec, weights: Path | None, dtype, quantize, width, height, batch) -> bytes at peak
     estimate_memory: Callable[..., int] | None = None
+    # the pipeline runs its transformer blocks through imagegen.block_loop: plugins' block-loop options apply
+    block_loop: bool = False
     plugin: str = ""  # filled in by the registry
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
@@ -115,6 +117,10 @@ def _build() -> dict[str, ModelSpec]:
             aliases.update({a: spec.id for a in spec.aliases})
             if info is not None and spec.id not in info.models:
                 info.models.append(spec.id)
+    loop_options = _block_loop_parsers() if any(s.block_loop for s in specs.values()) else {}
+    for key, spec in specs.items():
+        if spec.block_loop:
+            specs[key] = replace(spec, extra_options={**loop_options, **spec.extra_options})
     families: dict[str, str] = {}
     for spec in specs.values():
         if spec.family_default or spec.family not in families:
@@ -124,6 +130,12 @@ def _build() -> dict[str, ModelSpec]:
     _aliases.clear(), _aliases.update(aliases)
     _families.clear(), _families.update({f: i for f, i in families.items() if f not in specs})
     return specs
+
+
+def _block_loop_parsers() -> dict[str, Callable[[Any], Any]]:
+    from . import block_loop
+
+    return {name: option.parse for name, option in block_loop.options().items()}
 
 
 def _registry() -> dict[str, ModelSpec]:

@@ -7,6 +7,7 @@ import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 import imagegen
-from imagegen import scheduler
+from imagegen import block_loop, scheduler
 from imagegen.errors import InvalidImageError, WeightsError
 from imagegen.image import from_pil, to_pil
 from imagegen.memory import pipeline_weight_bytes
@@ -164,6 +165,11 @@ class Flux2Pipeline(imagegen.Pipeline):
         references = None
         if cond.references is not None:
             references = mx.broadcast_to(cond.references, (text.shape[0], *cond.references.shape[1:]))
+        forward = self._forward
+        wrapper = block_loop.start(request)
+        if wrapper is not None:  # diffusers runs CFG as two calls, "cond" and "uncond": a wrapper sees both parts
+            parts = (("cond", slice(0, b)), ("uncond", slice(b, None))) if cond.negative is not None else ()
+            forward = partial(self.transformer, wrapper=wrapper, contexts=parts or (("cond", slice(None)),))
         for i in range(request.steps):
             x = latents.astype(self.model_dtype)
             if cond.negative is not None:
@@ -171,7 +177,7 @@ class Flux2Pipeline(imagegen.Pipeline):
             if references is not None:
                 x = mx.concatenate([x, references], axis=1)
             t = mx.full((x.shape[0],), float(np.float32(timesteps[i]) / np.float32(1000)))
-            velocity = self._forward(x, text, t, rope)[:, :n]
+            velocity = forward(x, text, t, rope)[:, :n]
             if cond.negative is not None:
                 pos, neg = velocity[:b], velocity[b:]
                 velocity = neg + request.guidance * (pos - neg)

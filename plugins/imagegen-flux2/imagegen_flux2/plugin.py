@@ -35,6 +35,7 @@ def klein(size: str, base: bool) -> imagegen.ModelSpec:
         quantize_modes=ALL_MODES,
         family_default=not base and size == "4B",
         estimate_memory=estimate_memory,
+        block_loop=True,
         extra={"distilled": not base},
     )
 
@@ -56,6 +57,7 @@ def demo() -> imagegen.ModelSpec | None:
         tasks=(imagegen.TEXT_TO_IMAGE, imagegen.IMAGE_EDIT),
         options=EDIT_OPTIONS,
         default_dtype="float32",  # small enough; float32 keeps CPU runs exact and fast
+        block_loop=True,
         extra={"distilled": True},
     )
 

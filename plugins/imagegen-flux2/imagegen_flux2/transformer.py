@@ -10,6 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from imagegen import block_loop
 from imagegen.nn import TimestepEmbedding, timestep_embedding
 from imagegen.nn.attention_inputs import attention_blhd, qk_norm_rope
 from imagegen.nn.pacing import PacedBlocks, Pacer
@@ -296,10 +297,13 @@ class Flux2Transformer(PacedBlocks, nn.Module):
         timestep: mx.array,
         rope: Rope,
         guidance: mx.array | None = None,
+        wrapper: block_loop.LoopWrapper | None = None,
+        contexts: tuple[tuple[str, slice], ...] = (("cond", slice(None)),),
     ) -> mx.array:
         """hidden_states [B, N_img, C_in] and encoder_hidden_states [B, N_txt, D_joint], in the model's dtype;
         timestep [B] in [0, 1] (the pipeline's t / 1000); rope from `self.rope` covering N_txt + N_img tokens;
-        guidance [B] as diffusers passes it (used only by checkpoints with a guidance embedder).
+        guidance [B] as diffusers passes it (used only by checkpoints with a guidance embedder); `wrapper` and
+        `contexts`: a plugin's block-loop wrapper for this run and the batch's parts (imagegen.block_loop).
         Returns [B, N_img, C_out]."""
         n_txt, n_img = encoder_hidden_states.shape[1], hidden_states.shape[1]
         if rope[0].shape[-2] != n_txt + n_img:
@@ -318,11 +322,23 @@ class Flux2Transformer(PacedBlocks, nn.Module):
         context = self.context_embedder(encoder_hidden_states)
         every, double, single = self.paced_blocks()
         pace = Pacer(every)
-        for block in double:
-            x, context = block(x, context, mod_img, mod_txt, rope)
+
+        def first_block(state: block_loop.State) -> block_loop.State:
+            x, context = double[0](*state, mod_img, mod_txt, rope)
             pace(x, context)
-        x = mx.concatenate([context, x], axis=1)
-        for block in single:
-            x = block(x, mod_single, rope)
-            pace(x)
-        return self.proj_out(self.norm_out(x[:, n_txt:], temb))
+            return x, context
+
+        def later_blocks(state: block_loop.State) -> block_loop.State:
+            x, context = state
+            for block in double[1:]:
+                x, context = block(x, context, mod_img, mod_txt, rope)
+                pace(x, context)
+            x = mx.concatenate([context, x], axis=1)
+            for block in single:
+                x = block(x, mod_single, rope)
+                pace(x)
+            return x[:, n_txt:], x[:, :n_txt]
+
+        loop = block_loop.BlockLoop(first_block, later_blocks, contexts)
+        x, _ = block_loop.run(wrapper, loop, (x, context))
+        return self.proj_out(self.norm_out(x, temb))

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 import imagegen
-from imagegen import scheduler
+from imagegen import block_loop, scheduler
 from imagegen.errors import InvalidOptionError, WeightsError
 from imagegen.image import to_pil
 from imagegen.memory import pipeline_weight_bytes
@@ -84,11 +84,11 @@ class ZImagePipeline(imagegen.Pipeline):
         self.paced = every
         self.transformer.pace(every if self.compile else 0)
 
-    def forward(self, layout: Layout):
+    def forward(self, layout: Layout, wrapper: block_loop.LoopWrapper | None = None):
         """The transformer for one layout: paced, or compiled once per layout (the layout holds no arrays
-        mx.compile could take as inputs, so it is closed over)."""
-        if not self.compile or self.paced:
-            return lambda x, t, c: self.transformer(x, t, c, layout)
+        mx.compile could take as inputs, so it is closed over); uncompiled around a plugin's block-loop wrapper."""
+        if not self.compile or self.paced or wrapper is not None:
+            return lambda x, t, c: self.transformer(x, t, c, layout, wrapper)
         if id(layout) not in self._compiled:
             self._compiled[id(layout)] = (layout, mx.compile(lambda x, t, c: self.transformer(x, t, c, layout)))
         return self._compiled[id(layout)][1]
@@ -130,12 +130,13 @@ class ZImagePipeline(imagegen.Pipeline):
         sigmas = scheduler.sigmas(cfg, request.steps, custom, mu)
         timesteps = scheduler.timesteps(sigmas, cfg.num_train_timesteps)
         t_norms = (np.float32(1000) - timesteps) / np.float32(1000)  # the transformer's time input
-        forward = self.forward(self.transformer.layout(cond.lengths, h, w))
+        wrapper = block_loop.start(request)
+        forward = self.forward(self.transformer.layout(cond.lengths, h, w), wrapper)
         if cond.negative is not None:
             width = max(cond.text.shape[1], cond.negative.shape[1])
             pad = [mx.pad(t, [(0, 0), (0, width - t.shape[1]), (0, 0)]) for t in (cond.text, cond.negative)]
             both = mx.concatenate(pad)
-            forward_cfg = self.forward(self.transformer.layout(cond.lengths + cond.negative_lengths, h, w))
+            forward_cfg = self.forward(self.transformer.layout(cond.lengths + cond.negative_lengths, h, w), wrapper)
         truncation = request.option("cfg_truncation", 1.0)
         normalization = request.option("cfg_normalization", 0.0)
         for i in range(request.steps):
