@@ -32,10 +32,11 @@ from imagegen.testing import assert_images_match, make_qwen3, make_tokenizer
 
 VOCAB = 416  # the test tokenizer's vocabulary with its added tokens
 SIZE = (64, 48)  # width, height
-STEPS = 10
+STEPS = 7
 PROMPT, NEGATIVE = "a red fox in the snow", "blurry"
 KLEIN_SCHEDULER = {"base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15,
                    "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True}
+KLEIN_TEXT = {"text_encoder_out_layers": [1, 2, 3], "max_sequence_length": 32}  # a short prompt, a small encoder
 ZIMAGE_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False}
 
 
@@ -58,7 +59,7 @@ def text_parts(folder: Path, layers: int) -> dict:
 
 def build_klein(folder: Path) -> Flux2KleinPipeline:
     """Klein base: 2 double + 2 single blocks, so the cache has a first block, middle blocks and a last one."""
-    text = text_parts(folder, layers=28)  # Klein reads Qwen3 layers 9, 18 and 27
+    text = text_parts(folder, layers=4)
     torch.manual_seed(2)
     transformer = Flux2Transformer2DModel(
         patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
@@ -70,6 +71,7 @@ def build_klein(folder: Path) -> Flux2KleinPipeline:
     pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**KLEIN_SCHEDULER), vae=vae.eval(),
                               transformer=transformer.eval(), is_distilled=False, **text)
     pipe.save_pretrained(folder)
+    (folder / "imagegen.json").write_text(json.dumps(KLEIN_TEXT))  # read by imagegen; diffusers gets them as kwargs
     return pipe
 
 
@@ -159,7 +161,9 @@ def reference(family: str, folder: Path, config, monkeypatch) -> tuple[list, dic
     kwargs = dict(prompt=PROMPT, guidance_scale=4.0, num_inference_steps=STEPS,
                   latents=torch.from_numpy(noise(family)), width=SIZE[0], height=SIZE[1])
     if family == "klein":  # Flux2KleinPipeline takes the negative prompt as embeddings only
-        images = pipe(**kwargs, negative_prompt_embeds=pipe.encode_prompt(NEGATIVE)[0]).images
+        negative = pipe.encode_prompt(NEGATIVE, max_sequence_length=32, text_encoder_out_layers=(1, 2, 3))[0]
+        images = pipe(**kwargs, negative_prompt_embeds=negative, max_sequence_length=32,
+                      text_encoder_out_layers=(1, 2, 3)).images
     else:  # the Z-Image pipeline sets no cache context of its own: one context for the whole (CFG) batch
         _set_cache_context(pipe.transformer, CacheContext("cond"))
         images = pipe(**kwargs, negative_prompt=NEGATIVE).images
@@ -183,7 +187,7 @@ def ours(family: str, folder: Path, cache: str, monkeypatch) -> tuple[list, dict
     return result.images, {name: steps for name, steps in wrapper.skipped().items() if steps}
 
 
-@pytest.mark.parametrize("family,threshold", [("klein", 0.8), ("zimage", 0.6)])
+@pytest.mark.parametrize("family,threshold", [("klein", 0.68), ("zimage", 0.6)])
 def test_first_block_cache_matches_diffusers(family, threshold, klein, zimage, monkeypatch):
     folder = klein if family == "klein" else zimage
     want, want_skipped = reference(family, folder, FirstBlockCacheConfig(threshold=threshold), monkeypatch)
