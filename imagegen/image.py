@@ -94,6 +94,7 @@ def generation_metadata(pipe: Pipeline, result: GenerationResult, index: int = 0
         "model": spec.id, "weights": hub.weights_identity(spec, pipe.weights), "seed": result.seeds[index],
         "steps": request.steps, "guidance": request.guidance, "width": request.width, "height": request.height,
         "quantize": pipe.quantize, "dtype": pipe.dtype, "images": [], "options": dict(request.extra),
+        "components": dict(pipe.components),
         "imagegen": __version__, "plugin": f"{plugin.distribution} {plugin.version}" if plugin else spec.plugin,
         "timings": {k: round(v, 4) for k, v in result.timings.items()},
     }

@@ -40,6 +40,8 @@ class ModelSpec:
     size_multiple: int = 16
     tasks: tuple[str, ...] = (TEXT_TO_IMAGE,)
     options: frozenset[str] = frozenset()  # subset of OPTIONAL_OPTIONS this model accepts
+    # components the pipeline can load from another folder or repo: spec.pipeline(vae=DIR) for "vae"
+    components: frozenset[str] = frozenset()
     # family-specific generate() options: name -> parser that validates a value (raises InvalidOptionError)
     extra_options: dict[str, Callable[[Any], Any]] = field(default_factory=dict, hash=False, compare=False)
     quantize_modes: tuple[str, ...] = ()  # accepted --quantize values; empty = no quantization

@@ -110,6 +110,10 @@ def run(
     tile: bool = typer.Option(False, "--tile", help="Decode the image in tiles (less memory)."),
     option: list[str] = typer.Option(None, "--option", "-O", help="A model-specific option NAME=VALUE, e.g. "
                                      "cfg_truncation=0.9 (zimage); repeatable."),
+    cache: str = typer.Option(None, "--cache", help="Step caching (with the imagegen-cache plugin): "
+                              "first-block[:THRESHOLD], mag[:THRESHOLD],ratios=FILE, or off."),
+    vae: str = typer.Option(None, "--vae", help="Another VAE: a diffusers folder or cached repo id, e.g. "
+                            "black-forest-labs/FLUX.2-small-decoder (flux2)."),
     from_image: Path = typer.Option(None, "--from", help="Reuse the settings saved in an imagegen PNG."),
     force: bool = typer.Option(False, "--force", help="Run even if the memory estimate says it will not fit."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -134,9 +138,16 @@ def run(
     weights = weights or _saved_weights(saved)
     image = image or [Path(p) for p in saved.get("images", [])]
     extra = {**saved.get("options", {}), **parse_options(option or [])}
+    if cache is not None:
+        if "cache" not in spec.extra_options:
+            raise InvalidOptionError(f"Model '{spec.id}' does not support --cache (is imagegen-cache installed?).")
+        extra["cache"] = cache
     unknown = sorted(set(extra) - set(spec.extra_options))
     if unknown:
         raise InvalidOptionError(f"Model '{spec.id}' does not support --option {unknown[0]}.")
+    vae = vae or saved.get("components", {}).get("vae")
+    if vae is not None and "vae" not in spec.components:
+        raise InvalidOptionError(f"Model '{spec.id}' does not support --vae.")
 
     given = {"--negative": negative is not None, "--image": bool(image), "--guidance": guidance is not None,
              "--tile": tile}
@@ -162,7 +173,8 @@ def run(
         preflight(needed, spec.id, force)
 
     with RunProgress(quiet or as_json) as progress:
-        pipe = spec.pipeline(weights=path, dtype=dtype, quantize=quantize, on_load=progress.on_load)
+        components = {"vae": vae} if vae is not None else {}
+        pipe = spec.pipeline(weights=path, dtype=dtype, quantize=quantize, on_load=progress.on_load, **components)
         options: dict[str, Any] = {"width": width, "height": height, "steps": steps, "seed": seed,
                                    "num_images": count}
         optional = {"guidance": guidance, "negative_prompt": negative, "images": references or None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import imagegen
@@ -14,7 +15,12 @@ EDIT_OPTIONS = frozenset({"images", "latents", "tile"})
 CFG_OPTIONS = EDIT_OPTIONS | {"guidance", "negative_prompt"}
 
 
+SMALL_DECODER = "black-forest-labs/FLUX.2-small-decoder"  # BFL's distilled decoder, [96, 192, 384, 384] channels
+
+
 def load(spec: imagegen.ModelSpec, weights: Path, **kwargs) -> Flux2Pipeline:
+    if spec.extra.get("vae") and kwargs.get("vae") is None:  # an id that pairs the model with another VAE
+        kwargs["vae"] = spec.extra["vae"]
     return Flux2Pipeline(spec, weights, **kwargs)
 
 
@@ -36,8 +42,16 @@ def klein(size: str, base: bool) -> imagegen.ModelSpec:
         family_default=not base and size == "4B",
         estimate_memory=estimate_memory,
         block_loop=True,
+        components=frozenset({"vae"}),
         extra={"distilled": not base},
     )
+
+
+def with_small_decoder(spec: imagegen.ModelSpec) -> imagegen.ModelSpec:
+    """The same model decoding with BFL's small decoder (its own repo, pulled separately)."""
+    return replace(spec, id=f"{spec.id}-small-decoder", aliases=(), family_default=False,
+                   description=f"{spec.description}, with the FLUX.2 small decoder (~1.4x faster decode)",
+                   extra={**spec.extra, "vae": SMALL_DECODER})
 
 
 def demo() -> imagegen.ModelSpec | None:
@@ -58,6 +72,7 @@ def demo() -> imagegen.ModelSpec | None:
         options=EDIT_OPTIONS,
         default_dtype="float32",  # small enough; float32 keeps CPU runs exact and fast
         block_loop=True,
+        components=frozenset({"vae"}),
         extra={"distilled": True},
     )
 
@@ -67,6 +82,7 @@ def register_models(register):
     for size in ("4B", "9B"):
         register(klein(size, base=False))
         register(klein(size, base=True))
+        register(with_small_decoder(klein(size, base=False)))
     spec = demo()
     if spec is not None:
         register(spec)
