@@ -211,3 +211,16 @@ def test_mag_cache_matches_diffusers(family, klein, zimage, monkeypatch, tmp_pat
     print(family, "skipped", got_skipped)
     assert got_skipped == want_skipped and got_skipped
     assert_images_match(got, want, max_diff=1)
+
+
+def test_mag_calibration_matches_diffusers(zimage, monkeypatch, tmp_path, capsys):
+    """The measured ratios (mean over tokens of |residual| / |previous residual|) are diffusers' printed ones."""
+    reference("zimage", zimage, MagCacheConfig(calibrate=True, num_inference_steps=STEPS), monkeypatch)
+    printed = capsys.readouterr().out.split("mag_ratios=...):")[1].strip().splitlines()[0]
+    want = json.loads(printed)
+    path = tmp_path / "ratios.json"
+    ours("zimage", zimage, f"mag:calibrate,ratios={path}", monkeypatch)
+    got = json.loads(path.read_text())
+    print("ratios", got)
+    assert len(got) == STEPS and got[0] == want[0] == 1.0
+    np.testing.assert_allclose(got, want, rtol=1e-4)
