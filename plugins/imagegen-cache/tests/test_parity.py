@@ -28,7 +28,7 @@ from imagegen_cache import plugin
 from transformers import AutoTokenizer, Qwen3ForCausalLM
 
 import imagegen
-from imagegen.testing import assert_images_match, make_qwen3, make_tokenizer
+from imagegen.testing import assert_images_match, make_qwen3, make_tokenizer, randomize_norms
 
 VOCAB = 416  # the test tokenizer's vocabulary with its added tokens
 SIZE = (64, 48)  # width, height
@@ -38,15 +38,8 @@ KLEIN_SCHEDULER = {"base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_
                    "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True}
 KLEIN_TEXT = {"text_encoder_out_layers": [1, 2, 3], "max_sequence_length": 32}  # a short prompt, a small encoder
 ZIMAGE_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False}
-
-
-def randomize(model: torch.nn.Module) -> None:
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and p.ndim == 1:
-                p.uniform_(0.5, 1.5)
-            elif "pad_token" in name:
-                p.normal_(0.0, 0.5)
+VAE = {"block_out_channels": (8, 8, 8, 8), "layers_per_block": 1, "norm_num_groups": 4, "latent_channels": 4,
+       "sample_size": 32}  # both families' VAEs, tiny; Z-Image's is the FLUX.1 AutoencoderKL
 
 
 def text_parts(folder: Path, layers: int) -> dict:
@@ -64,10 +57,9 @@ def build_klein(folder: Path) -> Flux2KleinPipeline:
     transformer = Flux2Transformer2DModel(
         patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=48, timestep_guidance_channels=32, axes_dims_rope=[2, 2, 2, 2], guidance_embeds=False)
-    vae = AutoencoderKLFlux2(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
-                             latent_channels=4, sample_size=32)
+    vae = AutoencoderKLFlux2(**VAE)
     for model in (transformer, vae):
-        randomize(model)
+        randomize_norms(model)
     pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**KLEIN_SCHEDULER), vae=vae.eval(),
                               transformer=transformer.eval(), is_distilled=False, **text)
     pipe.save_pretrained(folder)
@@ -81,12 +73,11 @@ def build_zimage(folder: Path) -> ZImagePipeline:
     transformer = ZImageTransformer2DModel(
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=3, n_refiner_layers=1,
         n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[8, 4, 4], axes_lens=[1024, 32, 32])
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-                        norm_num_groups=4, latent_channels=4, sample_size=32, scaling_factor=0.3611,
-                        shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    blocks = {"down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4}
+    vae = AutoencoderKL(**VAE, **blocks, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                        use_post_quant_conv=False)
     for model in (transformer, vae):
-        randomize(model)
+        randomize_norms(model)
     pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**ZIMAGE_SCHEDULER), vae=vae.eval(),
                           transformer=transformer.eval(), **text)
     pipe.save_pretrained(folder)
