@@ -1,10 +1,10 @@
 """Step caching and the FLUX.2 small decoder on this device: speed-up and image difference, as JSON lines.
 
 cache: for each model (random full-size weights in the diffusers layout, 1024x1024, 50 steps with CFG, one seed), the
-uncached run, First-Block Cache at each --fbc threshold and MagCache at each --mag threshold (with ratios calibrated on
-this checkpoint by a `mag:calibrate` run): denoise time, speed-up over uncached, steps skipped, PSNR and SSIM against
-the uncached image. Random weights change less smoothly from step to step than trained ones, so a threshold skips
-fewer steps here than on real weights: read the skip counts beside the speed-ups.
+uncached run, First-Block Cache at three thresholds (by default the quartiles of the changes it measures without
+skipping: random weights change more from step to step than trained ones, so real-weight thresholds would skip
+nothing) and MagCache at each --mag threshold (with ratios calibrated on this checkpoint by a `mag:calibrate` run):
+denoise time, speed-up over uncached, steps skipped per CFG half, PSNR and SSIM against the uncached image.
 decode: FLUX.2 VAE decode of a 1024x1024 image with the standard decoder and BFL's small decoder (random weights of
 each config), imagegen and diffusers, and the ratios between them.
 
@@ -53,7 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
-    p.add_argument("--fbc", default="0.05,0.1,0.2", help="First-Block Cache thresholds")
+    p.add_argument("--fbc", default="auto", help="First-Block Cache thresholds; auto: the quartiles of the first "
+                   "block's step-to-step changes in an uncached run (random weights change more than trained ones)")
     p.add_argument("--mag", default="0.06,0.12,0.24", help="MagCache thresholds")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; quick 6)")
     p.add_argument("--repeats", type=int, default=None, help="timed decodes, median reported (default 5; quick 1)")
@@ -64,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.sections = {s.strip() for s in args.sections.split(",") if s.strip()}
-    args.fbc = [float(t) for t in args.fbc.split(",") if t.strip()]
+    args.fbc = None if args.fbc == "auto" else [float(t) for t in args.fbc.split(",") if t.strip()]
     args.mag = [float(t) for t in args.mag.split(",") if t.strip()]
     unknown = (set(args.models) - set(MODELS)) | (args.sections - set(SECTIONS))
     if unknown:
@@ -123,7 +124,13 @@ def cache_section(model: str, args: argparse.Namespace) -> Any:
         plain, plain_s, _ = run(None)
         fields = {"size": f"{scale.size}x{scale.size}", "steps": args.steps, "guidance": guidance}
         yield {**fields, "cache": "off", "denoise_s": round(plain_s, 3)}
-        caches = [f"first-block:{t}" for t in args.fbc] + [f"mag:{t},ratios={ratios}" for t in args.mag]
+        thresholds = args.fbc
+        if thresholds is None:  # threshold 0 never skips; the run records each step's change
+            run("first-block:0")
+            changes = started[0].states["cond"].changes
+            thresholds = [float(f"{q:.3g}") for q in np.quantile(changes, [0.25, 0.5, 0.75])]
+            yield {"what": "first-block changes", "changes": [round(c, 4) for c in changes], "thresholds": thresholds}
+        caches = [f"first-block:{t}" for t in thresholds] + [f"mag:{t},ratios={ratios}" for t in args.mag]
         for cache in caches:
             image, seconds, skipped = run(cache)
             difference = image_difference(image, plain)

@@ -25,14 +25,16 @@ class ContextState:
     tail_residuals: State | None = None  # later blocks' output - first block's output, per stream
     calls: int = 0
     skipped: list[int] = field(default_factory=list)  # call indices whose later blocks were skipped
+    changes: list[float] = field(default_factory=list)  # each decision's measured change (to choose a threshold)
 
     def should_compute(self, residual: mx.array, threshold: float) -> bool:
         """diffusers' _should_compute_remaining_blocks: the relative mean absolute change of the residual."""
         if self.head_residual is None:
             return True
         previous = self.head_residual
-        change = mx.mean(mx.abs(residual - previous)) / mx.mean(mx.abs(previous))
-        return change.item() > threshold
+        change = (mx.mean(mx.abs(residual - previous)) / mx.mean(mx.abs(previous))).item()
+        self.changes.append(change)
+        return change > threshold
 
 
 class FirstBlockCache:
