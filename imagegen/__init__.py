@@ -7,7 +7,8 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
 from . import block_loop, registry
-from .config import HFConfig, Options
+from .block_loop import BlockLoopOption
+from .config import HFConfig
 from .errors import (
     ImagegenError,
     InvalidImageError,
@@ -17,8 +18,8 @@ from .errors import (
     WeightsError,
     WeightsNotFoundError,
 )
-from .block_loop import BlockLoopOption
 from .hookspecs import hookimpl
+from .options import Option
 from .pipeline import GenerationResult, Pipeline, Request, Run, Step, seeded_noise
 from .registry import IMAGE_EDIT, TEXT_TO_IMAGE, ModelSpec
 
@@ -28,8 +29,8 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
 __all__ = [
-    "BlockLoopOption", "GenerationResult", "HFConfig", "IMAGE_EDIT", "ImagegenError", "InvalidImageError", "InvalidOptionError",
-    "ModelSpec", "Options", "Pipeline", "PluginError", "Request", "Run", "Step", "TEXT_TO_IMAGE",
+    "BlockLoopOption", "GenerationResult", "HFConfig", "IMAGE_EDIT", "ImagegenError", "InvalidImageError",
+    "InvalidOptionError", "ModelSpec", "Option", "Pipeline", "PluginError", "Request", "Run", "Step", "TEXT_TO_IMAGE",
     "UnknownModelError", "WeightsError", "WeightsNotFoundError", "block_loop", "hookimpl", "registry", "seeded_noise",
     "__version__",
 ]

@@ -18,7 +18,8 @@ import mlx.core as mx
 from .errors import InvalidOptionError
 
 if TYPE_CHECKING:
-    from .pipeline import Request
+    from .options import Option
+    from .request import Request
 
 # The streams a block passes on: state[0] is the image stream [B, N, D]; any further entries are other streams
 # (FLUX.2's text) whose rows follow the same batch order.
@@ -45,12 +46,16 @@ class LoopWrapper(Protocol):
 
 @dataclass(frozen=True)
 class BlockLoopOption:
-    """A request option that wraps the block loop of every model whose spec sets ``block_loop=True``."""
+    """A request option that wraps the block loop of every model whose spec sets ``block_loop=True``: declared as
+    any other option (it joins those models' family options, so it travels through every front end), plus how
+    to start its wrapper."""
 
-    name: str  # the generate() keyword, e.g. "cache"
-    parse: Callable[[Any], Any]  # validates a value and returns its normal form; raises InvalidOptionError
-    start: Callable[[Any, Request], LoopWrapper]  # (parsed value, request) -> a fresh wrapper for one run
-    help: str = ""  # one line for --help and the docs
+    option: Option  # e.g. imagegen.Option("cache", "any", "...", convert=parse): None from `convert` means off
+    start: Callable[[Any, Request], LoopWrapper]  # (checked value, request) -> a fresh wrapper for one run
+
+    @property
+    def name(self) -> str:
+        return self.option.name
 
 
 def run(wrapper: LoopWrapper | None, loop: BlockLoop, state: State) -> State:

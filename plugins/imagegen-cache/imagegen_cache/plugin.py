@@ -110,4 +110,5 @@ def start(value: str | None, request: imagegen.Request):
 
 @imagegen.hookimpl
 def register_block_loop_options(register):
-    register(BlockLoopOption(name="cache", parse=parse, start=start, help=HELP))
+    # kind "any": `parse` checks the text and turns "off" into None
+    register(BlockLoopOption(imagegen.Option("cache", "any", HELP, convert=parse), start))
