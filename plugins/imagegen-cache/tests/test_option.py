@@ -1,18 +1,23 @@
-"""The `cache` option from every side: its values, the CLI (recorded in the PNG, replayed by --from), a MagCache
-calibration run feeding a cached one, and one clear line for bad values. Runs on the bundled flux2-demo model."""
+"""The `cache` option from every side: its values, the CLI (recorded in the PNG, replayed by --from), the server and
+batch, a MagCache calibration run feeding a cached one, and one clear line for bad values. Runs on the bundled
+flux2-demo model."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 
 import numpy as np
 import pytest
 from imagegen_cache.plugin import parse
+from PIL import Image
 from typer.testing import CliRunner
 
 import imagegen
 from imagegen.cli import get_app
 from imagegen.image import load_image, read_metadata
+from imagegen.options import family_options
 
 RUN = ["run", "--model", "flux2-demo", "a red square", "--size", "64x64", "--steps", "4", "--seed", "3"]
 
@@ -45,7 +50,7 @@ def test_values_and_their_normal_form(tmp_path):
 
 def test_every_block_loop_model_takes_it():
     specs = imagegen.registry.all_specs()
-    assert all("cache" in spec.extra_options for spec in specs if spec.block_loop)
+    assert all("cache" in {o.name for o in family_options(s.extra_options)} for s in specs if s.block_loop)
     assert {"flux2-klein-4b", "flux2-klein-base-9b", "zimage", "zimage-turbo"} <= {s.id for s in specs if s.block_loop}
 
 
@@ -78,3 +83,27 @@ def test_mag_calibration_then_cached_run(tmp_path):
     assert len(measured) == 6 and measured[0] == 1.0 and all(r > 0 for r in measured)
     cached = pipe.generate("a red square", cache=f"mag:10,k=2,retention=0.2,ratios={ratios}", **options).images[0]
     assert np.abs(np.asarray(cached, np.int16) - np.asarray(plain, np.int16)).max() > 0
+
+
+def test_server_and_batch_take_it_as_a_model_option(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from imagegen.batch import run_batch
+    from imagegen.image import METADATA_KEY
+    from imagegen.server import create_app
+
+    row = {"prompt": "a red square", "model": "flux2-demo", "size": "64x64", "steps": 4, "seed": 3,
+           "options": {"cache": "first-block:0.9"}}
+    with TestClient(create_app()) as client:
+        served = client.post("/v1/images/generations", json=row)
+        assert served.status_code == 200, served.text
+        bad = client.post("/v1/images/generations", json={**row, "options": {"cache": "first-block:lots"}})
+    png = Image.open(io.BytesIO(base64.b64decode(served.json()["data"][0]["b64_json"])))
+    assert json.loads(png.text[METADATA_KEY])["options"] == {"cache": "first-block:0.9"}
+    assert bad.status_code == 400 and "must be a number" in bad.json()["error"]["message"]
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "a", **row}) + "\n")
+    run_batch(prompts, tmp_path / "out")
+    assert read_metadata(tmp_path / "out" / "a.png")["options"] == {"cache": "first-block:0.9"}
+    assert np.array_equal(np.asarray(load_image(tmp_path / "out" / "a.png")), np.asarray(png.convert("RGB")))
