@@ -97,7 +97,7 @@ def run(
     cache: str = typer.Option(None, "--cache", help="Step caching (with the imagegen-cache plugin): "
                               "first-block[:THRESHOLD], mag[:THRESHOLD],ratios=FILE, or off."),
     vae: str = typer.Option(None, "--vae", help="Another VAE: a diffusers folder or cached repo id, e.g. "
-                            "black-forest-labs/FLUX.2-small-decoder (flux2)."),
+                            "black-forest-labs/FLUX.2-small-decoder for FLUX.2 models."),
     from_image: Path = typer.Option(None, "--from", help="Reuse the settings saved in an imagegen PNG."),
     force: bool = typer.Option(False, "--force", help="Run even if the memory estimate says it will not fit."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
