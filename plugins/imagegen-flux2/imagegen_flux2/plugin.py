@@ -8,6 +8,7 @@ from pathlib import Path
 import imagegen
 from imagegen.quantize import ALL_MODES
 
+from .kv_pipeline import Flux2KVPipeline
 from .pipeline import Flux2Pipeline, checkpoint_settings, estimate_memory, reference_size
 
 DEMO = Path(__file__).parent / "demo"
@@ -22,6 +23,30 @@ def load(spec: imagegen.ModelSpec, weights: Path, **kwargs) -> Flux2Pipeline:
     if spec.extra.get("vae") and kwargs.get("vae") is None:  # an id that pairs the model with another VAE
         kwargs["vae"] = spec.extra["vae"]
     return Flux2Pipeline(spec, weights, **kwargs)
+
+
+def load_kv(spec: imagegen.ModelSpec, weights: Path, **kwargs) -> Flux2KVPipeline:
+    return Flux2KVPipeline(spec, weights, **kwargs)
+
+
+def klein_kv() -> imagegen.ModelSpec:
+    """Klein 9B-KV: editing whose reference images are run once, their keys/values reused by every step."""
+    return imagegen.ModelSpec(
+        id="flux2-klein-9b-kv",
+        family="flux2",
+        description="FLUX.2 Klein 9B KV (Black Forest Labs): reference images encoded once, cached across requests",
+        load=load_kv,
+        hf_repo="black-forest-labs/FLUX.2-klein-9b-kv",
+        default_steps=4,  # Flux2KleinKVPipeline's num_inference_steps default
+        tasks=(imagegen.TEXT_TO_IMAGE, imagegen.IMAGE_EDIT),
+        options=EDIT_OPTIONS,
+        reference_size=reference_size,
+        quantize_modes=ALL_MODES,
+        estimate_memory=estimate_memory,
+        block_loop=True,
+        components=frozenset({"vae"}),
+        extra={"distilled": True, "sequence_parallel": True},
+    )
 
 
 def klein(size: str, base: bool) -> imagegen.ModelSpec:
@@ -86,6 +111,7 @@ def register_models(register):
         register(klein(size, base=False))
         register(klein(size, base=True))
         register(with_small_decoder(klein(size, base=False)))
+    register(klein_kv())
     spec = demo()
     if spec is not None:
         register(spec)
