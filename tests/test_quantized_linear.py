@@ -84,3 +84,22 @@ def test_quantize_model_and_saved_record_use_the_dense_path():
         sorted(weights)
     x = mx.random.normal((quantized_linear.DEQUANTIZE_TOKENS, 64))
     np.testing.assert_array_equal(np.array(reloaded(x)), np.array(model(x)))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (hasattr(mx, "cuda") and mx.cuda.is_available()), reason="needs an MLX CUDA GPU")
+@pytest.mark.parametrize("mode", ("4", "8", "mxfp8", "mxfp4", "nvfp4"))
+def test_dense_path_on_the_gpu_at_a_real_shape(mode):
+    """Klein 4B's attention projection with 1024 tokens in bf16, on the GPU: the GPU kernels of both paths agree."""
+    mx.random.seed(4)
+    s = q.scheme(mode)
+    linear = nn.Linear(3072, 3072)
+    linear.set_dtype(mx.bfloat16)
+    ref = nn.QuantizedLinear.from_linear(linear, s["group_size"], s["bits"], mode=s["mode"])
+    x = mx.random.normal((1, 1024, 3072)).astype(mx.bfloat16)
+    with mx.stream(mx.gpu):
+        want = ref(x).astype(mx.float32)
+        dequantize_for_many_tokens(ref)
+        got = ref(x).astype(mx.float32)
+    err = float(mx.abs(got - want).max() / mx.abs(want).max())
+    assert err < 1e-2, err
