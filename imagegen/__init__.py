@@ -6,7 +6,7 @@ The names here are the public API that users and plugins (in-tree and third-part
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
-from . import registry
+from . import kernel_cache, registry  # noqa: F401  (kernel_cache first: it sets MLX's kernel cache before MLX starts CUDA)
 from .config import HFConfig, Options
 from .errors import (
     ImagegenError,
