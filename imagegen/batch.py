@@ -454,10 +454,10 @@ class Writer:
 
 
 def run_local(rows: Iterable[Row], outputs: Outputs, load: LoadOptions = LoadOptions(),
-              rejected: Iterable[Outcome] = (), overlap: bool = True) -> None:
-    """All rows in this process, one after another, on one Generator; with `overlap`, each PNG is encoded and
-    written while the next row generates."""
-    generator = Generator(load)
+              rejected: Iterable[Outcome] = (), overlap: bool = True, generator: Generator | None = None) -> None:
+    """All rows in this process, one after another, on one Generator (a new one unless given); with `overlap`,
+    each PNG is encoded and written while the next row generates."""
+    generator = generator or Generator(load)
     outputs.start(1, rejected)
     if not overlap:
         for row in rows:
