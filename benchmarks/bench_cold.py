@@ -118,17 +118,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(args)), flush=True)
         return 0
     sys.path.insert(0, str(HERE))
-    import mlx.core as mx
-    from common import Recorder, ensure_imports, header
+    from common import start_run
 
     if args.tiny:
-        mx.set_default_device(mx.cpu)
         args.model = args.model if args.model != "flux2-klein-9b" else "flux2-klein-4b"
-    ensure_imports()
+    recorder = start_run(args)
     from families import FULL, TINY, family
 
-    recorder = Recorder(args.out)
-    recorder.emit(header({k: str(v) for k, v in vars(args).items()}))
     folder = args.workdir / args.model
     if not (args.reuse and (folder / "model_index.json").is_file()):
         shutil.rmtree(folder, ignore_errors=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from common import Recorder, ensure_imports, header
+from common import start_run
 
 TOKENS = (16, 64, 128, 256, 512, 1024, 4608)
 SHAPES = ((3072, 3072), (3072, 9216), (9216, 3072))  # (in, out): attention projections, the MLP's in and out
@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--modes", default="8,4,mxfp8,mxfp4,nvfp4")
     p.add_argument("--tokens", default=None, help=f"comma list (default {','.join(map(str, TOKENS))}; tiny 8,32)")
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", type=Path, default=None)
     p.add_argument("--tiny", action="store_true", help="CPU, 128-wide layers")
     args = p.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -52,17 +52,13 @@ def median_ms(repeats: int, fn, *args) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.tiny:
-        mx.set_default_device(mx.cpu)
-    ensure_imports()
+    recorder = start_run(args)
     from imagegen import quantize
     from imagegen.nn.quantized_linear import dense_weight
 
     def through_dense(layer: nn.QuantizedLinear, x: mx.array) -> mx.array:  # imagegen's path for many tokens
         return mx.addmm(layer.bias, x, dense_weight(layer, x.dtype).T)
 
-    recorder = Recorder(Path(args.out) if args.out else None)
-    recorder.emit(header(vars(args)))
     shapes = ((128, 128),) if args.tiny else SHAPES
     repeats = 2 if args.tiny else args.repeats
     for mode in args.modes:

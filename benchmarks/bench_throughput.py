@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
-from common import Recorder, ensure_imports, free_memory, header
+from common import free_memory, start_run
 
 PROMPTS = ("A red fox in fresh snow at dawn", "A lighthouse on a rocky coast at dusk", "A bowl of ramen, steam rising",
            "An old library with tall shelves and a ladder", "A hot air balloon over green hills",
@@ -43,16 +43,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.tiny:
-        mx.set_default_device(mx.cpu)
-    ensure_imports()
+    recorder = start_run(args)
     from families import FULL, TINY, family
 
     from imagegen import registry
     from imagegen.batch import Generator, LoadOptions, Outputs, Row, Summary, run_local
 
-    recorder = Recorder(args.out)
-    recorder.emit(header({k: str(v) for k, v in vars(args).items()}))
     folder = args.workdir / args.model
     if not (args.reuse and (folder / "model_index.json").is_file()):
         fam = family(args.model, TINY if args.tiny else FULL)

@@ -18,7 +18,7 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from common import Recorder, errors, free_memory, header, need, round_floats, time_torch
+from common import Recorder, errors, free_memory, need, round_floats, start_run, time_torch
 from families import FLUX2_VAE, FLUX2_VAE_TINY, _randomize_norms
 
 GOAL_MS = {1024: 30.0, 2048: 170.0}
@@ -145,13 +145,7 @@ def goals(records: list[dict[str, Any]], sizes: list[int]) -> list[dict[str, Any
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.tiny:
-        mx.set_default_device(mx.cpu)
-    from common import ensure_imports
-
-    ensure_imports()
-    recorder = Recorder(args.out)
-    recorder.emit(header({k: sorted(v) if isinstance(v, set) else v for k, v in vars(args).items()}))
+    recorder = start_run(args)
     folder = args.workdir / "flux2-vae"
     shutil.rmtree(folder, ignore_errors=True)
     start = time.perf_counter()
