@@ -214,6 +214,11 @@ class Generated:
             return Outcome(self.row, self.worker, error=error_text(e))
 
 
+def encoded(item: Generated | Outcome) -> Outcome:
+    """A generated row with its PNG made, or an outcome as it is (already encoded, or failed)."""
+    return item.outcome() if isinstance(item, Generated) else item
+
+
 def error_text(e: BaseException) -> str:
     """One line for a row's error: the message of errors users cause, else the kind and the first line."""
     if isinstance(e, ImagegenError):
@@ -257,8 +262,7 @@ class Generator:
 
     def run(self, row: Row) -> Outcome:
         """Generate one row and encode its PNG; its failure is the outcome's error, never an exception."""
-        generated = self.generate(row)
-        return generated.outcome() if isinstance(generated, Generated) else generated
+        return encoded(self.generate(row))
 
     def generate(self, row: Row) -> Generated | Outcome:
         """Generate one row without encoding it; a failure is an Outcome with its error."""
@@ -444,7 +448,7 @@ class Writer:
         while (item := self.queue.get()) is not None:
             if self.error is None:
                 try:
-                    self.outputs.finish(item.outcome() if isinstance(item, Generated) else item)
+                    self.outputs.finish(encoded(item))
                 except BaseException as e:  # re-raised on the caller's thread
                     self.error = e
 
