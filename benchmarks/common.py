@@ -252,5 +252,18 @@ def header(args: dict[str, Any]) -> dict[str, Any]:
             "host": platform.node(), "versions": versions(), "args": args}
 
 
+def start_run(args: Any) -> Recorder:
+    """The opening of a benchmark script: tiny runs on the CPU, imagegen and the in-tree plugins importable, and
+    the header line (device, versions, arguments) recorded to args.out."""
+    import mlx.core as mx
+
+    if getattr(args, "tiny", False):
+        mx.set_default_device(mx.cpu)
+    ensure_imports()
+    recorder = Recorder(args.out)
+    recorder.emit(header({k: sorted(v) if isinstance(v, set) else v for k, v in vars(args).items()}))
+    return recorder
+
+
 def round_floats(record: dict[str, Any], digits: int = 4) -> dict[str, Any]:
     return {k: (float(f"{v:.{digits}g}") if isinstance(v, float) else v) for k, v in record.items()}

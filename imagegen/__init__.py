@@ -6,6 +6,9 @@ The names here are the public API that users and plugins (in-tree and third-part
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
+# isort: off
+from . import kernel_cache  # noqa: F401  (first: it sets MLX's kernel cache folder before MLX starts CUDA)
+# isort: on
 from . import block_loop, registry
 from .block_loop import BlockLoopOption
 from .config import HFConfig
