@@ -62,8 +62,16 @@ for part in "${parts[@]}"; do
         --out "$OUT/throughput.jsonl" "${T[@]}" ;;
     cold)
       run cold "$(limit cold 420)" $PY benchmarks/bench_cold.py --workdir "$WORK" --out "$OUT/cold.jsonl" "${T[@]}" ;;
+    kv)  # issue 23: Klein 9B-KV vs plain 9B editing vs diffusers' KV pipeline (writes a 35 GB checkpoint)
+      run kv "$(limit kv 360)" $PY benchmarks/bench_kv.py --work "$WORK/kv" --out "$OUT/kv.jsonl" "${T[@]}"
+      rm -rf "$WORK/kv" ;;
+    lora)  # issue 20: one rank-32 LoRA's cost per step (bf16, 8-bit) and the time to switch adapters
+      run lora "$(limit lora 240)" $PY benchmarks/bench_lora.py --out "$OUT/lora.jsonl" "${T[@]}" ;;
+    cache)  # issue 23: step caching at 50 steps, Klein base 4B (speed-up, PSNR/SSIM vs uncached)
+      run cache "$(limit cache 300)" $PY benchmarks/bench_cache.py --models flux2-klein-base-4b --sections cache \
+        --out "$OUT/cache.jsonl" "${T[@]}" ;;
     *)
-      echo "unknown part '$part' (parts: tests quant vae throughput cold)" >&2 ;;
+      echo "unknown part '$part' (parts: tests quant vae throughput cold kv lora cache)" >&2 ;;
   esac
 done
 
