@@ -12,6 +12,7 @@ from .errors import (
     ImagegenError,
     InvalidImageError,
     InvalidOptionError,
+    LoraError,
     PluginError,
     UnknownModelError,
     WeightsError,
@@ -28,7 +29,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "GenerationResult", "HFConfig", "IMAGE_EDIT", "ImagegenError", "InvalidImageError", "InvalidOptionError",
-    "ModelSpec", "Options", "Pipeline", "PluginError", "Request", "Run", "Step", "TEXT_TO_IMAGE",
+    "LoraError", "ModelSpec", "Options", "Pipeline", "PluginError", "Request", "Run", "Step", "TEXT_TO_IMAGE",
     "UnknownModelError", "WeightsError", "WeightsNotFoundError", "hookimpl", "registry", "seeded_noise",
     "__version__",
 ]

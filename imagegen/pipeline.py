@@ -26,6 +26,7 @@ from PIL import Image
 
 from .errors import InvalidOptionError
 from .image import load_image
+from .lora import LoraManager, LoraSpec, TextPatch, parse_loras, qwen3_targets, text_adapters
 from .registry import ModelSpec
 
 
@@ -44,6 +45,8 @@ class Request:
     latents: Any = None
     tile: bool = False
     num_images: int = 1
+    loras: tuple[LoraSpec, ...] = ()  # adapters for this request, in order
+    lora_partial: bool = False  # apply what maps and skip unknown keys instead of refusing the file
     extra: dict[str, Any] = field(default_factory=dict)  # family-specific options the spec declares
 
     def option(self, name: str, default: Any = None) -> Any:
@@ -99,6 +102,7 @@ class Pipeline(ABC):
         self.spec, self.weights, self.dtype, self.quantize = spec, weights, dtype, quantize
         self._on_load = on_load
         self._lock = threading.Lock()
+        self._loras: LoraManager | None = None
 
     @contextmanager
     def loading(self, component: str) -> Iterator[None]:
@@ -139,6 +143,33 @@ class Pipeline(ABC):
             raise InvalidOptionError(f"latents must have shape {shape} {layout}, got {tuple(latents.shape)}.".strip())
         return latents.astype(mx.float32)
 
+    def weights_changed(self) -> None:
+        """Called after adapters replaced transformer layers: rebuild whatever captured the old weights (compiled
+        graphs capture arrays as constants)."""
+
+    def use_loras(self, request: Request) -> TextPatch | None:
+        """Make the request's adapters the active ones (a no-op when they already are); returns the text-encoder
+        part, which applies only while this request's prompts are encoded."""
+        if not request.loras and (self._loras is None or not self._loras.active):
+            return None
+        changed, text_patch = self.loras().use(request.loras, request.lora_partial)
+        if changed:
+            self.weights_changed()
+        return text_patch
+
+    def loras(self) -> LoraManager:
+        """This pipeline's adapter manager (built on first use from the spec's key tables)."""
+        if self._loras is None:
+            if self.spec.lora_targets is None:
+                raise InvalidOptionError(f"Model '{self.spec.id}' does not support LoRA adapters.")
+            transformer = getattr(self, "transformer")
+            components = {"transformer": (transformer, self.spec.lora_targets(transformer))}
+            encoder = getattr(self, "text_encoder", None)
+            if encoder is not None:
+                components["text_encoder"] = (encoder.model, {"transformers": qwen3_targets(encoder.model)})
+            self._loras = LoraManager(self.spec.id, components)
+        return self._loras
+
     def default_size(self, images: Sequence[Image.Image]) -> tuple[int, int]:
         """(width, height) when the caller gives none; editing models may follow the input image."""
         return self.spec.default_size
@@ -147,7 +178,8 @@ class Pipeline(ABC):
     def generate(self, prompt: str | Sequence[str], *, on_step: Callable[[Step], None] | None = None,
                  **options: Any) -> GenerationResult:
         """Generate images. Options: width, height, steps, guidance, seed, negative_prompt, images,
-        latents, num_images, tile. Unsupported options raise InvalidOptionError."""
+        latents, num_images, tile, loras ([path or (path, scale), ...]), lora_partial. Unsupported options raise
+        InvalidOptionError; unusable adapters LoraError."""
         run = self.denoise(prompt, **options)
         for step in run:
             if on_step is not None:
@@ -165,7 +197,8 @@ class Pipeline(ABC):
             with self._lock:
                 start = time.perf_counter()
                 t = time.perf_counter()
-                conditioning = self.encode(request)  # 1. encode prompt (and reference images)
+                with text_adapters(self.use_loras(request)):
+                    conditioning = self.encode(request)  # 1. encode prompt (and reference images)
                 mx.eval(conditioning)
                 timings["encode"] = time.perf_counter() - t
                 yield Step("encode", 1, 1, timings["encode"])
@@ -194,7 +227,8 @@ class Pipeline(ABC):
     def request(self, prompt: str | Sequence[str], *, width: int | None = None, height: int | None = None,
                 steps: int | None = None, guidance: float | None = None, seed: int | None = None,
                 negative_prompt: str | Sequence[str] | None = None, images: Sequence[Any] | None = None,
-                latents: Any = None, num_images: int = 1, tile: bool = False, **unknown: Any) -> Request:
+                latents: Any = None, num_images: int = 1, tile: bool = False, loras: Any = None,
+                lora_partial: bool = False, **unknown: Any) -> Request:
         """Check options against this model and fill in its defaults."""
         spec = self.spec
         foreign = sorted(k for k in unknown if k not in spec.extra_options)
@@ -235,11 +269,15 @@ class Pipeline(ABC):
         if not isinstance(seed, int) or seed < 0:
             raise InvalidOptionError(f"seed must be a non-negative integer, got {seed}.")
         count = len(prompts) * num_images
+        specs = parse_loras(loras)
+        for lora in specs:  # read and map now: a bad file fails before any work starts
+            self.loras().plan(lora, bool(lora_partial))
         return Request(
             prompts=tuple(p for p in prompts for _ in range(num_images)),
             width=width, height=height, steps=steps, guidance=guidance,
             seeds=tuple(seed + i for i in range(count)), negative_prompts=negatives,
-            images=loaded, latents=latents, tile=bool(tile), num_images=num_images, extra=extra,
+            images=loaded, latents=latents, tile=bool(tile), num_images=num_images, loras=specs,
+            lora_partial=bool(lora_partial), extra=extra,
         )
 
 

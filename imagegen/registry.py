@@ -47,6 +47,9 @@ class ModelSpec:
     family_default: bool = False  # the family name resolves to this variant
     # estimate_memory(spec, weights: Path | None, dtype, quantize, width, height, batch) -> bytes at peak
     estimate_memory: Callable[..., int] | None = None
+    # LoRA key tables of the transformer: lora_targets(transformer) -> {naming style: {source layer: parts}}
+    # (imagegen.lora.targets); None: the model takes no adapters
+    lora_targets: Callable[[Any], dict[str, Any]] | None = field(default=None, hash=False, compare=False)
     plugin: str = ""  # filled in by the registry
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 

@@ -107,6 +107,9 @@ class Flux2Pipeline(imagegen.Pipeline):
         self.transformer.pace(every if self.compile else 0)
         self._forward = mx.compile(self.transformer) if self.compile and not every else self.transformer
 
+    def weights_changed(self) -> None:
+        self.pace(self.paced)  # compiled blocks captured the replaced layers' arrays
+
     def default_size(self, images: Sequence[Image.Image]) -> tuple[int, int]:
         if images:  # diffusers: the first reference image's size after preparation
             return prepare_reference(images[0], self.multiple).size

@@ -7,6 +7,7 @@ from pathlib import Path
 import imagegen
 from imagegen.quantize import ALL_MODES
 
+from .lora import lora_targets
 from .pipeline import Flux2Pipeline, checkpoint_settings, estimate_memory
 
 DEMO = Path(__file__).parent / "demo"
@@ -35,6 +36,7 @@ def klein(size: str, base: bool) -> imagegen.ModelSpec:
         quantize_modes=ALL_MODES,
         family_default=not base and size == "4B",
         estimate_memory=estimate_memory,
+        lora_targets=lora_targets,
         extra={"distilled": not base},
     )
 
@@ -56,6 +58,7 @@ def demo() -> imagegen.ModelSpec | None:
         tasks=(imagegen.TEXT_TO_IMAGE, imagegen.IMAGE_EDIT),
         options=EDIT_OPTIONS,
         default_dtype="float32",  # small enough; float32 keeps CPU runs exact and fast
+        lora_targets=lora_targets,
         extra={"distilled": True},
     )
 

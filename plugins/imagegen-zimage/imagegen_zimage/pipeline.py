@@ -84,6 +84,10 @@ class ZImagePipeline(imagegen.Pipeline):
         self.paced = every
         self.transformer.pace(every if self.compile else 0)
 
+    def weights_changed(self) -> None:
+        self._compiled.clear()  # compiled graphs captured the replaced layers' arrays
+        self.pace(self.paced)
+
     def forward(self, layout: Layout):
         """The transformer for one layout: paced, or compiled once per layout (the layout holds no arrays
         mx.compile could take as inputs, so it is closed over)."""
