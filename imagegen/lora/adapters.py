@@ -107,8 +107,8 @@ def plan_adapter(file: AdapterFile, components: dict[str, tuple[nn.Module, dict[
     if unknown and not partial:
         listed = ", ".join(f"{r.key} ({r.detail})" for r in unknown[:MAX_LISTED])
         more = f" and {len(unknown) - MAX_LISTED} more" if len(unknown) > MAX_LISTED else ""
-        raise LoraError(f"{file.name}: {len(unknown)} of {len(file.tensors)} keys do not fit {model_id}: {listed}{more}. "
-                        "Pass --lora-partial (partial=True) to apply the rest.")
+        raise LoraError(f"{file.name}: {len(unknown)} of {len(file.tensors)} keys do not fit {model_id}: {listed}"
+                        f"{more}. Pass --lora-partial (partial=True) to apply the rest.")
     config = file.peft_config()
     terms: dict[str, Terms] = {}
     for layer in parsed.layers:
