@@ -28,6 +28,7 @@ from .errors import InvalidOptionError
 from .image import load_image
 from .lora import LoraManager, LoraSpec, TextPatch, parse_loras, qwen3_targets, text_adapters
 from .registry import ModelSpec
+from .weights import to_dtype
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ class Pipeline(ABC):
             raise InvalidOptionError(f"latents must have shape {shape} {layout}, got {tuple(latents.shape)}.".strip())
         return latents.astype(mx.float32)
 
-    def weights_changed(self) -> None:
+    def weights_changed(self) -> None:  # noqa: B027  (optional hook, no-op by default)
         """Called after adapters replaced transformer layers: rebuild whatever captured the old weights (compiled
         graphs capture arrays as constants)."""
 
@@ -162,12 +163,12 @@ class Pipeline(ABC):
         if self._loras is None:
             if self.spec.lora_targets is None:
                 raise InvalidOptionError(f"Model '{self.spec.id}' does not support LoRA adapters.")
-            transformer = getattr(self, "transformer")
+            transformer = self.transformer
             components = {"transformer": (transformer, self.spec.lora_targets(transformer))}
             encoder = getattr(self, "text_encoder", None)
             if encoder is not None:
                 components["text_encoder"] = (encoder.model, {"transformers": qwen3_targets(encoder.model)})
-            self._loras = LoraManager(self.spec.id, components)
+            self._loras = LoraManager(self.spec.id, components, to_dtype(self.dtype))
         return self._loras
 
     def default_size(self, images: Sequence[Image.Image]) -> tuple[int, int]:

@@ -168,10 +168,26 @@ def save_adapter(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     """An adapter file as trainers write it (safetensors, contiguous float32 tensors)."""
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous().float() for k, v in tensors.items()}, str(path), metadata=metadata)
+    save_file({k: v.float().clone().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
     return path
 
 
 def linear_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """{module name: (out, in)} of every torch Linear in a reference model."""
     return {name: tuple(m.weight.shape) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def sibling_module(test_file: str, name: str):
+    """Import another test module of the same folder under a name unique to that folder (plugins' test folders
+    reuse module names such as test_pipeline, which a plain import would confuse)."""
+    import importlib.util
+    import sys
+
+    path = Path(test_file).with_name(f"{name}.py")
+    unique = f"{path.parent.parent.name}_{name}".replace("-", "_")
+    if unique not in sys.modules:
+        spec = importlib.util.spec_from_file_location(unique, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[unique] = module
+        spec.loader.exec_module(module)
+    return sys.modules[unique]

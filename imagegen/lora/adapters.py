@@ -18,6 +18,7 @@ from math import sqrt
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import InvalidOptionError, LoraError
@@ -148,12 +149,12 @@ def current_text_patch() -> TextPatch | None:
 
 
 @contextmanager
-def patched(model: nn.Module, patch: TextPatch | None) -> Iterator[None]:
+def patched(model: nn.Module, patch: TextPatch | None, dtype: mx.Dtype) -> Iterator[None]:
     """The model with `patch` applied for the duration (the caller holds the model's lock)."""
     if patch is None:
         yield
         return
-    patcher = Patcher(model)
+    patcher = Patcher(model, dtype)
     patcher.apply(patch.adapters)
     try:
         yield
@@ -165,9 +166,10 @@ class LoraManager:
     """The adapters of one pipeline. `use(specs)` makes exactly those active (returns True when the transformer's
     layers changed, so compiled graphs holding the old weights must be rebuilt) and returns the text patch."""
 
-    def __init__(self, model_id: str, components: dict[str, tuple[nn.Module, dict[str, Targets]]]):
+    def __init__(self, model_id: str, components: dict[str, tuple[nn.Module, dict[str, Targets]]],
+                 dtype: mx.Dtype = mx.float32):
         self.model_id, self.components = model_id, components
-        self.patcher = Patcher(components["transformer"][0])
+        self.patcher = Patcher(components["transformer"][0], dtype)
         self.active: tuple = ()
         self._plans: OrderedDict[tuple, Plan] = OrderedDict()
 

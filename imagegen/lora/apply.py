@@ -122,9 +122,9 @@ def merged(module: nn.Linear, items: Sequence[tuple[Delta, Part, float]]) -> nn.
     return new
 
 
-def side_path(module: nn.Module, items: Sequence[tuple[Delta, Part, float]]) -> LoraLinear:
+def side_path(module: nn.Module, items: Sequence[tuple[Delta, Part, float]], dtype: mx.Dtype) -> LoraLinear:
+    """`dtype`: the activations' (a quantized layer's scales may be integers, e.g. mxfp8's E8M0)."""
     out, _ = layer_shape(module)
-    dtype = module.scales.dtype if isinstance(module, nn.QuantizedLinear) else module.weight.dtype
     downs, ups, krons, dense = [], [], [], None
     for delta, part, scale in items:
         if isinstance(delta, LoraDelta | LohaDelta):
@@ -145,8 +145,8 @@ def side_path(module: nn.Module, items: Sequence[tuple[Delta, Part, float]]) -> 
 class Patcher:
     """Installs the scaled sum of several adapters into one module tree, and restores the original layers."""
 
-    def __init__(self, root: nn.Module):
-        self.root = root
+    def __init__(self, root: nn.Module, dtype: mx.Dtype = mx.float32):
+        self.root, self.dtype = root, dtype  # dtype: the model's activations, which side paths compute in
         self.originals: dict[str, nn.Module] = {}
 
     def apply(self, adapters: Sequence[tuple[Terms, float]]) -> None:
@@ -159,7 +159,7 @@ class Patcher:
         for path, items in by_path.items():
             parent, key, module = module_at(self.root, path)
             dense = isinstance(module, nn.Linear) and not isinstance(module, nn.QuantizedLinear)
-            new = merged(module, items) if dense else side_path(module, items)
+            new = merged(module, items) if dense else side_path(module, items, self.dtype)
             self.originals[path] = module
             parent[key] = new
             new_arrays.append(new.parameters())

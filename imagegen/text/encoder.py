@@ -116,7 +116,7 @@ class TextEncoder:
             missing = [p for p, f in found.items() if f is None]
             if missing:
                 tokens = self.tokenizer.encode_prompts(missing, max_length, enable_thinking)
-                with patched(self.model, patch):
+                with patched(self.model, patch, self.model.embed_tokens.weight.dtype):
                     hidden = mx.stack(self.model.forward_with_layer_outputs(tokens.ids, tokens.mask, layers), axis=1)
                     mx.eval(hidden)
                 for i, p in enumerate(missing):

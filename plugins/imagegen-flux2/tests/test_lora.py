@@ -4,7 +4,6 @@ not read are converted by hand, key by key, to the diffusers layout, and that fi
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +15,12 @@ from peft.tuners.lokr.layer import factorization
 
 from imagegen import LoraError
 from imagegen.lora import text_adapters
-from imagegen.testing import assert_images_match, linear_shapes, random_lora, save_adapter
+from imagegen.testing import assert_images_match, linear_shapes, random_lora, save_adapter, sibling_module
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_pipeline import SIZE, build, noise  # noqa: E402  the tiny Klein checkpoint of the pipeline tests
+pipeline_tests = sibling_module(__file__, "test_pipeline")  # the tiny checkpoint of the pipeline parity tests
+SIZE = pipeline_tests.SIZE
+build = pipeline_tests.build
+noise = pipeline_tests.noise
 
 PROMPT = "a red fox in the snow"
 # BFL name -> diffusers name of the double-block layers that are not fused q/k/v (diffusers' converter)
@@ -191,7 +192,8 @@ def test_layouts_diffusers_does_not_read(checkpoint, tmp_path):
         for target, rows in zip(targets, delta.chunk(len(targets))):
             loha_ref[f"transformer.{target}.lora_A.weight"] = torch.eye(inp)
             loha_ref[f"transformer.{target}.lora_B.weight"] = rows
-    default = random_lora(blocks(shapes, "transformer_blocks.0.attn.to_k", "single_transformer_blocks.0"), 3, 11, std=0.8)
+    default = random_lora(blocks(shapes, "transformer_blocks.0.attn.to_k", "single_transformer_blocks.0"), 3, 11,
+                          std=0.8)
     default = {k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
                for k, v in default.items()}
     default_ref = {"transformer." + k.replace(".default.", "."): v for k, v in default.items()}
