@@ -97,6 +97,12 @@ def generation_metadata(pipe: Pipeline, result: GenerationResult, index: int = 0
         "imagegen": __version__, "plugin": f"{plugin.distribution} {plugin.version}" if plugin else spec.plugin,
         "timings": {k: round(v, 4) for k, v in result.timings.items()},
     }
+    if request.loras:  # file name, content hash and scale of each adapter: `--from` finds and checks them
+        from .lora import read_adapter
+
+        metadata["loras"] = [{"name": spec.name, "path": str(Path(spec.path).resolve()), "scale": spec.scale,
+                              "sha256": read_adapter(spec.path).sha256} for spec in request.loras]
+        metadata["lora_partial"] = request.lora_partial
     return {**metadata, **fields}
 
 

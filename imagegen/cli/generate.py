@@ -14,6 +14,7 @@ import typer
 from .. import hub, registry
 from ..errors import InvalidOptionError
 from ..image import generation_metadata, load_image, read_metadata, save_png
+from ..lora import parse_cli_lora, read_adapter, replay_loras
 from ..memory import preflight
 from ..pipeline import check_size
 from . import app, handle_errors
@@ -110,6 +111,10 @@ def run(
     tile: bool = typer.Option(False, "--tile", help="Decode the image in tiles (less memory)."),
     option: list[str] = typer.Option(None, "--option", "-O", help="A model-specific option NAME=VALUE, e.g. "
                                      "cfg_truncation=0.9 (zimage); repeatable."),
+    lora: list[str] = typer.Option(None, "--lora", help="A LoRA / LyCORIS .safetensors file, PATH[:SCALE] (scale "
+                                   "1.0 by default); repeatable, the adapters add up."),
+    lora_partial: bool = typer.Option(False, "--lora-partial", help="Apply what maps of a LoRA file whose other "
+                                      "keys this model does not know (default: refuse the file)."),
     from_image: Path = typer.Option(None, "--from", help="Reuse the settings saved in an imagegen PNG."),
     force: bool = typer.Option(False, "--force", help="Run even if the memory estimate says it will not fit."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -134,6 +139,16 @@ def run(
     weights = weights or _saved_weights(saved)
     image = image or [Path(p) for p in saved.get("images", [])]
     extra = {**saved.get("options", {}), **parse_options(option or [])}
+    loras = tuple(parse_cli_lora(text) for text in lora or ())
+    if not loras and saved.get("loras"):  # replay the recorded adapters: found again and checked by hash
+        loras, notes = replay_loras(saved["loras"], [from_image.parent])
+        lora_partial = lora_partial or bool(saved.get("lora_partial"))
+        for note in notes:
+            typer.secho(f"Warning: {note}", fg=typer.colors.YELLOW, err=True)
+    if loras and spec.lora_targets is None:
+        raise InvalidOptionError(f"Model '{spec.id}' does not support --lora.")
+    for adapter in loras:  # a missing or unreadable file fails before the model loads
+        read_adapter(adapter.path)
     unknown = sorted(set(extra) - set(spec.extra_options))
     if unknown:
         raise InvalidOptionError(f"Model '{spec.id}' does not support --option {unknown[0]}.")
@@ -166,7 +181,7 @@ def run(
         options: dict[str, Any] = {"width": width, "height": height, "steps": steps, "seed": seed,
                                    "num_images": count}
         optional = {"guidance": guidance, "negative_prompt": negative, "images": references or None,
-                    "tile": tile or None}
+                    "tile": tile or None, "loras": loras or None, "lora_partial": lora_partial or None}
         options.update({k: v for k, v in optional.items() if v is not None}, **extra)
         result = pipe.generate(prompt, on_step=progress.on_step, **options)
 

@@ -19,11 +19,12 @@ from .adapters import (
 from .apply import LoraLinear, Patcher
 from .file import AdapterFile, file_sha256, read_adapter
 from .keys import KeyReport, ParsedAdapter, parse_keys
+from .replay import replay_loras
 from .targets import Part, Targets, col_split, qwen3_targets, row_blocks, whole, with_aliases
 
 __all__ = [
-    "AdapterFile", "KeyReport", "LoraLinear", "LoraManager", "LoraSpec", "Part", "ParsedAdapter", "Patcher", "Plan",
+    "AdapterFile", "KeyReport", "LoraLinear", "LoraManager", "LoraSpec", "ParsedAdapter", "Part", "Patcher", "Plan",
     "Targets", "TextPatch", "col_split", "current_text_patch", "file_sha256", "parse_cli_lora", "parse_keys",
-    "parse_loras", "patched", "plan_adapter", "qwen3_targets", "read_adapter", "row_blocks", "text_adapters",
-    "whole", "with_aliases",
+    "parse_loras", "patched", "plan_adapter", "qwen3_targets", "read_adapter", "replay_loras", "row_blocks",
+    "text_adapters", "whole", "with_aliases",
 ]

@@ -48,7 +48,9 @@ def parse_loras(value: Any) -> tuple[LoraSpec, ...]:
     """`loras=`: a list of paths or (path, scale) pairs (also dicts {"path"/"name", "scale"})."""
     if value is None:
         return ()
-    if isinstance(value, str | Path | tuple | dict | LoraSpec):
+    pair = isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str | Path) and not isinstance(
+        value[1], str | Path)
+    if isinstance(value, str | Path | dict | LoraSpec) or pair:
         value = [value]
     specs = []
     for item in value:
