@@ -1,7 +1,8 @@
 """Batch generation: prompts from a JSON-lines file to PNGs, resumable, in one process or on Ray workers.
 
 Each input line is a JSON object: `prompt` (required), optional `id`, `model`, `seed`, `size` ("WxH"),
-`steps`, `guidance`, `negative_prompt`; `Defaults` (the CLI options) fill in what a row leaves out. The
+`steps`, `guidance`, `negative_prompt`, `loras` (["PATH[:SCALE]" or {"path", "scale"}, ...]); `Defaults` (the CLI
+options) fill in what a row leaves out. The
 output folder gets `<id>.png` (with the metadata `imagegen run` writes), `results.jsonl` (one line per
 PNG: id, file, model, seed, seconds, worker) and `failures.jsonl` (this run's failed rows and why).
 
@@ -30,6 +31,7 @@ import mlx.core as mx
 from . import registry
 from .errors import ImagegenError
 from .image import generation_metadata, png_bytes, read_metadata
+from .lora import LoraSpec, parse_cli_lora, parse_loras, read_adapter
 from .pipeline import Pipeline, check_size
 
 RESULTS, FAILURES = "results.jsonl", "failures.jsonl"
@@ -38,6 +40,7 @@ FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "prompt": ((str,), "a string"), "id": ((str, int), "a string or an integer"), "model": ((str,), "a string"),
     "seed": ((int,), "an integer"), "size": ((str,), 'a string like "1024x768"'), "steps": ((int,), "an integer"),
     "guidance": ((int, float), "a number"), "negative_prompt": ((str,), "a string"),
+    "loras": ((list,), 'a list of "PATH[:SCALE]" strings or {"path": ..., "scale": ...} objects'),
 }
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # safe as a file name everywhere
 SIZE_PATTERN = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
@@ -83,6 +86,7 @@ class Row:
     steps: int | None = None
     guidance: float | None = None
     negative_prompt: str | None = None
+    loras: tuple[LoraSpec, ...] = ()
 
     @property
     def file(self) -> str:
@@ -91,7 +95,7 @@ class Row:
     def options(self) -> dict[str, Any]:
         """The keyword options of Pipeline.generate for this row (unset ones left to the model)."""
         options = {"width": self.width, "height": self.height, "steps": self.steps, "guidance": self.guidance,
-                   "negative_prompt": self.negative_prompt}
+                   "negative_prompt": self.negative_prompt, "loras": self.loras or None}
         return {"seed": self.seed, **{k: v for k, v in options.items() if v is not None}}
 
 
@@ -138,10 +142,14 @@ def parse_row(text: str, line: int, defaults: Defaults, where: str = "") -> Row:
         return obj[name] if obj.get(name) is not None else getattr(defaults, name)
 
     seed = pick("seed")
+    try:
+        loras = parse_loras([parse_cli_lora(x) if isinstance(x, str) else x for x in obj.get("loras") or ()])
+    except ImagegenError as e:
+        raise BatchInputError(f"{at}: {e}") from None
     return Row(
         id=row_id, line=line, prompt=obj["prompt"], model=pick("model") or registry.default_model() or "",
         seed=derived_seed(row_id) if seed is None else seed, width=width, height=height, steps=pick("steps"),
-        guidance=pick("guidance"), negative_prompt=pick("negative_prompt"),
+        guidance=pick("guidance"), negative_prompt=pick("negative_prompt"), loras=loras,
     )
 
 
@@ -178,6 +186,10 @@ def check_row(row: Row) -> Row:
     spec = registry.get(row.model)
     default_w, default_h = spec.default_size
     check_size(spec, row.width or default_w, row.height or default_h)
+    if row.loras and spec.lora_targets is None:
+        raise ImagegenError(f"Model '{spec.id}' does not support LoRA adapters.")
+    for adapter in row.loras:  # a missing or unreadable file fails the row before any work
+        read_adapter(adapter.path)
     return replace(row, model=spec.id)
 
 

@@ -6,10 +6,11 @@ here also picks the client's line in the fair queue.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import InvalidOptionError
 
@@ -24,6 +25,15 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     if match is None:
         raise InvalidOptionError(f"Invalid size '{size}': use 'WIDTHxHEIGHT' (e.g. '1024x768') or 'auto'.")
     return int(match.group(1)), int(match.group(2))
+
+
+class LoraRef(BaseModel):
+    """One adapter of a request: a file name from GET /v1/loras, and its strength."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, description="A file name that GET /v1/loras lists.")
+    scale: float = Field(1.0, description="Strength (1.0: as trained; adapters add up).")
 
 
 class ImageOptions(BaseModel):
@@ -46,6 +56,19 @@ class ImageOptions(BaseModel):
     guidance: float | None = Field(None, ge=0, description="imagegen: guidance scale, for models that take it.")
     negative_prompt: str | None = Field(None, description="imagegen: for models that accept one.")
     quantize: str | None = Field(None, description="imagegen: quantization of the resident model, e.g. '4', '8'.")
+    loras: list[LoraRef] | None = Field(None, description="imagegen: LoRA adapters from the server's --lora-dir "
+                                        "(GET /v1/loras), e.g. [{\"name\": \"ink.safetensors\", \"scale\": 0.8}].")
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _json_form_field(cls, value: Any) -> Any:
+        """Multipart edits send every field as text: accept the JSON list there too."""
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError:
+                raise ValueError("loras must be a JSON list of {\"name\": ..., \"scale\": ...}") from None
+        return value
 
 
 class GenerationRequest(ImageOptions):

@@ -10,6 +10,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -17,9 +18,11 @@ from PIL import Image
 from .. import __version__, hub, memory, registry
 from ..errors import ImagegenError
 from ..image import generation_metadata, png_bytes
+from ..lora import LoraSpec
 from ..pipeline import Pipeline, Step, check_size
 from ..registry import IMAGE_EDIT, ModelSpec
 from .errors import APIError
+from .loras import LoraFolder
 from .residency import Residency
 from .schemas import ImageOptions, parse_size
 from .settings import Limits
@@ -47,6 +50,7 @@ class Plan:
     images: tuple[Image.Image, ...] = ()
     partial_images: int = 0
     image_names: tuple[str, ...] = ()
+    loras: tuple[LoraSpec, ...] = ()
 
 
 @dataclass
@@ -72,8 +76,10 @@ def _partial_steps(total: int, count: int) -> set[int]:
 class ImageService:
     """Owns the residency, the device worker and the URL image store."""
 
-    def __init__(self, limits: Limits, keep_alive: float | None, models: Sequence[str] = ()):
+    def __init__(self, limits: Limits, keep_alive: float | None, models: Sequence[str] = (),
+                 lora_dir: str | Path | None = None):
         self.limits = limits
+        self.loras = LoraFolder(lora_dir)
         specs = [registry.get(m) for m in models]  # unknown names and missing weights fail at start
         for spec in specs:
             hub.resolve_weights(spec)
@@ -131,6 +137,10 @@ class ImageService:
             if getattr(options, name) is not None and not spec.accepts(name):
                 raise APIError(400, f"Model '{spec.id}' does not support the option '{name}'.", param=name,
                                code="unsupported_option")
+        loras = self.loras.resolve(options.loras)
+        if loras and spec.lora_targets is None:
+            raise APIError(400, f"Model '{spec.id}' does not support LoRA adapters.", param="loras",
+                           code="unsupported_option")
         if task == IMAGE_EDIT and not images:
             raise APIError(400, "Give at least one image to edit (multipart field 'image' or 'image[]').",
                            param="image", code="missing_image")
@@ -143,7 +153,7 @@ class ImageService:
             steps=options.steps, guidance=options.guidance, negative_prompt=options.negative_prompt,
             quantize=_checked(lambda: _quantize(spec, options.quantize), "quantize"),
             images=tuple(images), partial_images=(options.partial_images or 0) if options.stream else 0,
-            image_names=tuple(image_names),
+            image_names=tuple(image_names), loras=loras,
         )
 
     # ---- running -------------------------------------------------------------------------
@@ -200,8 +210,11 @@ class ImageService:
     def _metadata(self, plan: Plan, pipe: Pipeline, result: Any, timings: dict[str, float]) -> dict[str, Any]:
         """What `imagegen run` writes into its PNGs, so `imagegen run --from` reproduces a served image; each
         image adds its own seed (Outcome.png)."""
-        return generation_metadata(pipe, result, 0, images=list(plan.image_names), source="imagegen serve",
-                                   timings={k: round(v, 4) for k, v in timings.items()})
+        metadata = generation_metadata(pipe, result, 0, images=list(plan.image_names), source="imagegen serve",
+                                       timings={k: round(v, 4) for k, v in timings.items()})
+        for entry in metadata.get("loras", ()):
+            entry.pop("path")  # the server's folder stays private; --from finds files by name
+        return metadata
 
     # ---- reporting -----------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
@@ -218,7 +231,7 @@ class ImageService:
 def _options(plan: Plan, width: int, height: int, seed: int, count: int) -> dict[str, Any]:
     options: dict[str, Any] = {"width": width, "height": height, "seed": seed, "num_images": count}
     optional = {"steps": plan.steps, "guidance": plan.guidance, "negative_prompt": plan.negative_prompt,
-                "images": list(plan.images) or None}
+                "images": list(plan.images) or None, "loras": list(plan.loras) or None}
     options.update({k: v for k, v in optional.items() if v is not None})
     return options
 

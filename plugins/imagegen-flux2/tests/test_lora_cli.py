@@ -3,6 +3,7 @@ line, `lora inspect`, and `convert` writing a merged folder that loads like any 
 
 from __future__ import annotations
 
+import base64
 import json
 
 import numpy as np
@@ -97,3 +98,37 @@ def test_convert_writes_a_merged_folder(adapter, tmp_path):
     assert np.abs(pixels("q8.png") - pixels("styled.png")).max() > 0  # quantized: close, not equal
     result = invoke("convert", "-m", "flux2-demo", "--lora", str(adapter), "-o", str(tmp_path / "q8"))
     assert result.exit_code == 1 and "already exists" in result.output
+
+
+def test_server_names_adapters_from_its_folder_and_batch_rows_take_them(adapter, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from imagegen.batch import run_batch
+    from imagegen.server import create_app
+
+    assert invoke(*RUN, "-o", "styled.png", "--lora", f"{adapter}:0.8").exit_code == 0
+    body = {"model": "flux2-demo", "prompt": RUN[3], "seed": 3, "steps": 2, "size": "64x64",
+            "loras": [{"name": "style.safetensors", "scale": 0.8}]}
+    with TestClient(create_app(lora_dir=tmp_path)) as client:
+        listed = client.get("/v1/loras").json()["data"]
+        assert [(x["name"], len(x["sha256"])) for x in listed] == [("style.safetensors", 64)]
+        answer = client.post("/v1/images/generations", json=body)
+        assert answer.status_code == 200, answer.text
+        (tmp_path / "served.png").write_bytes(base64.b64decode(answer.json()["data"][0]["b64_json"]))
+        for name in ("../style.safetensors", str(adapter), "other.safetensors"):
+            bad = client.post("/v1/images/generations", json={**body, "loras": [{"name": name}]})
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == "loras"
+    assert np.array_equal(pixels("served.png"), pixels("styled.png"))
+    served = read_metadata(tmp_path / "served.png")["loras"][0]
+    assert served["name"] == "style.safetensors" and "path" not in served  # the server's folder stays private
+    with TestClient(create_app()) as client:
+        assert client.post("/v1/images/generations", json=body).status_code == 400
+
+    row = {"id": "one", "prompt": RUN[3], "model": "flux2-demo", "seed": 3, "steps": 2, "size": "64x64",
+           "loras": [f"{adapter}:0.8"]}
+    (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({**row, "id": "two", "loras": [
+        {"path": "missing.safetensors"}]}) + "\n")
+    summary = run_batch(tmp_path / "rows.jsonl", tmp_path / "batch")
+    assert np.array_equal(pixels(tmp_path / "batch" / "one.png"), pixels("styled.png"))
+    failures = (tmp_path / "batch" / "failures.jsonl").read_text()
+    assert "missing.safetensors" in failures and summary is not None
