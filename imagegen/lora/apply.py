@@ -103,13 +103,13 @@ class LoraLinear(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.base(x)
-        if self.down_t is not None:
-            y = y + (x @ self.down_t) @ self.up_t
+        if self.down_t is not None:  # the add rides in the GEMM's epilogue: no extra pass over y
+            y = mx.addmm(y, x @ self.down_t, self.up_t)
         for a, b in self.krons:
             blocks = x.reshape(*x.shape[:-1], a.shape[1], b.shape[1]) @ b.T  # [..., a_in, b_out]
             y = y + (a @ blocks).reshape(y.shape)
         if self.dense_t is not None:
-            y = y + x @ self.dense_t
+            y = mx.addmm(y, x, self.dense_t)
         return y
 
 

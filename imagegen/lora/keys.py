@@ -62,6 +62,7 @@ class Layer:
     tensors: dict[str, mx.array]
     parts: tuple[Part, ...]
     keys: list[str] = field(default_factory=list)
+    preferred: bool = True  # named in the component's first (reference) naming style
 
 
 @dataclass
@@ -148,15 +149,41 @@ def parse_keys(file: AdapterFile, tables: dict[str, dict[str, Targets]], model_i
             continue
         kind = kinds.pop()
         parts = tables[component][group["style"]][name]
-        layers.append(Layer(component, name, kind, group["tensors"], parts, group["keys"]))
-        targets = ", ".join(_describe(p) for p in parts)
-        report += [KeyReport(k, "mapped", f"{component}: {targets}") for k in group["keys"]]
+        preferred = group["style"] == next(iter(tables[component]))
+        layers.append(Layer(component, name, kind, group["tensors"], parts, group["keys"], preferred))
+    layers, redundant = _drop_redundant(layers)
+    for layer in layers:
+        targets = ", ".join(_describe(p) for p in layer.parts)
+        report += [KeyReport(k, "mapped", f"{layer.component}: {targets}") for k in layer.keys]
+    for layer, why in redundant:
+        report += [KeyReport(k, "ignored", why) for k in layer.keys]
     kinds = sorted({layer.kind for layer in layers})
     seen.update({"lora": "LoRA", "lokr": "LoKr", "loha": "LoHa", "full": "full difference"}[k] for k in kinds)
     if any("alpha" in layer.tensors for layer in layers):
         seen.add("alpha")
     report.sort(key=lambda r: r.key)
     return ParsedAdapter(file, ", ".join(sorted(seen)) or "unrecognised", layers, report)
+
+
+def _drop_redundant(layers: list[Layer]) -> tuple[list[Layer], list[tuple[Layer, str]]]:
+    """Some exports hold one layer twice: fused q/k/v beside the split ones, `out` beside `to_out.0` (Anime-Z).
+    Keep the finer-grained copy (else the one in the reference naming), as diffusers does; the other is ignored,
+    with the reason."""
+    by_path: dict[tuple[str, str], list[Layer]] = {}
+    for layer in layers:
+        for part in layer.parts:
+            by_path.setdefault((layer.component, part.path), []).append(layer)
+    dropped: dict[int, str] = {}
+    for group in by_path.values():
+        whole = [layer for layer in group if layer.parts == (Part(layer.parts[0].path),)]
+        pieces = [layer for layer in group if layer not in whole]
+        keep = pieces or sorted(whole, key=lambda layer: not layer.preferred)[:1]
+        for layer in whole:
+            if layer not in keep and id(layer) not in dropped:
+                names = ", ".join(sorted(other.name for other in keep))
+                dropped[id(layer)] = f"redundant: the file also adapts the same weights as {names}"
+    kept = [layer for layer in layers if id(layer) not in dropped]
+    return kept, [(layer, dropped[id(layer)]) for layer in layers if id(layer) in dropped]
 
 
 def _describe(part: Part) -> str:

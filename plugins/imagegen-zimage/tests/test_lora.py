@@ -10,6 +10,7 @@ import torch
 from diffusers import ZImagePipeline
 from imagegen_zimage.plugin import variant
 
+from imagegen.lora import LoraSpec
 from imagegen.testing import assert_images_match, linear_shapes, random_lora, save_adapter, sibling_module
 
 pipeline_tests = sibling_module(__file__, "test_pipeline")  # the tiny checkpoint of the pipeline parity tests
@@ -66,8 +67,9 @@ def test_peft_and_diffsynth_default_two_adapters(checkpoint, tmp_path):
 
 
 def test_kohya_ai_toolkit_and_fused_qkv_dot_format(checkpoint, tmp_path):
-    """kohya (lora_unet_, underscored names, lora_down/up, alpha), ai-toolkit (diffusion_model., lora_A/B, alpha)
-    and the kohya dot format on the original fused attention.qkv (lora.down / lora.up)."""
+    """kohya (lora_unet_, underscored names, lora_down/up, alpha), ai-toolkit (diffusion_model., lora_A/B, alpha),
+    the kohya dot format on the original fused attention.qkv (lora.down / lora.up), and Anime-Z's dot format whose
+    fused qkv and bare out repeat its split layers (ignored, as diffusers ignores them)."""
     _, shapes, _ = checkpoint
     kohya = random_lora({k.replace(".", "_"): v for k, v in shapes.items()}, 4, 3, down="lora_down.weight",
                         up="lora_up.weight", prefix="lora_unet_", alpha=2.0)
@@ -76,9 +78,16 @@ def test_kohya_ai_toolkit_and_fused_qkv_dot_format(checkpoint, tmp_path):
     dim = shapes["layers.0.attention.to_q"][1]
     fused = random_lora({"layers_0_attention_qkv": (3 * dim, dim)}, 2, 5, 0.6, down="lora.down.weight",
                         up="lora.up.weight", prefix="lora_unet_", alpha=1.0)
+    anime = {f"layers_1_attention_{n}": (dim, dim) for n in ("to_q", "to_k", "to_v", "to_out_0", "out")}
+    anime = random_lora({**anime, "layers_1_attention_qkv": (3 * dim, dim)}, 2, 8, 0.6, down="lora.down.weight",
+                        up="lora.up.weight", prefix="lora_unet_")
     check(checkpoint, [(save_adapter(tmp_path / "kohya.safetensors", kohya), 0.8),
                        (save_adapter(tmp_path / "toolkit.safetensors", toolkit), 1.0),
-                       (save_adapter(tmp_path / "fused.safetensors", fused), 1.0)], seed=2)
+                       (save_adapter(tmp_path / "fused.safetensors", fused), 1.0),
+                       (save_adapter(tmp_path / "anime.safetensors", anime), 1.0)], seed=2)
+    report = checkpoint[2].loras().plan(LoraSpec(str(tmp_path / "anime.safetensors"))).parsed.report
+    assert sorted(r.key.split(".")[0] for r in report if r.status == "ignored") == [
+        "lora_unet_layers_1_attention_out"] * 2 + ["lora_unet_layers_1_attention_qkv"] * 2
 
 
 def test_lokr_ai_toolkit(checkpoint, tmp_path):
