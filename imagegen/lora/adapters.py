@@ -9,6 +9,7 @@ and is gone when that request's prompts are encoded.
 from __future__ import annotations
 
 import re
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -174,16 +175,18 @@ class LoraManager:
         self.patcher = Patcher(components["transformer"][0], dtype)
         self.active: tuple = ()
         self._plans: OrderedDict[tuple, Plan] = OrderedDict()
+        self._lock = threading.Lock()  # requests are planned on callers' threads (the server's), outside the run lock
 
     def plan(self, spec: LoraSpec, partial: bool = False) -> Plan:
         file = read_adapter(spec.path)
         key = (file.sha256, partial)
-        if key not in self._plans:
-            self._plans[key] = plan_adapter(file, self.components, self.model_id, partial)
-            while len(self._plans) > PLANS_KEPT:
-                self._plans.popitem(last=False)
-        self._plans.move_to_end(key)
-        return self._plans[key]
+        with self._lock:
+            if key not in self._plans:
+                self._plans[key] = plan_adapter(file, self.components, self.model_id, partial)
+                while len(self._plans) > PLANS_KEPT:
+                    self._plans.popitem(last=False)
+            self._plans.move_to_end(key)
+            return self._plans[key]
 
     def use(self, specs: Sequence[LoraSpec], partial: bool = False) -> tuple[bool, TextPatch | None]:
         plans = [(self.plan(s, partial), s.scale) for s in specs]

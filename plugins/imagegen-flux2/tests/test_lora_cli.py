@@ -56,6 +56,18 @@ def test_run_records_and_replays_loras(adapter, tmp_path):
     assert result.exit_code == 0 and "differs from the one the image was made with" in result.output
 
 
+def test_quantized_weights_take_the_side_path(adapter):
+    """8-bit weights (the demo's under the Klein 4B spec, which quantizes): the adapter changes the image through its
+    side path, and switching it off gives the bare 8-bit image back exactly."""
+    q8 = ("-m", "flux2-klein-4b", "--weights", str(DEMO), "--dtype", "float32", "-q", "8")
+    assert invoke(*RUN, *q8, "-o", "bare8.png").exit_code == 0
+    result = invoke(*RUN, *q8, "-o", "styled8.png", "--lora", f"{adapter}:0.8")
+    assert result.exit_code == 0, result.output
+    assert np.abs(pixels("styled8.png") - pixels("bare8.png")).max() > 10
+    assert invoke(*RUN, "-o", "styled.png", "--lora", f"{adapter}:0.8").exit_code == 0
+    assert np.abs(pixels("styled8.png").astype(float) - pixels("styled.png")).mean() < 3  # close to full precision
+
+
 def test_unknown_keys_are_one_line_and_no_file(adapter, tmp_path):
     extra = random_lora({**SHAPES, "transformer_blocks.0.attn.to_mystery": (4, 4)}, 2, 3, prefix="transformer.")
     path = save_adapter(tmp_path / "odd.safetensors", extra)
