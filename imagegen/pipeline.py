@@ -163,7 +163,7 @@ class Pipeline(ABC):
         if self._loras is None:
             if self.spec.lora_targets is None:
                 raise InvalidOptionError(f"Model '{self.spec.id}' does not support LoRA adapters.")
-            transformer = self.transformer
+            transformer = self.transformer  # families keep their denoiser here (docs/writing-a-plugin.md)
             components = {"transformer": (transformer, self.spec.lora_targets(transformer))}
             encoder = getattr(self, "text_encoder", None)
             if encoder is not None:
@@ -198,7 +198,11 @@ class Pipeline(ABC):
             with self._lock:
                 start = time.perf_counter()
                 t = time.perf_counter()
-                with text_adapters(self.use_loras(request)):
+                text_patch = self.use_loras(request)  # 0. this request's adapters (a no-op when unchanged)
+                if request.loras:
+                    timings["loras"] = time.perf_counter() - t
+                    t = time.perf_counter()
+                with text_adapters(text_patch):
                     conditioning = self.encode(request)  # 1. encode prompt (and reference images)
                 mx.eval(conditioning)
                 timings["encode"] = time.perf_counter() - t

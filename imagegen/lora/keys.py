@@ -127,7 +127,8 @@ def parse_keys(file: AdapterFile, tables: dict[str, dict[str, Targets]], model_i
         name, kind, suffix = split
         if ".default" in key and kind == "lora" and re.search(r"\.lora_[AB]\.", key):
             seen.add("PEFT adapter names (.default)")
-        found = lookup.get(component, {}).get(name)
+        names = lookup.get(component, {})
+        found = names.get(name) or names.get(name.replace(".", "_"))  # also "attention.to.q" (Anime-Z)
         if found is None:
             where = "the text encoder" if component == "text_encoder" else model_id
             report.append(KeyReport(key, "unknown", f"no layer '{name}' in {where}"))
