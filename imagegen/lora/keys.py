@@ -12,17 +12,17 @@ import mlx.core as mx
 from .file import AdapterFile
 from .targets import Part, Targets
 
-# (prefix, component, separator): longest first. "." prefixes precede dotted names, "_" ones underscored names.
+# (prefix, component, label): longest first. Names after "_" prefixes (kohya, LyCORIS) are underscored.
 PREFIXES = (
-    ("model.diffusion_model.", "transformer", ".", "ComfyUI (model.diffusion_model.)"),
-    ("diffusion_model.", "transformer", ".", "ai-toolkit / ComfyUI (diffusion_model.)"),
-    ("transformer.", "transformer", ".", "diffusers / PEFT (transformer.)"),
-    ("lora_transformer_", "transformer", "_", "kohya (lora_transformer_)"),
-    ("lora_unet_", "transformer", "_", "kohya / musubi (lora_unet_)"),
-    ("lycoris_", "transformer", "_", "LyCORIS (lycoris_)"),
-    ("text_encoder.", "text_encoder", ".", "diffusers / PEFT text encoder (text_encoder.)"),
-    ("lora_te1_", "text_encoder", "_", "kohya text encoder (lora_te1_)"),
-    ("lora_te_", "text_encoder", "_", "kohya text encoder (lora_te_)"),
+    ("model.diffusion_model.", "transformer", "ComfyUI (model.diffusion_model.)"),
+    ("diffusion_model.", "transformer", "ai-toolkit / ComfyUI (diffusion_model.)"),
+    ("transformer.", "transformer", "diffusers / PEFT (transformer.)"),
+    ("lora_transformer_", "transformer", "kohya (lora_transformer_)"),
+    ("lora_unet_", "transformer", "kohya / musubi (lora_unet_)"),
+    ("lycoris_", "transformer", "LyCORIS (lycoris_)"),
+    ("text_encoder.", "text_encoder", "diffusers / PEFT text encoder (text_encoder.)"),
+    ("lora_te1_", "text_encoder", "kohya text encoder (lora_te1_)"),
+    ("lora_te_", "text_encoder", "kohya text encoder (lora_te_)"),
 )
 WRAPPER = "base_model.model."  # PEFT's save_pretrained wrapper (fal's Klein LoRAs)
 BARE = "bare module names (DiffSynth / ModelScope / SimpleTuner)"
@@ -84,12 +84,12 @@ class ParsedAdapter:
         return [r for r in self.report if r.status == "unknown"]
 
 
-def _split_prefix(key: str) -> tuple[str, str, str, str]:
-    """(rest, component, separator, prefix label); the rest keeps its suffix."""
-    for prefix, component, sep, label in PREFIXES:
+def _split_prefix(key: str) -> tuple[str, str, str]:
+    """(rest, component, prefix label); the rest keeps its suffix."""
+    for prefix, component, label in PREFIXES:
         if key.startswith(prefix):
-            return key[len(prefix):], component, sep, label
-    return key, "transformer", ".", BARE
+            return key[len(prefix):], component, label
+    return key, "transformer", BARE
 
 
 def _split_suffix(rest: str) -> tuple[str, str | None, str] | None:
@@ -118,7 +118,7 @@ def parse_keys(file: AdapterFile, tables: dict[str, dict[str, Targets]], model_i
         rest = key.removeprefix(WRAPPER)
         if rest != key:
             seen.add("PEFT-wrapped (base_model.model.)")
-        rest, component, sep, label = _split_prefix(rest)
+        rest, component, label = _split_prefix(rest)
         why = next((w for p, w in _UNSUPPORTED if p.search(rest)), None)
         split = None if why else _split_suffix(rest)
         if split is None:
