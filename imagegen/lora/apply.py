@@ -155,15 +155,13 @@ class Patcher:
         for terms, scale in adapters:
             for path, items in terms.items():
                 by_path[path] += [(delta, part, scale) for delta, part in items]
-        new_arrays = []
         for path, items in by_path.items():
             parent, key, module = module_at(self.root, path)
             dense = isinstance(module, nn.Linear) and not isinstance(module, nn.QuantizedLinear)
             new = merged(module, items) if dense else side_path(module, items, self.dtype)
+            mx.eval(new.parameters())  # layer by layer: one layer's float32 temporaries at a time
             self.originals[path] = module
             parent[key] = new
-            new_arrays.append(new.parameters())
-        mx.eval(new_arrays)
 
     def restore(self) -> None:
         for path, module in self.originals.items():
