@@ -45,26 +45,32 @@ class LoraSpec:
         return Path(self.path).name
 
 
+def _is_pair(item: Any) -> bool:
+    return (isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[0], str | Path)
+            and isinstance(item[1], int | float) and not isinstance(item[1], bool))
+
+
+def _spec(item: Any) -> LoraSpec:
+    if isinstance(item, LoraSpec):
+        return item
+    if isinstance(item, dict):
+        item = (item.get("path") or item.get("name"), item.get("scale", 1.0))
+    if isinstance(item, str | Path):
+        item = (item, 1.0)
+    if not _is_pair(item):
+        raise InvalidOptionError(f"loras: each item must be a path or a (path, scale) pair, got {item!r}.")
+    return LoraSpec(str(item[0]), float(item[1]))
+
+
 def parse_loras(value: Any) -> tuple[LoraSpec, ...]:
-    """`loras=`: a list of paths or (path, scale) pairs (also dicts {"path"/"name", "scale"})."""
+    """`loras=`: a path, a (path, scale) pair, or a list of them (also dicts {"path"/"name", "scale"})."""
     if value is None:
         return ()
-    pair = isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str | Path) and not isinstance(
-        value[1], str | Path)
-    if isinstance(value, str | Path | dict | LoraSpec) or pair:
+    if isinstance(value, str | Path | dict | LoraSpec) or (isinstance(value, tuple) and _is_pair(value)):
         value = [value]
-    specs = []
-    for item in value:
-        if isinstance(item, LoraSpec):
-            specs.append(item)
-            continue
-        if isinstance(item, dict):
-            item = (item.get("path") or item.get("name"), item.get("scale", 1.0))
-        path, scale = (item, 1.0) if isinstance(item, str | Path) else tuple(item) if len(item) == 2 else (None, None)
-        if not isinstance(path, str | Path) or isinstance(scale, bool) or not isinstance(scale, int | float):
-            raise InvalidOptionError(f"loras: each item must be a path or a (path, scale) pair, got {item!r}.")
-        specs.append(LoraSpec(str(path), float(scale)))
-    return tuple(specs)
+    if not isinstance(value, list | tuple):
+        raise InvalidOptionError(f"loras must be a list of paths or (path, scale) pairs, got {value!r}.")
+    return tuple(_spec(item) for item in value)
 
 
 def parse_cli_lora(text: str) -> LoraSpec:
