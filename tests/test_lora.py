@@ -8,11 +8,13 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from imagegen.lora import LoraLinear, Part, Patcher, parse_cli_lora, parse_loras
+from imagegen.errors import InvalidOptionError, LoraError
+from imagegen.lora import LoraLinear, Part, Patcher, parse_cli_lora
 from imagegen.lora.apply import merged
 from imagegen.lora.deltas import FullDelta, LohaDelta, LokrDelta, LoraDelta
 from imagegen.lora.file import AdapterFile
 from imagegen.lora.keys import parse_keys
+from imagegen.options import BY_NAME
 
 
 class Tree(nn.Module):
@@ -70,15 +72,24 @@ def test_merge_and_restore_leave_the_original_arrays_alone():
     assert tree.out is original and np.array_equal(np.asarray(original.weight), weight)
 
 
-def test_option_parsing():
+def test_option_parsing(tmp_path, monkeypatch):
     assert parse_cli_lora("styles/ink.safetensors:0.6").scale == 0.6
     assert parse_cli_lora("C:\\loras\\ink.safetensors").path == "C:\\loras\\ink.safetensors"
     assert parse_cli_lora("ink.safetensors:-1").scale == -1.0
-    specs = parse_loras(["a.safetensors", ("b.safetensors", 0.5), {"name": "c.safetensors", "scale": 2}])
-    assert [(s.path, s.scale) for s in specs] == [("a.safetensors", 1.0), ("b.safetensors", 0.5),
+    monkeypatch.chdir(tmp_path)
+    for name in "abc":
+        mx.save_safetensors(f"{name}.safetensors", {"x.lora_A.weight": mx.zeros((1, 1))})
+    option = BY_NAME["loras"]
+    specs = option.check(["a.safetensors:0.3", ("b.safetensors", 0.5), {"name": "c.safetensors", "scale": 2}])
+    assert [(s.path, s.scale) for s in specs] == [("a.safetensors", 0.3), ("b.safetensors", 0.5),
                                                   ("c.safetensors", 2.0)]
-    with pytest.raises(ValueError, match="path or a"):
-        parse_loras([("a.safetensors", "strong")])
+    saved = option.to_json(specs)
+    assert saved[0] == {"name": "a.safetensors", "sha256": saved[0]["sha256"], "scale": 0.3}
+    assert option.from_json(saved, {}, [tmp_path])[1].scale == 0.5
+    with pytest.raises(InvalidOptionError, match="path, "):
+        option.check([("a.safetensors", "strong")])
+    with pytest.raises(LoraError, match="not found"):
+        option.check(["missing.safetensors"])
 
 
 def test_layout_description_and_report(tmp_path):

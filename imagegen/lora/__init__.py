@@ -10,8 +10,10 @@ from .adapters import (
     Plan,
     TextPatch,
     current_text_patch,
+    lora_metadata,
+    lora_replay,
+    lora_value,
     parse_cli_lora,
-    parse_loras,
     patched,
     plan_adapter,
     text_adapters,
@@ -19,12 +21,11 @@ from .adapters import (
 from .apply import LoraLinear, Patcher
 from .file import AdapterFile, file_sha256, read_adapter
 from .keys import KeyReport, ParsedAdapter, parse_keys
-from .replay import replay_loras
 from .targets import Part, Targets, col_split, qwen3_targets, row_blocks, whole, with_aliases
 
 __all__ = [
     "AdapterFile", "KeyReport", "LoraLinear", "LoraManager", "LoraSpec", "ParsedAdapter", "Part", "Patcher", "Plan",
-    "Targets", "TextPatch", "col_split", "current_text_patch", "file_sha256", "parse_cli_lora", "parse_keys",
-    "parse_loras", "patched", "plan_adapter", "qwen3_targets", "read_adapter", "replay_loras", "row_blocks",
-    "text_adapters", "whole", "with_aliases",
+    "Targets", "TextPatch", "col_split", "current_text_patch", "file_sha256", "lora_metadata", "lora_replay",
+    "lora_value", "parse_cli_lora", "parse_keys", "patched", "plan_adapter", "qwen3_targets", "read_adapter",
+    "row_blocks", "text_adapters", "whole", "with_aliases",
 ]

@@ -50,27 +50,38 @@ def _is_pair(item: Any) -> bool:
             and isinstance(item[1], int | float) and not isinstance(item[1], bool))
 
 
-def _spec(item: Any) -> LoraSpec:
-    if isinstance(item, LoraSpec):
-        return item
+def lora_value(item: Any) -> LoraSpec:
+    """One item of the `loras` option: "PATH[:SCALE]", a path, a (path, scale) pair, {"path" or "name", "scale"}
+    or a LoraSpec. The file must be a readable adapter: a missing one fails before any weight loads."""
     if isinstance(item, dict):
         item = (item.get("path") or item.get("name"), item.get("scale", 1.0))
-    if isinstance(item, str | Path):
-        item = (item, 1.0)
-    if not _is_pair(item):
-        raise InvalidOptionError(f"loras: each item must be a path or a (path, scale) pair, got {item!r}.")
-    return LoraSpec(str(item[0]), float(item[1]))
+    if isinstance(item, LoraSpec):
+        spec = item
+    elif isinstance(item, str):
+        spec = parse_cli_lora(item)
+    elif isinstance(item, Path):
+        spec = LoraSpec(str(item))
+    elif _is_pair(item):
+        spec = LoraSpec(str(item[0]), float(item[1]))
+    else:
+        raise InvalidOptionError(f"loras: each item must be a path, \"PATH:SCALE\" or a (path, scale) pair, "
+                                 f"got {item!r}.")
+    read_adapter(spec.path)
+    return spec
 
 
-def parse_loras(value: Any) -> tuple[LoraSpec, ...]:
-    """`loras=`: a path, a (path, scale) pair, or a list of them (also dicts {"path"/"name", "scale"})."""
-    if value is None:
-        return ()
-    if isinstance(value, str | Path | dict | LoraSpec) or (isinstance(value, tuple) and _is_pair(value)):
-        value = [value]
-    if not isinstance(value, list | tuple):
-        raise InvalidOptionError(f"loras must be a list of paths or (path, scale) pairs, got {value!r}.")
-    return tuple(_spec(item) for item in value)
+def lora_metadata(specs: Sequence[LoraSpec]) -> list[dict[str, Any]]:
+    """How PNG metadata records adapters: file name (never the path), content hash, scale."""
+    return [{"name": s.name, "sha256": read_adapter(s.path).sha256, "scale": s.scale} for s in specs]
+
+
+def lora_replay(saved: Sequence[dict[str, Any]], folders: Sequence[Path]) -> list[LoraSpec]:
+    """The recorded adapters for `imagegen run --from`: each file found by name in `folders` with its recorded
+    hash; a missing or changed file is an error that names it."""
+    from ..options import find_saved_file
+
+    return [LoraSpec(str(find_saved_file(e["name"], e.get("sha256"), folders)), float(e.get("scale", 1.0)))
+            for e in saved]
 
 
 def parse_cli_lora(text: str) -> LoraSpec:

@@ -8,7 +8,7 @@ import imagegen
 from imagegen.quantize import ALL_MODES
 
 from .lora import lora_targets
-from .pipeline import Flux2Pipeline, checkpoint_settings, estimate_memory
+from .pipeline import Flux2Pipeline, checkpoint_settings, estimate_memory, reference_size
 
 DEMO = Path(__file__).parent / "demo"
 EDIT_OPTIONS = frozenset({"images", "latents", "tile"})
@@ -33,11 +33,12 @@ def klein(size: str, base: bool) -> imagegen.ModelSpec:
         default_guidance=4.0 if base else None,  # diffusers' guidance_scale default; ignored when distilled
         tasks=(imagegen.TEXT_TO_IMAGE, imagegen.IMAGE_EDIT),
         options=CFG_OPTIONS if base else EDIT_OPTIONS,
+        reference_size=reference_size,
         quantize_modes=ALL_MODES,
         family_default=not base and size == "4B",
         estimate_memory=estimate_memory,
         lora_targets=lora_targets,
-        extra={"distilled": not base},
+        extra={"distilled": not base, "sequence_parallel": True},
     )
 
 
@@ -57,9 +58,11 @@ def demo() -> imagegen.ModelSpec | None:
         max_pixels=512 * 512,
         tasks=(imagegen.TEXT_TO_IMAGE, imagegen.IMAGE_EDIT),
         options=EDIT_OPTIONS,
+        reference_size=reference_size,
+        run_default=True,  # `imagegen run` works out of the box with the bundled weights
         default_dtype="float32",  # small enough; float32 keeps CPU runs exact and fast
         lora_targets=lora_targets,
-        extra={"distilled": True},
+        extra={"distilled": True, "sequence_parallel": True},
     )
 
 

@@ -243,7 +243,7 @@ def test_bad_adapters_are_one_clear_error(checkpoint, tmp_path):
     mixed = save_adapter(tmp_path / "mixed.safetensors", {**tensors, **strange})
     with pytest.raises(LoraError, match=r"7 of 11 keys do not fit flux2-klein-4b: .*mystery_0.* and 2 more"):
         pipe.request(PROMPT, loras=[mixed])
-    assert pipe.request(PROMPT, loras=[mixed], lora_partial=True).lora_partial
+    assert pipe.request(PROMPT, loras=[mixed], lora_partial=True).option("lora_partial")
     with pytest.raises(LoraError, match="none of its 7 keys"):
         pipe.request(PROMPT, loras=[save_adapter(tmp_path / "none.safetensors", strange)])
     wrong = random_lora({"transformer_blocks.0.attn.to_q": (16, 32)}, 2, 15, prefix="transformer.")

@@ -41,19 +41,20 @@ def test_run_records_and_replays_loras(adapter, tmp_path):
     result = invoke(*RUN, "-o", "styled.png", "--lora", f"{adapter}:0.8")
     assert result.exit_code == 0, result.output
     meta = read_metadata(tmp_path / "styled.png")
-    assert meta["loras"] == [{"name": "style.safetensors", "path": str(adapter), "scale": 0.8,
-                              "sha256": meta["loras"][0]["sha256"]}] and len(meta["loras"][0]["sha256"]) == 64
+    assert meta["loras"] == [{"name": "style.safetensors", "scale": 0.8, "sha256": meta["loras"][0]["sha256"]}]
+    assert len(meta["loras"][0]["sha256"]) == 64
     assert np.abs(pixels("styled.png") - pixels("bare.png")).max() > 10
     assert invoke("run", "--from", "styled.png", "-o", "again.png", "--quiet").exit_code == 0
     assert np.array_equal(pixels("again.png"), pixels("styled.png"))
 
-    adapter.rename(tmp_path / "elsewhere.safetensors")
+    adapter.rename(tmp_path / "elsewhere.safetensors")  # found by name beside the image (or here) only
     result = invoke("run", "--from", "styled.png", "-o", "lost.png", "--quiet")
-    assert result.exit_code != 0 and "style.safetensors" in result.output and "--lora" in result.output
-    assert not (tmp_path / "lost.png").exists()
+    assert result.exit_code == 1 and "'style.safetensors'" in result.output and not (tmp_path / "lost.png").exists()
     save_adapter(adapter, random_lora(SHAPES, 4, 2, 0.5, prefix="transformer."))  # same name, other contents
     result = invoke("run", "--from", "styled.png", "-o", "changed.png", "--quiet")
-    assert result.exit_code == 0 and "differs from the one the image was made with" in result.output
+    assert result.exit_code == 1 and "with that content" in result.output
+    result = invoke("run", "--from", "styled.png", "-o", "changed.png", "--quiet", "--lora", f"{adapter}:0.8")
+    assert result.exit_code == 0, result.output  # given again, it is used
 
 
 def test_quantized_weights_take_the_side_path(adapter):
@@ -115,7 +116,7 @@ def test_convert_writes_a_merged_folder(adapter, tmp_path):
 def test_server_names_adapters_from_its_folder_and_batch_rows_take_them(adapter, tmp_path):
     from fastapi.testclient import TestClient
 
-    from imagegen.batch import run_batch
+    from imagegen.batch import BatchInputError, run_batch
     from imagegen.server import create_app
 
     assert invoke(*RUN, "-o", "styled.png", "--lora", f"{adapter}:0.8").exit_code == 0
@@ -138,9 +139,9 @@ def test_server_names_adapters_from_its_folder_and_batch_rows_take_them(adapter,
 
     row = {"id": "one", "prompt": RUN[3], "model": "flux2-demo", "seed": 3, "steps": 2, "size": "64x64",
            "loras": [f"{adapter}:0.8"]}
-    (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({**row, "id": "two", "loras": [
-        {"path": "missing.safetensors"}]}) + "\n")
-    summary = run_batch(tmp_path / "rows.jsonl", tmp_path / "batch")
+    (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n")
+    run_batch(tmp_path / "rows.jsonl", tmp_path / "batch")
     assert np.array_equal(pixels(tmp_path / "batch" / "one.png"), pixels("styled.png"))
-    failures = (tmp_path / "batch" / "failures.jsonl").read_text()
-    assert "missing.safetensors" in failures and summary is not None
+    (tmp_path / "bad.jsonl").write_text(json.dumps({**row, "loras": [{"path": "missing.safetensors"}]}) + "\n")
+    with pytest.raises(BatchInputError, match="line 1: LoRA file not found: missing.safetensors"):
+        run_batch(tmp_path / "bad.jsonl", tmp_path / "bad")
