@@ -16,6 +16,7 @@ from .errors import (
     ImagegenError,
     InvalidImageError,
     InvalidOptionError,
+    LoraError,
     PluginError,
     UnknownModelError,
     WeightsError,
@@ -33,7 +34,8 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "BlockLoopOption", "GenerationResult", "HFConfig", "IMAGE_EDIT", "ImagegenError", "InvalidImageError",
-    "InvalidOptionError", "ModelSpec", "Option", "Pipeline", "PluginError", "Request", "Run", "Step", "TEXT_TO_IMAGE",
-    "UnknownModelError", "WeightsError", "WeightsNotFoundError", "block_loop", "hookimpl", "registry", "seeded_noise",
+    "InvalidOptionError", "LoraError", "ModelSpec", "Option", "Pipeline", "PluginError", "Request", "Run", "Step",
+    "TEXT_TO_IMAGE", "UnknownModelError", "WeightsError", "WeightsNotFoundError", "block_loop", "hookimpl",
+    "registry", "seeded_noise",
     "__version__",
 ]

@@ -34,7 +34,7 @@ import mlx.core as mx
 from PIL import Image
 
 from . import registry
-from .errors import ImagegenError, InvalidOptionError
+from .errors import ImagegenError, InvalidOptionError, LoraError
 from .image import generation_metadata, png_bytes, read_metadata
 from .options import OPTIONS, OptionError, parse_size
 from .pipeline import Pipeline
@@ -142,6 +142,8 @@ def parse_row(text: str, line: int, defaults: Defaults, where: str = "", folder:
                 ROW_OPTIONS[name].check(value)
             except OptionError as e:
                 raise BatchInputError(f"{at}: {e.render(repr(name))}") from None
+            except LoraError as e:  # a missing or unreadable adapter: refused before anything runs
+                raise BatchInputError(f"{at}: {e}") from None
     if not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
         raise BatchInputError(f"{at}: missing 'prompt' (a non-empty string).")
     row_id = str(obj["id"]) if obj.get("id") is not None else row_hash(obj)

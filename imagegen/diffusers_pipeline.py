@@ -77,6 +77,9 @@ class DiffusersPipeline(Pipeline):
         self.paced = every
         self.transformer.pace(every)
 
+    def weights_changed(self) -> None:
+        self.pace(self.paced)  # compiled blocks captured the arrays of the layers adapters replaced
+
     # 4. latents -> images, one at a time: the VAE's peak memory stays flat in the batch size
     def vae_latents(self, request: Request, latents: mx.array) -> mx.array:
         """The denoised state as the VAE's NHWC latents [B, h, w, C] (families that pack tokens unpack here)."""

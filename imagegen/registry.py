@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .request import Request
 
 TEXT_TO_IMAGE, IMAGE_EDIT = "text-to-image", "image-edit"
+LORA_OPTIONS = ("loras", "lora_partial")  # accepted by every model that gives lora_targets
 
 
 @dataclass(frozen=True)
@@ -55,11 +56,14 @@ class ModelSpec:
     estimate_memory: Callable[..., int] | None = None
     # the pipeline runs its transformer blocks through imagegen.block_loop: plugins' block-loop options apply
     block_loop: bool = False
+    # LoRA key tables of the transformer: lora_targets(transformer) -> {naming style: {source layer: parts}}
+    # (imagegen.lora.targets); None: the model takes no adapters
+    lora_targets: Callable[[Any], dict[str, Any]] | None = field(default=None, hash=False, compare=False)
     plugin: str = ""  # filled in by the registry
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     def accepts(self, option: str) -> bool:
-        return option in self.options
+        return option in self.options or (option in LORA_OPTIONS and self.lora_targets is not None)
 
     def request(self, prompt: str | Sequence[str], **options: Any) -> Request:
         """Check generate() options against this model and fill in its defaults, without loading weights."""

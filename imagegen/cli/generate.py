@@ -123,7 +123,8 @@ def run(
     if unknown:
         raise InvalidOptionError(f"Model '{spec.id}' does not support --option {unknown[0]}.")
     with flag_errors():
-        values = replayed(spec, saved, [from_image.parent, Path.cwd()]) if saved else {}
+        kept = {k: v for k, v in saved.items() if k not in given_flags}  # a flag replaces the saved value outright
+        values = replayed(spec, kept, [from_image.parent, Path.cwd()]) if saved else {}
         request = spec.request(prompt, **{**values, **family, **given_flags})  # every check, before any load
     quantize = spec.check_quantize(quantize or saved.get("quantize"))
     dtype = dtype or saved.get("dtype")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 from ..errors import InvalidOptionError
@@ -30,11 +32,15 @@ def serve(
                                  "resident models (default: one per GPU)."),
     min_replicas: int = typer.Option(None, "--min-replicas", help="With --ray: autoscale from this many replicas."),
     max_replicas: int = typer.Option(None, "--max-replicas", help="With --ray: autoscale up to this many replicas."),
+    lora_dir: Path = typer.Option(None, "--lora-dir", help="Folder of LoRA .safetensors files requests may name "
+                                  "(field 'loras'); GET /v1/loras lists them."),
 ) -> None:
     """Serve models over HTTP: POST /v1/images/generations and /v1/images/edits, GET /v1/models."""
     from ..server import run_server
 
     if ray is not None:
+        if lora_dir is not None:
+            raise InvalidOptionError("--lora-dir is not available with --ray yet: serve without --ray.")
         from ..ray import require_ray
 
         require_ray(serve=True)
@@ -47,4 +53,4 @@ def serve(
         raise InvalidOptionError("--replicas, --min-replicas and --max-replicas need --ray.")
 
     run_server(host=host, port=port, models=model or (), keep_alive=keep_alive, api_key=api_key,
-               max_memory=max_memory, max_queue=max_queue, shutdown_grace=grace)
+               max_memory=max_memory, max_queue=max_queue, shutdown_grace=grace, lora_dir=lora_dir)

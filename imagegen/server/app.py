@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -363,11 +364,14 @@ def _card(spec: ModelSpec, loaded: bool) -> ModelCard:
 
 
 def create_app(models: Sequence[str] = (), keep_alive: str | float | None = "5m", api_key: str | None = None,
-               **limits: Any) -> FastAPI:
+               lora_dir: str | Path | None = None, **limits: Any) -> FastAPI:
     """The server app. `models` are loaded at start (the first is the default); `keep_alive` ("5m",
-    "30s", 0 = unload after each request, -1 = never) keeps idle models warm; `limits` are Limits fields."""
+    "30s", 0 = unload after each request, -1 = never) keeps idle models warm; `lora_dir` holds the adapters
+    requests may name; `limits` are Limits fields."""
     settings = Limits.from_options(**limits)
-    service = ImageService(settings, parse_duration(keep_alive), models)
+    if lora_dir is not None and not Path(lora_dir).is_dir():
+        raise InvalidOptionError(f"--lora-dir {lora_dir} is not a folder.")
+    service = ImageService(settings, parse_duration(keep_alive), models, lora_dir)
     responder = Responder(service)
 
     @asynccontextmanager
@@ -416,6 +420,10 @@ def create_app(models: Sequence[str] = (), keep_alive: str | float | None = "5m"
         spec = registry.get(model_id)
         return _card(spec, service.residency.is_loaded(spec.id))
 
+    @app.get("/v1/loras", tags=["models"], summary="LoRA adapters requests may name (the --lora-dir files)")
+    async def list_loras() -> dict[str, Any]:
+        return {"object": "list", "data": await asyncio.to_thread(service.loras.listing)}
+
     @app.get("/health", tags=["server"], summary="Liveness, queue and resident models")
     async def health() -> dict[str, Any]:
         return service.health()
@@ -461,14 +469,14 @@ class DrainingServer(uvicorn.Server):
 
 def run_server(host: str = "127.0.0.1", port: int = 8000, models: Sequence[str] = (),
                keep_alive: str | float | None = "5m", api_key: str | None = None, log_level: str = "info",
-               **limits: Any) -> None:
+               lora_dir: str | Path | None = None, **limits: Any) -> None:
     """Serve until SIGTERM or Ctrl-C (then drain for `shutdown_grace`). The key falls back to
     $IMAGEGEN_API_KEY; bad settings, a bad port or one in use raise ImagegenError before a model loads."""
     api_key = api_key or os.environ.get("IMAGEGEN_API_KEY") or None
     Limits.from_options(**limits)  # bad limits are reported before the port is taken
     listener = listen(host, port)
     try:
-        app = create_app(models, keep_alive, api_key, **limits)
+        app = create_app(models, keep_alive, api_key, lora_dir, **limits)
         if not is_loopback(host) and not api_key:
             log.warning("imagegen serve: listening on %s without an API key; anyone who can reach it can use it",
                         host)

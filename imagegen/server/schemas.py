@@ -101,6 +101,15 @@ def option_field(option: Option) -> tuple[Any, Any]:
     return annotation | None, Field(None, description=f"imagegen: {option.help}", **bounds)
 
 
+class LoraRef(BaseModel):
+    """One adapter of a request: a file name from GET /v1/loras, and its strength."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, description="A file name that GET /v1/loras lists.")
+    scale: float = Field(1.0, description="Strength (1.0: as trained; adapters add up).")
+
+
 class OpenAIOptions(BaseModel):
     """Fields shared by generations (JSON) and edits (multipart form)."""
 
@@ -120,6 +129,20 @@ class OpenAIOptions(BaseModel):
                              "per user.")
     quantize: str | None = Field(None, description="imagegen: quantization of the resident model, e.g. '4', '8'.")
     options: dict[str, Any] | None = Field(None, description="imagegen: the model's own options (see /v1/models).")
+    # names, not paths: files of the server's --lora-dir (the `loras` option's server form)
+    loras: list[LoraRef] | None = Field(None, description="imagegen: LoRA adapters from the server's --lora-dir "
+                                        "(GET /v1/loras), e.g. [{\"name\": \"ink.safetensors\", \"scale\": 0.8}].")
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _json_form_field(cls, value: Any) -> Any:
+        """Multipart edits send every field as text: accept the JSON list there too."""
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError:
+                raise ValueError("loras must be a JSON list of {\"name\": ..., \"scale\": ...}") from None
+        return value
 
     @field_validator("prompt")
     @classmethod

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -21,6 +22,7 @@ from ..options import OPTIONS, OptionError, UnsupportedOptionError, family_optio
 from ..pipeline import Pipeline, Request, Step, check_size
 from ..registry import IMAGE_EDIT, ModelSpec
 from .errors import APIError
+from .loras import LoraFolder
 from .residency import Residency
 from .schemas import UPLOADS, ImageOptions, parse_size
 from .settings import Limits
@@ -76,8 +78,10 @@ def _partial_steps(total: int, count: int) -> set[int]:
 class ImageService:
     """Owns the residency, the device worker and the URL image store."""
 
-    def __init__(self, limits: Limits, keep_alive: float | None, models: Sequence[str] = ()):
+    def __init__(self, limits: Limits, keep_alive: float | None, models: Sequence[str] = (),
+                 lora_dir: str | Path | None = None):
         self.limits = limits
+        self.loras = LoraFolder(lora_dir)
         specs = [registry.get(m) for m in models]  # unknown names and missing weights fail at start
         for spec in specs:
             hub.resolve_weights(spec)
@@ -158,6 +162,7 @@ class ImageService:
             raise APIError(400, f"Model '{spec.id}' does not support the option '{unknown[0]}'.", param="options",
                            code="unsupported_option")
         values = {o.name: getattr(options, o.name) for o in OPTIONS if "server" in o.fronts and o.name not in UPLOADS}
+        values["loras"] = self.loras.resolve(options.loras)
         for option in (o for o in OPTIONS if o.name in (files or {})):
             uploaded = files[option.name]
             if len(uploaded) > 1 and not option.repeatable:

@@ -9,6 +9,7 @@ import imagegen
 from imagegen.quantize import ALL_MODES
 
 from .kv_pipeline import Flux2KVPipeline
+from .lora import lora_targets
 from .pipeline import Flux2Pipeline, checkpoint_settings, estimate_memory, reference_size
 
 DEMO = Path(__file__).parent / "demo"
@@ -69,6 +70,7 @@ def klein(size: str, base: bool) -> imagegen.ModelSpec:
         estimate_memory=estimate_memory,
         block_loop=True,
         components=frozenset({"vae"}),
+        lora_targets=lora_targets,
         extra={"distilled": not base, "sequence_parallel": True},
     )
 
@@ -101,6 +103,7 @@ def demo() -> imagegen.ModelSpec | None:
         default_dtype="float32",  # small enough; float32 keeps CPU runs exact and fast
         block_loop=True,
         components=frozenset({"vae"}),
+        lora_targets=lora_targets,
         extra={"distilled": True, "sequence_parallel": True},
     )
 

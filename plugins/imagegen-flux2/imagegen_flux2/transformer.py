@@ -170,7 +170,9 @@ class Flux2Attention(nn.Module):
         self.norm_added_k = nn.RMSNorm(head_dim, eps=eps)
         self.to_add_out = nn.Linear(inner, dim, bias=False)
 
-    def __call__(self, x: mx.array, context: mx.array, rope: Rope, extra: KV | None = None) -> tuple[mx.array, mx.array]:
+    def __call__(
+        self, x: mx.array, context: mx.array, rope: Rope, extra: KV | None = None
+    ) -> tuple[mx.array, mx.array]:
         streams = [(self.to_added_qkv(context), self.norm_added_q, self.norm_added_k),
                    (self.to_qkv(x), self.norm_q, self.norm_k)]
         out = attention_blhd(*qk_norm_rope(streams, self.heads, self.head_dim, *rope), extra=extra)
@@ -195,7 +197,9 @@ class Flux2TransformerBlock(nn.Module):
         shift, scale, gate, mlp_shift, mlp_scale, mlp_gate = mod_img
         c_shift, c_scale, c_gate, c_mlp_shift, c_mlp_scale, c_mlp_gate = mod_txt
         eps = self.eps
-        attn, c_attn = self.attn(_modulate(x, shift, scale, eps), _modulate(context, c_shift, c_scale, eps), rope, extra)
+        attn, c_attn = self.attn(
+            _modulate(x, shift, scale, eps), _modulate(context, c_shift, c_scale, eps), rope, extra
+        )
         x = x + gate * attn
         x = x + mlp_gate * self.ff(_modulate(x, mlp_shift, mlp_scale, eps))
         context = context + c_gate * c_attn

@@ -55,6 +55,10 @@ class ZImagePipeline(DiffusersPipeline):
         self._compiled: dict[int, Any] = {}  # id(layout) -> (layout, compiled step); layouts are cached per shape
         super().__init__(*args, **kwargs)
 
+    def weights_changed(self) -> None:
+        self._compiled.clear()  # compiled graphs captured the replaced layers' arrays
+        super().weights_changed()
+
     def forward(self, layout: Layout, wrapper: block_loop.LoopWrapper | None = None):
         """The transformer for one layout: paced, or compiled once per layout (the layout holds no arrays
         mx.compile could take as inputs, so it is closed over); uncompiled around a plugin's block-loop wrapper."""
