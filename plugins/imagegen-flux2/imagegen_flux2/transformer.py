@@ -171,11 +171,15 @@ class Flux2Attention(nn.Module):
         self.to_add_out = nn.Linear(inner, dim, bias=False)
 
     def __call__(
-        self, x: mx.array, context: mx.array, rope: Rope, extra: KV | None = None
-    ) -> tuple[mx.array, mx.array]:
-        streams = [(self.to_added_qkv(context), self.norm_added_q, self.norm_added_k),
-                   (self.to_qkv(x), self.norm_q, self.norm_k)]
+        self, x: mx.array, context: mx.array | None, rope: Rope, extra: KV | None = None
+    ) -> tuple[mx.array, mx.array | None]:
+        """context None: the image stream alone (the KV variant's reference pass)."""
+        streams = [(self.to_qkv(x), self.norm_q, self.norm_k)]
+        if context is not None:
+            streams.insert(0, (self.to_added_qkv(context), self.norm_added_q, self.norm_added_k))
         out = attention_blhd(*qk_norm_rope(streams, self.heads, self.head_dim, *rope), extra=extra)
+        if context is None:
+            return self.to_out[0](out), None
         n_txt = context.shape[1]
         return self.to_out[0](out[:, n_txt:]), self.to_add_out(out[:, :n_txt])
 
@@ -198,10 +202,13 @@ class Flux2TransformerBlock(nn.Module):
         c_shift, c_scale, c_gate, c_mlp_shift, c_mlp_scale, c_mlp_gate = mod_txt
         eps = self.eps
         attn, c_attn = self.attn(
-            _modulate(x, shift, scale, eps), _modulate(context, c_shift, c_scale, eps), rope, extra
+            _modulate(x, shift, scale, eps), None if context is None else _modulate(context, c_shift, c_scale, eps),
+            rope, extra,
         )
         x = x + gate * attn
         x = x + mlp_gate * self.ff(_modulate(x, mlp_shift, mlp_scale, eps))
+        if context is None:  # the image stream alone
+            return x, None
         context = context + c_gate * c_attn
         context = context + c_mlp_gate * self.ff_context(_modulate(context, c_mlp_shift, c_mlp_scale, eps))
         return x, _clip_fp16(context)
@@ -339,16 +346,15 @@ class Flux2Transformer(PacedBlocks, nn.Module):
         attend only to each other under the modulation of a fixed timestep (ref_fixed_timestep, 0). They depend on
         nothing else (not the prompt, not the noise), so they can be kept for every step and every request."""
         b = references.shape[0]
-        context = mx.zeros((b, 0, self.config.joint_attention_dim), references.dtype)  # no text tokens
-        with recording() as kv:
-            self._run(references, context, mx.full((b,), timestep), rope, None, plain=True)
+        with recording() as kv:  # no text stream at all (an empty one would launch zero-sized GPU kernels)
+            self._run(references, None, mx.full((b,), timestep), rope, None, plain=True)
         return list(kv)
 
-    def _run(self, hidden_states: mx.array, encoder_hidden_states: mx.array, timestep: mx.array, rope: Rope,
+    def _run(self, hidden_states: mx.array, encoder_hidden_states: mx.array | None, timestep: mx.array, rope: Rope,
              guidance: mx.array | None, reference_kv: Sequence[KV] | None = None,
              wrapper: block_loop.LoopWrapper | None = None,
              contexts: tuple[tuple[str, slice], ...] = (("cond", slice(None)),), plain: bool = False) -> mx.array:
-        n_txt = encoder_hidden_states.shape[1]
+        n_txt = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
         dtype = hidden_states.dtype
         # diffusers casts to the activation dtype before scaling back to [0, 1000]
         temb = self.time_guidance_embed(
@@ -360,7 +366,7 @@ class Flux2Transformer(PacedBlocks, nn.Module):
         mod_single = self.single_stream_modulation(temb)
 
         x = self.x_embedder(hidden_states)
-        context = self.context_embedder(encoder_hidden_states)
+        context = None if encoder_hidden_states is None else self.context_embedder(encoder_hidden_states)
         # plain: the modules themselves (recording reads each call's arrays, which compiled blocks only trace)
         every, double, single = (0, self.transformer_blocks, self.single_transformer_blocks) if plain else \
             self.paced_blocks()
@@ -377,6 +383,10 @@ class Flux2Transformer(PacedBlocks, nn.Module):
             for block, kv in zip(double[1:], extra[1:]):
                 x, context = block(x, context, mod_img, mod_txt, rope, kv)
                 pace(x, context)
+            if context is None:  # the KV variant's reference pass: image tokens alone
+                for block, kv in zip(single, extra[len(double):]):
+                    x = block(x, mod_single, rope, kv)
+                return x, None
             x = mx.concatenate([context, x], axis=1)
             for block, kv in zip(single, extra[len(double):]):
                 x = block(x, mod_single, rope, kv)
