@@ -154,7 +154,9 @@ def attention_blhd(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None 
     if spread is not None:  # this rank holds a shard of the tokens: attend over every rank's keys and values
         k, v = spread.keys_values(k, v)
     if _recorded is not None:
-        _recorded.append((mx.contiguous(k), mx.contiguous(v)))  # not views: they would pin whole projections
+        kept = (mx.contiguous(k), mx.contiguous(v))  # not views: they would pin whole projections
+        mx.eval(kept)  # layer by layer: the recorded pass never holds more than one layer's temporaries
+        _recorded.append(kept)
     if extra is not None:  # attention does not depend on the keys' order: appended after this call's own
         k, v = (mx.concatenate([a, mx.broadcast_to(e, (b, *e.shape[1:]))], axis=1) for a, e in zip((k, v), extra))
     out = attention(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
