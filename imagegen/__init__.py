@@ -18,7 +18,8 @@ from .errors import (
     WeightsNotFoundError,
 )
 from .hookspecs import hookimpl
-from .pipeline import GenerationResult, Pipeline, Request, Run, Step, seeded_noise
+from .noise import seeded_noise
+from .pipeline import GenerationResult, Pipeline, Request, Run, Step
 from .registry import IMAGE_EDIT, TEXT_TO_IMAGE, ModelSpec
 
 try:

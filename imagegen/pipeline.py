@@ -26,6 +26,8 @@ from PIL import Image
 
 from .errors import InvalidOptionError
 from .image import load_image
+from .img2img import InitImage, check_strength, open_image, outpaint, parse_outpaint
+from .noise import Noise, check_noise
 from .registry import ModelSpec
 
 
@@ -45,6 +47,13 @@ class Request:
     tile: bool = False
     num_images: int = 1
     extra: dict[str, Any] = field(default_factory=dict)  # family-specific options the spec declares
+    init: InitImage | None = None  # img2img / inpainting: the starting picture, its mask, the strength
+    noise: str = "mlx"  # "mlx" (imagegen's own) or "torch" (diffusers' draws for the seed)
+    noise_slot: tuple[int, int] | None = None  # torch noise: replay image i of an n-image call alone
+
+    def draws(self) -> Noise:
+        """A fresh source of this run's random draws."""
+        return Noise(self.noise, self.seeds, self.noise_slot)
 
     def option(self, name: str, default: Any = None) -> Any:
         return self.extra.get(name, default)
@@ -130,7 +139,7 @@ class Pipeline(ABC):
         float32. `layout` names the axes in the error message, e.g. "(B, C, H/8, W/8)"."""
         shape = tuple(shape)
         if request.latents is None:
-            return seeded_noise(shape, request.seeds)
+            return request.draws().latents(shape, self.noise_dtype(request))
         latents = request.latents
         if hasattr(latents, "detach"):  # a torch tensor
             latents = latents.detach().float().cpu().numpy()
@@ -143,11 +152,25 @@ class Pipeline(ABC):
         """(width, height) when the caller gives none; editing models may follow the input image."""
         return self.spec.default_size
 
+    def noise_dtype(self, request: Request) -> str:
+        """The dtype torch noise is drawn at: what the family's diffusers pipeline passes to randn_tensor."""
+        return self.dtype
+
+    def default_strength(self, masked: bool) -> float:
+        """img2img / inpainting strength when the caller gives none: the family's diffusers default."""
+        return 1.0
+
+    def init_size(self, image: Image.Image) -> tuple[int, int]:
+        """(width, height) of the output when an init image is given without a size: its own, rounded down."""
+        m = self.spec.size_multiple
+        return image.width // m * m, image.height // m * m
+
     # ---- the public API -----------------------------------------------------------------
     def generate(self, prompt: str | Sequence[str], *, on_step: Callable[[Step], None] | None = None,
                  **options: Any) -> GenerationResult:
         """Generate images. Options: width, height, steps, guidance, seed, negative_prompt, images,
-        latents, num_images, tile. Unsupported options raise InvalidOptionError."""
+        latents, num_images, tile, init_image, strength, mask, outpaint, noise. Unsupported options raise
+        InvalidOptionError."""
         run = self.denoise(prompt, **options)
         for step in run:
             if on_step is not None:
@@ -194,7 +217,9 @@ class Pipeline(ABC):
     def request(self, prompt: str | Sequence[str], *, width: int | None = None, height: int | None = None,
                 steps: int | None = None, guidance: float | None = None, seed: int | None = None,
                 negative_prompt: str | Sequence[str] | None = None, images: Sequence[Any] | None = None,
-                latents: Any = None, num_images: int = 1, tile: bool = False, **unknown: Any) -> Request:
+                latents: Any = None, num_images: int = 1, tile: bool = False, init_image: Any = None,
+                strength: float | None = None, mask: Any = None, outpaint: Any = None, noise: str = "mlx",
+                noise_slot: tuple[int, int] | None = None, **unknown: Any) -> Request:
         """Check options against this model and fill in its defaults."""
         spec = self.spec
         foreign = sorted(k for k in unknown if k not in spec.extra_options)
@@ -202,7 +227,8 @@ class Pipeline(ABC):
             raise InvalidOptionError(f"Model '{spec.id}' does not support the option(s): {', '.join(foreign)}.")
         extra = {k: spec.extra_options[k](v) for k, v in unknown.items() if v is not None}
         given = {"guidance": guidance is not None, "negative_prompt": negative_prompt is not None,
-                 "images": bool(images), "latents": latents is not None, "tile": bool(tile)}
+                 "images": bool(images), "latents": latents is not None, "tile": bool(tile),
+                 "init_image": init_image is not None}
         for option, used in given.items():
             if used and not spec.accepts(option):
                 raise InvalidOptionError(f"Model '{spec.id}' does not support the option '{option}'.")
@@ -212,8 +238,10 @@ class Pipeline(ABC):
         if not isinstance(num_images, int) or num_images < 1:
             raise InvalidOptionError(f"num_images must be >= 1, got {num_images}.")
         loaded = tuple(load_image(i) for i in images or ())
+        init = self.init_image(init_image, strength, mask, outpaint)
+        noise = check_noise(noise)
         if width is None or height is None:
-            default_w, default_h = self.default_size(loaded)
+            default_w, default_h = self.init_size(init.image) if init else self.default_size(loaded)
             width, height = width or default_w, height or default_h
         check_size(spec, width, height)
         steps = spec.default_steps if steps is None else steps
@@ -235,12 +263,31 @@ class Pipeline(ABC):
         if not isinstance(seed, int) or seed < 0:
             raise InvalidOptionError(f"seed must be a non-negative integer, got {seed}.")
         count = len(prompts) * num_images
+        if noise_slot is not None and (noise != "torch" or count != 1 or not 0 <= noise_slot[0] < noise_slot[1]):
+            raise InvalidOptionError("noise_slot=(i, n) replays one image of an n-image torch-noise call.")
         return Request(
             prompts=tuple(p for p in prompts for _ in range(num_images)),
             width=width, height=height, steps=steps, guidance=guidance,
             seeds=tuple(seed + i for i in range(count)), negative_prompts=negatives,
             images=loaded, latents=latents, tile=bool(tile), num_images=num_images, extra=extra,
+            init=init, noise=noise, noise_slot=tuple(noise_slot) if noise_slot else None,
         )
+
+    def init_image(self, image: Any, strength: float | None, mask: Any, pads: Any) -> InitImage | None:
+        """The checked img2img / inpainting inputs; outpaint pads the image and masks the new border."""
+        if image is None:
+            if mask is not None or strength is not None or pads is not None:
+                given = "mask" if mask is not None else "strength" if strength is not None else "outpaint"
+                raise InvalidOptionError(f"{given} needs an init image (init_image=).")
+            return None
+        picture = open_image(image, "init image").convert("RGB")
+        shape = open_image(mask, "mask") if mask is not None else None
+        if pads is not None:
+            if shape is not None:
+                raise InvalidOptionError("Give either a mask or outpaint, not both.")
+            picture, shape = outpaint(picture, parse_outpaint(pads))
+        strength = self.default_strength(shape is not None) if strength is None else check_strength(strength)
+        return InitImage(picture, shape, strength)
 
 
 def check_size(spec: ModelSpec, width: int, height: int) -> None:
@@ -252,11 +299,3 @@ def check_size(spec: ModelSpec, width: int, height: int) -> None:
         raise InvalidOptionError(
             f"{width}x{height} is larger than '{spec.id}' allows ({spec.max_pixels} pixels)."
         )
-
-
-def seeded_noise(shape: Sequence[int], seeds: Sequence[int], dtype: mx.Dtype = mx.float32) -> mx.array:
-    """Standard normal noise, one independent stream per image: image i depends only on seeds[i]."""
-    if len(seeds) != shape[0]:
-        raise ValueError(f"{len(seeds)} seeds for a batch of {shape[0]}")
-    parts = [mx.random.normal(tuple(shape[1:]), key=mx.random.key(s)) for s in seeds]
-    return mx.stack(parts).astype(dtype)

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 # Options of Pipeline.generate() that only some models accept; the rest (prompt, size, steps,
 # seed, num_images) every model takes.
-OPTIONAL_OPTIONS = ("guidance", "negative_prompt", "images", "latents", "tile")
+OPTIONAL_OPTIONS = ("guidance", "negative_prompt", "images", "latents", "tile", "init_image")
 TEXT_TO_IMAGE, IMAGE_EDIT = "text-to-image", "image-edit"
 
 

@@ -78,22 +78,26 @@ class TorchGenerator:
         return radius * math.cos(theta)
 
     def randn(self, shape: Sequence[int], dtype: str = "float32") -> np.ndarray:
-        """`torch.randn(shape, generator=self, dtype=dtype)`, returned as float32 (bfloat16-exact for bfloat16)."""
-        if dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"torch noise supports float32 and bfloat16, not {dtype}")
+        """`torch.randn(shape, generator=self, dtype=dtype)`, returned as float32 holding the dtype's values."""
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"torch noise supports float32, bfloat16 and float16, not {dtype}")
         size = math.prod(shape)
         if size < BLOCK:
             # Small tensors take one double-precision normal per element, rounded to the dtype.
             values = np.array([self._normal_double() for _ in range(size)], dtype=np.float64).astype(np.float32)
         else:
-            values = self._fill_float32(size, reduced=dtype == "bfloat16")
-        return (values if dtype == "float32" else _bfloat16(values)).reshape(shape)
+            values = self._fill_float32(size, reduced=dtype != "float32")
+        if dtype == "bfloat16":
+            values = _bfloat16(values)
+        elif dtype == "float16":
+            values = values.astype(np.float16).astype(np.float32)  # c10::Half rounds to nearest even, as numpy
+        return values.reshape(shape)
 
     def _fill_float32(self, size: int, reduced: bool) -> np.ndarray:
         """`normal_fill_AVX2`: uniforms first, Box-Muller per 16, a ragged tail redrawn as a last 16.
 
-        float32 draws a uniform for every element (the tail's are discarded); bfloat16 goes through the
-        same float32 math but draws uniforms for the whole chunks only, then rounds.
+        float32 draws a uniform for every element (the tail's are discarded); bfloat16 and float16 go through
+        the same float32 math but draw uniforms for the whole chunks only, then round.
         """
         whole = size - size % BLOCK
         data = np.zeros(size, np.float32)

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 SEEDS = [0, 1, 7, 42, 1234, 2**31 - 1, 2**32 + 5, 987654321]
 # sizes below 16 (double Box-Muller, cached halves), exactly 16, ragged tails, latent-like shapes
 SHAPES = [(1,), (2,), (3,), (15,), (16,), (17,), (31,), (33,), (2, 5, 7), (1, 4, 9, 11), (1, 16, 8, 8), (2, 128, 6, 10)]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -44,5 +44,5 @@ def test_randn_tensor_follows_diffusers_generator_handling():
 
 
 def test_unsupported_dtype_is_refused():
-    with pytest.raises(ValueError, match="float16"):
-        TorchGenerator(0).randn((4,), "float16")
+    with pytest.raises(ValueError, match="float64"):
+        TorchGenerator(0).randn((4,), "float64")
