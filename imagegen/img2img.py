@@ -4,6 +4,7 @@ Flux2KleinInpaintPipeline and VaeImageProcessor)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,24 @@ class InitImage:
     strength: float
 
 
+@dataclass(frozen=True)
+class Start:
+    """Where img2img denoising starts: the noised init latents, and what each step blends back (inpainting)."""
+
+    latents: mx.array  # the init image's latents at the first step's sigma
+    image_latents: mx.array  # clean init image latents, in the family's latent layout
+    noise: mx.array  # the noise added to them (the blend re-noises with it)
+    mask: mx.array | None  # 1 = repaint, in the latent layout; None for plain img2img
+    first: int  # index of the first scheduled step that runs
+
+    def after_step(self, latents: mx.array, index: int, sigmas: Any) -> mx.array:
+        """Blend after scheduled step `index`: the unmasked region follows the init image."""
+        if self.mask is None:
+            return latents
+        last = index == len(sigmas) - 2
+        return blend(latents, self.image_latents, self.noise, self.mask, None if last else float(sigmas[index + 1]))
+
+
 def check_strength(value: Any) -> float:
     try:
         strength = float(value)
@@ -35,10 +54,11 @@ def check_strength(value: Any) -> float:
 
 
 def first_step(steps: int, strength: float) -> int:
-    """Index of the first of `steps` scheduled steps that runs (diffusers' get_timesteps: t_start)."""
+    """Index of the first of `steps` scheduled steps that runs (diffusers' get_timesteps: t_start). In floating
+    point only a vanishing strength leaves none."""
     start = int(max(steps - min(steps * strength, steps), 0))
     if steps - start < 1:
-        needed = next(n for n in range(steps + 1, 10**6) if n - int(max(n - min(n * strength, n), 0)) >= 1)
+        needed = max(steps + 1, math.ceil(1 / strength))
         raise InvalidOptionError(f"strength {strength} leaves no step out of {steps}: use at least {needed} steps.")
     return start
 

@@ -26,7 +26,7 @@ from PIL import Image
 
 from .errors import InvalidOptionError
 from .image import load_image
-from .img2img import InitImage, check_strength, open_image, outpaint, parse_outpaint
+from .img2img import InitImage, check_strength, first_step, open_image, outpaint, parse_outpaint
 from .noise import Noise, check_noise
 from .registry import ModelSpec
 
@@ -50,6 +50,15 @@ class Request:
     init: InitImage | None = None  # img2img / inpainting: the starting picture, its mask, the strength
     noise: str = "mlx"  # "mlx" (imagegen's own) or "torch" (diffusers' draws for the seed)
     noise_slot: tuple[int, int] | None = None  # torch noise: replay image i of an n-image call alone
+
+    @property
+    def first_step(self) -> int:
+        """The first scheduled step that runs: 0, or later for img2img (strength < 1)."""
+        return first_step(self.steps, self.init.strength) if self.init else 0
+
+    @property
+    def run_steps(self) -> int:
+        return self.steps - self.first_step
 
     def draws(self) -> Noise:
         """A fresh source of this run's random draws."""
@@ -199,7 +208,7 @@ class Pipeline(ABC):
                     latents = step_latents
                     mx.eval(latents)
                     now = time.perf_counter()
-                    yield Step("denoise", i, request.steps, now - t, latents)
+                    yield Step("denoise", i, request.run_steps, now - t, latents)
                     timings["denoise"] = timings.get("denoise", 0.0) + now - t
                     t = time.perf_counter()
 
@@ -262,6 +271,8 @@ class Pipeline(ABC):
             seed = random.randrange(2**31)
         if not isinstance(seed, int) or seed < 0:
             raise InvalidOptionError(f"seed must be a non-negative integer, got {seed}.")
+        if init is not None:
+            first_step(steps, init.strength)  # refuses a strength that leaves no step
         count = len(prompts) * num_images
         if noise_slot is not None and (noise != "torch" or count != 1 or not 0 <= noise_slot[0] < noise_slot[1]):
             raise InvalidOptionError("noise_slot=(i, n) replays one image of an n-image torch-noise call.")

@@ -10,7 +10,7 @@ from imagegen.quantize import ALL_MODES
 from .pipeline import Flux2Pipeline, checkpoint_settings, estimate_memory
 
 DEMO = Path(__file__).parent / "demo"
-EDIT_OPTIONS = frozenset({"images", "latents", "tile"})
+EDIT_OPTIONS = frozenset({"images", "latents", "tile", "init_image"})
 CFG_OPTIONS = EDIT_OPTIONS | {"guidance", "negative_prompt"}
 
 

@@ -176,3 +176,76 @@ def test_cli_model_options_and_reproduction(checkpoint, tmp_path):
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "again.png")))
     bad = CliRunner().invoke(get_app(), [*args, "--option", "cfg_truncation=2"])
     assert bad.exit_code == 1 and "cfg_truncation must be within [0, 1]" in bad.output
+
+
+# ---- torch noise, img2img and inpainting against ZImageImg2ImgPipeline / ZImageInpaintPipeline ----------------
+
+
+def picture(seed: int = 0) -> Image.Image:
+    """A smooth, varied init image (random noise would drown in the tiny VAE)."""
+    w, h = SIZE
+    y, x = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
+    phase = np.random.default_rng(seed).uniform(0, 6, 3)
+    rgb = np.stack([np.sin(6 * x + p) * np.cos(4 * y - p) for p in phase], -1) * 0.5 + 0.5
+    return Image.fromarray((rgb * 255).astype(np.uint8))
+
+
+def square_mask() -> Image.Image:
+    mask = np.zeros(SIZE[::-1], np.uint8)
+    mask[8:40, 16:48] = 255  # white = repaint
+    return Image.fromarray(mask)
+
+
+def test_turbo_torch_noise_matches_diffusers_generator(checkpoint):
+    folder, pipe = checkpoint
+    prompts = ["a red fox in the snow", "a boat"]
+    want = pipe(prompt=list(prompts), num_inference_steps=2, width=SIZE[0], height=SIZE[1], guidance_scale=0.0,
+                num_images_per_prompt=2, generator=torch.Generator("cpu").manual_seed(11)).images
+    got = ours(folder, True).generate(prompts, steps=2, width=SIZE[0], height=SIZE[1], seed=11, noise="torch",
+                                      num_images=2)
+    assert_images_match(got.images, want)
+    # image 3 of that call alone, from the metadata's (index, count)
+    third = ours(folder, True).generate("a boat", steps=2, width=SIZE[0], height=SIZE[1], seed=11, noise="torch",
+                                        noise_slot=(2, 4))
+    assert_images_match(third.images, want[2:3])
+
+
+def test_img2img_matches_diffusers(checkpoint):
+    from diffusers import ZImageImg2ImgPipeline
+
+    folder, pipe = checkpoint
+    reference_pipe = ZImageImg2ImgPipeline(**pipe.components)
+    want = reference_pipe(prompt="a red fox", image=picture(), num_inference_steps=4, guidance_scale=0.0,
+                          generator=torch.Generator("cpu").manual_seed(4)).images  # strength: default 0.6
+    got = ours(folder, True).generate("a red fox", init_image=picture(), steps=4, seed=4, noise="torch")
+    assert got.request.run_steps == 3 and got.images[0].size == SIZE
+    assert_images_match(got.images, want)
+
+
+def test_base_inpaint_with_cfg_and_negative_matches_diffusers(checkpoint):
+    from diffusers import ZImageInpaintPipeline
+
+    folder, pipe = checkpoint
+    reference_pipe = ZImageInpaintPipeline(**pipe.components)
+    want = reference_pipe(prompt="a lighthouse", negative_prompt="blurry", image=picture(1), mask_image=square_mask(),
+                          strength=0.8, num_inference_steps=4, guidance_scale=4.0,
+                          generator=torch.Generator("cpu").manual_seed(9)).images
+    got = ours(folder, False).generate("a lighthouse", negative_prompt="blurry", init_image=picture(1),
+                                       mask=np.asarray(square_mask()), strength=0.8, steps=4, guidance=4.0, seed=9,
+                                       noise="torch")
+    assert_images_match(got.images, want)
+
+
+def test_img2img_refuses_bad_input(checkpoint, tmp_path):
+    turbo = ours(checkpoint[0], True)
+    with pytest.raises(imagegen.InvalidOptionError, match=r"strength must be in \(0, 1\]"):
+        turbo.generate("x", init_image=picture(), strength=0)
+    with pytest.raises(imagegen.InvalidOptionError, match="mask needs an init image"):
+        turbo.generate("x", mask=square_mask(), width=64, height=48)
+    with pytest.raises(imagegen.InvalidOptionError, match="leaves no step out of 3: use at least 10000000000000000000"):
+        turbo.generate("x", init_image=picture(), strength=1e-19, steps=3)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(imagegen.InvalidImageError, match="Cannot read init image"):
+        turbo.generate("x", init_image=tmp_path / "broken.png")
+    with pytest.raises(imagegen.InvalidOptionError, match="noise must be one of mlx, torch"):
+        turbo.generate("x", noise="numpy", width=64, height=48)
