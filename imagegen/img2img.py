@@ -27,13 +27,16 @@ class InitImage:
 
 @dataclass(frozen=True)
 class Start:
-    """Where img2img denoising starts: the noised init latents, and what each step blends back (inpainting)."""
+    """Where img2img denoising starts and what each step blends back (inpainting), in the family's latent layout."""
 
-    latents: mx.array  # the init image's latents at the first step's sigma
-    image_latents: mx.array  # clean init image latents, in the family's latent layout
+    image_latents: mx.array | None  # clean init image latents (a family may fill them in at denoise time)
     noise: mx.array  # the noise added to them (the blend re-noises with it)
-    mask: mx.array | None  # 1 = repaint, in the latent layout; None for plain img2img
+    mask: mx.array | None  # 1 = repaint; None for plain img2img
     first: int  # index of the first scheduled step that runs
+
+    def begin(self, sigmas: Any) -> mx.array:
+        """The init latents at the first step's noise level."""
+        return add_noise(self.image_latents, self.noise, float(sigmas[self.first]))
 
     def after_step(self, latents: mx.array, index: int, sigmas: Any) -> mx.array:
         """Blend after scheduled step `index`: the unmasked region follows the init image."""

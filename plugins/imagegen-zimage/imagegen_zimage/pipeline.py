@@ -18,7 +18,7 @@ import imagegen
 from imagegen import scheduler
 from imagegen.errors import InvalidOptionError, WeightsError
 from imagegen.image import to_pil
-from imagegen.img2img import Start, add_noise, downsample_mask, image_pixels, mask_pixels
+from imagegen.img2img import Start, downsample_mask, image_pixels, mask_pixels
 from imagegen.memory import pipeline_weight_bytes
 from imagegen.nn import AutoencoderKL
 from imagegen.text import load_text_encoder
@@ -143,13 +143,11 @@ class ZImagePipeline(imagegen.Pipeline):
         image_latents = self.vae.normalize_latents(mean + mx.exp(0.5 * logvar) * sample).astype(mx.float32)
         image_latents = mx.broadcast_to(image_latents, (b, h, w, c))
         noise = draws.latents((b, c, h, w), self.noise_dtype(request)).transpose(0, 2, 3, 1)
-        sigmas, _ = self.schedule(request, h, w)
-        latents = add_noise(image_latents, noise, float(sigmas[request.first_step]))
         mask = None
         if request.init.mask is not None:
             pixels_mask = mask_pixels(request.init.mask, request.width, request.height)
             mask = mx.array(downsample_mask(pixels_mask, h, w, "nearest"))[None, :, :, None]
-        return Start(latents, image_latents, noise, mask, request.first_step)
+        return Start(image_latents, noise, mask, request.first_step)
 
     def schedule(self, request: imagegen.Request, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
         """(sigmas, the transformer's time input per step) for a latent grid of h x w."""
@@ -166,9 +164,9 @@ class ZImagePipeline(imagegen.Pipeline):
     def denoise_steps(self, request: imagegen.Request, cond: Conditioning, latents: mx.array | Start
                       ) -> Iterator[mx.array]:
         start = latents if isinstance(latents, Start) else None
-        latents = start.latents if start else latents
-        b, h, w, _ = latents.shape
+        b, h, w, _ = (start.noise if start else latents).shape
         sigmas, t_norms = self.schedule(request, h, w)
+        latents = start.begin(sigmas) if start else latents
         forward = self.forward(self.transformer.layout(cond.lengths, h, w))
         if cond.negative is not None:
             width = max(cond.text.shape[1], cond.negative.shape[1])
