@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -89,15 +90,37 @@ def generation_metadata(pipe: Pipeline, result: GenerationResult, index: int = 0
     spec, request = pipe.spec, result.request
     plugin = plugin_info(spec.plugin)
     negatives = request.negative_prompts
+    noise: dict[str, Any] = {"noise": request.noise}
+    if request.noise == "torch" and (request.noise_slot or request.batch_size > 1):
+        # one generator drew the whole call: replaying image i alone draws that call's noise, keeps row i
+        noise["noise_slot"] = list(request.noise_slot or (index, request.batch_size))
+    if request.init is not None:
+        noise["strength"] = request.init.strength
     metadata = {
         "prompt": request.prompts[index], "negative_prompt": negatives[index] if negatives else None,
         "model": spec.id, "weights": hub.weights_identity(spec, pipe.weights), "seed": result.seeds[index],
         "steps": request.steps, "guidance": request.guidance, "width": request.width, "height": request.height,
         "quantize": pipe.quantize, "dtype": pipe.dtype, "images": [], "options": dict(request.extra),
         "imagegen": __version__, "plugin": f"{plugin.distribution} {plugin.version}" if plugin else spec.plugin,
-        "timings": {k: round(v, 4) for k, v in result.timings.items()},
+        "timings": {k: round(v, 4) for k, v in result.timings.items()}, **noise,
     }
     return {**metadata, **fields}
+
+
+def file_record(data: bytes, name: str) -> dict[str, str]:
+    """How metadata names an input file: its name and content hash, never a path (paths leak and move)."""
+    return {"file": Path(name).name, "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def find_recorded(record: dict[str, str], folders: list[Path], what: str) -> Path:
+    """The file a `file_record` names, looked up by name in `folders` and checked by hash."""
+    for folder in folders:
+        path = folder / record["file"]
+        if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == record["sha256"]:
+            return path
+    places = " or ".join(str(f) for f in folders)
+    raise InvalidImageError(f"The {what} '{record['file']}' (sha256 {record['sha256'][:12]}...) is not in {places}; "
+                            f"give it again.")
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

@@ -279,7 +279,9 @@ class Pipeline(ABC):
         return Request(
             prompts=tuple(p for p in prompts for _ in range(num_images)),
             width=width, height=height, steps=steps, guidance=guidance,
-            seeds=tuple(seed + i for i in range(count)), negative_prompts=negatives,
+            # torch noise: one generator seeded once draws the whole call, as diffusers does
+            seeds=(seed,) * count if noise == "torch" else tuple(seed + i for i in range(count)),
+            negative_prompts=negatives,
             images=loaded, latents=latents, tile=bool(tile), num_images=num_images, extra=extra,
             init=init, noise=noise, noise_slot=tuple(noise_slot) if noise_slot else None,
         )
@@ -297,6 +299,7 @@ class Pipeline(ABC):
             if shape is not None:
                 raise InvalidOptionError("Give either a mask or outpaint, not both.")
             picture, shape = outpaint(picture, parse_outpaint(pads))
+            strength = 1.0 if strength is None else strength  # the new border starts from pure noise
         strength = self.default_strength(shape is not None) if strength is None else check_strength(strength)
         return InitImage(picture, shape, strength)
 

@@ -13,14 +13,17 @@ import typer
 
 from .. import hub, registry
 from ..errors import InvalidOptionError
-from ..image import generation_metadata, load_image, read_metadata, save_png
+from ..image import file_record, find_recorded, generation_metadata, load_image, read_metadata, save_png
+from ..img2img import check_strength, open_image, parse_outpaint
 from ..memory import preflight
+from ..noise import check_noise
 from ..pipeline import check_size
 from . import app, handle_errors
 from .progress import RunProgress
 
 # CLI flag -> the generate() option it needs the model to accept
-FLAG_OPTIONS = {"--negative": "negative_prompt", "--image": "images", "--guidance": "guidance", "--tile": "tile"}
+FLAG_OPTIONS = {"--negative": "negative_prompt", "--image": "images", "--guidance": "guidance", "--tile": "tile",
+                "--init-image": "init_image"}
 
 
 def parse_size(size: str) -> tuple[int, int]:
@@ -110,6 +113,14 @@ def run(
     tile: bool = typer.Option(False, "--tile", help="Decode the image in tiles (less memory)."),
     option: list[str] = typer.Option(None, "--option", "-O", help="A model-specific option NAME=VALUE, e.g. "
                                      "cfg_truncation=0.9 (zimage); repeatable."),
+    init_image: Path = typer.Option(None, "--init-image", help="Start from this picture (img2img; with --mask: "
+                                    "inpainting)."),
+    strength: float = typer.Option(None, "--strength", help="How much of --init-image to redo, in (0, 1] "
+                                   "(default: the model's)."),
+    mask: Path = typer.Option(None, "--mask", help="Inpainting mask for --init-image: white = repaint, black = keep."),
+    outpaint: str = typer.Option(None, "--outpaint", help="LEFT,TOP,RIGHT,BOTTOM pixels to add around --init-image "
+                                 "and paint."),
+    noise: str = typer.Option(None, "--noise", help="mlx (default) or torch: the noise diffusers draws for the seed."),
     from_image: Path = typer.Option(None, "--from", help="Reuse the settings saved in an imagegen PNG."),
     force: bool = typer.Option(False, "--force", help="Run even if the memory estimate says it will not fit."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -123,6 +134,20 @@ def run(
     spec = registry.get(model or saved.get("model") or registry.default_model() or "")
     if size is not None:
         width, height = parse_size(size)
+    folders = [Path.cwd()] + ([from_image.resolve().parent] if from_image is not None else [])
+    if init_image is None and saved.get("init_image"):
+        init_image = find_recorded(saved["init_image"], folders, "init image")
+        mask = mask or (find_recorded(saved["mask"], folders, "mask") if saved.get("mask") else None)
+    outpaint = outpaint if outpaint is not None else saved.get("outpaint")
+    strength = strength if strength is not None else saved.get("strength")
+    noise = check_noise(noise or saved.get("noise") or "mlx")
+    noise_slot = saved.get("noise_slot") if noise == "torch" and count == 1 else None
+    init = check_init(init_image, mask, strength, outpaint)
+    if init is not None and width is None and height is None and "width" not in saved:
+        width, height = init  # the estimate below; the pipeline derives the exact size from the image
+        natural_size = True
+    else:
+        natural_size = False
     width = width if width is not None else saved.get("width", spec.default_size[0])
     height = height if height is not None else saved.get("height", spec.default_size[1])
     steps = steps if steps is not None else saved.get("steps")
@@ -139,7 +164,7 @@ def run(
         raise InvalidOptionError(f"Model '{spec.id}' does not support --option {unknown[0]}.")
 
     given = {"--negative": negative is not None, "--image": bool(image), "--guidance": guidance is not None,
-             "--tile": tile}
+             "--tile": tile, "--init-image": init_image is not None}
     for flag, used in given.items():
         if used and not spec.accepts(FLAG_OPTIONS[flag]):
             raise InvalidOptionError(f"Model '{spec.id}' does not support {flag}.")
@@ -150,7 +175,8 @@ def run(
         raise InvalidOptionError(f"--steps must be >= 1, got {steps}.")
     if seed is not None and seed < 0:
         raise InvalidOptionError(f"--seed must be >= 0, got {seed}.")
-    check_size(spec, width, height)
+    check_size(spec, width // spec.size_multiple * spec.size_multiple if natural_size else width,
+               height // spec.size_multiple * spec.size_multiple if natural_size else height)
     references = [load_image(p) for p in image]
     seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
     paths = output_paths(output, spec.id, seed, count)
@@ -163,23 +189,50 @@ def run(
 
     with RunProgress(quiet or as_json) as progress:
         pipe = spec.pipeline(weights=path, dtype=dtype, quantize=quantize, on_load=progress.on_load)
-        options: dict[str, Any] = {"width": width, "height": height, "steps": steps, "seed": seed,
-                                   "num_images": count}
+        options: dict[str, Any] = {"width": None if natural_size else width, "height": None if natural_size else height,
+                                   "steps": steps, "seed": seed, "num_images": count}
         optional = {"guidance": guidance, "negative_prompt": negative, "images": references or None,
-                    "tile": tile or None}
+                    "tile": tile or None, "init_image": init_image, "mask": mask, "strength": strength,
+                    "outpaint": outpaint, "noise": noise, "noise_slot": noise_slot}
         options.update({k: v for k, v in optional.items() if v is not None}, **extra)
         result = pipe.generate(prompt, on_step=progress.on_step, **options)
 
+    inputs = {name: file_record(path.read_bytes(), path.name) for name, path in
+              (("init_image", init_image), ("mask", mask)) if path is not None}
+    if outpaint is not None:
+        inputs["outpaint"] = list(parse_outpaint(outpaint))
     for i, (img, path_out) in enumerate(zip(result.images, paths)):
-        # image i of a batch is image 0 of a run with seed + i: --from reproduces it alone
-        save_png(img, path_out, generation_metadata(pipe, result, i, images=[str(p) for p in image], options=extra))
+        # image i of a batch is image 0 of a run with seed + i (torch noise: noise_slot): --from reproduces it alone
+        save_png(img, path_out, generation_metadata(pipe, result, i, images=[str(p) for p in image], options=extra,
+                                                    **inputs))
     if as_json:
         typer.echo(json.dumps({"model": spec.id, "images": [str(p) for p in paths], "seeds": result.seeds,
-                               "steps": result.request.steps, "width": width, "height": height,
-                               "timings": result.timings}))
+                               "steps": result.request.steps, "width": result.request.width,
+                               "height": result.request.height, "timings": result.timings}))
     else:
         for p, s in zip(paths, result.seeds):
             typer.echo(f"{p}  (seed {s})")
+
+
+def check_init(init_image: Path | None, mask: Path | None, strength: float | None,
+               outpaint: Any) -> tuple[int, int] | None:
+    """The init-image flags checked before any weights load; the (width, height) they lead to."""
+    if init_image is None:
+        for flag, value in (("--mask", mask), ("--strength", strength), ("--outpaint", outpaint)):
+            if value is not None:
+                raise InvalidOptionError(f"{flag} needs --init-image.")
+        return None
+    if mask is not None and outpaint is not None:
+        raise InvalidOptionError("Give either --mask or --outpaint, not both.")
+    if strength is not None:
+        check_strength(strength)
+    width, height = open_image(init_image, "init image").size
+    if mask is not None:
+        open_image(mask, "mask")
+    if outpaint is not None:
+        left, top, right, bottom = parse_outpaint(outpaint)
+        width, height = width + left + right, height + top + bottom
+    return width, height
 
 
 def _saved_weights(saved: dict[str, Any]) -> str | None:
