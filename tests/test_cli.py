@@ -106,6 +106,11 @@ def test_info_prints_metadata(in_tmp):
     (["--quantize", "3.5bit"], ["Unknown quantization"]),
     (["--option", "cfg_truncation=0.5"], ["does not support --option cfg_truncation"]),
     (["--option", "novalue"], ["--option must look like NAME=VALUE"]),
+    (["--mask", "m.png"], ["--mask needs --init-image"]),
+    (["--strength", "0.5"], ["--strength needs --init-image"]),
+    (["--outpaint", "8,0,8,0"], ["--outpaint needs --init-image"]),
+    (["--noise", "cuda"], ["noise must be one of mlx, torch"]),
+    (["--init-image", "missing.png"], ["init image not found: missing.png"]),
 ])
 def test_bad_options_are_one_line_errors(args, fragments, in_tmp):
     one_line_error(invoke("run", "-m", "hello", "x", *args), *fragments)
@@ -118,6 +123,18 @@ def test_bad_reference_images(in_tmp):
     one_line_error(invoke("run", "-m", "hello-remix", "x", "--image", "notes.png"), "Cannot read")
     Image.new("RGB", (16, 16), (250, 0, 0)).save("red.png")
     assert invoke("run", "-m", "hello-remix", "x", "--image", "red.png", "--size", "32x32").exit_code == 0
+
+
+def test_bad_init_image_options(in_tmp):
+    Image.new("RGB", (32, 32), (250, 0, 0)).save("red.png")
+    Path("notes.png").write_text("not an image")
+    one_line_error(invoke("run", "-m", "hello", "x", "--init-image", "red.png"), "does not support --init-image")
+    one_line_error(invoke("run", "-m", "hello", "x", "--init-image", "notes.png"), "Cannot read init image")
+    for flags, fragment in ((["--strength", "1.5"], "strength must be in (0, 1]"),
+                            (["--outpaint", "8,8"], "outpaint must be LEFT,TOP,RIGHT,BOTTOM"),
+                            (["--mask", "red.png", "--outpaint", "0,8,0,8"], "either --mask or --outpaint")):
+        one_line_error(invoke("run", "-m", "hello", "x", "--init-image", "red.png", *flags), fragment)
+    assert not list(in_tmp.glob("hello*.png"))
 
 
 def test_missing_prompt_and_unwritable_output(in_tmp):

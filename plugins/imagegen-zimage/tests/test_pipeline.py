@@ -3,6 +3,7 @@ layout), same `latents=`, float32. Turbo, base with CFG (negative prompt, normal
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -249,3 +250,43 @@ def test_img2img_refuses_bad_input(checkpoint, tmp_path):
         turbo.generate("x", init_image=tmp_path / "broken.png")
     with pytest.raises(imagegen.InvalidOptionError, match="noise must be one of mlx, torch"):
         turbo.generate("x", noise="numpy", width=64, height=48)
+
+
+def test_cli_inpaint_matches_diffusers_and_replays(checkpoint, tmp_path, monkeypatch):
+    import shutil
+
+    from diffusers import ZImageInpaintPipeline
+    from typer.testing import CliRunner
+
+    from imagegen.cli import get_app
+    from imagegen.image import read_metadata
+
+    folder, pipe = checkpoint
+    monkeypatch.chdir(tmp_path)
+    picture(2).save("photo.png")
+    square_mask().save("mask.png")
+    want = ZImageInpaintPipeline(**pipe.components)(
+        prompt="a lighthouse", negative_prompt="blurry", image=picture(2), mask_image=square_mask(), strength=0.7,
+        num_inference_steps=4, guidance_scale=4.0, generator=torch.Generator("cpu").manual_seed(8)).images
+    args = ["run", "-m", "zimage", "--weights", str(folder), "a lighthouse", "--negative", "blurry", "--guidance", "4",
+            "--init-image", "photo.png", "--mask", "mask.png", "--strength", "0.7", "--steps", "4", "--seed", "8",
+            "--noise", "torch", "--dtype", "float32", "-o", "out.png"]
+    result = CliRunner().invoke(get_app(), args)
+    assert result.exit_code == 0, result.output
+    assert_images_match([Image.open("out.png").convert("RGB")], want)
+    meta = read_metadata("out.png")
+    assert meta["init_image"]["file"] == "photo.png" and len(meta["init_image"]["sha256"]) == 64
+    assert meta["mask"]["file"] == "mask.png" and str(tmp_path) not in json.dumps(meta)
+    assert (meta["noise"], meta["strength"], meta["width"], meta["height"]) == ("torch", 0.7, *SIZE)
+    # --from elsewhere: the inputs are found beside the PNG by name and checked by hash
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for name in ("out.png", "photo.png", "mask.png"):
+        shutil.copy(name, elsewhere / name)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    again = CliRunner().invoke(get_app(), ["run", "--from", "out.png", "-o", "again.png"])
+    assert again.exit_code == 0, again.output
+    assert np.array_equal(np.asarray(Image.open("out.png")), np.asarray(Image.open("again.png")))
+    picture(3).save("photo.png")  # changed since: refused, not silently replaced
+    changed = CliRunner().invoke(get_app(), ["run", "--from", "out.png", "-o", "third.png"])
+    assert changed.exit_code == 1 and "init image 'photo.png' (sha256" in changed.output
