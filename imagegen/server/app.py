@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from io import BytesIO
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -28,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__, registry
 from ..errors import ImagegenError, InvalidImageError
+from ..image import file_record
 from ..registry import IMAGE_EDIT, TEXT_TO_IMAGE, ModelSpec
 from .errors import APIError, api_error
 from .schemas import (
@@ -41,7 +43,7 @@ from .schemas import (
     ModelList,
     form_schema,
 )
-from .service import ImageService, Outcome, Plan
+from .service import ImageService, Outcome, Plan, Uploads
 from .settings import Limits, parse_duration
 from .worker import Cancelled, Job, QueueFullError
 
@@ -154,8 +156,24 @@ def _decode_image(data: bytes, name: str) -> Image.Image:
         raise InvalidImageError(f"Upload '{name}' is not a readable image ({type(e).__name__}).") from None
 
 
-async def _read_edit_form(request: Request, limits: Limits) -> tuple[EditRequest, list[Image.Image], list[str]]:
-    """The multipart body of an edit: the images (decoded off the event loop) and the other fields."""
+def _decode_mask(data: bytes, name: str) -> Image.Image:
+    """OpenAI's mask: fully transparent pixels mark where to edit -> imagegen's (white = repaint)."""
+    try:
+        with Image.open(BytesIO(data)) as img:
+            img.load()
+            if "A" not in img.getbands() and not (img.mode == "P" and "transparency" in img.info):
+                raise APIError(400, f"Mask '{name}' has no transparency: its fully transparent pixels mark where to "
+                               "edit.", param="mask", code="invalid_image")
+            alpha = np.asarray(img.convert("RGBA"))[..., 3]
+    except APIError:
+        raise
+    except Exception as e:
+        raise InvalidImageError(f"Upload '{name}' is not a readable image ({type(e).__name__}).") from None
+    return Image.fromarray(np.where(alpha == 0, 255, 0).astype(np.uint8))
+
+
+async def _read_edit_form(request: Request, limits: Limits) -> tuple[EditRequest, Uploads]:
+    """The multipart body of an edit: the images and mask (decoded off the event loop) and the other fields."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise APIError(400, "Edits take multipart/form-data: the image file(s) and the fields.",
                        code="invalid_content_type")
@@ -163,20 +181,24 @@ async def _read_edit_form(request: Request, limits: Limits) -> tuple[EditRequest
         async with request.form(max_files=limits.max_images_in, max_fields=64) as form:
             fields: dict[str, Any] = {}
             uploads: list[UploadFile] = []
+            mask_upload: UploadFile | None = None
             for name, value in form.multi_items():
                 if name in IMAGE_FIELDS:
                     if not isinstance(value, UploadFile):
                         raise APIError(400, f"'{name}' must be a file upload.", param="image", code="invalid_image")
                     uploads.append(value)
+                elif name == "mask":
+                    if not isinstance(value, UploadFile) or mask_upload is not None:
+                        raise APIError(400, "'mask' must be one file upload.", param="mask", code="invalid_image")
+                    mask_upload = value
                 elif isinstance(value, UploadFile):
-                    hint = " (masks are not supported)" if name == "mask" else ""
-                    raise APIError(400, f"Unexpected file field '{name}'{hint}.", param=name,
-                                   code="unknown_parameter")
+                    raise APIError(400, f"Unexpected file field '{name}'.", param=name, code="unknown_parameter")
                 elif name in fields:
                     raise APIError(400, f"Field '{name}' given twice.", param=name, code="invalid_value")
                 else:
                     fields[name] = value
             blobs = [(await u.read(), u.filename or f"image {i}") for i, u in enumerate(uploads)]
+            mask_blob = (await mask_upload.read(), mask_upload.filename or "mask") if mask_upload else None
     except (MultiPartException, HTTPException) as e:  # Starlette reports parser errors as a 400 HTTPException
         if isinstance(e, HTTPException) and e.status_code != 400:
             raise
@@ -187,7 +209,12 @@ async def _read_edit_form(request: Request, limits: Limits) -> tuple[EditRequest
     except ValidationError as e:
         raise validation_error(e.errors()) from None
     images = [await asyncio.to_thread(_decode_image, data, name) for data, name in blobs]
-    return options, images, [name for _, name in blobs]
+    records = tuple(file_record(data, name) for data, name in blobs)
+    names = tuple(name for _, name in blobs)
+    if mask_blob is None:
+        return options, Uploads(tuple(images), names, records)
+    mask = await asyncio.to_thread(_decode_mask, *mask_blob)
+    return options, Uploads(tuple(images), names, records, mask, file_record(*mask_blob))
 
 
 def _client(request: Request, options: ImageOptions) -> str:
@@ -352,8 +379,8 @@ def create_app(models: Sequence[str] = (), keep_alive: str | float | None = "5m"
     @app.post("/v1/images/edits", response_model=ImagesResponse, tags=["images"], openapi_extra=form_schema(),
               summary="Edit or combine images following a prompt (multipart/form-data)")
     async def edits(request: Request) -> Response:
-        options, images, names = await _read_edit_form(request, settings)
-        plan = service.plan(options, IMAGE_EDIT, images, names)
+        options, uploads = await _read_edit_form(request, settings)
+        plan = service.plan(options, IMAGE_EDIT, uploads)
         return await responder.answer(request, plan, options, "image_edit")
 
     @app.get("/v1/files/images/{name}", tags=["images"], summary="An image made with response_format='url'",

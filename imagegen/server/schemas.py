@@ -46,6 +46,8 @@ class ImageOptions(BaseModel):
     guidance: float | None = Field(None, ge=0, description="imagegen: guidance scale, for models that take it.")
     negative_prompt: str | None = Field(None, description="imagegen: for models that accept one.")
     quantize: str | None = Field(None, description="imagegen: quantization of the resident model, e.g. '4', '8'.")
+    noise: Literal["mlx", "torch"] | None = Field(
+        None, description="imagegen: 'torch' draws the noise diffusers draws for the seed (default 'mlx').")
 
 
 class GenerationRequest(ImageOptions):
@@ -53,7 +55,12 @@ class GenerationRequest(ImageOptions):
 
 
 class EditRequest(ImageOptions):
-    """POST /v1/images/edits (multipart/form-data): these fields plus one or more `image` / `image[]` files."""
+    """POST /v1/images/edits (multipart/form-data): these fields plus one or more `image` / `image[]` files and
+    an optional `mask` file. With a mask or a strength the first image is repainted (inpainting / img2img) and
+    any others are references."""
+
+    strength: float | None = Field(None, gt=0, le=1, description="imagegen: how much of the first image to redo "
+                                   "(img2img; default: the model's).")
 
 
 class ImageData(BaseModel):
@@ -106,7 +113,9 @@ def form_schema() -> dict[str, Any]:
     """The multipart body of /v1/images/edits for the OpenAPI document (parsed by hand in the route)."""
     schema = EditRequest.model_json_schema()
     files = {"type": "array", "items": {"type": "string", "format": "binary"}}
-    schema["properties"] = {"image": {"type": "string", "format": "binary"}, "image[]": files,
+    mask = {"type": "string", "format": "binary",
+            "description": "PNG with transparency: its fully transparent pixels mark where to edit the first image."}
+    schema["properties"] = {"image": {"type": "string", "format": "binary"}, "image[]": files, "mask": mask,
                             **schema["properties"]}
     return {"requestBody": {"required": True,
                             "content": {"multipart/form-data": {"schema": schema}}}}

@@ -31,6 +31,18 @@ log = logging.getLogger("imagegen.server")
 
 
 @dataclass(frozen=True)
+class Uploads:
+    """The files of an edit: images (the first is repainted when a mask or strength is given), the mask in
+    imagegen's convention (white = repaint), and each file's name + sha256 for the metadata."""
+
+    images: tuple[Image.Image, ...] = ()
+    names: tuple[str, ...] = ()
+    records: tuple[dict[str, str], ...] = ()
+    mask: Image.Image | None = None
+    mask_record: dict[str, str] | None = None
+
+
+@dataclass(frozen=True)
 class Plan:
     """A validated request: everything the device needs, defaults still left to the model."""
 
@@ -47,6 +59,11 @@ class Plan:
     images: tuple[Image.Image, ...] = ()
     partial_images: int = 0
     image_names: tuple[str, ...] = ()
+    noise: str = "mlx"
+    init_image: Image.Image | None = None  # img2img / inpainting: the picture to repaint
+    mask: Image.Image | None = None
+    strength: float | None = None
+    inputs: dict[str, Any] = field(default_factory=dict)  # init_image / mask file records for the metadata
 
 
 @dataclass
@@ -59,9 +76,11 @@ class Outcome:
     guidance: float | None
     metadata: dict[str, Any] = field(default_factory=dict)  # shared by every image; each adds its seed
     timings: dict[str, float] = field(default_factory=dict)
+    slots: list[list[int]] | None = None  # torch noise, n > 1: image i is slot [i, n] of the call's draws
 
     def png(self, i: int) -> bytes:
-        return png_bytes(self.images[i], {**self.metadata, "seed": self.seeds[i]})
+        own = {"seed": self.seeds[i], **({"noise_slot": self.slots[i]} if self.slots else {})}
+        return png_bytes(self.images[i], {**self.metadata, **own})
 
 
 def _partial_steps(total: int, count: int) -> set[int]:
@@ -109,9 +128,9 @@ class ImageService:
             raise APIError(400, "No model given and none installed.", param="model", code="model_not_found")
         return name
 
-    def plan(self, options: ImageOptions, task: str, images: Sequence[Image.Image] = (),
-             image_names: Sequence[str] = ()) -> Plan:
+    def plan(self, options: ImageOptions, task: str, uploads: Uploads = Uploads()) -> Plan:
         """Check everything that can be checked before the request waits in the queue."""
+        images, image_names = uploads.images, uploads.names
         spec = registry.get(options.model or self.default_model())
         if task not in spec.tasks:
             able = [s.id for s in registry.all_specs() if task in s.tasks]
@@ -137,13 +156,24 @@ class ImageService:
         if len(images) > self.limits.max_images_in:
             raise APIError(400, f"At most {self.limits.max_images_in} images per request, got {len(images)}.",
                            param="image", code="invalid_value")
+        strength = getattr(options, "strength", None)
+        init = task == IMAGE_EDIT and (uploads.mask is not None or strength is not None
+                                       or (spec.accepts("init_image") and not spec.accepts("images")))
+        if init and not spec.accepts("init_image"):
+            raise APIError(400, f"Model '{spec.id}' cannot repaint an image (mask / strength).",
+                           param="mask" if uploads.mask is not None else "strength", code="unsupported_option")
+        inputs = {"init_image": uploads.records[0]} if init else {}
+        if init and uploads.mask_record is not None:
+            inputs["mask"] = uploads.mask_record
         return Plan(
             spec=spec, prompt=options.prompt, n=n, width=width, height=height,
             seed=options.seed if options.seed is not None else random.randrange(2**31),
             steps=options.steps, guidance=options.guidance, negative_prompt=options.negative_prompt,
             quantize=_checked(lambda: _quantize(spec, options.quantize), "quantize"),
-            images=tuple(images), partial_images=(options.partial_images or 0) if options.stream else 0,
-            image_names=tuple(image_names),
+            images=tuple(images[1:] if init else images), partial_images=(options.partial_images or 0)
+            if options.stream else 0, image_names=tuple(image_names[1:] if init else image_names),
+            noise=options.noise or "mlx", init_image=images[0] if init else None,
+            mask=uploads.mask if init else None, strength=strength, inputs=inputs,
         )
 
     # ---- running -------------------------------------------------------------------------
@@ -158,21 +188,29 @@ class ImageService:
         with self.residency.use(spec, plan.quantize, on_load=lambda m: emit({"stage": "load", "model": m})) as pipe:
             width, height = plan.width, plan.height
             if width is None or height is None:
-                width, height = pipe.default_size(plan.images)
+                width, height = pipe.init_size(plan.init_image) if plan.init_image else pipe.default_size(plan.images)
             batch = self.residency.fit_batch(spec, plan.quantize, width, height, plan.n, self.limits.max_batch)
             images: list[Image.Image] = []
             timings: dict[str, float] = {}
+            # torch noise: one generator draws all n images (as diffusers); split batches replay their slots
+            sliced = plan.noise == "torch" and 1 < batch < plan.n
+            batch = 1 if sliced else batch
             for first in range(0, plan.n, batch):
                 count = min(batch, plan.n - first)
-                options = _options(plan, width, height, plan.seed + first, count)
+                options = _options(plan, width, height, plan.seed + (0 if plan.noise == "torch" else first), count)
+                if sliced:
+                    options["noise_slot"] = (first, plan.n)
                 result = pipe.generate(plan.prompt, on_step=self._on_step(pipe, plan, job, emit, options, first),
                                        **options)
                 images.extend(result.images)
                 for stage, seconds in result.timings.items():
                     timings[stage] = timings.get(stage, 0.0) + seconds
             request = result.request
-            return Outcome(images, [plan.seed + i for i in range(plan.n)], request.width, request.height,
-                           request.steps, request.guidance, self._metadata(plan, pipe, result, timings), timings)
+            torch_batch = plan.noise == "torch" and plan.n > 1
+            seeds = [plan.seed if plan.noise == "torch" else plan.seed + i for i in range(plan.n)]
+            return Outcome(images, seeds, request.width, request.height, request.steps, request.guidance,
+                           self._metadata(plan, pipe, result, timings), timings,
+                           [[i, plan.n] for i in range(plan.n)] if torch_batch else None)
 
     def _on_step(self, pipe: Pipeline, plan: Plan, job: Job, emit: Emit, options: dict[str, Any],
                  first: int) -> Callable[[Step], None]:
@@ -181,7 +219,7 @@ class ImageService:
         request = None
         if plan.partial_images:
             request = pipe.request(plan.prompt, **options)  # the same request generate() builds: the seeds are fixed
-            previews = _partial_steps(request.steps, plan.partial_images)
+            previews = _partial_steps(request.run_steps, plan.partial_images)
         sent = 0
 
         def on_step(step: Step) -> None:
@@ -201,7 +239,7 @@ class ImageService:
         """What `imagegen run` writes into its PNGs, so `imagegen run --from` reproduces a served image; each
         image adds its own seed (Outcome.png)."""
         return generation_metadata(pipe, result, 0, images=list(plan.image_names), source="imagegen serve",
-                                   timings={k: round(v, 4) for k, v in timings.items()})
+                                   timings={k: round(v, 4) for k, v in timings.items()}, **plan.inputs)
 
     # ---- reporting -----------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
@@ -218,7 +256,8 @@ class ImageService:
 def _options(plan: Plan, width: int, height: int, seed: int, count: int) -> dict[str, Any]:
     options: dict[str, Any] = {"width": width, "height": height, "seed": seed, "num_images": count}
     optional = {"steps": plan.steps, "guidance": plan.guidance, "negative_prompt": plan.negative_prompt,
-                "images": list(plan.images) or None}
+                "images": list(plan.images) or None, "init_image": plan.init_image, "mask": plan.mask,
+                "strength": plan.strength, "noise": plan.noise}
     options.update({k: v for k, v in optional.items() if v is not None})
     return options
 

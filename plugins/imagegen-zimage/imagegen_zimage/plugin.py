@@ -24,6 +24,7 @@ def variant(turbo: bool) -> imagegen.ModelSpec:
         # turbo: 9 scheduler steps as diffusers counts them; base: diffusers' __call__ defaults
         default_steps=9 if turbo else 50,
         default_guidance=None if turbo else 5.0,
+        tasks=(imagegen.TEXT_TO_IMAGE, imagegen.IMAGE_EDIT),  # edits repaint the image (img2img, inpainting)
         options=frozenset({"latents", "tile", "init_image"} | (set() if turbo else {"guidance", "negative_prompt"})),
         extra_options={} if turbo else {"cfg_normalization": cfg_normalization, "cfg_truncation": cfg_truncation},
         quantize_modes=ALL_MODES,
