@@ -1,7 +1,9 @@
 """Batch generation: prompts from a JSON-lines file to PNGs, resumable, in one process or on Ray workers.
 
 Each input line is a JSON object: `prompt` (required), optional `id`, `model`, `seed`, `size` ("WxH"),
-`steps`, `guidance`, `negative_prompt`; `Defaults` (the CLI options) fill in what a row leaves out. The
+`steps`, `guidance`, `negative_prompt`, `noise` ("mlx" or "torch"), and for img2img / inpainting `init_image`,
+`mask` (paths, relative to the prompts file), `strength`, `outpaint` ("LEFT,TOP,RIGHT,BOTTOM");
+`Defaults` (the CLI options) fill in what a row leaves out. The
 output folder gets `<id>.png` (with the metadata `imagegen run` writes), `results.jsonl` (one line per
 PNG: id, file, model, seed, seconds, worker) and `failures.jsonl` (this run's failed rows and why).
 
@@ -29,7 +31,9 @@ import mlx.core as mx
 
 from . import registry
 from .errors import ImagegenError
-from .image import generation_metadata, png_bytes, read_metadata
+from .image import file_record, generation_metadata, png_bytes, read_metadata
+from .img2img import check_strength, parse_outpaint
+from .noise import check_noise
 from .pipeline import Pipeline, check_size
 
 RESULTS, FAILURES = "results.jsonl", "failures.jsonl"
@@ -38,6 +42,8 @@ FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "prompt": ((str,), "a string"), "id": ((str, int), "a string or an integer"), "model": ((str,), "a string"),
     "seed": ((int,), "an integer"), "size": ((str,), 'a string like "1024x768"'), "steps": ((int,), "an integer"),
     "guidance": ((int, float), "a number"), "negative_prompt": ((str,), "a string"),
+    "noise": ((str,), '"mlx" or "torch"'), "init_image": ((str,), "a path"), "mask": ((str,), "a path"),
+    "strength": ((int, float), "a number"), "outpaint": ((str, list), 'a string like "64,0,64,0"'),
 }
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # safe as a file name everywhere
 SIZE_PATTERN = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
@@ -83,6 +89,11 @@ class Row:
     steps: int | None = None
     guidance: float | None = None
     negative_prompt: str | None = None
+    noise: str | None = None
+    init_image: str | None = None  # absolute paths (rows give them relative to the prompts file)
+    mask: str | None = None
+    strength: float | None = None
+    outpaint: tuple[int, int, int, int] | None = None
 
     @property
     def file(self) -> str:
@@ -91,8 +102,15 @@ class Row:
     def options(self) -> dict[str, Any]:
         """The keyword options of Pipeline.generate for this row (unset ones left to the model)."""
         options = {"width": self.width, "height": self.height, "steps": self.steps, "guidance": self.guidance,
-                   "negative_prompt": self.negative_prompt}
+                   "negative_prompt": self.negative_prompt, "noise": self.noise, "init_image": self.init_image,
+                   "mask": self.mask, "strength": self.strength, "outpaint": self.outpaint}
         return {"seed": self.seed, **{k: v for k, v in options.items() if v is not None}}
+
+    def inputs(self) -> dict[str, Any]:
+        """The metadata's record of this row's input files (name + sha256) and outpaint."""
+        records: dict[str, Any] = {name: file_record(Path(path).read_bytes(), Path(path).name)
+                                   for name, path in (("init_image", self.init_image), ("mask", self.mask)) if path}
+        return {**records, **({"outpaint": list(self.outpaint)} if self.outpaint else {})}
 
 
 def row_hash(obj: dict[str, Any]) -> str:
@@ -105,7 +123,30 @@ def derived_seed(row_id: str) -> int:
     return int(hashlib.sha256(f"seed:{row_id}".encode()).hexdigest()[:8], 16) % 2**31
 
 
-def parse_row(text: str, line: int, defaults: Defaults, where: str = "") -> Row:
+def image_inputs(obj: dict[str, Any], at: str, base: Path | None) -> dict[str, Any]:
+    """A row's img2img fields, checked: paths made absolute from `base`, strength and outpaint parsed."""
+    fields: dict[str, Any] = {}
+    try:
+        if obj.get("noise") is not None:
+            fields["noise"] = check_noise(obj["noise"])
+        if obj.get("strength") is not None:
+            fields["strength"] = check_strength(obj["strength"])
+        if obj.get("outpaint") is not None:
+            fields["outpaint"] = parse_outpaint(obj["outpaint"])
+    except ImagegenError as e:
+        raise BatchInputError(f"{at}: {e}") from None
+    for name in ("init_image", "mask"):
+        if obj.get(name) is not None:
+            fields[name] = str((base or Path.cwd()) / obj[name])
+    given = [name for name in ("mask", "strength", "outpaint") if name in fields]
+    if given and "init_image" not in fields:
+        raise BatchInputError(f"{at}: '{given[0]}' needs an 'init_image'.")
+    if "mask" in fields and "outpaint" in fields:
+        raise BatchInputError(f"{at}: give either 'mask' or 'outpaint', not both.")
+    return fields
+
+
+def parse_row(text: str, line: int, defaults: Defaults, where: str = "", base: Path | None = None) -> Row:
     """One input line -> a Row; anything malformed raises BatchInputError naming the line."""
     at = f"{where}line {line}"
     try:
@@ -141,7 +182,7 @@ def parse_row(text: str, line: int, defaults: Defaults, where: str = "") -> Row:
     return Row(
         id=row_id, line=line, prompt=obj["prompt"], model=pick("model") or registry.default_model() or "",
         seed=derived_seed(row_id) if seed is None else seed, width=width, height=height, steps=pick("steps"),
-        guidance=pick("guidance"), negative_prompt=pick("negative_prompt"),
+        guidance=pick("guidance"), negative_prompt=pick("negative_prompt"), **image_inputs(obj, at, base),
     )
 
 
@@ -159,7 +200,7 @@ def read_rows(path: str | Path, defaults: Defaults = Defaults()) -> list[Row]:
     for number, text in enumerate(lines, 1):
         if not text.strip():
             continue
-        row = parse_row(text, number, defaults, f"{path}: ")
+        row = parse_row(text, number, defaults, f"{path}: ", path.resolve().parent)
         if row.id in first_line:
             raise BatchInputError(f"{path}: line {number}: id '{row.id}' is already used on line "
                                   f"{first_line[row.id]} (identical rows draw identical images; give each an id "
@@ -242,7 +283,7 @@ class Generator:
             result = pipe.generate(row.prompt, **row.options())
             seconds = time.perf_counter() - start
             batch = {"id": row.id, "seconds": round(seconds, 4), "worker": self.name}
-            metadata = generation_metadata(pipe, result, source="imagegen batch", batch=batch)
+            metadata = generation_metadata(pipe, result, source="imagegen batch", batch=batch, **row.inputs())
             return Outcome(row, self.name, png_bytes(result.images[0], metadata), seconds)
         except Exception as e:
             return Outcome(row, self.name, error=error_text(e))
