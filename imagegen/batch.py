@@ -1,11 +1,11 @@
 """Batch generation: prompts from a JSON-lines file to PNGs, resumable, in one process or on Ray workers.
 
-Each input line is a JSON object: `prompt` (required), optional `id`, `model`, `seed`, `size` ("WxH"),
-`steps`, `guidance`, `negative_prompt`, `noise` ("mlx" or "torch"), and for img2img / inpainting `init_image`,
-`mask` (paths, relative to the prompts file), `strength`, `outpaint` ("LEFT,TOP,RIGHT,BOTTOM");
-`Defaults` (the CLI options) fill in what a row leaves out. The
-output folder gets `<id>.png` (with the metadata `imagegen run` writes), `results.jsonl` (one line per
-PNG: id, file, model, seed, seconds, worker) and `failures.jsonl` (this run's failed rows and why).
+Each input line is a JSON object: `prompt` (required), optional `id`, `model`, `size` ("WxH"), every option
+declared for batch in imagegen.options (`seed`, `steps`, `guidance`, `negative_prompt`, `tile`, `noise`, and
+`images`, `init_image`, `mask`: paths relative to the prompts file; `strength`, `outpaint`) and `options` (the
+model's own, as `-O`); `Defaults` (the CLI options) fill in what a row leaves out. The output folder gets
+`<id>.png` (with the metadata `imagegen run` writes), `results.jsonl` (one line per PNG: id, file, model, seed,
+seconds, worker) and `failures.jsonl` (this run's failed rows and why).
 
 This process is the only writer: workers (the local Generator, or Ray actors running one) return PNG
 bytes, so a row is written once however often a worker dies, and a row is done when its PNG exists,
@@ -30,23 +30,20 @@ from typing import IO, Any, Protocol
 import mlx.core as mx
 
 from . import registry
-from .errors import ImagegenError
-from .image import file_record, generation_metadata, png_bytes, read_metadata
-from .img2img import check_strength, parse_outpaint
-from .noise import check_noise
-from .pipeline import Pipeline, check_size
+from .errors import ImagegenError, InvalidOptionError
+from .image import generation_metadata, png_bytes, read_metadata
+from .options import OPTIONS, OptionError, parse_size
+from .pipeline import Pipeline
+from .request import check_size
 
 RESULTS, FAILURES = "results.jsonl", "failures.jsonl"
-# the JSON types each input field may have, and their name in errors (JSON true is no seed: bools are refused)
+# the row fields that are not generate() options: the JSON types they may have, and their name in errors
 FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "prompt": ((str,), "a string"), "id": ((str, int), "a string or an integer"), "model": ((str,), "a string"),
-    "seed": ((int,), "an integer"), "size": ((str,), 'a string like "1024x768"'), "steps": ((int,), "an integer"),
-    "guidance": ((int, float), "a number"), "negative_prompt": ((str,), "a string"),
-    "noise": ((str,), '"mlx" or "torch"'), "init_image": ((str,), "a path"), "mask": ((str,), "a path"),
-    "strength": ((int, float), "a number"), "outpaint": ((str, list), 'a string like "64,0,64,0"'),
+    "size": ((str,), 'a string like "1024x768"'), "options": ((dict,), "an object of the model's options"),
 }
+ROW_OPTIONS = {o.name: o for o in OPTIONS if "batch" in o.fronts}  # every other key: a declared option
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # safe as a file name everywhere
-SIZE_PATTERN = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 
 
 class BatchInputError(ImagegenError):
@@ -66,6 +63,7 @@ class Defaults:
     guidance: float | None = None
     seed: int | None = None
     negative_prompt: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # any other declared option, by name
 
 
 @dataclass(frozen=True)
@@ -89,11 +87,7 @@ class Row:
     steps: int | None = None
     guidance: float | None = None
     negative_prompt: str | None = None
-    noise: str | None = None
-    init_image: str | None = None  # absolute paths (rows give them relative to the prompts file)
-    mask: str | None = None
-    strength: float | None = None
-    outpaint: tuple[int, int, int, int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict, hash=False)  # other options (tile, images, the model's)
 
     @property
     def file(self) -> str:
@@ -102,15 +96,8 @@ class Row:
     def options(self) -> dict[str, Any]:
         """The keyword options of Pipeline.generate for this row (unset ones left to the model)."""
         options = {"width": self.width, "height": self.height, "steps": self.steps, "guidance": self.guidance,
-                   "negative_prompt": self.negative_prompt, "noise": self.noise, "init_image": self.init_image,
-                   "mask": self.mask, "strength": self.strength, "outpaint": self.outpaint}
+                   "negative_prompt": self.negative_prompt, **self.extra}
         return {"seed": self.seed, **{k: v for k, v in options.items() if v is not None}}
-
-    def inputs(self) -> dict[str, Any]:
-        """The metadata's record of this row's input files (name + sha256) and outpaint."""
-        records: dict[str, Any] = {name: file_record(Path(path).read_bytes(), Path(path).name)
-                                   for name, path in (("init_image", self.init_image), ("mask", self.mask)) if path}
-        return {**records, **({"outpaint": list(self.outpaint)} if self.outpaint else {})}
 
 
 def row_hash(obj: dict[str, Any]) -> str:
@@ -123,31 +110,9 @@ def derived_seed(row_id: str) -> int:
     return int(hashlib.sha256(f"seed:{row_id}".encode()).hexdigest()[:8], 16) % 2**31
 
 
-def image_inputs(obj: dict[str, Any], at: str, base: Path | None) -> dict[str, Any]:
-    """A row's img2img fields, checked: paths made absolute from `base`, strength and outpaint parsed."""
-    fields: dict[str, Any] = {}
-    try:
-        if obj.get("noise") is not None:
-            fields["noise"] = check_noise(obj["noise"])
-        if obj.get("strength") is not None:
-            fields["strength"] = check_strength(obj["strength"])
-        if obj.get("outpaint") is not None:
-            fields["outpaint"] = parse_outpaint(obj["outpaint"])
-    except ImagegenError as e:
-        raise BatchInputError(f"{at}: {e}") from None
-    for name in ("init_image", "mask"):
-        if obj.get(name) is not None:
-            fields[name] = str((base or Path.cwd()) / obj[name])
-    given = [name for name in ("mask", "strength", "outpaint") if name in fields]
-    if given and "init_image" not in fields:
-        raise BatchInputError(f"{at}: '{given[0]}' needs an 'init_image'.")
-    if "mask" in fields and "outpaint" in fields:
-        raise BatchInputError(f"{at}: give either 'mask' or 'outpaint', not both.")
-    return fields
-
-
-def parse_row(text: str, line: int, defaults: Defaults, where: str = "", base: Path | None = None) -> Row:
-    """One input line -> a Row; anything malformed raises BatchInputError naming the line."""
+def parse_row(text: str, line: int, defaults: Defaults, where: str = "", folder: Path = Path()) -> Row:
+    """One input line -> a Row; anything malformed raises BatchInputError naming the line. Image paths are
+    relative to `folder` (the prompts file's)."""
     at = f"{where}line {line}"
     try:
         obj = json.loads(text)
@@ -155,13 +120,27 @@ def parse_row(text: str, line: int, defaults: Defaults, where: str = "", base: P
         raise BatchInputError(f"{at}: not valid JSON ({e.msg}).") from None
     if not isinstance(obj, dict):
         raise BatchInputError(f"{at}: expected a JSON object like {{\"prompt\": \"...\"}}, got {type(obj).__name__}.")
-    unknown = sorted(set(obj) - set(FIELDS))
+    unknown = sorted(set(obj) - set(FIELDS) - set(ROW_OPTIONS))
     if unknown:
-        raise BatchInputError(f"{at}: unknown field '{unknown[0]}' (fields: {', '.join(FIELDS)}).")
+        raise BatchInputError(f"{at}: unknown field '{unknown[0]}' (fields: {', '.join([*FIELDS, *ROW_OPTIONS])}).")
     for name, value in obj.items():
-        kinds, kind = FIELDS[name]
-        if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
-            raise BatchInputError(f"{at}: '{name}' must be {kind}, got {json.dumps(value)}.")
+        if value is None:
+            continue
+        if name in FIELDS:
+            kinds, kind = FIELDS[name]
+            if not isinstance(value, kinds) or isinstance(value, bool):
+                raise BatchInputError(f"{at}: '{name}' must be {kind}, got {json.dumps(value)}.")
+        elif ROW_OPTIONS[name].kind == "image":  # paths, loaded when the row is checked against its model
+            many = ROW_OPTIONS[name].repeatable
+            paths = value if many and isinstance(value, list) else [value] if not many else None
+            if paths is None or not all(isinstance(v, str) and v for v in paths):
+                what = "a list of image paths" if many else "an image path"
+                raise BatchInputError(f"{at}: '{name}' must be {what}, got {json.dumps(value)}.")
+        else:
+            try:
+                ROW_OPTIONS[name].check(value)
+            except OptionError as e:
+                raise BatchInputError(f"{at}: {e.render(repr(name))}") from None
     if not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
         raise BatchInputError(f"{at}: missing 'prompt' (a non-empty string).")
     row_id = str(obj["id"]) if obj.get("id") is not None else row_hash(obj)
@@ -170,19 +149,27 @@ def parse_row(text: str, line: int, defaults: Defaults, where: str = "", base: P
                               "(it names the PNG file).")
     width, height = defaults.width, defaults.height
     if obj.get("size") is not None:
-        match = SIZE_PATTERN.match(obj["size"])
-        if match is None:
-            raise BatchInputError(f"{at}: 'size' must look like \"1024x768\", got {json.dumps(obj['size'])}.")
-        width, height = int(match.group(1)), int(match.group(2))
+        try:
+            width, height = parse_size(obj["size"], "'size'")
+        except InvalidOptionError as e:
+            raise BatchInputError(f"{at}: {e}") from None
 
     def pick(name: str) -> Any:
         return obj[name] if obj.get(name) is not None else getattr(defaults, name)
 
+    extra = {**defaults.options, **(obj.get("options") or {})}
+    for name in set(ROW_OPTIONS) - {"seed", "steps", "guidance", "negative_prompt"}:
+        if obj.get(name) is not None:
+            option = ROW_OPTIONS[name]
+            if option.kind == "image":
+                extra[name] = [folder / p for p in obj[name]] if option.repeatable else folder / obj[name]
+            else:
+                extra[name] = obj[name]
     seed = pick("seed")
     return Row(
         id=row_id, line=line, prompt=obj["prompt"], model=pick("model") or registry.default_model() or "",
         seed=derived_seed(row_id) if seed is None else seed, width=width, height=height, steps=pick("steps"),
-        guidance=pick("guidance"), negative_prompt=pick("negative_prompt"), **image_inputs(obj, at, base),
+        guidance=pick("guidance"), negative_prompt=pick("negative_prompt"), extra=extra,
     )
 
 
@@ -200,7 +187,7 @@ def read_rows(path: str | Path, defaults: Defaults = Defaults()) -> list[Row]:
     for number, text in enumerate(lines, 1):
         if not text.strip():
             continue
-        row = parse_row(text, number, defaults, f"{path}: ", path.resolve().parent)
+        row = parse_row(text, number, defaults, f"{path}: ", path.parent)
         if row.id in first_line:
             raise BatchInputError(f"{path}: line {number}: id '{row.id}' is already used on line "
                                   f"{first_line[row.id]} (identical rows draw identical images; give each an id "
@@ -213,7 +200,8 @@ def read_rows(path: str | Path, defaults: Defaults = Defaults()) -> list[Row]:
 
 
 def check_row(row: Row) -> Row:
-    """What can be checked without a pipeline (unknown model, bad size); the row with its model's id."""
+    """The model and the size, checked before any worker starts; the row with its model's id. The other options
+    go through the same request check in the worker's generate() (a refused row is recorded, the rest go on)."""
     if not row.model:
         raise ImagegenError("No model given and none installed.")
     spec = registry.get(row.model)
@@ -283,7 +271,7 @@ class Generator:
             result = pipe.generate(row.prompt, **row.options())
             seconds = time.perf_counter() - start
             batch = {"id": row.id, "seconds": round(seconds, 4), "worker": self.name}
-            metadata = generation_metadata(pipe, result, source="imagegen batch", batch=batch, **row.inputs())
+            metadata = generation_metadata(pipe, result, source="imagegen batch", batch=batch)
             return Outcome(row, self.name, png_bytes(result.images[0], metadata), seconds)
         except Exception as e:
             return Outcome(row, self.name, error=error_text(e))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -23,9 +22,14 @@ METADATA_KEY = "imagegen"  # PNG text chunk holding our JSON metadata
 
 
 def load_image(source: Any) -> Image.Image:
-    """A PIL image (RGB) from a PIL image or a path; unreadable input raises InvalidImageError."""
+    """A PIL image (RGB) from a PIL image, a path or an array ((H, W) or (H, W, 1|3|4); uint8, or floats in
+    [0, 1]); unreadable input raises InvalidImageError."""
     if isinstance(source, Image.Image):
         return source.convert("RGB")
+    if isinstance(source, np.ndarray):
+        return from_array(source).convert("RGB")
+    if not isinstance(source, str | Path):
+        raise InvalidImageError(f"Expected an image, a path or an array, got {type(source).__name__}.")
     path = Path(source)
     try:
         with Image.open(path) as img:
@@ -34,6 +38,14 @@ def load_image(source: Any) -> Image.Image:
         raise InvalidImageError(f"Image not found: {path}") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise InvalidImageError(f"Cannot read {path} as an image ({type(e).__name__})") from None
+
+
+def from_array(array: np.ndarray) -> Image.Image:
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
+        raise InvalidImageError(f"An image array must be (H, W) or (H, W, 1|3|4), got {array.shape}.")
+    if array.dtype != np.uint8:
+        array = (np.clip(array.astype(np.float64), 0, 1) * 255).round().astype(np.uint8)
+    return Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array)
 
 
 def to_pil(images: mx.array) -> list[Image.Image]:
@@ -83,44 +95,20 @@ def save_png(image: Image.Image, path: str | Path, metadata: dict[str, Any] | No
 
 def generation_metadata(pipe: Pipeline, result: GenerationResult, index: int = 0, **fields: Any) -> dict[str, Any]:
     """The metadata of image `index` of a result, as `imagegen run` writes it (so `imagegen run --from`
-    reproduces that image alone); `fields` add to it or override it (reference image paths, a source)."""
+    reproduces that image alone); `fields` add to it or override it (a source, batch details)."""
     from . import __version__, hub
     from .plugins import plugin_info
+    from .request import metadata_entries
 
     spec, request = pipe.spec, result.request
     plugin = plugin_info(spec.plugin)
-    negatives = request.negative_prompts
-    noise: dict[str, Any] = {"noise": request.noise}
-    if request.noise == "torch" and (request.noise_slot or request.batch_size > 1):
-        # one generator drew the whole call: replaying image i alone draws that call's noise, keeps row i
-        noise["noise_slot"] = list(request.noise_slot or (index, request.batch_size))
-    if request.init is not None:
-        noise["strength"] = request.init.strength
     metadata = {
-        "prompt": request.prompts[index], "negative_prompt": negatives[index] if negatives else None,
-        "model": spec.id, "weights": hub.weights_identity(spec, pipe.weights), "seed": result.seeds[index],
-        "steps": request.steps, "guidance": request.guidance, "width": request.width, "height": request.height,
-        "quantize": pipe.quantize, "dtype": pipe.dtype, "images": [], "options": dict(request.extra),
+        "prompt": request.prompts[index], "model": spec.id, "weights": hub.weights_identity(spec, pipe.weights),
+        "quantize": pipe.quantize, "dtype": pipe.dtype, **metadata_entries(spec, request, index),
         "imagegen": __version__, "plugin": f"{plugin.distribution} {plugin.version}" if plugin else spec.plugin,
-        "timings": {k: round(v, 4) for k, v in result.timings.items()}, **noise,
+        "timings": {k: round(v, 4) for k, v in result.timings.items()},
     }
     return {**metadata, **fields}
-
-
-def file_record(data: bytes, name: str) -> dict[str, str]:
-    """How metadata names an input file: its name and content hash, never a path (paths leak and move)."""
-    return {"file": Path(name).name, "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def find_recorded(record: dict[str, str], folders: list[Path], what: str) -> Path:
-    """The file a `file_record` names, looked up by name in `folders` and checked by hash."""
-    for folder in folders:
-        path = folder / record["file"]
-        if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == record["sha256"]:
-            return path
-    places = " or ".join(str(f) for f in folders)
-    raise InvalidImageError(f"The {what} '{record['file']}' (sha256 {record['sha256'][:12]}...) is not in {places}; "
-                            f"give it again.")
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

@@ -6,23 +6,66 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from .errors import InvalidImageError, InvalidOptionError
+from .errors import InvalidOptionError
+
+if TYPE_CHECKING:
+    from .registry import ModelSpec
 
 
 @dataclass(frozen=True)
 class InitImage:
-    """The picture to start from, and the mask of what to repaint (None: all of it, plain img2img)."""
+    """The picture to start from, what to repaint (mask: white = repaint; None: all of it, plain img2img), the
+    strength, and the outpaint border. `image` and `mask` are what the pipelines use (the border added)."""
 
-    image: Image.Image  # RGB
-    mask: Image.Image | None  # as given (any mode); white = repaint, black = keep
+    source: Image.Image  # as given (RGB; remembers its file name and hash for the metadata)
+    mask_source: Image.Image | None
     strength: float
+    outpaint: tuple[int, int, int, int] | None = None
+
+    @cached_property
+    def _grown(self) -> tuple[Image.Image, Image.Image | None]:
+        return outpaint(self.source, self.outpaint) if self.outpaint else (self.source, self.mask_source)
+
+    @property
+    def image(self) -> Image.Image:
+        return self._grown[0]
+
+    @property
+    def mask(self) -> Image.Image | None:
+        return self._grown[1]
+
+
+def init_request(spec: ModelSpec, values: dict[str, Any]) -> InitImage | None:
+    """Pop the img2img options from checked request values: the InitImage, or None without an init image."""
+    image, mask = values.pop("init_image", None), values.pop("mask", None)
+    strength, pads = values.pop("strength", None), values.pop("outpaint", None)
+    if image is None:
+        given = next((n for n, v in (("mask", mask), ("strength", strength), ("outpaint", pads)) if v is not None), "")
+        if given:
+            raise InvalidOptionError(f"{given} needs an init image (init_image, --init-image).")
+        return None
+    if mask is not None and pads is not None:
+        raise InvalidOptionError("Give either a mask or outpaint, not both.")
+    if strength is None:
+        # the family's diffusers default; outpainting's new border starts from pure noise
+        strength = 1.0 if pads is not None else spec.default_strength[mask is not None]
+    return InitImage(image, mask, strength, pads)
+
+
+def init_size(spec: ModelSpec, image: Image.Image) -> tuple[int, int]:
+    """(width, height) to draw from an init image when no size is given: the spec's `init_size` (Klein caps the
+    area), else the image's own size rounded down to the size step."""
+    if spec.init_size is not None:
+        return spec.init_size(image)
+    m = spec.size_multiple
+    return image.width // m * m, image.height // m * m
 
 
 @dataclass(frozen=True)
@@ -46,16 +89,6 @@ class Start:
         return blend(latents, self.image_latents, self.noise, self.mask, None if last else float(sigmas[index + 1]))
 
 
-def check_strength(value: Any) -> float:
-    try:
-        strength = float(value)
-    except (TypeError, ValueError):
-        raise InvalidOptionError(f"strength must be a number in (0, 1], got {value!r}.") from None
-    if not 0 < strength <= 1:
-        raise InvalidOptionError(f"strength must be in (0, 1], got {strength}.")
-    return strength
-
-
 def first_step(steps: int, strength: float) -> int:
     """Index of the first of `steps` scheduled steps that runs (diffusers' get_timesteps: t_start). In floating
     point only a vanishing strength leaves none."""
@@ -64,28 +97,6 @@ def first_step(steps: int, strength: float) -> int:
         needed = max(steps + 1, math.ceil(1 / strength))
         raise InvalidOptionError(f"strength {strength} leaves no step out of {steps}: use at least {needed} steps.")
     return start
-
-
-def open_image(source: Any, what: str) -> Image.Image:
-    """A PIL image, a path or an array (H, W[, C]: uint8, or floats in [0, 1]) -> PIL, mode as given."""
-    if isinstance(source, Image.Image):
-        return source
-    if isinstance(source, np.ndarray) or hasattr(source, "__array__") and not isinstance(source, (str, Path)):
-        array = np.asarray(source)
-        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
-            raise InvalidImageError(f"{what} array must be (H, W), (H, W, 1|3|4), got {array.shape}.")
-        if array.dtype != np.uint8:
-            array = (np.clip(array.astype(np.float64), 0, 1) * 255).round().astype(np.uint8)
-        return Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array)
-    path = Path(source)
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img
-    except FileNotFoundError:
-        raise InvalidImageError(f"{what} not found: {path}") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise InvalidImageError(f"Cannot read {what} {path} as an image ({type(e).__name__}).") from None
 
 
 def image_pixels(image: Image.Image, width: int, height: int) -> mx.array:
@@ -133,18 +144,6 @@ def blend(latents: mx.array, image_latents: mx.array, noise: mx.array, mask: mx.
     clean after the last step), the masked region from the denoiser."""
     known = image_latents if sigma is None else add_noise(image_latents, noise, sigma)
     return (1 - mask) * known + mask * latents
-
-
-def parse_outpaint(value: Any) -> tuple[int, int, int, int]:
-    """"LEFT,TOP,RIGHT,BOTTOM" pixels (or a sequence of four) -> four non-negative ints, not all zero."""
-    parts = value.split(",") if isinstance(value, str) else list(value)
-    try:
-        pads = tuple(int(p) for p in parts)
-    except (TypeError, ValueError):
-        pads = ()
-    if len(pads) != 4 or min(pads) < 0 or not any(pads):
-        raise InvalidOptionError(f"outpaint must be LEFT,TOP,RIGHT,BOTTOM pixels (>= 0, not all 0), got {value!r}.")
-    return pads  # type: ignore[return-value]
 
 
 def outpaint(image: Image.Image, pads: tuple[int, int, int, int]) -> tuple[Image.Image, Image.Image]:

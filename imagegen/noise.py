@@ -32,8 +32,8 @@ def seeded_noise(shape: Sequence[int], seeds: Sequence[int], dtype: mx.Dtype = m
 
 
 class Noise:
-    """Draws for one run. `batch_slot=(i, n)` replays image i of an n-image torch-noise call alone: the
-    generator draws the whole batch's noise and keeps row i."""
+    """Draws for one run. `batch_slot=(first, total)`: these images are rows first.. of a `total`-image torch-noise
+    call (a replay of one image, a server part): the generator draws the whole call's noise and keeps those rows."""
 
     def __init__(self, kind: str, seeds: Sequence[int], batch_slot: tuple[int, int] | None = None):
         self.kind, self.seeds, self.batch_slot = check_noise(kind), tuple(seeds), batch_slot
@@ -46,8 +46,10 @@ class Noise:
             return seeded_noise(shape, self.seeds)
         if self.batch_slot is None:
             return mx.array(self._generator.randn(shape, dtype))
-        index, count = self.batch_slot
-        return mx.array(self._generator.randn((count, *shape[1:]), dtype)[index : index + 1])
+        first, total = self.batch_slot
+        if first + shape[0] > total:
+            raise ValueError(f"rows {first}..{first + shape[0] - 1} of a {total}-image call")
+        return mx.array(self._generator.randn((total, *shape[1:]), dtype)[first : first + shape[0]])
 
     def sample(self, shape: Sequence[int], dtype: str = "float32") -> mx.array:
         """Noise for a VAE posterior sample, drawn before the latents as diffusers' `latent_dist.sample` is."""

@@ -133,10 +133,10 @@ def test_failed_rows_are_recorded_and_the_rest_go_on(tmp_path, hello_plugin):
     ('{"prompt": "x", "size": "big"}', "line 2: 'size' must look like"),
     ('{"prompt": "x", "id": "../escape"}', "line 2: id '../escape' must be"),
     ('{"prompt": "first"}', "line 2: id '"),  # the same row twice: the same id
-    ('{"prompt": "x", "mask": "m.png"}', "line 2: 'mask' needs an 'init_image'"),
-    ('{"prompt": "x", "init_image": "a.png", "strength": 0}', "line 2: strength must be in (0, 1]"),
-    ('{"prompt": "x", "init_image": "a.png", "outpaint": "1,2"}', "line 2: outpaint must be LEFT,TOP,RIGHT,BOTTOM"),
-    ('{"prompt": "x", "noise": "cuda"}', "line 2: noise must be one of mlx, torch"),
+    ('{"prompt": "x", "init_image": ["a.png"]}', "line 2: 'init_image' must be an image path"),
+    ('{"prompt": "x", "init_image": "a.png", "strength": 0}', "line 2: 'strength' must be within (0, 1]"),
+    ('{"prompt": "x", "init_image": "a.png", "outpaint": "1,2"}', "line 2: 'outpaint' must be LEFT,TOP,RIGHT,BOTTOM"),
+    ('{"prompt": "x", "noise": "cuda"}', "line 2: 'noise' must be one of mlx, torch"),
 ])
 def test_bad_input_fails_fast_with_the_line_number(tmp_path, hello_plugin, line, message):
     prompts = tmp_path / "p.jsonl"
@@ -170,7 +170,8 @@ def test_image_to_image_rows(tmp_path):
                          mask=tmp_path / "in" / "half.png", strength=0.9, steps=2, seed=1, noise="torch").images[0]
     assert np.array_equal(pixels(tmp_path / "out" / "paint.png"), pixels(want))
     meta = read_metadata(tmp_path / "out" / "paint.png")
-    assert meta["init_image"]["file"] == "start.png" and meta["mask"]["file"] == "half.png"
+    assert (meta["init_image"], meta["mask"]) == ("start.png", "half.png")
+    assert set(meta["inputs"]) == {"start.png", "half.png"} and len(meta["inputs"]["start.png"]) == 64
     assert (meta["noise"], meta["strength"]) == ("torch", 0.9)
     grown = read_metadata(tmp_path / "out" / "grow.png")
     assert grown["outpaint"] == [16, 0, 16, 0] and (grown["width"], grown["height"]) == (160, 128)

@@ -106,11 +106,11 @@ def test_info_prints_metadata(in_tmp):
     (["--quantize", "3.5bit"], ["Unknown quantization"]),
     (["--option", "cfg_truncation=0.5"], ["does not support --option cfg_truncation"]),
     (["--option", "novalue"], ["--option must look like NAME=VALUE"]),
-    (["--mask", "m.png"], ["--mask needs --init-image"]),
-    (["--strength", "0.5"], ["--strength needs --init-image"]),
-    (["--outpaint", "8,0,8,0"], ["--outpaint needs --init-image"]),
-    (["--noise", "cuda"], ["noise must be one of mlx, torch"]),
-    (["--init-image", "missing.png"], ["init image not found: missing.png"]),
+    (["--mask", "m.png"], ["does not support --mask"]),
+    (["--strength", "0.5"], ["does not support --strength"]),
+    (["--outpaint", "8,0,8,0"], ["does not support --outpaint"]),
+    (["--noise", "cuda"], ["--noise must be one of mlx, torch"]),
+    (["--init-image", "red.png"], ["does not support --init-image"]),
 ])
 def test_bad_options_are_one_line_errors(args, fragments, in_tmp):
     one_line_error(invoke("run", "-m", "hello", "x", *args), *fragments)
@@ -126,15 +126,20 @@ def test_bad_reference_images(in_tmp):
 
 
 def test_bad_init_image_options(in_tmp):
-    Image.new("RGB", (32, 32), (250, 0, 0)).save("red.png")
+    """On the demo model, which takes an init image: every mistake is one line before any weight loads."""
+    Image.new("RGB", (128, 128), (250, 0, 0)).save("red.png")
     Path("notes.png").write_text("not an image")
-    one_line_error(invoke("run", "-m", "hello", "x", "--init-image", "red.png"), "does not support --init-image")
-    one_line_error(invoke("run", "-m", "hello", "x", "--init-image", "notes.png"), "Cannot read init image")
-    for flags, fragment in ((["--strength", "1.5"], "strength must be in (0, 1]"),
-                            (["--outpaint", "8,8"], "outpaint must be LEFT,TOP,RIGHT,BOTTOM"),
-                            (["--mask", "red.png", "--outpaint", "0,8,0,8"], "either --mask or --outpaint")):
-        one_line_error(invoke("run", "-m", "hello", "x", "--init-image", "red.png", *flags), fragment)
-    assert not list(in_tmp.glob("hello*.png"))
+    for flags, fragment in ((["--mask", "red.png"], "mask needs an init image"),
+                            (["--init-image", "notes.png"], "Cannot read notes.png"),
+                            (["--init-image", "gone.png"], "Image not found: gone.png"),
+                            (["--init-image", "red.png", "--strength", "1.5"], "--strength must be within (0, 1]"),
+                            (["--init-image", "red.png", "--strength", "0"], "--strength must be within (0, 1]"),
+                            (["--init-image", "red.png", "--strength", "1e-19"], "leaves no step out of 8"),
+                            (["--init-image", "red.png", "--outpaint", "8,8"], "--outpaint must be LEFT,TOP"),
+                            (["--init-image", "red.png", "--mask", "red.png", "--outpaint", "0,8,0,8"],
+                             "either a mask or outpaint")):
+        one_line_error(invoke("run", "-m", "flux2-demo", "x", *flags), fragment)
+    assert not list(in_tmp.glob("flux2-demo*.png"))
 
 
 def test_missing_prompt_and_unwritable_output(in_tmp):

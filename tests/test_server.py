@@ -120,7 +120,7 @@ class PaintPlugin:
         register(paint_spec("paint-small", aliases=("paint",), family_default=True,
                             options=frozenset({"guidance"}), default_guidance=1.0, quantize_modes=("8",)))
         register(paint_spec("paint-edit", tasks=(imagegen.TEXT_TO_IMAGE, imagegen.IMAGE_EDIT),
-                            options=frozenset({"images", "negative_prompt", "init_image"})))
+                            options=frozenset({"images", "negative_prompt", "init_image", "mask", "strength"})))
         register(paint_spec("paint-slow", extra={"delay": 0.03}))
         register(paint_spec("paint-broken", extra={"broken": True}))
 
@@ -293,8 +293,8 @@ def test_edits_with_mask_repaint_only_the_transparent_part(http):
     assert np.abs(pixels[:, 40:] - (0, 200, 0)).max() <= 1  # kept: the opaque half
     assert np.abs(pixels[:, :24] - (0, 200, 0)).max() > 60  # repainted: the transparent half
     metas = [json.loads(image.text[METADATA_KEY]) for image in images]
-    assert metas[0]["init_image"] == {"file": "photo.png", "sha256": hashlib.sha256(green).hexdigest()}
-    assert metas[0]["mask"]["file"] == "m.png" and metas[0]["images"] == []
+    assert (metas[0]["init_image"], metas[0]["mask"], metas[0]["images"]) == ("photo.png", "m.png", [])
+    assert metas[0]["inputs"]["photo.png"] == hashlib.sha256(green).hexdigest() and "m.png" in metas[0]["inputs"]
     assert [(m["noise"], m["seed"], m["strength"], m["noise_slot"]) for m in metas] == [
         ("torch", 5, 0.5, [0, 2]), ("torch", 5, 0.5, [1, 2])]
     alone = http.post("/v1/images/edits", files=[("image", ("photo.png", green))],

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,10 +30,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__, registry
 from ..errors import ImagegenError, InvalidImageError
-from ..image import file_record
+from ..options import image_input
 from ..registry import IMAGE_EDIT, TEXT_TO_IMAGE, ModelSpec
 from .errors import APIError, api_error
 from .schemas import (
+    UPLOADS,
     EditRequest,
     ErrorResponse,
     GenerationRequest,
@@ -43,7 +45,7 @@ from .schemas import (
     ModelList,
     form_schema,
 )
-from .service import ImageService, Outcome, Plan, Uploads
+from .service import ImageService, Outcome, Plan
 from .settings import Limits, parse_duration
 from .worker import Cancelled, Job, QueueFullError
 
@@ -151,29 +153,34 @@ def _decode_image(data: bytes, name: str) -> Image.Image:
     try:
         with Image.open(BytesIO(data)) as img:
             img.load()
-            return img.convert("RGB")
+            return image_input(img.convert("RGB"), name=Path(name).name, data=data)  # remembered by name + sha256
     except Exception as e:  # PIL raises many kinds (incl. DecompressionBombError) for bad uploads
         raise InvalidImageError(f"Upload '{name}' is not a readable image ({type(e).__name__}).") from None
 
 
 def _decode_mask(data: bytes, name: str) -> Image.Image:
-    """OpenAI's mask: fully transparent pixels mark where to edit -> imagegen's (white = repaint)."""
+    """OpenAI's mask, whose fully transparent pixels mark where to edit -> imagegen's (white = repaint)."""
     try:
         with Image.open(BytesIO(data)) as img:
             img.load()
-            if "A" not in img.getbands() and not (img.mode == "P" and "transparency" in img.info):
-                raise APIError(400, f"Mask '{name}' has no transparency: its fully transparent pixels mark where to "
-                               "edit.", param="mask", code="invalid_image")
-            alpha = np.asarray(img.convert("RGBA"))[..., 3]
-    except APIError:
-        raise
+            transparent = "A" in img.getbands() or (img.mode == "P" and "transparency" in img.info)
+            alpha = np.asarray(img.convert("RGBA"))[..., 3] if transparent else None
     except Exception as e:
         raise InvalidImageError(f"Upload '{name}' is not a readable image ({type(e).__name__}).") from None
-    return Image.fromarray(np.where(alpha == 0, 255, 0).astype(np.uint8))
+    if alpha is None:
+        raise APIError(400, f"Mask '{name}' has no transparency: its fully transparent pixels mark where to edit.",
+                       param="mask", code="invalid_image")
+    mask = Image.fromarray(np.where(alpha == 0, 255, 0).astype(np.uint8))
+    return image_input(mask, name=Path(name).name, data=data)
 
 
-async def _read_edit_form(request: Request, limits: Limits) -> tuple[EditRequest, Uploads]:
-    """The multipart body of an edit: the images and mask (decoded off the event loop) and the other fields."""
+Uploads = dict[str, list[Image.Image]]
+
+
+async def _read_edit_form(request: Request, limits: Limits) -> tuple[EditRequest, list[Image.Image], list[str],
+                                                                    Uploads]:
+    """The multipart body of an edit: the images (decoded off the event loop), the uploads of declared image
+    options (imagegen.options, e.g. a mask) by field name, and the other fields."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise APIError(400, "Edits take multipart/form-data: the image file(s) and the fields.",
                        code="invalid_content_type")
@@ -181,16 +188,14 @@ async def _read_edit_form(request: Request, limits: Limits) -> tuple[EditRequest
         async with request.form(max_files=limits.max_images_in, max_fields=64) as form:
             fields: dict[str, Any] = {}
             uploads: list[UploadFile] = []
-            mask_upload: UploadFile | None = None
+            declared: list[tuple[str, UploadFile]] = []
             for name, value in form.multi_items():
-                if name in IMAGE_FIELDS:
+                if (name in UPLOADS or name == "mask") and isinstance(value, UploadFile):
+                    declared.append((name, value))
+                elif name in IMAGE_FIELDS:
                     if not isinstance(value, UploadFile):
                         raise APIError(400, f"'{name}' must be a file upload.", param="image", code="invalid_image")
                     uploads.append(value)
-                elif name == "mask":
-                    if not isinstance(value, UploadFile) or mask_upload is not None:
-                        raise APIError(400, "'mask' must be one file upload.", param="mask", code="invalid_image")
-                    mask_upload = value
                 elif isinstance(value, UploadFile):
                     raise APIError(400, f"Unexpected file field '{name}'.", param=name, code="unknown_parameter")
                 elif name in fields:
@@ -198,7 +203,7 @@ async def _read_edit_form(request: Request, limits: Limits) -> tuple[EditRequest
                 else:
                     fields[name] = value
             blobs = [(await u.read(), u.filename or f"image {i}") for i, u in enumerate(uploads)]
-            mask_blob = (await mask_upload.read(), mask_upload.filename or "mask") if mask_upload else None
+            option_blobs = [(field, await u.read(), u.filename or field) for field, u in declared]
     except (MultiPartException, HTTPException) as e:  # Starlette reports parser errors as a 400 HTTPException
         if isinstance(e, HTTPException) and e.status_code != 400:
             raise
@@ -209,12 +214,11 @@ async def _read_edit_form(request: Request, limits: Limits) -> tuple[EditRequest
     except ValidationError as e:
         raise validation_error(e.errors()) from None
     images = [await asyncio.to_thread(_decode_image, data, name) for data, name in blobs]
-    records = tuple(file_record(data, name) for data, name in blobs)
-    names = tuple(name for _, name in blobs)
-    if mask_blob is None:
-        return options, Uploads(tuple(images), names, records)
-    mask = await asyncio.to_thread(_decode_mask, *mask_blob)
-    return options, Uploads(tuple(images), names, records, mask, file_record(*mask_blob))
+    files: Uploads = {}
+    for field, data, name in option_blobs:
+        decode = _decode_mask if field == "mask" else _decode_image
+        files.setdefault(field, []).append(await asyncio.to_thread(decode, data, name))
+    return options, images, [name for _, name in blobs], files
 
 
 def _client(request: Request, options: ImageOptions) -> str:
@@ -379,8 +383,8 @@ def create_app(models: Sequence[str] = (), keep_alive: str | float | None = "5m"
     @app.post("/v1/images/edits", response_model=ImagesResponse, tags=["images"], openapi_extra=form_schema(),
               summary="Edit or combine images following a prompt (multipart/form-data)")
     async def edits(request: Request) -> Response:
-        options, uploads = await _read_edit_form(request, settings)
-        plan = service.plan(options, IMAGE_EDIT, uploads)
+        options, images, names, files = await _read_edit_form(request, settings)
+        plan = service.plan(options, IMAGE_EDIT, images, names, files)
         return await responder.answer(request, plan, options, "image_edit")
 
     @app.get("/v1/files/images/{name}", tags=["images"], summary="An image made with response_format='url'",

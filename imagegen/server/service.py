@@ -6,10 +6,11 @@ Everything here is framework-free; app.py only translates HTTP to plans and outc
 from __future__ import annotations
 
 import logging
-import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -17,11 +18,12 @@ from PIL import Image
 from .. import __version__, hub, memory, registry
 from ..errors import ImagegenError
 from ..image import generation_metadata, png_bytes
-from ..pipeline import Pipeline, Step, check_size
+from ..options import OPTIONS, OptionError, UnsupportedOptionError, family_options, image_input
+from ..pipeline import Pipeline, Request, Step, check_size
 from ..registry import IMAGE_EDIT, ModelSpec
 from .errors import APIError
 from .residency import Residency
-from .schemas import ImageOptions, parse_size
+from .schemas import UPLOADS, ImageOptions, parse_size
 from .settings import Limits
 from .store import ImageStore
 from .worker import DeviceWorker, Job
@@ -31,39 +33,25 @@ log = logging.getLogger("imagegen.server")
 
 
 @dataclass(frozen=True)
-class Uploads:
-    """The files of an edit: images (the first is repainted when a mask or strength is given), the mask in
-    imagegen's convention (white = repaint), and each file's name + sha256 for the metadata."""
-
-    images: tuple[Image.Image, ...] = ()
-    names: tuple[str, ...] = ()
-    records: tuple[dict[str, str], ...] = ()
-    mask: Image.Image | None = None
-    mask_record: dict[str, str] | None = None
-
-
-@dataclass(frozen=True)
 class Plan:
-    """A validated request: everything the device needs, defaults still left to the model."""
+    """A validated request: everything the device needs (the shared request check has run)."""
 
     spec: ModelSpec
-    prompt: str
-    n: int
-    width: int | None
-    height: int | None
-    seed: int
-    steps: int | None = None
-    guidance: float | None = None
-    negative_prompt: str | None = None
+    request: Request  # all n images; the device runs it in parts that fit memory
     quantize: str | None = None
-    images: tuple[Image.Image, ...] = ()
     partial_images: int = 0
-    image_names: tuple[str, ...] = ()
-    noise: str = "mlx"
-    init_image: Image.Image | None = None  # img2img / inpainting: the picture to repaint
-    mask: Image.Image | None = None
-    strength: float | None = None
-    inputs: dict[str, Any] = field(default_factory=dict)  # init_image / mask file records for the metadata
+
+    @property
+    def n(self) -> int:
+        return self.request.batch_size
+
+    @property
+    def width(self) -> int:
+        return self.request.width
+
+    @property
+    def height(self) -> int:
+        return self.request.height
 
 
 @dataclass
@@ -76,7 +64,7 @@ class Outcome:
     guidance: float | None
     metadata: dict[str, Any] = field(default_factory=dict)  # shared by every image; each adds its seed
     timings: dict[str, float] = field(default_factory=dict)
-    slots: list[list[int]] | None = None  # torch noise, n > 1: image i is slot [i, n] of the call's draws
+    slots: list[list[int]] | None = None  # torch noise, n > 1: image i is row i of the call's draw
 
     def png(self, i: int) -> bytes:
         own = {"seed": self.seeds[i], **({"noise_slot": self.slots[i]} if self.slots else {})}
@@ -128,9 +116,10 @@ class ImageService:
             raise APIError(400, "No model given and none installed.", param="model", code="model_not_found")
         return name
 
-    def plan(self, options: ImageOptions, task: str, uploads: Uploads = Uploads()) -> Plan:
-        """Check everything that can be checked before the request waits in the queue."""
-        images, image_names = uploads.images, uploads.names
+    def plan(self, options: ImageOptions, task: str, images: Sequence[Image.Image] = (),
+             image_names: Sequence[str] = (), files: dict[str, list[Image.Image]] | None = None) -> Plan:
+        """Check everything that can be checked before the request waits in the queue. `files`: uploads of
+        declared image options by field name (one each unless the option is repeatable)."""
         spec = registry.get(options.model or self.default_model())
         if task not in spec.tasks:
             able = [s.id for s in registry.all_specs() if task in s.tasks]
@@ -146,35 +135,33 @@ class ImageService:
         if options.steps is not None and options.steps > self.limits.max_steps:
             raise APIError(400, f"steps must be at most {self.limits.max_steps}, got {options.steps}.",
                            param="steps", code="invalid_value")
-        for name in ("guidance", "negative_prompt"):
-            if getattr(options, name) is not None and not spec.accepts(name):
-                raise APIError(400, f"Model '{spec.id}' does not support the option '{name}'.", param=name,
-                               code="unsupported_option")
         if task == IMAGE_EDIT and not images:
             raise APIError(400, "Give at least one image to edit (multipart field 'image' or 'image[]').",
                            param="image", code="missing_image")
         if len(images) > self.limits.max_images_in:
             raise APIError(400, f"At most {self.limits.max_images_in} images per request, got {len(images)}.",
                            param="image", code="invalid_value")
-        strength = getattr(options, "strength", None)
-        init = task == IMAGE_EDIT and (uploads.mask is not None or strength is not None
-                                       or (spec.accepts("init_image") and not spec.accepts("images")))
-        if init and not spec.accepts("init_image"):
-            raise APIError(400, f"Model '{spec.id}' cannot repaint an image (mask / strength).",
-                           param="mask" if uploads.mask is not None else "strength", code="unsupported_option")
-        inputs = {"init_image": uploads.records[0]} if init else {}
-        if init and uploads.mask_record is not None:
-            inputs["mask"] = uploads.mask_record
-        return Plan(
-            spec=spec, prompt=options.prompt, n=n, width=width, height=height,
-            seed=options.seed if options.seed is not None else random.randrange(2**31),
-            steps=options.steps, guidance=options.guidance, negative_prompt=options.negative_prompt,
-            quantize=_checked(lambda: _quantize(spec, options.quantize), "quantize"),
-            images=tuple(images[1:] if init else images), partial_images=(options.partial_images or 0)
-            if options.stream else 0, image_names=tuple(image_names[1:] if init else image_names),
-            noise=options.noise or "mlx", init_image=images[0] if init else None,
-            mask=uploads.mask if init else None, strength=strength, inputs=inputs,
-        )
+        family = options.options or {}
+        unknown = sorted(set(family) - {o.name for o in family_options(spec.extra_options)})
+        if unknown:
+            raise APIError(400, f"Model '{spec.id}' does not support the option '{unknown[0]}'.", param="options",
+                           code="unsupported_option")
+        values = {o.name: getattr(options, o.name) for o in OPTIONS if "server" in o.fronts and o.name not in UPLOADS}
+        for option in (o for o in OPTIONS if o.name in (files or {})):
+            uploaded = files[option.name]
+            if len(uploaded) > 1 and not option.repeatable:
+                raise APIError(400, f"Give one '{option.name}' file.", param=option.name, code="invalid_value")
+            values[option.name] = uploaded if option.repeatable else uploaded[0]
+        names = [*image_names, *[None] * len(images)]  # uploads are recorded by base name, never as a path
+        images = [image_input(i, name=Path(n).name if n else None) for i, n in zip(images, names)]
+        if task == IMAGE_EDIT and repaints(spec, values):  # img2img / inpainting: the first image is repainted
+            values["init_image"], images = images[0], images[1:]
+        with request_errors():
+            request = spec.request(options.prompt, width=width, height=height, num_images=n, images=list(images),
+                                   **values, **family)
+        return Plan(spec=spec, request=request,
+                    quantize=_checked(lambda: _quantize(spec, options.quantize), "quantize"),
+                    partial_images=(options.partial_images or 0) if options.stream else 0)
 
     # ---- running -------------------------------------------------------------------------
     def submit(self, plan: Plan, client: str, emit: Emit | None = None) -> Job:
@@ -182,64 +169,43 @@ class ImageService:
         return self.worker.submit(client, lambda job: self._run(plan, job, emit or (lambda event: None)))
 
     def _run(self, plan: Plan, job: Job, emit: Emit) -> Outcome:
-        """On the device worker: load if needed, then generate in batches that fit memory."""
+        """On the device worker: load if needed, then generate in parts that fit memory."""
         job.check()
-        spec = plan.spec
+        spec, request = plan.spec, plan.request
         with self.residency.use(spec, plan.quantize, on_load=lambda m: emit({"stage": "load", "model": m})) as pipe:
-            width, height = plan.width, plan.height
-            if width is None or height is None:
-                width, height = pipe.init_size(plan.init_image) if plan.init_image else pipe.default_size(plan.images)
-            batch = self.residency.fit_batch(spec, plan.quantize, width, height, plan.n, self.limits.max_batch)
+            batch = self.residency.fit_batch(spec, plan.quantize, request.width, request.height, plan.n,
+                                             self.limits.max_batch)
             images: list[Image.Image] = []
             timings: dict[str, float] = {}
-            # torch noise: one generator draws all n images (as diffusers); split batches replay their slots
-            sliced = plan.noise == "torch" and 1 < batch < plan.n
-            batch = 1 if sliced else batch
             for first in range(0, plan.n, batch):
-                count = min(batch, plan.n - first)
-                options = _options(plan, width, height, plan.seed + (0 if plan.noise == "torch" else first), count)
-                if sliced:
-                    options["noise_slot"] = (first, plan.n)
-                result = pipe.generate(plan.prompt, on_step=self._on_step(pipe, plan, job, emit, options, first),
-                                       **options)
+                part = request.part(first, min(batch, plan.n - first))
+                result = pipe.generate(part, on_step=self._on_step(pipe, plan, part, job, emit, first))
                 images.extend(result.images)
                 for stage, seconds in result.timings.items():
                     timings[stage] = timings.get(stage, 0.0) + seconds
-            request = result.request
-            torch_batch = plan.noise == "torch" and plan.n > 1
-            seeds = [plan.seed if plan.noise == "torch" else plan.seed + i for i in range(plan.n)]
-            return Outcome(images, seeds, request.width, request.height, request.steps, request.guidance,
-                           self._metadata(plan, pipe, result, timings), timings,
-                           [[i, plan.n] for i in range(plan.n)] if torch_batch else None)
+            metadata = generation_metadata(pipe, result, 0, source="imagegen serve",
+                                           timings={k: round(v, 4) for k, v in timings.items()})
+            slots = [[i, plan.n] for i in range(plan.n)] if request.noise == "torch" and plan.n > 1 else None
+            return Outcome(images, list(request.seeds), request.width, request.height, request.steps,
+                           request.guidance, metadata, timings, slots)
 
-    def _on_step(self, pipe: Pipeline, plan: Plan, job: Job, emit: Emit, options: dict[str, Any],
+    def _on_step(self, pipe: Pipeline, plan: Plan, part: Request, job: Job, emit: Emit,
                  first: int) -> Callable[[Step], None]:
-        count = options["num_images"]
-        previews: set[int] = set()
-        request = None
-        if plan.partial_images:
-            request = pipe.request(plan.prompt, **options)  # the same request generate() builds: the seeds are fixed
-            previews = _partial_steps(request.run_steps, plan.partial_images)
+        previews = _partial_steps(part.run_steps, plan.partial_images) if plan.partial_images else set()
         sent = 0
 
         def on_step(step: Step) -> None:
             nonlocal sent
             job.check()  # a cancelled request stops here and frees the device
             emit({"stage": step.stage, "step": step.index, "total": step.total, "first_image": first,
-                  "images": count, "seconds": round(step.seconds, 4)})
+                  "images": part.batch_size, "seconds": round(step.seconds, 4)})
             if step.stage == "denoise" and step.index in previews and step.latents is not None:
-                for i, preview in enumerate(pipe.decode(request, step.latents)):
+                for i, preview in enumerate(pipe.decode(part, step.latents)):
                     emit({"stage": "partial", "image_index": first + i, "partial_image_index": sent,
                           "png": png_bytes(preview)})
                 sent += 1
 
         return on_step
-
-    def _metadata(self, plan: Plan, pipe: Pipeline, result: Any, timings: dict[str, float]) -> dict[str, Any]:
-        """What `imagegen run` writes into its PNGs, so `imagegen run --from` reproduces a served image; each
-        image adds its own seed (Outcome.png)."""
-        return generation_metadata(pipe, result, 0, images=list(plan.image_names), source="imagegen serve",
-                                   timings={k: round(v, 4) for k, v in timings.items()}, **plan.inputs)
 
     # ---- reporting -----------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
@@ -253,19 +219,30 @@ class ImageService:
         }
 
 
-def _options(plan: Plan, width: int, height: int, seed: int, count: int) -> dict[str, Any]:
-    options: dict[str, Any] = {"width": width, "height": height, "seed": seed, "num_images": count}
-    optional = {"steps": plan.steps, "guidance": plan.guidance, "negative_prompt": plan.negative_prompt,
-                "images": list(plan.images) or None, "init_image": plan.init_image, "mask": plan.mask,
-                "strength": plan.strength, "noise": plan.noise}
-    options.update({k: v for k, v in optional.items() if v is not None})
-    return options
+def repaints(spec: ModelSpec, values: dict[str, Any]) -> bool:
+    """Whether an edit repaints its first image: with a mask, a strength or an outpaint border, or always for
+    models that take an init image but no reference images (Z-Image)."""
+    asked = any(values.get(name) is not None for name in ("mask", "strength", "outpaint"))
+    return asked or (spec.accepts("init_image") and not spec.accepts("images"))
 
 
 def _quantize(spec: ModelSpec, mode: str | None) -> str | None:
     if mode is None or mode.strip().lower() in ("", "none"):
         return None
     return spec.check_quantize(mode)
+
+
+@contextmanager
+def request_errors() -> Iterator[None]:
+    """The shared request check's errors as 400s naming the JSON field."""
+    try:
+        yield
+    except UnsupportedOptionError as e:
+        raise APIError(400, str(e), param=e.name, code="unsupported_option") from None
+    except OptionError as e:
+        raise APIError(400, str(e), param=e.name, code="invalid_value") from None
+    except ImagegenError as e:
+        raise APIError(400, str(e), code="invalid_value") from None
 
 
 def _checked(check: Callable[[], Any], param: str) -> Any:

@@ -7,10 +7,12 @@ from pathlib import Path
 import imagegen
 from imagegen.quantize import ALL_MODES
 
-from .pipeline import Flux2Pipeline, checkpoint_settings, estimate_memory
+from .pipeline import Flux2Pipeline, checkpoint_settings, estimate_memory, init_size, reference_size
 
 DEMO = Path(__file__).parent / "demo"
-EDIT_OPTIONS = frozenset({"images", "latents", "tile", "init_image"})
+IMG2IMG_OPTIONS = frozenset({"init_image", "mask", "strength", "outpaint"})
+EDIT_OPTIONS = frozenset({"images", "latents", "tile"}) | IMG2IMG_OPTIONS
+IMG2IMG_STRENGTH = (0.8, 0.8)  # Flux2KleinInpaintPipeline's default; img2img is that pipeline with nothing kept
 CFG_OPTIONS = EDIT_OPTIONS | {"guidance", "negative_prompt"}
 
 
@@ -32,6 +34,9 @@ def klein(size: str, base: bool) -> imagegen.ModelSpec:
         default_guidance=4.0 if base else None,  # diffusers' guidance_scale default; ignored when distilled
         tasks=(imagegen.TEXT_TO_IMAGE, imagegen.IMAGE_EDIT),
         options=CFG_OPTIONS if base else EDIT_OPTIONS,
+        reference_size=reference_size,
+        default_strength=IMG2IMG_STRENGTH,
+        init_size=init_size,
         quantize_modes=ALL_MODES,
         family_default=not base and size == "4B",
         estimate_memory=estimate_memory,
@@ -55,6 +60,10 @@ def demo() -> imagegen.ModelSpec | None:
         max_pixels=512 * 512,
         tasks=(imagegen.TEXT_TO_IMAGE, imagegen.IMAGE_EDIT),
         options=EDIT_OPTIONS,
+        reference_size=reference_size,
+        default_strength=IMG2IMG_STRENGTH,
+        init_size=init_size,
+        run_default=True,  # `imagegen run` works out of the box with the bundled weights
         default_dtype="float32",  # small enough; float32 keeps CPU runs exact and fast
         extra={"distilled": True},
     )
