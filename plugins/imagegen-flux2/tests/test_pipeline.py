@@ -17,7 +17,7 @@ from PIL import Image
 from transformers import AutoTokenizer, Qwen3ForCausalLM
 
 import imagegen
-from imagegen.testing import assert_images_match, make_qwen3, make_tokenizer
+from imagegen.testing import assert_images_match, make_qwen3, make_tokenizer, smooth_picture
 
 VOCAB = 416  # the test tokenizer's vocabulary with its added tokens
 SIZE = (64, 48)  # width, height: a 4x3 grid of latent tokens
@@ -362,12 +362,7 @@ def generator(seed: int) -> torch.Generator:
 
 
 def picture(seed: int = 0, size: tuple[int, int] = SIZE) -> Image.Image:
-    """A smooth, varied image (random pixels would drown in the tiny VAE)."""
-    w, h = size
-    y, x = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
-    phase = np.random.default_rng(seed).uniform(0, 6, 3)
-    rgb = np.stack([np.sin(6 * x + p) * np.cos(4 * y - p) for p in phase], -1) * 0.5 + 0.5
-    return Image.fromarray((rgb * 255).astype(np.uint8))
+    return smooth_picture(*size, seed)
 
 
 def left_mask() -> Image.Image:

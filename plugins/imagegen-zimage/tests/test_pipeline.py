@@ -15,7 +15,7 @@ from PIL import Image
 from transformers import AutoTokenizer, Qwen3ForCausalLM
 
 import imagegen
-from imagegen.testing import assert_images_match, make_qwen3, make_tokenizer
+from imagegen.testing import assert_images_match, make_qwen3, make_tokenizer, smooth_picture
 
 VOCAB = 416
 SIZE = (64, 48)  # width, height: latents 8x6, transformer tokens 4x3
@@ -183,12 +183,7 @@ def test_cli_model_options_and_reproduction(checkpoint, tmp_path):
 
 
 def picture(seed: int = 0) -> Image.Image:
-    """A smooth, varied init image (random noise would drown in the tiny VAE)."""
-    w, h = SIZE
-    y, x = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
-    phase = np.random.default_rng(seed).uniform(0, 6, 3)
-    rgb = np.stack([np.sin(6 * x + p) * np.cos(4 * y - p) for p in phase], -1) * 0.5 + 0.5
-    return Image.fromarray((rgb * 255).astype(np.uint8))
+    return smooth_picture(*SIZE, seed)
 
 
 def square_mask() -> Image.Image:
