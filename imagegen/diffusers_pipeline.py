@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import mlx.core as mx
 from PIL import Image
 
-from . import scheduler
+from . import distributed, hub, scheduler
 from .errors import WeightsError
 from .image import to_pil
 from .memory import pipeline_weight_bytes
@@ -35,9 +35,11 @@ class DiffusersPipeline(Pipeline):
     vae_class: ClassVar[type]
 
     def __init__(self, spec: ModelSpec, weights: Path, dtype: str = "bfloat16", quantize: str | None = None,
-                 on_load: Callable[[str, float], None] | None = None, pace: int = 1):
+                 on_load: Callable[[str, float], None] | None = None, pace: int = 1, vae: str | Path | None = None):
         """`pace`: the transformer's blocks run compiled one by one with the host waiting every `pace` blocks
-        (imagegen.nn.pacing: bounded memory); 0 compiles the whole call as one graph."""
+        (imagegen.nn.pacing: bounded memory); 0 compiles the whole call as one graph. `vae`: another VAE of the
+        family's class, in diffusers layout (config.json and weights at the folder's root, as
+        black-forest-labs/FLUX.2-small-decoder ships): a folder or a cached repo id (recorded in `components`)."""
         super().__init__(spec, weights, dtype, quantize, on_load)
         root = Path(weights)
         if not (root / "model_index.json").is_file():
@@ -49,8 +51,10 @@ class DiffusersPipeline(Pipeline):
         with self.loading("transformer"):
             self.transformer = load_model(self.transformer_class, self.transformer_config, root / "transformer",
                                           dtype, quantize, type(self).quant_predicate)
+        if hasattr(self.transformer, "sequence_parallel"):  # in a rank of `imagegen run --gpus N`: its token shard
+            self.transformer.sequence_parallel = distributed.from_environment()
         with self.loading("vae"):
-            self.vae = self.vae_class.from_folder(root / "vae", dtype)
+            self.vae = self.vae_class.from_folder(self.vae_folder(root, vae), dtype)
         self.scheduler = scheduler.FlowMatchEulerConfig.from_file(root / "scheduler" / "scheduler_config.json")
         self.model_dtype = to_dtype(dtype)
         self.latent_channels = self.transformer.config.in_channels
@@ -61,6 +65,12 @@ class DiffusersPipeline(Pipeline):
 
     def configure(self, root: Path) -> None:
         """Read family settings from the checkpoint before anything loads (e.g. which text layers to use)."""
+
+    def vae_folder(self, root: Path, vae: str | Path | None) -> Path:
+        if vae is None:
+            return root / "vae"
+        self.components["vae"] = str(vae)
+        return hub.resolve_component(vae, "--vae")
 
     def pace(self, every: int) -> None:
         """every > 0: blocks compiled one by one, the host waiting every `every` blocks; 0: one compiled graph."""
@@ -73,6 +83,9 @@ class DiffusersPipeline(Pipeline):
         return latents
 
     def decode(self, request: Request, latents: mx.array) -> list[Image.Image]:
+        spread = getattr(self.transformer, "sequence_parallel", None)
+        if spread is not None and spread.rank:  # every rank holds the same latents: rank 0 decodes
+            return []
         images = []
         for one in self.vae_latents(request, latents).astype(self.vae.dtype):
             images.extend(to_pil(self.vae.decode_latents(one[None], tile=bool(request.tile))))
