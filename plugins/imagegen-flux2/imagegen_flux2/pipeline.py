@@ -131,7 +131,7 @@ class Flux2Pipeline(DiffusersPipeline):
         init = self.vae.encode_latents(pixels.astype(self.vae.dtype))  # the mean ("argmax"), as diffusers
         tokens = [pack(init).astype(self.model_dtype)] + ([references] if references is not None else [])
         return Conditioning(text, negative, mx.concatenate(tokens, axis=1), (init.shape[1:3], *grids),
-                            pack(init).astype(mx.float32))
+                            init_latents=pack(init).astype(mx.float32))
 
     def uses_cfg(self, request: imagegen.Request) -> bool:
         return not self.distilled and request.guidance is not None and request.guidance > 1
