@@ -1,11 +1,11 @@
 """Batch generation: prompts from a JSON-lines file to PNGs, resumable, in one process or on Ray workers.
 
 Each input line is a JSON object: `prompt` (required), optional `id`, `model`, `size` ("WxH"), every option
-declared for batch in imagegen.options (`seed`, `steps`, `guidance`, `negative_prompt`, `tile`, `images`: paths
-relative to the prompts file) and `options` (the model's own, as `-O`); `Defaults` (the CLI options) fill in
-what a row leaves out. The
-output folder gets `<id>.png` (with the metadata `imagegen run` writes), `results.jsonl` (one line per
-PNG: id, file, model, seed, seconds, worker) and `failures.jsonl` (this run's failed rows and why).
+declared for batch in imagegen.options (`seed`, `steps`, `guidance`, `negative_prompt`, `tile`, `noise`, and
+`images`, `init_image`, `mask`: paths relative to the prompts file; `strength`, `outpaint`) and `options` (the
+model's own, as `-O`); `Defaults` (the CLI options) fill in what a row leaves out. The output folder gets
+`<id>.png` (with the metadata `imagegen run` writes), `results.jsonl` (one line per PNG: id, file, model, seed,
+seconds, worker) and `failures.jsonl` (this run's failed rows and why).
 
 This process is the only writer: workers (the local Generator, or Ray actors running one) return PNG
 bytes, so a row is written once however often a worker dies, and a row is done when its PNG exists,
@@ -135,8 +135,11 @@ def parse_row(text: str, line: int, defaults: Defaults, where: str = "", folder:
             if not isinstance(value, kinds) or isinstance(value, bool):
                 raise BatchInputError(f"{at}: '{name}' must be {kind}, got {json.dumps(value)}.")
         elif ROW_OPTIONS[name].kind == "image":  # paths, loaded when the row is checked against its model
-            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-                raise BatchInputError(f"{at}: '{name}' must be a list of image paths, got {json.dumps(value)}.")
+            many = ROW_OPTIONS[name].repeatable
+            paths = value if many and isinstance(value, list) else [value] if not many else None
+            if paths is None or not all(isinstance(v, str) and v for v in paths):
+                what = "a list of image paths" if many else "an image path"
+                raise BatchInputError(f"{at}: '{name}' must be {what}, got {json.dumps(value)}.")
         else:
             try:
                 ROW_OPTIONS[name].check(value)
@@ -163,7 +166,11 @@ def parse_row(text: str, line: int, defaults: Defaults, where: str = "", folder:
     extra = {**defaults.options, **(obj.get("options") or {})}
     for name in set(ROW_OPTIONS) - {"seed", "steps", "guidance", "negative_prompt"}:
         if obj.get(name) is not None:
-            extra[name] = [folder / p for p in obj[name]] if ROW_OPTIONS[name].kind == "image" else obj[name]
+            option = ROW_OPTIONS[name]
+            if option.kind == "image":
+                extra[name] = [folder / p for p in obj[name]] if option.repeatable else folder / obj[name]
+            else:
+                extra[name] = obj[name]
     seed = pick("seed")
     return Row(
         id=row_id, line=line, prompt=obj["prompt"], model=pick("model") or registry.default_model() or "",

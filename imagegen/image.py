@@ -22,9 +22,14 @@ METADATA_KEY = "imagegen"  # PNG text chunk holding our JSON metadata
 
 
 def load_image(source: Any) -> Image.Image:
-    """A PIL image (RGB) from a PIL image or a path; unreadable input raises InvalidImageError."""
+    """A PIL image (RGB) from a PIL image, a path or an array ((H, W) or (H, W, 1|3|4); uint8, or floats in
+    [0, 1]); unreadable input raises InvalidImageError."""
     if isinstance(source, Image.Image):
         return source.convert("RGB")
+    if isinstance(source, np.ndarray):
+        return from_array(source).convert("RGB")
+    if not isinstance(source, str | Path):
+        raise InvalidImageError(f"Expected an image, a path or an array, got {type(source).__name__}.")
     path = Path(source)
     try:
         with Image.open(path) as img:
@@ -33,6 +38,14 @@ def load_image(source: Any) -> Image.Image:
         raise InvalidImageError(f"Image not found: {path}") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise InvalidImageError(f"Cannot read {path} as an image ({type(e).__name__})") from None
+
+
+def from_array(array: np.ndarray) -> Image.Image:
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
+        raise InvalidImageError(f"An image array must be (H, W) or (H, W, 1|3|4), got {array.shape}.")
+    if array.dtype != np.uint8:
+        array = (np.clip(array.astype(np.float64), 0, 1) * 255).round().astype(np.uint8)
+    return Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array)
 
 
 def to_pil(images: mx.array) -> list[Image.Image]:

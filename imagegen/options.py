@@ -21,6 +21,7 @@ from typing import Any
 from PIL import Image
 
 from .errors import InvalidOptionError
+from .noise import NOISE_KINDS
 
 SEED_MAX = 2**32 - 1  # numpy, torch and MLX all take it, and it is an exact number in any JSON client
 FRONTS = frozenset({"cli", "server", "batch", "metadata"})  # where an option travels besides Python
@@ -243,6 +244,34 @@ def draw_seed() -> int:
     return int.from_bytes(os.urandom(4), "little") % 2**31
 
 
+# ---- img2img and noise values --------------------------------------------------------------------------
+def _strength(value: Any) -> Any:
+    """(0, 1]: an open range the declaration's minimum / maximum cannot say (zero would run no step)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and not 0 < value <= 1:
+        raise OptionError("strength", "within (0, 1]", value)
+    return value
+
+
+def outpaint_pads(value: Any) -> tuple[int, int, int, int]:
+    """"LEFT,TOP,RIGHT,BOTTOM" pixels (or a list of four) -> four non-negative ints, not all zero."""
+    parts = value.split(",") if isinstance(value, str) else value
+    try:
+        pads = tuple(int(p) for p in parts) if isinstance(parts, list | tuple) else ()
+    except (TypeError, ValueError):
+        pads = ()
+    if len(pads) != 4 or min(pads) < 0 or not any(pads) or any(isinstance(p, bool | float) for p in parts):
+        raise OptionError("outpaint", "LEFT,TOP,RIGHT,BOTTOM pixels (>= 0, not all 0)", value)
+    return pads  # type: ignore[return-value]
+
+
+def noise_slot(value: Any) -> tuple[int, int]:
+    """(first, total): these images are rows first.. of a `total`-image torch-noise call (replays, server parts)."""
+    if not isinstance(value, list | tuple) or len(value) != 2 or not all(isinstance(v, int) for v in value) \
+            or not 0 <= value[0] < value[1]:
+        raise OptionError("noise_slot", "[first, total] with 0 <= first < total", value)
+    return tuple(value)  # type: ignore[return-value]
+
+
 # ---- the core options -------------------------------------------------------------------------------
 OPTIONS: tuple[Option, ...] = (
     Option("width", "int", "Width in pixels (a multiple of the model's size step).", minimum=1, gated=False,
@@ -270,6 +299,21 @@ OPTIONS: tuple[Option, ...] = (
            fronts=frozenset({"cli", "batch", "metadata"})),
     Option("lora_partial", "bool", "Apply what maps of a LoRA file whose other keys the model does not know "
            "(default: refuse the file)."),
+    # img2img / inpainting / outpainting (imagegen.img2img); the server takes the first `image` upload and
+    # OpenAI's `mask` (transparent = edit) instead of these two
+    Option("init_image", "image", "Start from this picture (img2img; with --mask: inpainting).",
+           fronts=frozenset({"cli", "batch", "metadata"})),
+    Option("mask", "image", "Inpainting mask for the init image: white = repaint, black = keep.",
+           fronts=frozenset({"cli", "batch", "metadata"})),
+    Option("strength", "float", "How much of the init image to redo, in (0, 1] (default: the model's).",
+           convert=_strength),
+    Option("outpaint", "any", "LEFT,TOP,RIGHT,BOTTOM pixels to add around the init image and paint.",
+           convert=outpaint_pads, dump=list, load=lambda value, folders: outpaint_pads(value)),
+    Option("noise", "choice", "mlx (imagegen's own, the default) or torch (the noise diffusers draws for the seed).",
+           choices=NOISE_KINDS, gated=False),
+    Option("noise_slot", "any", "torch noise: (first, total), these images' rows of a total-image call.",
+           gated=False, convert=noise_slot, fronts=frozenset({"metadata"}), dump=list,
+           load=lambda value, folders: noise_slot(value)),
 )
 BY_NAME = {o.name: o for o in OPTIONS}
 

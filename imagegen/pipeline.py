@@ -25,6 +25,7 @@ from PIL import Image
 
 from .errors import InvalidOptionError
 from .lora import LoraManager, TextPatch, qwen3_targets, text_adapters
+from .noise import seeded_noise
 from .registry import ModelSpec
 from .request import Request, build_request, check_size
 from .weights import to_dtype
@@ -110,7 +111,7 @@ class Pipeline(ABC):
         float32. `layout` names the axes in the error message, e.g. "(B, C, H/8, W/8)"."""
         shape = tuple(shape)
         if request.latents is None:
-            return seeded_noise(shape, request.seeds)
+            return request.draws().latents(shape, self.noise_dtype(request))
         latents = request.latents
         if hasattr(latents, "detach"):  # a torch tensor
             latents = latents.detach().float().cpu().numpy()
@@ -146,6 +147,9 @@ class Pipeline(ABC):
                 components["text_encoder"] = (encoder.model, {"transformers": qwen3_targets(encoder.model)})
             self._loras = LoraManager(self.spec.id, components, to_dtype(self.dtype))
         return self._loras
+    def noise_dtype(self, request: Request) -> str:
+        """The dtype torch noise is drawn at: what the family's diffusers pipeline passes to randn_tensor."""
+        return self.dtype
 
     def default_size(self, images: Sequence[Image.Image]) -> tuple[int, int]:
         """(width, height) when the caller gives none: the spec's `reference_size` of the first reference image,
@@ -195,7 +199,7 @@ class Pipeline(ABC):
                     latents = step_latents
                     mx.eval(latents)
                     now = time.perf_counter()
-                    yield Step("denoise", i, request.steps, now - t, latents)
+                    yield Step("denoise", i, request.run_steps, now - t, latents)
                     timings["denoise"] = timings.get("denoise", 0.0) + now - t
                     t = time.perf_counter()
 
@@ -230,11 +234,3 @@ def arrays(tree: Any) -> list[mx.array]:
     if isinstance(tree, dict):
         return [a for item in tree.values() for a in arrays(item)]
     return []
-
-
-def seeded_noise(shape: Sequence[int], seeds: Sequence[int], dtype: mx.Dtype = mx.float32) -> mx.array:
-    """Standard normal noise, one independent stream per image: image i depends only on seeds[i]."""
-    if len(seeds) != shape[0]:
-        raise ValueError(f"{len(seeds)} seeds for a batch of {shape[0]}")
-    parts = [mx.random.normal(tuple(shape[1:]), key=mx.random.key(s)) for s in seeds]
-    return mx.stack(parts).astype(dtype)

@@ -48,6 +48,10 @@ class ModelSpec:
     extra_options: Sequence[Option] | dict[str, Callable[[Any], Any]] = field(default=(), hash=False, compare=False)
     # (width, height) to draw when the caller gives reference images but no size; None: default_size
     reference_size: Callable[[Image.Image], tuple[int, int]] | None = field(default=None, hash=False, compare=False)
+    # img2img (imagegen.img2img): the default strength without and with a mask (the family's diffusers pipelines'),
+    # and (width, height) to draw from an init image when no size is given (None: its size, rounded down)
+    default_strength: tuple[float, float] = (1.0, 1.0)
+    init_size: Callable[[Image.Image], tuple[int, int]] | None = field(default=None, hash=False, compare=False)
     quantize_modes: tuple[str, ...] = ()  # accepted --quantize values; empty = no quantization
     default_dtype: str = "bfloat16"
     family_default: bool = False  # the family name resolves to this variant

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from .errors import InvalidOptionError
+from .img2img import InitImage, first_step, init_request, init_size
+from .noise import Noise
 from .options import (
     BY_NAME,
     SEED_MAX,
@@ -44,11 +46,17 @@ class Request:
     tile: bool = False
     num_images: int = 1
     extra: dict[str, Any] = field(default_factory=dict)  # every other declared option that was given
+    init: InitImage | None = None  # img2img / inpainting / outpainting: the picture, mask, strength, border
+    noise: str = "mlx"  # "mlx" (imagegen's own) or "torch" (diffusers' draws for the seed)
+    noise_slot: tuple[int, int] | None = None  # torch noise: (first, total) rows of a total-image call
 
     def option(self, name: str, default: Any = None) -> Any:
         """The value of any declared option (core or the family's), or `default` when it was not given."""
         if name in self.extra:
             return self.extra[name]
+        if name in _INIT_FIELDS:
+            value = getattr(self.init, _INIT_FIELDS[name]) if self.init is not None else None
+            return default if value is None else value
         if name == "seed":  # per image fields: the first image's value
             return self.seeds[0]
         if name == "negative_prompt":
@@ -62,16 +70,34 @@ class Request:
     def batch_size(self) -> int:
         return len(self.prompts)
 
+    @property
+    def first_step(self) -> int:
+        """The first scheduled step that runs: 0, or later for img2img (strength < 1)."""
+        return first_step(self.steps, self.init.strength) if self.init else 0
+
+    @property
+    def run_steps(self) -> int:
+        return self.steps - self.first_step
+
+    def draws(self) -> Noise:
+        """A fresh source of this run's random draws (imagegen.noise)."""
+        return Noise(self.noise, self.seeds, self.noise_slot)
+
     def part(self, first: int, count: int) -> Request:
         """Images first..first+count-1 as a request of their own (the server splits large n to fit memory)."""
         cut = slice(first, first + count)
         negatives = self.negative_prompts[cut] if self.negative_prompts else None
         latents = self.latents[cut] if self.latents is not None else None
+        slot = self.noise_slot
+        if self.noise == "torch":  # the rows of the whole call's draw
+            start, total = slot or (0, self.batch_size)
+            slot = (start + first, total)
         return replace(self, prompts=self.prompts[cut], seeds=self.seeds[cut], negative_prompts=negatives,
-                       latents=latents, num_images=count)
+                       latents=latents, num_images=count, noise_slot=slot)
 
 
 _FIELDS = {f.name for f in fields(Request)}
+_INIT_FIELDS = {"init_image": "source", "mask": "mask_source", "strength": "strength", "outpaint": "outpaint"}
 
 
 def declared(spec: ModelSpec) -> dict[str, Option]:
@@ -135,9 +161,13 @@ def build_request(spec: ModelSpec, prompt: str | Sequence[str],
         raise InvalidOptionError("prompt must be a string or a non-empty list of strings.")
     num_images = values.pop("num_images", 1)
     images = values.pop("images", ())
+    init = init_request(spec, values)
     width, height = values.pop("width", None), values.pop("height", None)
     if width is None or height is None:
-        default_w, default_h = (size_for or (lambda refs: default_size(spec, refs)))(images)
+        if init is not None:
+            default_w, default_h = init_size(spec, init.image)
+        else:
+            default_w, default_h = (size_for or (lambda refs: default_size(spec, refs)))(images)
         width, height = width or default_w, height or default_h
     check_size(spec, width, height)
     negatives = values.pop("negative_prompt", None)
@@ -154,14 +184,23 @@ def build_request(spec: ModelSpec, prompt: str | Sequence[str],
     count = len(prompts) * num_images
     seed = values.pop("seed", None)
     seed = draw_seed() if seed is None else seed
-    if seed + count - 1 > SEED_MAX:
+    noise, slot = values.pop("noise", "mlx"), values.pop("noise_slot", None)
+    if slot is not None and (noise != "torch" or slot[0] + count > slot[1]):
+        raise InvalidOptionError("noise_slot replays images of a torch-noise call: (first, total) with first + "
+                                 "count <= total.")
+    if noise != "torch" and seed + count - 1 > SEED_MAX:
         raise OptionError("seed", f"<= {SEED_MAX - count + 1} for {count} images (image i uses seed + i)", seed)
+    steps = values.pop("steps", spec.default_steps)
+    if init is not None:
+        first_step(steps, init.strength)  # refuses a strength that leaves no step
     guidance = values.pop("guidance", spec.default_guidance)
     return Request(
         prompts=tuple(p for p in prompts for _ in range(num_images)), width=width, height=height,
-        steps=values.pop("steps", spec.default_steps), guidance=guidance,
-        seeds=tuple(seed + i for i in range(count)), negative_prompts=negatives, images=tuple(images),
-        latents=values.pop("latents", None), tile=values.pop("tile", False), num_images=num_images, extra=values,
+        steps=steps, guidance=guidance,
+        # torch noise: one generator seeded once draws the whole call, as diffusers does
+        seeds=(seed,) * count if noise == "torch" else tuple(seed + i for i in range(count)),
+        negative_prompts=negatives, images=tuple(images), latents=values.pop("latents", None),
+        tile=values.pop("tile", False), num_images=num_images, extra=values, init=init, noise=noise, noise_slot=slot,
     )
 
 
@@ -176,6 +215,10 @@ def metadata_entries(spec: ModelSpec, request: Request, index: int) -> dict[str,
         value = request.option(option.name)
         if option.name == "seed":
             value = request.seeds[index]
+        elif option.name == "noise_slot" and request.noise == "torch" and (value or request.batch_size > 1):
+            # one generator drew the whole call: image i alone is row i of that draw
+            start, total = value or (0, request.batch_size)
+            value = (start + index, total)
         elif option.name == "negative_prompt":
             value = request.negative_prompts[index] if request.negative_prompts else None
         entries["inputs"].update(option.inputs(value))

@@ -191,3 +191,12 @@ def sibling_module(test_file: str, name: str):
         sys.modules[unique] = module
         spec.loader.exec_module(module)
     return sys.modules[unique]
+def smooth_picture(width: int, height: int, seed: int = 0):
+    """A smooth, varied RGB picture for img2img tests (random pixels would drown in a tiny VAE)."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width] / np.array([height, width])[:, None, None]
+    phase = np.random.default_rng(seed).uniform(0, 6, 3)
+    rgb = np.stack([np.sin(6 * x + p) * np.cos(4 * y - p) for p in phase], -1) * 0.5 + 0.5
+    return Image.fromarray((rgb * 255).astype(np.uint8))

@@ -133,6 +133,10 @@ def test_failed_rows_are_recorded_and_the_rest_go_on(tmp_path, hello_plugin):
     ('{"prompt": "x", "size": "big"}', "line 2: 'size' must look like"),
     ('{"prompt": "x", "id": "../escape"}', "line 2: id '../escape' must be"),
     ('{"prompt": "first"}', "line 2: id '"),  # the same row twice: the same id
+    ('{"prompt": "x", "init_image": ["a.png"]}', "line 2: 'init_image' must be an image path"),
+    ('{"prompt": "x", "init_image": "a.png", "strength": 0}', "line 2: 'strength' must be within (0, 1]"),
+    ('{"prompt": "x", "init_image": "a.png", "outpaint": "1,2"}', "line 2: 'outpaint' must be LEFT,TOP,RIGHT,BOTTOM"),
+    ('{"prompt": "x", "noise": "cuda"}', "line 2: 'noise' must be one of mlx, torch"),
 ])
 def test_bad_input_fails_fast_with_the_line_number(tmp_path, hello_plugin, line, message):
     prompts = tmp_path / "p.jsonl"
@@ -141,6 +145,36 @@ def test_bad_input_fails_fast_with_the_line_number(tmp_path, hello_plugin, line,
         run_batch(prompts, tmp_path / "out")
     assert message in str(e.value) and str(prompts) in str(e.value)
     assert not (tmp_path / "out").exists()  # nothing ran
+
+
+def test_image_to_image_rows(tmp_path):
+    """init_image / mask / outpaint rows on the bundled demo model: paths relative to the prompts file, the
+    PNG the Python API draws, inputs recorded by name and hash; a row whose file is missing fails alone."""
+    (tmp_path / "in").mkdir()
+    registry.get("flux2-demo").pipeline().generate("a red circle on a blue background", seed=0, steps=2).images[
+        0].save(tmp_path / "in" / "start.png")
+    mask = np.zeros((128, 128), np.uint8)
+    mask[:, 64:] = 255
+    Image.fromarray(mask).save(tmp_path / "in" / "half.png")
+    prompts = write_rows(tmp_path / "in" / "rows.jsonl", [
+        {"id": "paint", "prompt": "a green square on a blue background", "init_image": "start.png",
+         "mask": "half.png", "strength": 0.9, "steps": 2, "seed": 1, "noise": "torch"},
+        {"id": "grow", "prompt": "a red circle on a blue background", "init_image": "start.png",
+         "outpaint": [16, 0, 16, 0], "steps": 2, "seed": 2},
+        {"id": "lost", "prompt": "x", "init_image": "nowhere.png", "steps": 2},
+    ])
+    summary = run_batch(prompts, tmp_path / "out", Defaults(model="flux2-demo"))
+    assert (summary.done, summary.failed) == (2, 1) and "nowhere.png" in summary.failures[0]["error"]
+    pipe = registry.get("flux2-demo").pipeline()
+    want = pipe.generate("a green square on a blue background", init_image=tmp_path / "in" / "start.png",
+                         mask=tmp_path / "in" / "half.png", strength=0.9, steps=2, seed=1, noise="torch").images[0]
+    assert np.array_equal(pixels(tmp_path / "out" / "paint.png"), pixels(want))
+    meta = read_metadata(tmp_path / "out" / "paint.png")
+    assert (meta["init_image"], meta["mask"]) == ("start.png", "half.png")
+    assert set(meta["inputs"]) == {"start.png", "half.png"} and len(meta["inputs"]["start.png"]) == 64
+    assert (meta["noise"], meta["strength"]) == ("torch", 0.9)
+    grown = read_metadata(tmp_path / "out" / "grow.png")
+    assert grown["outpaint"] == [16, 0, 16, 0] and (grown["width"], grown["height"]) == (160, 128)
 
 
 def test_each_model_loads_once(tmp_path, hello_plugin, monkeypatch):

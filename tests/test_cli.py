@@ -106,6 +106,11 @@ def test_info_prints_metadata(in_tmp):
     (["--quantize", "3.5bit"], ["Unknown quantization"]),
     (["--option", "cfg_truncation=0.5"], ["does not support --option cfg_truncation"]),
     (["--option", "novalue"], ["--option must look like NAME=VALUE"]),
+    (["--mask", "m.png"], ["does not support --mask"]),
+    (["--strength", "0.5"], ["does not support --strength"]),
+    (["--outpaint", "8,0,8,0"], ["does not support --outpaint"]),
+    (["--noise", "cuda"], ["--noise must be one of mlx, torch"]),
+    (["--init-image", "red.png"], ["does not support --init-image"]),
 ])
 def test_bad_options_are_one_line_errors(args, fragments, in_tmp):
     one_line_error(invoke("run", "-m", "hello", "x", *args), *fragments)
@@ -118,6 +123,23 @@ def test_bad_reference_images(in_tmp):
     one_line_error(invoke("run", "-m", "hello-remix", "x", "--image", "notes.png"), "Cannot read")
     Image.new("RGB", (16, 16), (250, 0, 0)).save("red.png")
     assert invoke("run", "-m", "hello-remix", "x", "--image", "red.png", "--size", "32x32").exit_code == 0
+
+
+def test_bad_init_image_options(in_tmp):
+    """On the demo model, which takes an init image: every mistake is one line before any weight loads."""
+    Image.new("RGB", (128, 128), (250, 0, 0)).save("red.png")
+    Path("notes.png").write_text("not an image")
+    for flags, fragment in ((["--mask", "red.png"], "mask needs an init image"),
+                            (["--init-image", "notes.png"], "Cannot read notes.png"),
+                            (["--init-image", "gone.png"], "Image not found: gone.png"),
+                            (["--init-image", "red.png", "--strength", "1.5"], "--strength must be within (0, 1]"),
+                            (["--init-image", "red.png", "--strength", "0"], "--strength must be within (0, 1]"),
+                            (["--init-image", "red.png", "--strength", "1e-19"], "leaves no step out of 8"),
+                            (["--init-image", "red.png", "--outpaint", "8,8"], "--outpaint must be LEFT,TOP"),
+                            (["--init-image", "red.png", "--mask", "red.png", "--outpaint", "0,8,0,8"],
+                             "either a mask or outpaint")):
+        one_line_error(invoke("run", "-m", "flux2-demo", "x", *flags), fragment)
+    assert not list(in_tmp.glob("flux2-demo*.png"))
 
 
 def test_missing_prompt_and_unwritable_output(in_tmp):

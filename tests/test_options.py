@@ -20,7 +20,7 @@ from imagegen.batch import Defaults, parse_row
 from imagegen.cli import get_app
 from imagegen.image import read_metadata, to_pil
 from imagegen.lora import whole
-from imagegen.options import OPTIONS, SEED_MAX, Option, OptionError, image_ref
+from imagegen.options import BY_NAME, OPTIONS, SEED_MAX, Option, OptionError, image_ref
 from imagegen.request import replayed
 from imagegen.server.errors import APIError
 from imagegen.server.schemas import ImageOptions
@@ -34,7 +34,10 @@ FAMILY = (
     Option("flag_x", "bool", "A family switch."),
 )
 PYTHON_ONLY = {"latents"}  # arrays: no text form, so no CLI flag, field, row key or metadata entry
-SAMPLES = {"loras": ["style.safetensors:0.5"]}  # values of "any" options (the walk fixture writes the file)
+SAMPLES = {"loras": ["style.safetensors:0.5"], "outpaint": "8,0,8,0", "noise_slot": [0, 2]}  # options of kind "any": a valid value each
+# options that only make sense beside another one: walked with it
+NEEDS = {"mask": {"init_image": "ref.png"}, "strength": {"init_image": "ref.png"},
+         "outpaint": {"init_image": "ref.png"}, "noise_slot": {"noise": "torch"}}
 
 
 class Walker(nn.Module):
@@ -106,6 +109,8 @@ def expected(option: Option, value: object) -> object:
         return option.to_json(option.check(value))
     if option.kind == "image":
         return [Path(v).name for v in value] if option.repeatable else Path(value).name
+    if option.dump is not None:
+        return option.to_json(option.check(value))
     return list(value) if option.repeatable else value
 
 
@@ -120,6 +125,12 @@ def metadata_value(meta: dict, option: Option) -> object:
 
 
 def cli_args(option: Option, value: object) -> list[str]:
+    """The option's flags, after those of the options it needs."""
+    needed = [a for name, v in NEEDS.get(option.name, {}).items() for a in (BY_NAME[name].cli_flag, str(v))]
+    return needed + own_flags(option, value)
+
+
+def own_flags(option: Option, value: object) -> list[str]:
     if option in FAMILY:
         return ["-O", f"{option.name}={json.dumps(value) if not isinstance(value, str) else value}"]
     if option.kind == "bool":
@@ -134,11 +145,14 @@ def test_every_option_walks_through_every_front_end(option):
     spec = registry.get("walk")
     family = option in FAMILY
 
+    needs = NEEDS.get(option.name, {})
+
     # Python: the request carries the checked value
-    request = spec.request("x", **{option.name: value})
+    request = spec.request("x", **{option.name: value}, **needs)
     got = request.option(option.name)
     if option.kind == "image":
-        assert [image_ref(i)["name"] for i in got] == expected(option, value)
+        names = [image_ref(i)["name"] for i in got] if option.repeatable else image_ref(got)["name"]
+        assert names == expected(option, value)
     elif option.name != "num_images":
         assert got == option.check(value)
 
@@ -169,17 +183,22 @@ def test_every_option_walks_through_every_front_end(option):
     elif "server" in option.fronts or family:
         fields = {"options": {option.name: value}} if family else {option.name: value}
         assert family or option.name in ImageOptions.model_fields
-        plan = ImageService(Limits(), None).plan(ImageOptions(prompt="x", model="walk", **fields), "text-to-image")
+        edit = "init_image" in needs  # the server's init image is the edit's first upload
+        images = [imagegen.options.image_input(Path(needs["init_image"]))] if edit else []
+        plan = ImageService(Limits(), None).plan(ImageOptions(prompt="x", model="walk", **fields),
+                                                 "image-edit" if edit else "text-to-image", images)
         assert plan.request.option(option.name) == request.option(option.name)
 
     # batch: a row key (the family's under `options`) -> the same request
     if "batch" in option.fronts or family:
         given = {"options": {option.name: value}} if family else {option.name: value}
-        row = {"prompt": "x", "model": "walk", **given}
+        row = {"prompt": "x", "model": "walk", **given, **needs}
         parsed = parse_row(json.dumps(row), 1, Defaults(), folder=Path.cwd())
         from_row = spec.request("x", **parsed.options())
         if option.kind == "image":
-            assert [image_ref(i)["name"] for i in from_row.option(option.name)] == expected(option, value)
+            got = from_row.option(option.name)
+            names = [image_ref(i)["name"] for i in got] if option.repeatable else image_ref(got)["name"]
+            assert names == expected(option, value)
         else:
             assert from_row.option(option.name) == request.option(option.name)
 

@@ -64,15 +64,28 @@ class PaintPipeline(imagegen.Pipeline):
 
     def prepare_latents(self, request: imagegen.Request) -> mx.array:
         shape = (request.batch_size, request.height // 8, request.width // 8, 3)
-        return imagegen.seeded_noise(shape, request.seeds) * 0.5
+        return request.draws().latents(shape) * 0.5
 
     def denoise_steps(self, request: imagegen.Request, target: mx.array, latents: mx.array) -> Iterator[mx.array]:
         if self.spec.extra.get("broken"):
             raise RuntimeError("the paint ran dry")
-        for i in range(request.steps):
+        init, keep = self.init_latents(request)
+        for i in range(request.first_step, request.steps):
             time.sleep(self.spec.extra.get("delay", 0.0))
             latents = self.mixer(latents + (target - latents) / (request.steps - i + 1))  # keeps some noise
+            if init is not None:  # repaint: the mask's black part stays the init image
+                latents = keep * init + (1 - keep) * latents
             yield latents
+
+    def init_latents(self, request: imagegen.Request) -> tuple[mx.array | None, mx.array | None]:
+        if request.init is None:
+            return None, None
+        size = (request.width // 8, request.height // 8)
+        init = from_pil(request.init.image.resize(size))
+        if request.init.mask is None:
+            return init, mx.zeros((1, size[1], size[0], 1))
+        mask = np.asarray(request.init.mask.convert("L").resize(size), np.float32) / 255
+        return init, mx.array(1 - mask)[None, :, :, None]
 
     def decode(self, request: imagegen.Request, latents: mx.array) -> list[Image.Image]:
         images = to_pil(mx.repeat(mx.repeat(latents, 8, axis=1), 8, axis=2))
@@ -105,7 +118,7 @@ class PaintPlugin:
         register(paint_spec("paint-small", aliases=("paint",), family_default=True,
                             options=frozenset({"guidance"}), default_guidance=1.0, quantize_modes=("8",)))
         register(paint_spec("paint-edit", tasks=(imagegen.TEXT_TO_IMAGE, imagegen.IMAGE_EDIT),
-                            options=frozenset({"images", "negative_prompt"})))
+                            options=frozenset({"images", "negative_prompt", "init_image", "mask", "strength"})))
         register(paint_spec("paint-slow", extra={"delay": 0.03}))
         register(paint_spec("paint-broken", extra={"broken": True}))
 
@@ -235,6 +248,42 @@ def test_edits_follow_the_uploaded_images(client, http):
     message = assert_error(http.post("/v1/images/edits", files={"image": ("r.png", upload((9, 9, 9)))},
                                      data={"model": "paint-small", "prompt": "x"}), 400, "model", "model_not_supported")
     assert "paint-small" in message and "paint-edit" in message
+
+
+def rgba_mask(size=(64, 64)) -> bytes:
+    """OpenAI's mask: the left half fully transparent (edit there), the right half opaque (keep)."""
+    alpha = np.full((size[1], size[0]), 255, np.uint8)
+    alpha[:, : size[0] // 2] = 0
+    buffer = io.BytesIO()
+    Image.fromarray(np.dstack([np.zeros((size[1], size[0], 3), np.uint8), alpha])).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_edits_with_mask_repaint_only_the_transparent_part(http):
+    green = upload((0, 200, 0))
+    response = http.post("/v1/images/edits", files=[("image", ("photo.png", green)), ("mask", ("m.png", rgba_mask()))],
+                         data={"model": "paint-edit", "prompt": "make it pop", "seed": "5", "n": "2",
+                               "noise": "torch", "strength": "0.5", "steps": "4"})
+    assert response.status_code == 200, response.text
+    images = [b64_image(d["b64_json"]) for d in response.json()["data"]]
+    pixels = np.asarray(images[0]).astype(int)
+    assert np.abs(pixels[:, 40:] - (0, 200, 0)).max() <= 1  # kept: the opaque half
+    assert np.abs(pixels[:, :24] - (0, 200, 0)).max() > 60  # repainted: the transparent half
+    metas = [json.loads(image.text[METADATA_KEY]) for image in images]
+    assert (metas[0]["init_image"], metas[0]["mask"], metas[0]["images"]) == ("photo.png", "m.png", [])
+    assert metas[0]["inputs"]["photo.png"] == hashlib.sha256(green).hexdigest() and "m.png" in metas[0]["inputs"]
+    assert [(m["noise"], m["seed"], m["strength"], m["noise_slot"]) for m in metas] == [
+        ("torch", 5, 0.5, [0, 2]), ("torch", 5, 0.5, [1, 2])]
+    alone = http.post("/v1/images/edits", files=[("image", ("photo.png", green))],
+                      data={"model": "paint-edit", "prompt": "make it pop", "strength": "0.5", "steps": "4"})
+    assert np.abs(np.asarray(b64_image(alone.json()["data"][0]["b64_json"])).astype(int) - (0, 200, 0)).max() > 60
+    opaque = upload((0, 0, 0))
+    assert_error(http.post("/v1/images/edits", files=[("image", ("p.png", green)), ("mask", ("m.png", opaque))],
+                           data={"model": "paint-edit", "prompt": "x"}), 400, "mask", "invalid_image")
+    assert_error(http.post("/v1/images/edits", files=[("image", ("p.png", green))],
+                           data={"model": "paint-edit", "prompt": "x", "strength": "1.5"}), 400, "strength")
+    assert_error(http.post("/v1/images/generations", json={"model": "paint", "prompt": "x", "noise": "cuda"}),
+                 400, "noise")
 
 
 # ---- streaming -----------------------------------------------------------------------------
@@ -402,8 +451,8 @@ def test_bad_edit_uploads(http):
                  400, "image", "invalid_image")
     assert_error(http.post("/v1/images/edits", files={"other": ("a.png", upload((1, 2, 3)))}, data=form),
                  400, "other", "unknown_parameter")
-    assert_error(http.post("/v1/images/edits", data=form, files={"mask": ("m.png", upload((0, 0, 0)))}),
-                 400, "mask")
+    assert_error(http.post("/v1/images/edits", data=form, files={"mask": ("m.png", rgba_mask())}),
+                 400, "image", "missing_image")
     assert_error(http.post("/v1/images/edits", json=form), 400, code="invalid_content_type")
     assert_error(http.post("/v1/images/edits", files={"image": ("a.png", upload((1, 2, 3)))},
                            data={"prompt": "x", "model": "paint-edit", "style": "vivid"}), 400, "style")

@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -173,6 +174,22 @@ def _parse(read: Callable[[], Any]) -> Any:
         raise validation_error(e.errors()) from None
 
 
+def _decode_mask(data: bytes, name: str) -> Image.Image:
+    """OpenAI's mask, whose fully transparent pixels mark where to edit -> imagegen's (white = repaint)."""
+    try:
+        with Image.open(BytesIO(data)) as img:
+            img.load()
+            transparent = "A" in img.getbands() or (img.mode == "P" and "transparency" in img.info)
+            alpha = np.asarray(img.convert("RGBA"))[..., 3] if transparent else None
+    except Exception as e:
+        raise InvalidImageError(f"Upload '{name}' is not a readable image ({type(e).__name__}).") from None
+    if alpha is None:
+        raise APIError(400, f"Mask '{name}' has no transparency: its fully transparent pixels mark where to edit.",
+                       param="mask", code="invalid_image")
+    mask = Image.fromarray(np.where(alpha == 0, 255, 0).astype(np.uint8))
+    return image_input(mask, name=Path(name).name, data=data)
+
+
 Uploads = dict[str, list[Image.Image]]
 
 
@@ -190,16 +207,14 @@ async def _read_edit_form(request: Request, service: ImageService) -> tuple[Edit
             fields: dict[str, Any] = {}
             files: list[tuple[str, UploadFile]] = []  # (field, file); field "" for the images to edit
             for name, value in form.multi_items():
-                if name in UPLOADS and isinstance(value, UploadFile):
+                if (name in UPLOADS or name == "mask") and isinstance(value, UploadFile):
                     files.append((name, value))
                 elif name in IMAGE_FIELDS:
                     if not isinstance(value, UploadFile):
                         raise APIError(400, f"'{name}' must be a file upload.", param="image", code="invalid_image")
                     files.append(("", value))
                 elif isinstance(value, UploadFile):
-                    hint = " (masks are not supported)" if name == "mask" else ""
-                    raise APIError(400, f"Unexpected file field '{name}'{hint}.", param=name,
-                                   code="unknown_parameter")
+                    raise APIError(400, f"Unexpected file field '{name}'.", param=name, code="unknown_parameter")
                 elif name in fields:
                     raise APIError(400, f"Field '{name}' given twice.", param=name, code="duplicate_key")
                 else:
@@ -215,7 +230,11 @@ async def _read_edit_form(request: Request, service: ImageService) -> tuple[Edit
     uploads.check_all([(data, name) for _, data, name in blobs], spec)
     decoded: Uploads = {}
     for i, (field, data, name) in enumerate(blobs):
-        decoded.setdefault(field, []).append(await asyncio.to_thread(uploads.decode, data, name, i, spec))
+        if field == "mask":  # OpenAI's convention: transparent = edit
+            decoded.setdefault(field, []).append(await asyncio.to_thread(_decode_mask, data,
+                                                                         uploads.safe_name(name, i)))
+        else:
+            decoded.setdefault(field, []).append(await asyncio.to_thread(uploads.decode, data, name, i, spec))
     return options, decoded.pop("", []), decoded
 
 

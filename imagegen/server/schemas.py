@@ -236,7 +236,9 @@ def form_schema() -> dict[str, Any]:
     """The multipart body of /v1/images/edits for the OpenAPI document (parsed by hand in the route)."""
     schema = EditRequest.model_json_schema()
     files = {"type": "array", "items": {"type": "string", "format": "binary"}}
-    schema["properties"] = {"image": {"type": "string", "format": "binary"}, "image[]": files,
+    mask = {"type": "string", "format": "binary",
+            "description": "PNG with transparency: its fully transparent pixels mark where to edit the first image."}
+    schema["properties"] = {"image": {"type": "string", "format": "binary"}, "image[]": files, "mask": mask,
                             **schema["properties"]}
     return {"requestBody": {"required": True,
                             "content": {"multipart/form-data": {"schema": schema}}}}

@@ -65,9 +65,11 @@ class Outcome:
     guidance: float | None
     metadata: dict[str, Any] = field(default_factory=dict)  # shared by every image; each adds its seed
     timings: dict[str, float] = field(default_factory=dict)
+    slots: list[list[int]] | None = None  # torch noise, n > 1: image i is row i of the call's draw
 
     def png(self, i: int) -> bytes:
-        return png_bytes(self.images[i], {**self.metadata, "seed": self.seeds[i]})
+        own = {"seed": self.seeds[i], **({"noise_slot": self.slots[i]} if self.slots else {})}
+        return png_bytes(self.images[i], {**self.metadata, **own})
 
 
 def _partial_steps(total: int, count: int) -> set[int]:
@@ -169,6 +171,8 @@ class ImageService:
                 raise APIError(400, f"Give one '{option.name}' file.", param=option.name, code="invalid_value")
             values[option.name] = uploaded if option.repeatable else uploaded[0]
         images = [image_input(i) for i in images]  # uploads are recorded by base name and sha256, never as a path
+        if task == IMAGE_EDIT and repaints(spec, values):  # img2img / inpainting: the first image is repainted
+            values["init_image"], images = images[0], images[1:]
         with request_errors():
             request = spec.request(options.prompt, width=width, height=height, num_images=n, images=list(images),
                                    **values, **family)
@@ -207,12 +211,13 @@ class ImageService:
                     timings[stage] = timings.get(stage, 0.0) + seconds
             metadata = generation_metadata(pipe, result, 0, source="imagegen serve",
                                            timings={k: round(v, 4) for k, v in timings.items()})
+            slots = [[i, plan.n] for i in range(plan.n)] if request.noise == "torch" and plan.n > 1 else None
             return Outcome(images, list(request.seeds), request.width, request.height, request.steps,
-                           request.guidance, metadata, timings)
+                           request.guidance, metadata, timings, slots)
 
     def _on_step(self, pipe: Pipeline, plan: Plan, part: Request, job: Job, emit: Emit,
                  first: int) -> Callable[[Step], None]:
-        previews = _partial_steps(part.steps, plan.partial_images) if plan.partial_images else set()
+        previews = _partial_steps(part.run_steps, plan.partial_images) if plan.partial_images else set()
         sent = 0
 
         def on_step(step: Step) -> None:
@@ -240,6 +245,13 @@ class ImageService:
             "keep_alive_seconds": self.residency.keep_alive,
             "loaded": self.residency.snapshot(),
         }
+
+
+def repaints(spec: ModelSpec, values: dict[str, Any]) -> bool:
+    """Whether an edit repaints its first image: with a mask, a strength or an outpaint border, or always for
+    models that take an init image but no reference images (Z-Image)."""
+    asked = any(values.get(name) is not None for name in ("mask", "strength", "outpaint"))
+    return asked or (spec.accepts("init_image") and not spec.accepts("images"))
 
 
 def _quantize(spec: ModelSpec, mode: str | None) -> str | None:

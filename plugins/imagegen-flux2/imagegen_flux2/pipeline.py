@@ -1,12 +1,13 @@
 """FLUX.2 Klein pipeline: Qwen3 features -> flow-match Euler over the transformer -> VAE, with reference-image
-editing and CFG for the base variants. Follows diffusers 0.42.1 Flux2KleinPipeline (pipeline_flux2_klein.py)."""
+editing, CFG for the base variants, and img2img / inpainting from an init image. Follows diffusers 0.42.1
+Flux2KleinPipeline (pipeline_flux2_klein.py) and Flux2KleinInpaintPipeline (pipeline_flux2_klein_inpaint.py)."""
 
 from __future__ import annotations
 
 import json
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,9 @@ import imagegen
 from imagegen import block_loop, scheduler
 from imagegen.diffusers_pipeline import DiffusersPipeline
 from imagegen.diffusers_pipeline import estimate_memory as diffusers_estimate
-from imagegen.errors import InvalidImageError, WeightsError
+from imagegen.errors import InvalidImageError, InvalidOptionError, WeightsError
 from imagegen.image import from_pil
+from imagegen.img2img import Start, downsample_mask, image_pixels, mask_pixels
 
 from .config import Flux2PipelineConfig, Flux2TransformerConfig
 from .transformer import Flux2Transformer, quant_predicate
@@ -38,15 +40,30 @@ SETTINGS_FILE = "imagegen.json"  # optional per-checkpoint overrides (the demo m
 class Conditioning:
     text: mx.array  # [B, L, len(layers) * D] prompt embeddings
     negative: mx.array | None  # the same for the negative prompts when CFG runs
-    references: mx.array | None  # [1, N_ref, C] packed reference-image tokens
+    references: mx.array | None  # [1, N_ref, C] packed reference-image tokens (the init image's first)
     reference_grids: tuple[tuple[int, int], ...]
     reference_kv: list | None = None  # the KV variant: each attention layer's reference keys/values instead
+    init_latents: mx.array | None = None  # [1, N, C] the init image's latents, float32
 
 
 def checkpoint_settings(root: Path) -> dict[str, Any]:
     """imagegen.json beside model_index.json: max_sequence_length, text_encoder_out_layers, defaults."""
     path = Path(root) / SETTINGS_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def capped_size(width: int, height: int) -> tuple[int, int]:
+    """diffusers' cap on input images: at most 1024x1024 worth of pixels, same aspect ratio."""
+    if width * height <= REFERENCE_MAX_AREA:
+        return width, height
+    scale = math.sqrt(REFERENCE_MAX_AREA / (width * height))
+    return int(width * scale), int(height * scale)
+
+
+def fit_area(image: Image.Image) -> Image.Image:
+    """The image LANCZOS-resized down to `capped_size`."""
+    size = capped_size(*image.size)
+    return image if size == image.size else image.resize(size, Image.Resampling.LANCZOS)
 
 
 def prepare_reference(image: Image.Image, multiple: int) -> Image.Image:
@@ -56,10 +73,8 @@ def prepare_reference(image: Image.Image, multiple: int) -> Image.Image:
         raise InvalidImageError(f"Reference image too small: {width}x{height} (both sides must be >= 64).")
     if max(width / height, height / width) > REFERENCE_MAX_ASPECT:
         raise InvalidImageError(f"Reference image aspect ratio too extreme: {width}x{height} (at most 8:1).")
-    if width * height > REFERENCE_MAX_AREA:
-        scale = math.sqrt(REFERENCE_MAX_AREA / (width * height))
-        image = image.resize((int(width * scale), int(height * scale)), Image.Resampling.LANCZOS)
-        width, height = image.size
+    image = fit_area(image)
+    width, height = image.size
     w, h = width // multiple * multiple, height // multiple * multiple
     left, top = (width - w) // 2, (height - h) // 2
     return image.crop((left, top, left + w, top + h))
@@ -101,7 +116,7 @@ class Flux2Pipeline(DiffusersPipeline):
         super().pace(every)
         self._forward = self.transformer if every else mx.compile(self.transformer)
 
-    # 1. prompts and reference images -> conditioning
+    # 1. prompts and reference images (the init image first) -> conditioning
     def encode(self, request: imagegen.Request) -> Conditioning:
         text = self.embed_prompts(request.prompts)
         negative = None
@@ -110,7 +125,13 @@ class Flux2Pipeline(DiffusersPipeline):
         references, grids = None, ()
         if request.images:
             references, grids = self.encode_references(request.images)
-        return Conditioning(text, negative, references, grids)
+        if request.init is None:
+            return Conditioning(text, negative, references, grids)
+        pixels = image_pixels(fit_area(request.init.image), request.width, request.height)
+        init = self.vae.encode_latents(pixels.astype(self.vae.dtype))  # the mean ("argmax"), as diffusers
+        tokens = [pack(init).astype(self.model_dtype)] + ([references] if references is not None else [])
+        return Conditioning(text, negative, mx.concatenate(tokens, axis=1), (init.shape[1:3], *grids),
+                            init_latents=pack(init).astype(mx.float32))
 
     def uses_cfg(self, request: imagegen.Request) -> bool:
         return not self.distilled and request.guidance is not None and request.guidance > 1
@@ -136,18 +157,37 @@ class Flux2Pipeline(DiffusersPipeline):
         return (request.batch_size, self.latent_channels, request.height // self.multiple,
                 request.width // self.multiple)
 
-    def prepare_latents(self, request: imagegen.Request) -> mx.array:
+    def prepare_latents(self, request: imagegen.Request) -> mx.array | Start:
+        if request.init is not None:
+            return self.start(request)
         latents = self.initial_latents(request, self.latent_shape(request), "(B, C, H/16, W/16)")
         return pack(latents.transpose(0, 2, 3, 1))  # float32 state, tokens [B, N, C]
 
-    # 3. Euler steps over the transformer's velocity
-    def denoise_steps(self, request: imagegen.Request, cond: Conditioning, latents: mx.array) -> Iterator[mx.array]:
-        b, n, _ = latents.shape
+    def start(self, request: imagegen.Request) -> Start:
+        """Noise for the init image (its latents come from encode) and the mask on the latent grid (bilinear)."""
+        if request.latents is not None:
+            raise InvalidOptionError("Give either latents or an init image, not both.")
+        b, c, h, w = self.latent_shape(request)
+        noise = request.draws().latents((b, c, h, w), self.noise_dtype(request))
+        mask = None
+        if request.init.mask is not None:
+            pixels = mask_pixels(request.init.mask, request.width, request.height)
+            mask = mx.array(downsample_mask(pixels, h, w, "bilinear")).reshape(1, h * w, 1)
+        return Start(None, pack(noise.transpose(0, 2, 3, 1)), mask, request.first_step)
+
+    # 3. Euler steps over the transformer's velocity; inpainting blends the kept region back after each step
+    def denoise_steps(self, request: imagegen.Request, cond: Conditioning, latents: mx.array | Start
+                      ) -> Iterator[mx.array]:
+        start = latents if isinstance(latents, Start) else None
+        if start is not None:
+            start = replace(start, image_latents=mx.broadcast_to(cond.init_latents, start.noise.shape))
+        b, n, _ = (start.noise if start else latents).shape
         grid = (request.height // self.multiple, request.width // self.multiple)
         use_flow = getattr(self.scheduler, "use_flow_sigmas", False)
         custom = None if use_flow else scheduler.default_sigmas(request.steps)
         sigmas = scheduler.sigmas(self.scheduler, request.steps, custom, scheduler.empirical_mu(n, request.steps))
         timesteps = scheduler.timesteps(sigmas, self.scheduler.num_train_timesteps)
+        latents = start.begin(sigmas) if start else latents
         rope = self.transformer.rope(cond.text.shape[1], grid, cond.reference_grids)
         text = cond.text if cond.negative is None else mx.concatenate([cond.text, cond.negative])
         references = None
@@ -158,7 +198,7 @@ class Flux2Pipeline(DiffusersPipeline):
         if wrapper is not None:  # diffusers runs CFG as two calls, "cond" and "uncond": a wrapper sees both parts
             parts = (("cond", slice(0, b)), ("uncond", slice(b, None))) if cond.negative is not None else ()
             forward = partial(self.transformer, wrapper=wrapper, contexts=parts or (("cond", slice(None)),))
-        for i in range(request.steps):
+        for i in range(request.first_step, request.steps):
             x = latents.astype(self.model_dtype)
             if cond.negative is not None:
                 x = mx.concatenate([x, x])
@@ -171,11 +211,19 @@ class Flux2Pipeline(DiffusersPipeline):
                 velocity = neg + request.guidance * (pos - neg)
             # float32 between steps as diffusers keeps them (euler_step returns the velocity's dtype)
             latents = scheduler.euler_step(latents, velocity.astype(mx.float32), float(sigmas[i]), float(sigmas[i + 1]))
+            if start is not None:
+                latents = start.after_step(latents, i, sigmas)
             yield latents
 
     # 4. the VAE's latents from the token state
     def vae_latents(self, request: imagegen.Request, latents: mx.array) -> mx.array:
         return latents.reshape(latents.shape[0], request.height // self.multiple, request.width // self.multiple, -1)
+
+
+def init_size(image: Image.Image) -> tuple[int, int]:
+    """Flux2KleinInpaintPipeline draws at the init image's size, capped in area, rounded down to multiples of 16."""
+    width, height = capped_size(*image.size)
+    return width // 16 * 16, height // 16 * 16
 
 
 def reference_size(image: Image.Image) -> tuple[int, int]:

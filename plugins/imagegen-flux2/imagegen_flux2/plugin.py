@@ -10,10 +10,13 @@ from imagegen.quantize import ALL_MODES
 
 from .kv_pipeline import Flux2KVPipeline
 from .lora import lora_targets
-from .pipeline import Flux2Pipeline, checkpoint_settings, estimate_memory, reference_size
+from .pipeline import Flux2Pipeline, checkpoint_settings, estimate_memory, init_size, reference_size
 
 DEMO = Path(__file__).parent / "demo"
-EDIT_OPTIONS = frozenset({"images", "latents", "tile"})
+IMG2IMG_OPTIONS = frozenset({"init_image", "mask", "strength", "outpaint"})
+REFERENCE_OPTIONS = frozenset({"images", "latents", "tile"})  # the KV variant: diffusers has no KV inpaint pipeline
+EDIT_OPTIONS = REFERENCE_OPTIONS | IMG2IMG_OPTIONS
+IMG2IMG_STRENGTH = (0.8, 0.8)  # Flux2KleinInpaintPipeline's default; img2img is that pipeline with nothing kept
 CFG_OPTIONS = EDIT_OPTIONS | {"guidance", "negative_prompt"}
 
 
@@ -40,7 +43,7 @@ def klein_kv() -> imagegen.ModelSpec:
         hf_repo="black-forest-labs/FLUX.2-klein-9b-kv",
         default_steps=4,  # Flux2KleinKVPipeline's num_inference_steps default
         tasks=(imagegen.TEXT_TO_IMAGE, imagegen.IMAGE_EDIT),
-        options=EDIT_OPTIONS,
+        options=REFERENCE_OPTIONS,
         reference_size=reference_size,
         quantize_modes=ALL_MODES,
         estimate_memory=estimate_memory,
@@ -65,6 +68,8 @@ def klein(size: str, base: bool) -> imagegen.ModelSpec:
         tasks=(imagegen.TEXT_TO_IMAGE, imagegen.IMAGE_EDIT),
         options=CFG_OPTIONS if base else EDIT_OPTIONS,
         reference_size=reference_size,
+        default_strength=IMG2IMG_STRENGTH,
+        init_size=init_size,
         quantize_modes=ALL_MODES,
         family_default=not base and size == "4B",
         estimate_memory=estimate_memory,
@@ -99,6 +104,8 @@ def demo() -> imagegen.ModelSpec | None:
         tasks=(imagegen.TEXT_TO_IMAGE, imagegen.IMAGE_EDIT),
         options=EDIT_OPTIONS,
         reference_size=reference_size,
+        default_strength=IMG2IMG_STRENGTH,
+        init_size=init_size,
         run_default=True,  # `imagegen run` works out of the box with the bundled weights
         default_dtype="float32",  # small enough; float32 keeps CPU runs exact and fast
         block_loop=True,

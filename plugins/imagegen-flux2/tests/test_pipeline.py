@@ -17,7 +17,7 @@ from PIL import Image
 from transformers import AutoTokenizer, Qwen3ForCausalLM
 
 import imagegen
-from imagegen.testing import assert_images_match, make_qwen3, make_tokenizer
+from imagegen.testing import assert_images_match, make_qwen3, make_tokenizer, smooth_picture
 
 VOCAB = 416  # the test tokenizer's vocabulary with its added tokens
 SIZE = (64, 48)  # width, height: a 4x3 grid of latent tokens
@@ -352,3 +352,80 @@ def test_cli_reference_image_sets_the_size_as_python_does(distilled, tmp_path):
     meta = read_metadata(out)
     assert (meta["width"], meta["height"]) == (python.width, python.height) == (96, 64)
     assert meta["tile"] is True and meta["images"] == ["r.png"] and Image.open(out).size == (96, 64)
+
+
+# ---- torch noise, img2img and inpainting against Flux2KleinPipeline / Flux2KleinInpaintPipeline ----------------
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def picture(seed: int = 0, size: tuple[int, int] = SIZE) -> Image.Image:
+    return smooth_picture(*size, seed)
+
+
+def left_mask() -> Image.Image:
+    mask = np.zeros(SIZE[::-1], np.uint8)
+    mask[:, :40] = 255  # white = repaint; bilinear to the 4x3 grid gives a soft edge column
+    return Image.fromarray(mask)
+
+
+def test_torch_noise_matches_diffusers_generator(distilled, base):
+    folder, reference = distilled
+    prompts = ["a red fox in the snow", "a boat"]
+    want = reference(prompt=prompts, num_inference_steps=2, width=SIZE[0], height=SIZE[1],
+                     generator=generator(21)).images
+    got = ours(folder, False).generate(prompts, steps=2, width=SIZE[0], height=SIZE[1], seed=21, noise="torch")
+    assert_images_match(got.images, want)
+    folder, reference = base  # CFG, two images per prompt from one generator
+    want = reference(prompt="a lighthouse", num_inference_steps=2, guidance_scale=3.0, num_images_per_prompt=2,
+                     width=SIZE[0], height=SIZE[1], generator=generator(22)).images
+    got = ours(folder, True).generate("a lighthouse", steps=2, guidance=3.0, num_images=2, width=SIZE[0],
+                                      height=SIZE[1], seed=22, noise="torch")
+    assert_images_match(got.images, want)
+
+
+def last_latents(run: imagegen.Run) -> np.ndarray:
+    return np.array([step.latents for step in run if step.latents is not None][-1])
+
+
+@pytest.mark.parametrize("with_reference", [False, True])
+def test_inpaint_matches_diffusers(distilled, with_reference):
+    from diffusers import Flux2KleinInpaintPipeline
+
+    folder, reference = distilled
+    inpaint = Flux2KleinInpaintPipeline(**reference.components, is_distilled=True)
+    refs = [picture(7, (64, 80))] if with_reference else []
+    steps = []  # diffusers' packed latents after each step's blend
+    want = inpaint(prompt="a red door", image=picture(), mask_image=left_mask(), num_inference_steps=4,
+                   image_reference=refs[0] if refs else None, generator=generator(5),  # strength: default 0.8
+                   callback_on_step_end=lambda pipe, i, t, kw: steps.append(kw["latents"].numpy()) or {}).images
+    pipe = ours(folder, False)
+    got = pipe.generate("a red door", init_image=picture(), mask=left_mask(), images=refs, steps=4, seed=5,
+                        noise="torch")
+    assert got.images[0].size == SIZE and got.request.run_steps == 4  # int(4 - 4 * 0.8) = 0: all four run
+    assert_images_match(got.images, want)
+    # The tiny model hardly lets a reference change pixels, so compare the latents too, against its effect.
+    run = pipe.denoise("a red door", init_image=picture(), mask=left_mask(), images=refs, steps=4, seed=5,
+                       noise="torch")
+    latents = last_latents(run)
+    error = np.abs(latents - steps[-1]).max()
+    print(f"latents max difference {error:.2e}")
+    assert error < 2e-5
+    if with_reference:
+        plain = last_latents(pipe.denoise("a red door", init_image=picture(), mask=left_mask(), steps=4, seed=5,
+                                          noise="torch"))
+        assert np.abs(plain - latents).max() > 50 * error
+
+
+def test_img2img_is_inpainting_with_nothing_kept(distilled):
+    from diffusers import Flux2KleinInpaintPipeline
+
+    folder, reference = distilled
+    inpaint = Flux2KleinInpaintPipeline(**reference.components, is_distilled=True)
+    want = inpaint(prompt="a red door", image=picture(3), mask_image=Image.new("L", SIZE, 255), strength=0.5,
+                   num_inference_steps=4, generator=generator(6)).images
+    got = ours(folder, False).generate("a red door", init_image=picture(3), strength=0.5, steps=4, seed=6,
+                                       noise="torch")
+    assert_images_match(got.images, want)

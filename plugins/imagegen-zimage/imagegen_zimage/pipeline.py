@@ -1,6 +1,7 @@
 """Z-Image pipeline: Qwen3 features (thinking template, valid tokens only) -> flow-match Euler over the
-transformer (CFG with normalization and truncation for the base model) -> AutoencoderKL. Follows diffusers
-0.42.1 ZImagePipeline (pipelines/z_image/pipeline_z_image.py)."""
+transformer (CFG with normalization and truncation for the base model) -> AutoencoderKL; img2img and inpainting
+from an init image. Follows diffusers 0.42.1 ZImagePipeline, ZImageImg2ImgPipeline and ZImageInpaintPipeline
+(pipelines/z_image/)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import imagegen
 from imagegen import block_loop, scheduler
 from imagegen.diffusers_pipeline import DiffusersPipeline
 from imagegen.diffusers_pipeline import estimate_memory as diffusers_estimate
+from imagegen.errors import InvalidOptionError
+from imagegen.img2img import Start, downsample_mask, image_pixels, mask_pixels
 from imagegen.nn import AutoencoderKL
 
 from .config import ZImageTransformerConfig
@@ -85,18 +88,45 @@ class ZImagePipeline(DiffusersPipeline):
         text = mx.stack([f.hidden[0, :longest] for f in features]).astype(self.model_dtype)
         return text, tuple(f.length for f in features)
 
-    # 2. initial noise, in diffusers' `latents=` layout [B, 16, H/8, W/8]
+    # 2. initial noise, in diffusers' `latents=` layout [B, 16, H/8, W/8]; or the noised init image
     def latent_shape(self, request: imagegen.Request) -> tuple[int, int, int, int]:
         f = self.vae.scale_factor
         return (request.batch_size, self.latent_channels, request.height // f, request.width // f)
 
-    def prepare_latents(self, request: imagegen.Request) -> mx.array:
+    def noise_dtype(self, request: imagegen.Request) -> str:
+        # diffusers draws text-to-image noise in float32, img2img / inpainting noise at the prompt embeddings' dtype
+        return "float32" if request.init is None else self.dtype
+
+    def default_strength(self, masked: bool) -> float:
+        return 1.0 if masked else 0.6  # ZImageInpaintPipeline / ZImageImg2ImgPipeline
+
+    def prepare_latents(self, request: imagegen.Request) -> mx.array | Start:
+        if request.init is not None:
+            return self.start(request)
         latents = self.initial_latents(request, self.latent_shape(request), "(B, C, H/8, W/8)")
         return latents.transpose(0, 2, 3, 1)  # NHWC, float32 as diffusers keeps them
 
-    # 3. Euler steps; CFG per step unless truncated
-    def denoise_steps(self, request: imagegen.Request, cond: Conditioning, latents: mx.array) -> Iterator[mx.array]:
-        b, h, w, _ = latents.shape
+    def start(self, request: imagegen.Request) -> Start:
+        """The init image's latents (a VAE posterior sample, drawn first) noised to the first step's sigma with
+        noise drawn next; the mask on the latent grid (nearest)."""
+        if request.latents is not None:
+            raise InvalidOptionError("Give either latents or an init image, not both.")
+        b, c, h, w = self.latent_shape(request)
+        draws = request.draws()
+        pixels = image_pixels(request.init.image, request.width, request.height).astype(self.vae.dtype)
+        mean, logvar = self.vae.encode_moments(pixels)
+        sample = draws.sample((1, c, h, w), self.dtype).transpose(0, 2, 3, 1).astype(mean.dtype)
+        image_latents = self.vae.normalize_latents(mean + mx.exp(0.5 * logvar) * sample).astype(mx.float32)
+        image_latents = mx.broadcast_to(image_latents, (b, h, w, c))
+        noise = draws.latents((b, c, h, w), self.noise_dtype(request)).transpose(0, 2, 3, 1)
+        mask = None
+        if request.init.mask is not None:
+            pixels_mask = mask_pixels(request.init.mask, request.width, request.height)
+            mask = mx.array(downsample_mask(pixels_mask, h, w, "nearest"))[None, :, :, None]
+        return Start(image_latents, noise, mask, request.first_step)
+
+    def schedule(self, request: imagegen.Request, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        """(sigmas, the transformer's time input per step) for a latent grid of h x w."""
         cfg = self.scheduler
         mu = scheduler.linear_mu((h // 2) * (w // 2), cfg.base_image_seq_len, cfg.max_image_seq_len,
                                  cfg.base_shift if cfg.base_shift is not None else 0.5,
@@ -104,7 +134,15 @@ class ZImagePipeline(DiffusersPipeline):
         custom = np.linspace(1.0, 1.0 / request.steps, request.steps, dtype=np.float32)  # torch.linspace
         sigmas = scheduler.sigmas(cfg, request.steps, custom, mu)
         timesteps = scheduler.timesteps(sigmas, cfg.num_train_timesteps)
-        t_norms = (np.float32(1000) - timesteps) / np.float32(1000)  # the transformer's time input
+        return sigmas, (np.float32(1000) - timesteps) / np.float32(1000)
+
+    # 3. Euler steps; CFG per step unless truncated; inpainting blends the kept region back after each step
+    def denoise_steps(self, request: imagegen.Request, cond: Conditioning, latents: mx.array | Start
+                      ) -> Iterator[mx.array]:
+        start = latents if isinstance(latents, Start) else None
+        b, h, w, _ = (start.noise if start else latents).shape
+        sigmas, t_norms = self.schedule(request, h, w)
+        latents = start.begin(sigmas) if start else latents
         wrapper = block_loop.start(request)
         forward = self.forward(self.transformer.layout(cond.lengths, h, w), wrapper)
         if cond.negative is not None:
@@ -114,7 +152,7 @@ class ZImagePipeline(DiffusersPipeline):
             forward_cfg = self.forward(self.transformer.layout(cond.lengths + cond.negative_lengths, h, w), wrapper)
         truncation = request.option("cfg_truncation", 1.0)
         normalization = request.option("cfg_normalization", 0.0)
-        for i in range(request.steps):
+        for i in range(request.first_step, request.steps):
             t = mx.full((b,), float(t_norms[i]))
             x = latents.astype(self.model_dtype)
             guidance = request.guidance if cond.negative is not None and t_norms[i] <= truncation else 0.0
@@ -127,6 +165,8 @@ class ZImagePipeline(DiffusersPipeline):
             else:
                 prediction = forward(x, t, cond.text).astype(mx.float32)
             latents = scheduler.euler_step(latents, -prediction, float(sigmas[i]), float(sigmas[i + 1]))
+            if start is not None:
+                latents = start.after_step(latents, i, sigmas)
             yield latents
 
 

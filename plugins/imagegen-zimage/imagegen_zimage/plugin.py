@@ -25,8 +25,11 @@ def variant(turbo: bool) -> imagegen.ModelSpec:
         # turbo: 9 scheduler steps as diffusers counts them; base: diffusers' __call__ defaults
         default_steps=9 if turbo else 50,
         default_guidance=None if turbo else 5.0,
-        options=frozenset({"latents", "tile"} | (set() if turbo else {"guidance", "negative_prompt"})),
+        tasks=(imagegen.TEXT_TO_IMAGE, imagegen.IMAGE_EDIT),  # edits repaint the image (img2img, inpainting)
+        options=frozenset({"latents", "tile", "init_image", "mask", "strength", "outpaint"}
+                          | (set() if turbo else {"guidance", "negative_prompt"})),
         extra_options=() if turbo else OPTIONS,
+        default_strength=(0.6, 1.0),  # ZImageImg2ImgPipeline / ZImageInpaintPipeline
         quantize_modes=ALL_MODES,
         family_default=turbo,
         estimate_memory=estimate_memory,

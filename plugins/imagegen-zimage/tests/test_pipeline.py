@@ -3,6 +3,7 @@ layout), same `latents=`, float32. Turbo, base with CFG (negative prompt, normal
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from PIL import Image
 from transformers import AutoTokenizer, Qwen3ForCausalLM
 
 import imagegen
-from imagegen.testing import assert_images_match, make_qwen3, make_tokenizer
+from imagegen.testing import assert_images_match, make_qwen3, make_tokenizer, smooth_picture
 
 VOCAB = 416
 SIZE = (64, 48)  # width, height: latents 8x6, transformer tokens 4x3
@@ -176,3 +177,111 @@ def test_cli_model_options_and_reproduction(checkpoint, tmp_path):
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "again.png")))
     bad = CliRunner().invoke(get_app(), [*args, "--option", "cfg_truncation=2"])
     assert bad.exit_code == 1 and "cfg_truncation must be within [0, 1]" in bad.output
+
+
+# ---- torch noise, img2img and inpainting against ZImageImg2ImgPipeline / ZImageInpaintPipeline ----------------
+
+
+def picture(seed: int = 0) -> Image.Image:
+    return smooth_picture(*SIZE, seed)
+
+
+def square_mask() -> Image.Image:
+    mask = np.zeros(SIZE[::-1], np.uint8)
+    mask[8:40, 16:48] = 255  # white = repaint
+    return Image.fromarray(mask)
+
+
+def test_turbo_torch_noise_matches_diffusers_generator(checkpoint):
+    folder, pipe = checkpoint
+    prompts = ["a red fox in the snow", "a boat"]
+    want = pipe(prompt=list(prompts), num_inference_steps=2, width=SIZE[0], height=SIZE[1], guidance_scale=0.0,
+                num_images_per_prompt=2, generator=torch.Generator("cpu").manual_seed(11)).images
+    got = ours(folder, True).generate(prompts, steps=2, width=SIZE[0], height=SIZE[1], seed=11, noise="torch",
+                                      num_images=2)
+    assert_images_match(got.images, want)
+    # image 3 of that call alone, from the metadata's (index, count)
+    third = ours(folder, True).generate("a boat", steps=2, width=SIZE[0], height=SIZE[1], seed=11, noise="torch",
+                                        noise_slot=(2, 4))
+    assert_images_match(third.images, want[2:3])
+
+
+def test_img2img_matches_diffusers(checkpoint):
+    from diffusers import ZImageImg2ImgPipeline
+
+    folder, pipe = checkpoint
+    reference_pipe = ZImageImg2ImgPipeline(**pipe.components)
+    want = reference_pipe(prompt="a red fox", image=picture(), num_inference_steps=4, guidance_scale=0.0,
+                          generator=torch.Generator("cpu").manual_seed(4)).images  # strength: default 0.6
+    got = ours(folder, True).generate("a red fox", init_image=picture(), steps=4, seed=4, noise="torch")
+    assert got.request.run_steps == 3 and got.images[0].size == SIZE
+    assert_images_match(got.images, want)
+
+
+def test_base_inpaint_with_cfg_and_negative_matches_diffusers(checkpoint):
+    from diffusers import ZImageInpaintPipeline
+
+    folder, pipe = checkpoint
+    reference_pipe = ZImageInpaintPipeline(**pipe.components)
+    want = reference_pipe(prompt="a lighthouse", negative_prompt="blurry", image=picture(1), mask_image=square_mask(),
+                          strength=0.8, num_inference_steps=4, guidance_scale=4.0,
+                          generator=torch.Generator("cpu").manual_seed(9)).images
+    got = ours(folder, False).generate("a lighthouse", negative_prompt="blurry", init_image=picture(1),
+                                       mask=np.asarray(square_mask()), strength=0.8, steps=4, guidance=4.0, seed=9,
+                                       noise="torch")
+    assert_images_match(got.images, want)
+
+
+def test_img2img_refuses_bad_input(checkpoint, tmp_path):
+    turbo = ours(checkpoint[0], True)
+    with pytest.raises(imagegen.InvalidOptionError, match=r"strength must be within \(0, 1\]"):
+        turbo.generate("x", init_image=picture(), strength=0)
+    with pytest.raises(imagegen.InvalidOptionError, match="mask needs an init image"):
+        turbo.generate("x", mask=square_mask(), width=64, height=48)
+    with pytest.raises(imagegen.InvalidOptionError, match="leaves no step out of 3: use at least 10000000000000000000"):
+        turbo.generate("x", init_image=picture(), strength=1e-19, steps=3)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(imagegen.InvalidImageError, match="Cannot read .*broken.png"):
+        turbo.generate("x", init_image=tmp_path / "broken.png")
+    with pytest.raises(imagegen.InvalidOptionError, match="noise must be one of mlx, torch"):
+        turbo.generate("x", noise="numpy", width=64, height=48)
+
+
+def test_cli_inpaint_matches_diffusers_and_replays(checkpoint, tmp_path, monkeypatch):
+    import shutil
+
+    from diffusers import ZImageInpaintPipeline
+    from typer.testing import CliRunner
+
+    from imagegen.cli import get_app
+    from imagegen.image import read_metadata
+
+    folder, pipe = checkpoint
+    monkeypatch.chdir(tmp_path)
+    picture(2).save("photo.png")
+    square_mask().save("mask.png")
+    want = ZImageInpaintPipeline(**pipe.components)(
+        prompt="a lighthouse", negative_prompt="blurry", image=picture(2), mask_image=square_mask(), strength=0.7,
+        num_inference_steps=4, guidance_scale=4.0, generator=torch.Generator("cpu").manual_seed(8)).images
+    args = ["run", "-m", "zimage", "--weights", str(folder), "a lighthouse", "--negative", "blurry", "--guidance", "4",
+            "--init-image", "photo.png", "--mask", "mask.png", "--strength", "0.7", "--steps", "4", "--seed", "8",
+            "--noise", "torch", "--dtype", "float32", "-o", "out.png"]
+    result = CliRunner().invoke(get_app(), args)
+    assert result.exit_code == 0, result.output
+    assert_images_match([Image.open("out.png").convert("RGB")], want)
+    meta = read_metadata("out.png")
+    assert (meta["init_image"], meta["mask"]) == ("photo.png", "mask.png") and len(meta["inputs"]["photo.png"]) == 64
+    assert str(tmp_path) not in json.dumps(meta)
+    assert (meta["noise"], meta["strength"], meta["width"], meta["height"]) == ("torch", 0.7, *SIZE)
+    # --from elsewhere: the inputs are found beside the PNG by name and checked by hash
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for name in ("out.png", "photo.png", "mask.png"):
+        shutil.copy(name, elsewhere / name)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    again = CliRunner().invoke(get_app(), ["run", "--from", "out.png", "-o", "again.png"])
+    assert again.exit_code == 0, again.output
+    assert np.array_equal(np.asarray(Image.open("out.png")), np.asarray(Image.open("again.png")))
+    picture(3).save("photo.png")  # changed since: refused, not silently replaced
+    changed = CliRunner().invoke(get_app(), ["run", "--from", "out.png", "-o", "third.png"])
+    assert changed.exit_code == 1 and "'photo.png' (sha256" in changed.output and "pass it again" in changed.output
