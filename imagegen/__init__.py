@@ -9,6 +9,7 @@ from importlib.metadata import version as _version
 from . import registry
 from .config import HFConfig, Options
 from .errors import (
+    DISTRIBUTION,
     ImagegenError,
     InvalidImageError,
     InvalidOptionError,
@@ -22,7 +23,7 @@ from .pipeline import GenerationResult, Pipeline, Request, Run, Step, seeded_noi
 from .registry import IMAGE_EDIT, TEXT_TO_IMAGE, ModelSpec
 
 try:
-    __version__ = _version("imagegen")
+    __version__ = _version(DISTRIBUTION)
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ..batch import FAILURES, Defaults, LoadOptions, Summary, run_batch
+from ..batch import FAILURES, MAX_STEPS, Defaults, LoadOptions, Summary, run_batch
 from ..errors import InvalidOptionError
 from . import app, error, handle_errors
 from .generate import parse_size
@@ -89,7 +89,8 @@ def batch(
                                    "'id', 'model', 'seed', 'size', 'steps', 'guidance', 'negative_prompt'."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder for <id>.png, results.jsonl, failures.jsonl."),
     ray: str = typer.Option(None, "--ray", help="Run on Ray: 'local' starts a cluster on this machine, 'auto' joins "
-                            "the one `ray start` runs, or a cluster address (needs imagegen[ray])."),
+                            "the one `ray start` runs, or a cluster address (needs the ray extra: "
+                            "pip install 'imagegen-mlx\\[ray]')."),
     workers: int = typer.Option(None, "--workers", help="Ray workers (default: one per GPU; 1 without GPUs)."),
     model: str = typer.Option(None, "--model", "-m", help="Model for rows that name none (default: $IMAGEGEN_MODEL "
                               "or flux2-demo)."),
@@ -109,8 +110,8 @@ def batch(
         raise InvalidOptionError("--workers needs --ray (without it the batch runs in this process).")
     if workers is not None and workers < 1:
         raise InvalidOptionError(f"--workers must be >= 1, got {workers}.")
-    if steps is not None and steps < 1:
-        raise InvalidOptionError(f"--steps must be >= 1, got {steps}.")
+    if steps is not None and not 1 <= steps <= MAX_STEPS:
+        raise InvalidOptionError(f"--steps must be between 1 and {MAX_STEPS}, got {steps}.")
     if seed is not None and seed < 0:
         raise InvalidOptionError(f"--seed must be >= 0, got {seed}.")
     width, height = parse_size(size) if size is not None else (None, None)

@@ -26,11 +26,13 @@ def _model_rows() -> list[dict]:
     rows = []
     for spec in registry.all_specs():
         path = hub.weights_present(spec)
+        missing = hub.missing_files(path) if path is not None else []
+        state = "present" if path and not missing else ("incomplete" if path else "missing")
         rows.append({
             "id": spec.id, "family": spec.family, "aliases": list(spec.aliases), "plugin": spec.plugin,
             "tasks": list(spec.tasks), "description": spec.description, "hf_repo": spec.hf_repo,
-            "weights": "not needed" if not spec.needs_weights else ("present" if path else "missing"),
-            "weights_path": str(path) if path else None,
+            "weights": "not needed" if not spec.needs_weights else state,
+            "weights_path": str(path) if path else None, "missing_files": missing,
             "weights_bytes": hub.folder_size(path) if path else None,
             "default_steps": spec.default_steps, "default_guidance": spec.default_guidance,
             "options": sorted(spec.options), "quantize": list(spec.quantize_modes),
@@ -86,7 +88,7 @@ def info(image: Path = typer.Argument(..., help="A PNG written by imagegen."),
 @handle_errors
 def pull(model: str = typer.Argument(..., help="Model id or alias."),
          repo: str = typer.Option(None, "--repo", help="Another Hugging Face repo holding the same layout.")) -> None:
-    """Download a model's weights into the Hugging Face cache (needs the hub extra: pip install "imagegen\\[hub]")."""
+    """Download a model's weights into the Hugging Face cache (needs the hub extra: pip install "imagegen-mlx\\[hub]")."""
     spec = registry.get(model)
     path = hub.pull(spec, repo)
     typer.echo(f"{spec.id}: {path} ({_size(hub.folder_size(path))})")

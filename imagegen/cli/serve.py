@@ -23,7 +23,8 @@ def serve(
                                    "(default: what is available at start)."),
     max_queue: int = typer.Option(None, "--max-queue", help="Requests waiting at most; more get HTTP 429."),
     ray: str = typer.Option(None, "--ray", help="Serve on Ray: 'local' starts a cluster on this machine, 'auto' joins "
-                            "the one `ray start` runs, or a cluster address (needs imagegen[ray])."),
+                            "the one `ray start` runs, or a cluster address (needs the ray extra: "
+                            "pip install 'imagegen-mlx\\[ray]')."),
     replicas: int = typer.Option(None, "--replicas", help="With --ray: replicas, each with its own device and "
                                  "resident models (default: one per GPU)."),
     min_replicas: int = typer.Option(None, "--min-replicas", help="With --ray: autoscale from this many replicas."),

@@ -3,7 +3,6 @@ editing and CFG for the base variants. Follows diffusers 0.42.1 Flux2KleinPipeli
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from PIL import Image
 
 import imagegen
 from imagegen import scheduler
+from imagegen.config import read_json, read_pipeline_index
 from imagegen.errors import InvalidImageError, WeightsError
 from imagegen.image import from_pil, to_pil
 from imagegen.memory import pipeline_weight_bytes
@@ -30,6 +30,7 @@ TEXT_LAYERS = (9, 18, 27)  # diffusers' text_encoder_out_layers: Qwen3 hidden st
 MAX_SEQUENCE_LENGTH = 512  # every prompt is padded to this and all positions reach the transformer
 REFERENCE_MAX_AREA = 1024 * 1024  # larger reference images are resized down to this area (LANCZOS)
 REFERENCE_MIN_SIDE, REFERENCE_MAX_ASPECT = 64, 8  # Flux2ImageProcessor.check_image_input
+PIPELINE_CLASSES = ("Flux2KleinPipeline",)  # model_index.json's _class_name (FLUX.2 dev is another model)
 SETTINGS_FILE = "imagegen.json"  # optional per-checkpoint overrides (the demo model's short prompts)
 
 
@@ -44,7 +45,12 @@ class Conditioning:
 def checkpoint_settings(root: Path) -> dict[str, Any]:
     """imagegen.json beside model_index.json: max_sequence_length, text_encoder_out_layers, defaults."""
     path = Path(root) / SETTINGS_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.exists() and not path.is_symlink():
+        return {}
+    settings = read_json(path)
+    if not isinstance(settings, dict):
+        raise WeightsError(f"{path} must hold a JSON object, not a {type(settings).__name__}.")
+    return settings
 
 
 def prepare_reference(image: Image.Image, multiple: int) -> Image.Image:
@@ -76,9 +82,8 @@ class Flux2Pipeline(imagegen.Pipeline):
         above the resident weights for +0.7% time."""
         super().__init__(spec, weights, dtype, quantize, on_load)
         root = Path(weights)
-        if not (root / "model_index.json").is_file():
-            raise WeightsError(f"{root} is not a FLUX.2 diffusers folder: model_index.json is missing.")
-        self.distilled = Flux2PipelineConfig.from_file(root / "model_index.json").is_distilled
+        index = read_pipeline_index(root, PIPELINE_CLASSES, "FLUX.2 Klein")
+        self.distilled = Flux2PipelineConfig.from_dict(index, str(root / "model_index.json")).is_distilled
         if self.distilled != spec.extra.get("distilled", self.distilled):
             kind = "step-distilled" if self.distilled else "base (CFG)"
             raise WeightsError(f"{root} holds a {kind} FLUX.2 Klein checkpoint, which does not fit '{spec.id}'.")

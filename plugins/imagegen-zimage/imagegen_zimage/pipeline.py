@@ -15,6 +15,7 @@ from PIL import Image
 
 import imagegen
 from imagegen import scheduler
+from imagegen.config import read_pipeline_index
 from imagegen.errors import InvalidOptionError, WeightsError
 from imagegen.image import to_pil
 from imagegen.memory import pipeline_weight_bytes
@@ -27,6 +28,7 @@ from .transformer import Layout, ZImageTransformer, quant_predicate
 
 TEXT_LAYERS = (-2,)  # the second-to-last hidden state of the Qwen3 encoder
 MAX_SEQUENCE_LENGTH = 512
+TURBO_SHIFT, BASE_SHIFT = 3.0, 6.0  # scheduler_config.json of Tongyi-MAI/Z-Image-Turbo and Tongyi-MAI/Z-Image
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,18 @@ def cfg_truncation(value: Any) -> float:
     return value
 
 
+def check_variant(spec: imagegen.ModelSpec, root: Path, config: scheduler.FlowMatchEulerConfig) -> None:
+    """Turbo and base share every shape; their scheduler configs tell them apart (shift 3.0 vs 6.0, no dynamic
+    shifting), as is_distilled does for FLUX.2 Klein. Folders with other schedulers (fine-tunes) pass."""
+    if config.use_dynamic_shifting:
+        return
+    other = {TURBO_SHIFT: "zimage-turbo", BASE_SHIFT: "zimage"}.get(config.shift)
+    if other is not None and other != spec.id and spec.id in ("zimage-turbo", "zimage"):
+        kind = "Z-Image Turbo" if other == "zimage-turbo" else "Z-Image base"
+        raise WeightsError(f"{root} holds a {kind} checkpoint (scheduler shift {config.shift}), which does not fit "
+                           f"'{spec.id}': use --model {other}.")
+
+
 class ZImagePipeline(imagegen.Pipeline):
     def __init__(self, spec: imagegen.ModelSpec, weights: Path, dtype: str = "bfloat16",
                  quantize: str | None = None, on_load=None, compile: bool = True, pace: int = 1):
@@ -60,8 +74,9 @@ class ZImagePipeline(imagegen.Pipeline):
         weights for +0.8% time."""
         super().__init__(spec, weights, dtype, quantize, on_load)
         root = Path(weights)
-        if not (root / "model_index.json").is_file():
-            raise WeightsError(f"{root} is not a Z-Image diffusers folder: model_index.json is missing.")
+        read_pipeline_index(root, ("ZImagePipeline",), "Z-Image")
+        self.scheduler = scheduler.FlowMatchEulerConfig.from_file(root / "scheduler" / "scheduler_config.json")
+        check_variant(spec, root, self.scheduler)
         with self.loading("text encoder"):
             self.text_encoder = load_text_encoder(root / "text_encoder", root / "tokenizer", dtype, quantize,
                                                   TEXT_LAYERS)
@@ -70,7 +85,6 @@ class ZImagePipeline(imagegen.Pipeline):
                                           quantize, quant_predicate)
         with self.loading("vae"):
             self.vae = AutoencoderKL.from_folder(root / "vae", dtype)
-        self.scheduler = scheduler.FlowMatchEulerConfig.from_file(root / "scheduler" / "scheduler_config.json")
         self.model_dtype = to_dtype(dtype)
         self.latent_channels = self.transformer.config.in_channels
         self.multiple = 2 * self.vae.scale_factor  # the transformer patchifies latents 2x2
