@@ -198,12 +198,14 @@ def read_record(folder: Path) -> dict[str, Any] | None:
 
 def evaluate_finite(module: nn.Module, folder: Path, defer: Callable[[str], bool] | None = None) -> None:
     """Evaluate the parameters (all but the deferred ones) and, in the same pass, check they hold no NaN or Inf
-    (a damaged file, or values too large for the dtype): the reduction reads each tensor while it is loaded."""
+    (a damaged file, or values too large for the dtype). A plain sum per tensor reads each one once while it is
+    loaded (NaN and Inf survive a sum); only a sum that is not finite (or overflowed) gets the exact check."""
     params = [(k, v) for k, v in tree_flatten(module.parameters()) if defer is None or not defer(k)]
     checked = [(k, v) for k, v in params if mx.issubdtype(v.dtype, mx.floating)]
-    finite = mx.stack([mx.isfinite(v).all() for _, v in checked]) if checked else mx.array([True])
-    mx.eval([v for _, v in params], finite)
-    bad = [k for (k, _), ok in zip(checked, finite.tolist()) if not ok]
+    sums = mx.stack([mx.sum(v) for _, v in checked]) if checked else mx.zeros((0,))
+    mx.eval([v for _, v in params], sums)
+    suspects = [checked[i] for i, ok in enumerate(mx.isfinite(sums).tolist()) if not ok]
+    bad = [k for k, v in suspects if not mx.isfinite(v).all().item()]
     if bad:
         more = f" (+{len(bad) - MAX_LISTED} more)" if len(bad) > MAX_LISTED else ""
         raise WeightsError(f"Weights in {folder} hold NaN or Inf values (a damaged file, or too large for "

@@ -196,6 +196,12 @@ def test_pull_and_rm_use_the_cache(heavy_model, monkeypatch):
         (snapshot.parent.parent / "refs" / "main").write_text("c0ffee")
         return str(snapshot)
 
+    def fake_file(repo_id, filename, cache_dir):  # pull reads model_index.json first to choose what to fetch
+        (tmp := Path(cache_dir) / "index").mkdir(parents=True, exist_ok=True)
+        (tmp / filename).write_text("{}")
+        return str(tmp / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_file)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
     result = invoke("pull", "heavy-1")
     assert result.exit_code == 0, result.output

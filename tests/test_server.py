@@ -461,7 +461,7 @@ def test_missing_extra_is_one_clear_line(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "uvicorn" else real(name))
-    with pytest.raises(imagegen.ImagegenError, match=r"pip install 'imagegen\[serve\]'"):
+    with pytest.raises(imagegen.ImagegenError, match=r'pip install "imagegen-mlx\[serve\]"'):
         require_serve_extra()
 
 

@@ -15,6 +15,7 @@ import mlx.core as mx
 import typer
 
 from .. import __version__, hub, registry
+from ..errors import InvalidOptionError
 from ..pipeline import Pipeline, check_size
 from ..weights import random_weights
 from . import app, handle_errors
@@ -148,6 +149,8 @@ def bench(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON record per line."),
 ) -> None:
     """Time a model here: load, prompt encode, one denoise step, decode, end to end, and peak memory."""
+    if repeats < 1 or warmup < 0:
+        raise InvalidOptionError(f"--repeats must be >= 1 and --warmup >= 0, got {repeats} and {warmup}.")
     spec = registry.get(model or registry.default_model() or "")
     width, height = parse_size(size) if size else spec.default_size
     check_size(spec, width, height)

@@ -12,8 +12,16 @@ from typing import Any
 import typer
 
 from .. import hub, registry
-from ..errors import InvalidOptionError
-from ..image import generation_metadata, load_image, read_metadata, save_png
+from ..errors import InvalidImageError, InvalidOptionError
+from ..image import (
+    encode_image,
+    generation_metadata,
+    image_digest,
+    image_format,
+    load_image,
+    read_metadata,
+    save_image,
+)
 from ..memory import preflight
 from ..pipeline import check_size
 from . import app, handle_errors
@@ -32,11 +40,14 @@ def parse_size(size: str) -> tuple[int, int]:
 
 
 def output_paths(output: Path | None, model: str, seed: int, count: int) -> list[Path]:
-    """Where images go. Without -o: new names in the current folder that never overwrite."""
-    if output is not None and output.suffix.lower() != ".png" and (output.is_dir() or not output.suffix):
+    """Where images go. Without -o: new names in the current folder that never overwrite. A file name's
+    extension picks the format (.png, .jpg/.jpeg, .webp); any other extension is refused before generating."""
+    suffix = ".png"
+    if output is not None and (output.is_dir() or not output.suffix):
         folder, stem, explicit = output, f"{model}-{seed}", False
     elif output is not None:
-        folder, stem, explicit = output.parent, output.stem, True
+        image_format(output)
+        folder, stem, explicit, suffix = output.parent, output.stem, True, output.suffix
     else:
         folder, stem, explicit = Path.cwd(), f"{model}-{seed}", False
     if explicit and count == 1:
@@ -44,12 +55,59 @@ def output_paths(output: Path | None, model: str, seed: int, count: int) -> list
     paths, n = [], 0
     for i in range(count):
         base = stem if count == 1 else f"{stem}-{i + 1}"
-        path = folder / f"{base}.png"
+        path = folder / f"{base}{suffix}"
         while not explicit and (path.exists() or path in paths):
             n += 1
-            path = folder / f"{base}-{n}.png"
+            path = folder / f"{base}-{n}{suffix}"
         paths.append(path)
     return paths
+
+
+# What a PNG's metadata may hold for --from, and the JSON types each field must have (a PNG is untrusted input).
+SAVED_FIELDS: dict[str, tuple[type, ...]] = {
+    "prompt": (str,), "negative_prompt": (str,), "model": (str,), "seed": (int,), "steps": (int,),
+    "guidance": (int, float), "width": (int,), "height": (int,), "quantize": (str,), "dtype": (str,),
+    "options": (dict,), "images": (list,), "weights": (dict,),
+}
+
+
+def read_saved(path: Path) -> dict[str, Any]:
+    """The settings of `--from PNG`, each field checked for its type: one clear line for damaged metadata."""
+    saved = read_metadata(path)
+    for name, kinds in SAVED_FIELDS.items():
+        value = saved.get(name)
+        if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
+            raise InvalidImageError(f"{path}: its metadata field '{name}' is not usable: {json.dumps(value)[:80]}.")
+    return saved
+
+
+def replay_references(path: Path, saved: dict[str, Any], given: list[Path]) -> None:
+    """A PNG never makes imagegen open files: reference images it names must be passed with --image (and are
+    checked against the recorded content hashes)."""
+    recorded = [r if isinstance(r, dict) else {"name": str(r)} for r in saved.get("images") or []]
+    if not recorded:
+        return
+    names = ", ".join(str(r.get("name") or "unnamed") for r in recorded)
+    if not given:
+        raise InvalidOptionError(f"{path} was made with {len(recorded)} reference image(s) ({names}); pass them "
+                                 "with --image to reproduce it (paths inside a PNG are never opened).")
+    digests = [r.get("sha256") for r in recorded]
+    if len(given) != len(recorded) or any(d and d != image_digest(load_image(p)) for d, p in zip(digests, given)):
+        typer.secho(f"Note: {path} was made with reference image(s) {names}; the --image files differ, so the "
+                    "result will too.", err=True)
+
+
+def replay_weights(path: Path, saved: dict[str, Any], spec: Any, weights: str | None) -> None:
+    """Use the local model, never a folder or repo a PNG names; say so when the PNG was made with other weights."""
+    source = (saved.get("weights") or {}).get("source")
+    if weights is not None or not isinstance(source, str) or source.startswith(("bundled:", "procedural")):
+        return
+    local = hub.weights_present(spec)
+    here = hub.weights_identity(spec, local) if local is not None else {}
+    if source != here.get("source") or saved["weights"].get("config_sha256") != here.get("config_sha256"):
+        shown = "".join(c if c.isprintable() else "?" for c in source)[:200]
+        typer.secho(f"Note: {path} was made with the weights '{shown}'; using the local '{spec.id}' weights "
+                    "(pass --weights to choose).", err=True)
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
@@ -94,7 +152,8 @@ def run(
     prompt: str = typer.Argument(None, help="What to draw; '-' reads it from standard input."),
     model: str = typer.Option(None, "--model", "-m", help="Model id, alias or family (default: $IMAGEGEN_MODEL "
                               "or flux2-demo)."),
-    output: Path = typer.Option(None, "--output", "-o", help="PNG file or folder (default: a new file here)."),
+    output: Path = typer.Option(None, "--output", "-o", help="Image file (.png, .jpg, .webp), folder, or - for "
+                                "standard output (default: a new PNG here)."),
     size: str = typer.Option(None, "--size", help="WIDTHxHEIGHT, multiples of 16."),
     width: int = typer.Option(None, "--width", "-W", help="Width in pixels."),
     height: int = typer.Option(None, "--height", "-H", help="Height in pixels."),
@@ -116,11 +175,13 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
 ) -> None:
     """Generate images from a text prompt."""
-    saved: dict[str, Any] = read_metadata(from_image) if from_image is not None else {}
+    saved: dict[str, Any] = read_saved(from_image) if from_image is not None else {}
     prompt = read_prompt(prompt) or saved.get("prompt")
     if not prompt:
         raise InvalidOptionError("Give a prompt (or '-' to read it from standard input).")
     spec = registry.get(model or saved.get("model") or registry.default_model() or "")
+    if size is not None and (width is not None or height is not None):
+        raise InvalidOptionError("Give --size or --width/--height, not both.")
     if size is not None:
         width, height = parse_size(size)
     width = width if width is not None else saved.get("width", spec.default_size[0])
@@ -131,8 +192,10 @@ def run(
     seed = seed if seed is not None else saved.get("seed")
     quantize = quantize or saved.get("quantize")
     dtype = dtype or saved.get("dtype")
-    weights = weights or _saved_weights(saved)
-    image = image or [Path(p) for p in saved.get("images", [])]
+    image = image or []
+    if from_image is not None:
+        replay_weights(from_image, saved, spec, weights)
+        replay_references(from_image, saved, image)
     extra = {**saved.get("options", {}), **parse_options(option or [])}
     unknown = sorted(set(extra) - set(spec.extra_options))
     if unknown:
@@ -153,8 +216,13 @@ def run(
     check_size(spec, width, height)
     references = [load_image(p) for p in image]
     seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
-    paths = output_paths(output, spec.id, seed, count)
-    check_writable(paths[0].parent)
+    to_stdout = output is not None and str(output) == "-"
+    if to_stdout and (count != 1 or sys.stdout.isatty()):
+        raise InvalidOptionError("-o - writes one PNG to standard output: use it with --count 1, piped to a file "
+                                 "or program." if count != 1 else "-o - would write a PNG to the terminal: pipe it.")
+    paths = [Path("-")] if to_stdout else output_paths(output, spec.id, seed, count)
+    if not to_stdout:
+        check_writable(paths[0].parent)
 
     path = hub.resolve_weights(spec, weights)
     if spec.estimate_memory is not None:
@@ -172,18 +240,16 @@ def run(
 
     for i, (img, path_out) in enumerate(zip(result.images, paths)):
         # image i of a batch is image 0 of a run with seed + i: --from reproduces it alone
-        save_png(img, path_out, generation_metadata(pipe, result, i, images=[str(p) for p in image], options=extra))
+        metadata = generation_metadata(pipe, result, i, image_names=[p.name for p in image], options=extra)
+        if to_stdout:
+            sys.stdout.buffer.write(encode_image(img, metadata))
+            sys.stdout.buffer.flush()
+        else:
+            save_image(img, path_out, metadata)
     if as_json:
         typer.echo(json.dumps({"model": spec.id, "images": [str(p) for p in paths], "seeds": result.seeds,
                                "steps": result.request.steps, "width": width, "height": height,
-                               "timings": result.timings}))
+                               "timings": result.timings}), err=to_stdout)
     else:
         for p, s in zip(paths, result.seeds):
-            typer.echo(f"{p}  (seed {s})")
-
-
-def _saved_weights(saved: dict[str, Any]) -> str | None:
-    source = (saved.get("weights") or {}).get("source", "")
-    if not source or source.startswith(("bundled:", "procedural")):
-        return None
-    return source
+            typer.echo(f"{'(standard output)' if to_stdout else p}  (seed {s})", err=to_stdout)

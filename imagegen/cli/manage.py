@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .. import hub, plugins, registry
@@ -48,10 +49,13 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    table = Table("id", "aliases", "family", "tasks", "weights", "plugin")
+    table = Table("id", "aliases", "tasks", "weights", "plugin", "description")
     for r in rows:
         weights = r["weights"] + (f" ({_size(r['weights_bytes'])})" if r["weights_bytes"] else "")
-        table.add_row(r["id"], ", ".join(r["aliases"]), r["family"], ", ".join(r["tasks"]), weights, r["plugin"])
+        if r["missing_files"]:
+            weights += f": no {', '.join(r['missing_files'][:3])}{' ...' if len(r['missing_files']) > 3 else ''}"
+        table.add_row(*(escape(str(v)) for v in (r["id"], ", ".join(r["aliases"]), ", ".join(r["tasks"]), weights,
+                                                 r["plugin"], r["description"])))
     Console().print(table)
 
 
@@ -78,10 +82,17 @@ def info(image: Path = typer.Argument(..., help="A PNG written by imagegen."),
     """Show the settings an image was made with (reproduce it with `imagegen run --from IMAGE`)."""
     meta = read_metadata(image)
     if as_json:
-        typer.echo(json.dumps(meta, indent=2))
+        typer.echo(json.dumps(meta, indent=2))  # ensure_ascii: control and bidi characters come out escaped
         return
     for key, value in meta.items():
-        typer.echo(f"{key:>16}: {json.dumps(value) if isinstance(value, dict | list) else value}")
+        text = json.dumps(value, ensure_ascii=False) if isinstance(value, dict | list) else str(value)
+        typer.echo(f"{printable(str(key)):>16}: {printable(text)}")
+
+
+def printable(text: str) -> str:
+    """Metadata is untrusted: control characters (ESC sequences, CR, NUL) and invisible formatting characters
+    (bidi overrides) are shown as escapes instead of acting on the terminal."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 @app.command()

@@ -200,7 +200,7 @@ class ImageService:
     def _metadata(self, plan: Plan, pipe: Pipeline, result: Any, timings: dict[str, float]) -> dict[str, Any]:
         """What `imagegen run` writes into its PNGs, so `imagegen run --from` reproduces a served image; each
         image adds its own seed (Outcome.png)."""
-        return generation_metadata(pipe, result, 0, images=list(plan.image_names), source="imagegen serve",
+        return generation_metadata(pipe, result, 0, image_names=plan.image_names, source="imagegen serve",
                                    timings={k: round(v, 4) for k, v in timings.items()})
 
     # ---- reporting -----------------------------------------------------------------------

@@ -44,17 +44,18 @@ def demo() -> imagegen.ModelSpec | None:
     if not (DEMO / "model_index.json").is_file():
         return None
     settings = checkpoint_settings(DEMO)
+    width, height = settings.get("default_size", (128, 128))
     return imagegen.ModelSpec(
         id="flux2-demo",
         family="flux2",
-        description="Tiny FLUX.2 Klein-architecture demo: coloured shapes on coloured backgrounds (bundled)",
+        description=f"Tiny demo model (bundled; at most {width}x{height}) that draws {settings.get('description', 'shapes')}",
         load=load,
         bundled_weights=DEMO,
         default_steps=settings.get("default_steps", 4),
-        default_size=tuple(settings.get("default_size", (128, 128))),
-        max_pixels=512 * 512,
-        tasks=(imagegen.TEXT_TO_IMAGE, imagegen.IMAGE_EDIT),
-        options=EDIT_OPTIONS,
+        default_size=(width, height),
+        max_pixels=width * height,  # trained at this size only: 256x256 draws several shapes, 512x512 noise
+        tasks=(imagegen.TEXT_TO_IMAGE,),  # trained without reference images: it cannot edit
+        options=EDIT_OPTIONS - {"images"},
         default_dtype="float32",  # small enough; float32 keeps CPU runs exact and fast
         extra={"distilled": True},
     )
