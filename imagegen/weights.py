@@ -63,22 +63,17 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def read_safetensors(folder: Path, floats_only: bool = False) -> dict[str, mx.array]:
-    """Every tensor of a component folder (lazily mapped). `floats_only`: an integer or boolean tensor (a file
-    that is not the float checkpoint it claims to be) is an error naming the tensor and its file."""
+def read_safetensors(folder: Path, sources: dict[str, Path] | None = None) -> dict[str, mx.array]:
+    """Every tensor of a component folder (lazily mapped); `sources` gets each tensor's file (for errors)."""
     weights: dict[str, mx.array] = {}
     for f in safetensors_files(folder):
         try:
             tensors = mx.load(str(f))
         except Exception as e:  # corrupt or truncated file
             raise WeightsError(f"Cannot read {f}: {e}") from None
-        if floats_only:
-            wrong = [f"{k} ({v.dtype})" for k, v in tensors.items() if not mx.issubdtype(v.dtype, mx.floating)]
-            if wrong:
-                more = f" (+{len(wrong) - MAX_LISTED} more)" if len(wrong) > MAX_LISTED else ""
-                raise WeightsError(f"{f}: {len(wrong)} tensor(s) are not floating point where the model expects "
-                                   f"floats: {', '.join(wrong[:MAX_LISTED])}{more}")
         weights.update(tensors)
+        if sources is not None:
+            sources.update(dict.fromkeys(tensors, f))
     return weights
 
 
@@ -101,8 +96,10 @@ def fuse_projections(weights: dict[str, mx.array], prefixes: Iterable[str],
     return weights
 
 
-def check_weights(module: nn.Module, weights: dict[str, mx.array], where: str = "") -> None:
-    """Strict: missing keys, unexpected keys and shape mismatches are one error naming them."""
+def check_weights(module: nn.Module, weights: dict[str, mx.array], where: str = "",
+                  sources: dict[str, Path] | None = None) -> None:
+    """Strict: missing keys, unexpected keys, shape mismatches and integer tensors where floats belong (or the
+    reverse) are one error naming them (and, for a dtype, the file when `sources` knows it)."""
     expected = dict(tree_flatten(module.parameters()))
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -112,8 +109,9 @@ def check_weights(module: nn.Module, weights: dict[str, mx.array], where: str = 
         for k in common if tuple(weights[k].shape) != tuple(expected[k].shape)
     ]
     floating = [mx.issubdtype(weights[k].dtype, mx.floating) for k in common]
+    sources = sources or {}
     wrong_type = [  # e.g. an int8 tensor where a float is expected: shapes fit, the image would be garbage
-        f"{k}: file {weights[k].dtype} vs model {expected[k].dtype}"
+        f"{k} in {sources[k].name if k in sources else where}: {weights[k].dtype} vs model {expected[k].dtype}"
         for k, is_float in zip(common, floating) if is_float != mx.issubdtype(expected[k].dtype, mx.floating)
     ]
     problems = []
@@ -164,7 +162,8 @@ def load_module(
         module.eval()
         return record
     record = read_record(folder)
-    weights = read_safetensors(folder, floats_only=record is None)
+    sources: dict[str, Path] = {}
+    weights = read_safetensors(folder, sources)
     if record is None:  # a checkpoint in the reference layout; our own saves are already MLX layout
         sanitize = sanitize or getattr(module, "sanitize", None)
         if sanitize is not None:
@@ -172,7 +171,7 @@ def load_module(
     weights = cast(weights, to_dtype(dtype))
     if record is not None:
         apply_record(module, record, weights)
-    check_weights(module, weights, str(folder))
+    check_weights(module, weights, str(folder), sources)
     module.load_weights(list(weights.items()), strict=False)
     del weights
     if quantize is not None and record is None:
