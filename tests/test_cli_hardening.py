@@ -73,7 +73,8 @@ def test_from_uses_the_local_model_and_says_what_the_png_asked_for(in_tmp):
 
 def test_from_never_opens_reference_paths_named_in_a_png(in_tmp):
     Image.new("RGB", (32, 32), (200, 10, 10)).save(in_tmp / "red.png")
-    assert invoke("run", "-m", "hello-remix", "x", "--image", "red.png", "--size", "32x32", "-o", "e.png").exit_code == 0
+    made = invoke("run", "-m", "hello-remix", "x", "--image", "red.png", "--size", "32x32", "-o", "e.png")
+    assert made.exit_code == 0, made.output
     meta = read_metadata("e.png")
     assert [set(r) for r in meta["images"]] == [{"name", "sha256"}] and meta["images"][0]["name"] == "red.png"
     meta["images"] = ["/etc/passwd"]  # an old-style path entry, as a stranger could write it

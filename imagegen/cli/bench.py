@@ -142,7 +142,8 @@ def bench(
     size: str = typer.Option(None, "--size", help="WIDTHxHEIGHT (default: the model's)."),
     steps: int = typer.Option(None, "--steps", "-s", help="Steps of the end-to-end run (default: the model's)."),
     quantize: str = typer.Option(None, "--quantize", "-q", help="Quantize weights: 4, 8, mxfp8, mxfp4, nvfp4, ..."),
-    dtype: str = typer.Option(None, "--dtype", help="bfloat16 (default), float16 or float32."),
+    dtype: str = typer.Option(None, "--dtype", help="bfloat16, float16 or float32 (default: the model's; "
+                              "float32 for flux2-demo)."),
     repeats: int = typer.Option(5, "--repeats", help="Timed runs per stage (the median is reported)."),
     warmup: int = typer.Option(2, "--warmup", help="Untimed runs first (kernel compilation, tracing)."),
     prompt: str = typer.Option(DEFAULT_PROMPT, "--prompt", help="The prompt to encode and generate."),

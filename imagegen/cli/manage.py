@@ -99,7 +99,9 @@ def printable(text: str) -> str:
 @handle_errors
 def pull(model: str = typer.Argument(..., help="Model id or alias."),
          repo: str = typer.Option(None, "--repo", help="Another Hugging Face repo holding the same layout.")) -> None:
-    """Download a model's weights into the Hugging Face cache (needs the hub extra: pip install "imagegen-mlx\\[hub]")."""
+    """Download the files imagegen reads of a model's repo into the Hugging Face cache.
+
+    Needs the hub extra: pip install "imagegen-mlx\\[hub]" (in a checkout: pip install -e ".\\[hub]")."""
     spec = registry.get(model)
     path = hub.pull(spec, repo)
     typer.echo(f"{spec.id}: {path} ({_size(hub.folder_size(path))})")

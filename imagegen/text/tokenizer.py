@@ -93,7 +93,8 @@ class ChatTokenizer:
         try:
             self.backend = Tokenizer.from_file(str(file))
         except Exception as e:  # the tokenizers library raises its own Exception for malformed files
-            raise WeightsError(f"Cannot read {file}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise WeightsError(f"Cannot read {file}: {reason}") from None
         config = _read_json(folder / "tokenizer_config.json")
         fallback = _read_json(folder / "special_tokens_map.json")
         self.special_tokens = {

@@ -48,7 +48,8 @@ def demo() -> imagegen.ModelSpec | None:
     return imagegen.ModelSpec(
         id="flux2-demo",
         family="flux2",
-        description=f"Tiny demo model (bundled; at most {width}x{height}) that draws {settings.get('description', 'shapes')}",
+        description=f"Tiny demo model (bundled; at most {width}x{height}) that draws "
+                    f"{settings.get('description', 'shapes')}",
         load=load,
         bundled_weights=DEMO,
         default_steps=settings.get("default_steps", 4),
