@@ -14,7 +14,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 from typer.testing import CliRunner
 
-from imagegen.cli import get_app, take_debug_flag
+from imagegen.cli import get_app
 from imagegen.image import read_metadata
 
 
@@ -164,6 +164,8 @@ def test_quantize_with_the_default_group_size_is_accepted():
 
 
 def test_debug_is_accepted_after_the_subcommand(monkeypatch):
+    from imagegen.cli import take_debug_flag
+
     monkeypatch.delenv("IMAGEGEN_DEBUG", raising=False)
     assert take_debug_flag(["run", "x", "--debug"]) == ["run", "x"] and os.environ["IMAGEGEN_DEBUG"] == "1"
     assert take_debug_flag(["run", "--", "--debug"]) == ["run", "--", "--debug"]

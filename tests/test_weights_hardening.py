@@ -14,7 +14,6 @@ import pytest
 from safetensors.numpy import save_file
 
 from imagegen import HFConfig, WeightsError, hub
-from imagegen.config import read_pipeline_index
 from imagegen.text.tokenizer import ChatTokenizer
 from imagegen.weights import load_module, safetensors_files
 
@@ -172,6 +171,8 @@ def demo_copy(tmp_path: Path) -> Path:
 
 
 def test_model_index_class_is_checked_against_the_family(tmp_path):
+    from imagegen.config import read_pipeline_index
+
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "ZImagePipeline"}))
     with pytest.raises(WeightsError, match="holds a ZImagePipeline checkpoint, not FLUX.2 Klein"):
         read_pipeline_index(tmp_path, ("Flux2KleinPipeline",), "FLUX.2 Klein")

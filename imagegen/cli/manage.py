@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 
 from .. import hub, plugins, registry
 from ..image import read_metadata
@@ -49,14 +49,17 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    table = Table("id", "aliases", "tasks", "weights", "plugin", "description")
+    table = Table(Column("id", no_wrap=True), "aliases", "family", "tasks", "weights", "plugin")
     for r in rows:
         weights = r["weights"] + (f" ({_size(r['weights_bytes'])})" if r["weights_bytes"] else "")
         if r["missing_files"]:
             weights += f": no {', '.join(r['missing_files'][:3])}{' ...' if len(r['missing_files']) > 3 else ''}"
-        table.add_row(*(escape(str(v)) for v in (r["id"], ", ".join(r["aliases"]), ", ".join(r["tasks"]), weights,
-                                                 r["plugin"], r["description"])))
-    Console().print(table)
+        table.add_row(*(escape(str(v)) for v in (r["id"], ", ".join(r["aliases"]), r["family"], ", ".join(r["tasks"]),
+                                                 weights, r["plugin"])))
+    console = Console()
+    console.print(table)
+    for r in rows:  # what each model is and draws: too long for a table column
+        console.print(f"[bold]{escape(r['id'])}[/bold]: {escape(r['description'])}", highlight=False)
 
 
 @app.command(name="plugins")
