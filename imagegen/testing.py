@@ -148,3 +148,23 @@ def assert_images_match(got: list, want: list, max_diff: int = 2) -> int:
     assert spread > 5, "the reference images are flat: the comparison would prove nothing"
     assert diff <= max_diff, f"images differ by up to {diff}/255"
     return diff
+
+
+def invoke(*args: str, input: str | None = None):
+    """Run the `imagegen` command in-process (typer's CliRunner); returns its Result."""
+    from typer.testing import CliRunner
+
+    from imagegen.cli import get_app
+
+    return CliRunner().invoke(get_app(), list(args), input=input)
+
+
+def one_line_error(result, *fragments: str) -> None:
+    """A command failed the way users must see it: a non-zero exit and one line `Error: ...` holding each fragment,
+    no traceback."""
+    assert result.exit_code != 0, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("Error:") and "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

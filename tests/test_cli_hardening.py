@@ -12,23 +12,9 @@ from pathlib import Path
 
 import pytest
 from PIL import Image, PngImagePlugin
-from typer.testing import CliRunner
 
-from imagegen.cli import get_app
 from imagegen.image import read_metadata
-
-
-def invoke(*args: str, input: str | None = None):
-    return CliRunner().invoke(get_app(), list(args), input=input)
-
-
-def one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code != 0, result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("Error:") and "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+from imagegen.testing import invoke, one_line_error
 
 
 @pytest.fixture(autouse=True)
