@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 METADATA_KEY = "imagegen"  # PNG text chunk holding our JSON metadata
 EXIF_DESCRIPTION = 0x010E  # ImageDescription: where JPEG and WebP files keep it
+JPEG_EXIF_LIMIT = 65_533  # a JPEG APP1 segment holds 65,535 bytes less its 2-byte length
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
 
@@ -107,7 +108,11 @@ def encode_image(image: Image.Image, metadata: dict[str, Any] | None = None, for
     exif = Image.Exif()
     if metadata:
         exif[EXIF_DESCRIPTION] = json.dumps(metadata, sort_keys=True)  # ASCII: json escapes the rest
-    image.save(buffer, format=format, quality=95, exif=exif.tobytes())
+    data = exif.tobytes()
+    if format == "JPEG" and len(data) > JPEG_EXIF_LIMIT:
+        raise InvalidOptionError(f"The settings ({len(data)} bytes, mostly the prompt) do not fit a JPEG's 64 KB "
+                                 "EXIF segment: write a .png or .webp.")
+    image.save(buffer, format=format, quality=95, exif=data)
     return buffer.getvalue()
 
 

@@ -124,6 +124,11 @@ def test_output_format_follows_the_extension_and_keeps_metadata(in_tmp, name, ki
     assert again.exit_code == 0, again.output
 
 
+def test_settings_too_long_for_a_jpeg_are_one_line(in_tmp):
+    one_line_error(invoke("run", "-m", "hello", "x" * 70_000, "--size", "32x32", "-o", "long.jpg"), "write a .png")
+    assert not list(in_tmp.glob("*.jpg"))
+
+
 def test_an_unknown_output_extension_is_refused_before_generating(in_tmp):
     one_line_error(invoke("run", "-m", "hello", "x", "--size", "32x32", "-o", "x.gif"), "use a .png, .jpg")
     assert not list(in_tmp.glob("*.gif"))

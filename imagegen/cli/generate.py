@@ -218,9 +218,10 @@ def run(
     references = [load_image(p) for p in image]
     seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
     to_stdout = output is not None and str(output) == "-"
-    if to_stdout and (count != 1 or sys.stdout.isatty()):
-        raise InvalidOptionError("-o - writes one PNG to standard output: use it with --count 1, piped to a file "
-                                 "or program." if count != 1 else "-o - would write a PNG to the terminal: pipe it.")
+    if to_stdout and count != 1:
+        raise InvalidOptionError("-o - writes one PNG to standard output: use it with --count 1.")
+    if to_stdout and sys.stdout.isatty():
+        raise InvalidOptionError("-o - would write a PNG to the terminal: pipe it to a file or a program.")
     paths = [Path("-")] if to_stdout else output_paths(output, spec.id, seed, count)
     if not to_stdout:
         check_writable(paths[0].parent)
