@@ -13,7 +13,7 @@ from .errors import WeightsError
 
 class HFConfig(BaseModel):
     """A checkpoint's config.json: known keys typed, unknown keys ignored but recorded. The keys a class lists
-    in `required` must be in the file: a shape taken from another model's defaults would load the wrong model."""
+    in `required` must be in a file it reads: a shape taken from another model's defaults loads the wrong model."""
 
     model_config = ConfigDict(frozen=True, extra="ignore", protected_namespaces=())
     required: ClassVar[tuple[str, ...]] = ()
@@ -25,9 +25,6 @@ class HFConfig(BaseModel):
         where = source or cls.__name__
         if not isinstance(data, dict):
             raise WeightsError(f"{where} must hold a JSON object, not a {type(data).__name__}.")
-        missing = [k for k in cls.required if k not in data]
-        if missing:
-            raise WeightsError(f"{where} lacks {', '.join(repr(k) for k in missing)} (needed by {cls.__name__}).")
         known = set(cls.model_fields)
         unknown = tuple(sorted(k for k in data if k not in known and not k.startswith("_")))
         try:
@@ -39,7 +36,12 @@ class HFConfig(BaseModel):
 
     @classmethod
     def from_file(cls, path: str | Path) -> Self:
-        return cls.from_dict(read_json(path), str(path))
+        """Parse a checkpoint's file: it must hold every `required` key (from_dict alone fills in defaults)."""
+        data = read_json(path)
+        missing = [k for k in cls.required if k not in data] if isinstance(data, dict) else []
+        if missing:
+            raise WeightsError(f"{path} lacks {', '.join(repr(k) for k in missing)} (needed by {cls.__name__}).")
+        return cls.from_dict(data, str(path))
 
 
 def read_pipeline_index(root: str | Path, classes: tuple[str, ...], family: str) -> dict[str, Any]:
