@@ -1,4 +1,4 @@
-"""Typed configs: frozen pydantic models parsed from HF config.json files, and strict user options."""
+"""Typed configs: frozen pydantic models parsed from HF config.json files (user options: imagegen.options)."""
 
 from __future__ import annotations
 
@@ -45,8 +45,8 @@ class HFConfig(BaseModel):
 
 
 def read_pipeline_index(root: str | Path, classes: tuple[str, ...], family: str) -> dict[str, Any]:
-    """A diffusers folder's model_index.json, checked to describe a pipeline of `classes` (its `_class_name`):
-    the weights of another family would fail later with a list of mismatched keys, or not at all."""
+    """A diffusers folder's model_index.json, checked to describe a pipeline of `classes` (its `_class_name`; no
+    check when empty): the weights of another family would fail later with a list of mismatched keys, or not at all."""
     path = Path(root) / "model_index.json"
     if not path.exists() and not path.is_symlink():
         raise WeightsError(f"{root} is not a {family} diffusers folder: model_index.json is missing.")
@@ -54,7 +54,7 @@ def read_pipeline_index(root: str | Path, classes: tuple[str, ...], family: str)
     if not isinstance(index, dict):
         raise WeightsError(f"{path} must hold a JSON object, not a {type(index).__name__}.")
     name = index.get("_class_name")
-    if name is not None and name not in classes:
+    if classes and name is not None and name not in classes:
         raise WeightsError(f"{root} holds a {name} checkpoint, not {family} ({' or '.join(classes)}); "
                            "pass the weights of the model you asked for, or ask for the model these weights are.")
     return index
@@ -73,8 +73,3 @@ def read_json(path: str | Path) -> Any:
     except (OSError, UnicodeDecodeError) as e:
         raise WeightsError(f"Cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
 
-
-class Options(BaseModel):
-    """User-facing options: unknown fields are errors, never silently ignored."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)

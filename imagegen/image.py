@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -126,31 +124,18 @@ def save_png(image: Image.Image, path: str | Path, metadata: dict[str, Any] | No
     return write_atomic(path, png_bytes(image, metadata))
 
 
-def image_digest(image: Image.Image) -> str:
-    """A content hash of an image's pixels (not its file): the same picture re-saved keeps it."""
-    rgb = image.convert("RGB")
-    return hashlib.sha256(f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()[:16]
-
-
-def generation_metadata(pipe: Pipeline, result: GenerationResult, index: int = 0, image_names: Sequence[str] = (),
-                        **fields: Any) -> dict[str, Any]:
+def generation_metadata(pipe: Pipeline, result: GenerationResult, index: int = 0, **fields: Any) -> dict[str, Any]:
     """The metadata of image `index` of a result, as `imagegen run` writes it (so `imagegen run --from`
-    reproduces that image alone); `fields` add to it or override it (a source). Reference images are recorded
-    by content hash and bare file name (`image_names`), never by a path on this machine."""
+    reproduces that image alone); `fields` add to it or override it (a source, batch details)."""
     from . import __version__, hub
     from .plugins import plugin_info
+    from .request import metadata_entries
 
     spec, request = pipe.spec, result.request
     plugin = plugin_info(spec.plugin)
-    negatives = request.negative_prompts
-    names = [Path(str(n)).name for n in image_names]
-    references = [{"name": names[i] if i < len(names) else None, "sha256": image_digest(img)}
-                  for i, img in enumerate(request.images)]
     metadata = {
-        "prompt": request.prompts[index], "negative_prompt": negatives[index] if negatives else None,
-        "model": spec.id, "weights": hub.weights_identity(spec, pipe.weights), "seed": result.seeds[index],
-        "steps": request.steps, "guidance": request.guidance, "width": request.width, "height": request.height,
-        "quantize": pipe.quantize, "dtype": pipe.dtype, "images": references, "options": dict(request.extra),
+        "prompt": request.prompts[index], "model": spec.id, "weights": hub.weights_identity(spec, pipe.weights),
+        "quantize": pipe.quantize, "dtype": pipe.dtype, **metadata_entries(spec, request, index),
         "imagegen": __version__, "plugin": f"{plugin.distribution} {plugin.version}" if plugin else spec.plugin,
         "timings": {k: round(v, 4) for k, v in result.timings.items()},
     }
