@@ -177,6 +177,12 @@ class Option:
             return text
 
 
+def _lora():
+    from . import lora  # imported on use: adapter files need MLX, declaring the option does not
+
+    return lora
+
+
 def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
@@ -256,6 +262,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("num_images", "int", "Number of images.", minimum=1, gated=False, flag="--count", short="-n",
            fronts=frozenset({"cli"})),  # the server's `n`; batch draws one per row; each PNG replays alone
     Option("latents", "any", "Initial noise in diffusers' `latents=` layout (Python only).", fronts=frozenset()),
+    # accepted by models whose spec gives LoRA key tables (ModelSpec.lora_targets); the server takes file names
+    # of its --lora-dir instead of paths (imagegen.server.loras)
+    Option("loras", "any", "A LoRA / LyCORIS .safetensors file, PATH[:SCALE] (scale 1.0 by default); repeatable, "
+           "the adapters add up.", repeatable=True, flag="--lora", convert=lambda v: _lora().lora_value(v),
+           dump=lambda v: _lora().lora_metadata(v), load=lambda v, folders: _lora().lora_replay(v, folders),
+           fronts=frozenset({"cli", "batch", "metadata"})),
+    Option("lora_partial", "bool", "Apply what maps of a LoRA file whose other keys the model does not know "
+           "(default: refuse the file)."),
 )
 BY_NAME = {o.name: o for o in OPTIONS}
 

@@ -24,8 +24,10 @@ import mlx.core as mx
 from PIL import Image
 
 from .errors import InvalidOptionError
+from .lora import LoraManager, TextPatch, qwen3_targets, text_adapters
 from .registry import ModelSpec
 from .request import Request, build_request, check_size
+from .weights import to_dtype
 
 __all__ = ["GenerationResult", "Pipeline", "Request", "Run", "Step", "check_size", "seeded_noise"]
 
@@ -73,8 +75,10 @@ class Pipeline(ABC):
     def __init__(self, spec: ModelSpec, weights: Path | None = None, dtype: str = "bfloat16",
                  quantize: str | None = None, on_load: Callable[[str, float], None] | None = None):
         self.spec, self.weights, self.dtype, self.quantize = spec, weights, dtype, quantize
+        self.components: dict[str, str] = {}  # parts loaded from elsewhere than `weights` (e.g. "vae" -> its source)
         self._on_load = on_load
         self._lock = threading.Lock()
+        self._loras: LoraManager | None = None
 
     @contextmanager
     def loading(self, component: str) -> Iterator[None]:
@@ -115,6 +119,34 @@ class Pipeline(ABC):
             raise InvalidOptionError(f"latents must have shape {shape} {layout}, got {tuple(latents.shape)}.".strip())
         return latents.astype(mx.float32)
 
+    def weights_changed(self) -> None:  # noqa: B027  (optional hook, no-op by default)
+        """Called after adapters replaced transformer layers: rebuild whatever captured the old weights (compiled
+        graphs capture arrays as constants)."""
+
+    def use_loras(self, request: Request) -> TextPatch | None:
+        """Make the request's adapters (option `loras`) the active ones (a no-op when they already are); returns
+        the text-encoder part, which applies only while this request's prompts are encoded."""
+        loras = request.option("loras", ())
+        if not loras and (self._loras is None or not self._loras.active):
+            return None
+        changed, text_patch = self.loras().use(loras, request.option("lora_partial", False))
+        if changed:
+            self.weights_changed()
+        return text_patch
+
+    def loras(self) -> LoraManager:
+        """This pipeline's adapter manager (built on first use from the spec's key tables)."""
+        if self._loras is None:
+            if self.spec.lora_targets is None:
+                raise InvalidOptionError(f"Model '{self.spec.id}' does not support LoRA adapters.")
+            transformer = self.transformer  # families keep their denoiser here (docs/writing-a-plugin.md)
+            components = {"transformer": (transformer, self.spec.lora_targets(transformer))}
+            encoder = getattr(self, "text_encoder", None)
+            if encoder is not None:
+                components["text_encoder"] = (encoder.model, {"transformers": qwen3_targets(encoder.model)})
+            self._loras = LoraManager(self.spec.id, components, to_dtype(self.dtype))
+        return self._loras
+
     def default_size(self, images: Sequence[Image.Image]) -> tuple[int, int]:
         """(width, height) when the caller gives none: the spec's `reference_size` of the first reference image,
         else its `default_size` (override only for sizes that need the loaded weights)."""
@@ -147,7 +179,12 @@ class Pipeline(ABC):
             with self._lock:
                 start = time.perf_counter()
                 t = time.perf_counter()
-                conditioning = self.encode(request)  # 1. encode prompt (and reference images)
+                text_patch = self.use_loras(request)  # 0. this request's adapters (a no-op when unchanged)
+                if request.option("loras"):
+                    timings["loras"] = time.perf_counter() - t
+                    t = time.perf_counter()
+                with text_adapters(text_patch):
+                    conditioning = self.encode(request)  # 1. encode prompt (and reference images)
                 mx.eval(arrays(conditioning))  # MLX skips dataclasses: evaluate their arrays, so encode is timed here
                 timings["encode"] = time.perf_counter() - t
                 yield Step("encode", 1, 1, timings["encode"])
@@ -174,8 +211,12 @@ class Pipeline(ABC):
         return Run(steps(), finish)
 
     def request(self, prompt: str | Sequence[str], **options: Any) -> Request:
-        """Check options against this model and fill in its defaults (imagegen.request.build_request)."""
-        return build_request(self.spec, prompt, size_for=self.default_size, **options)
+        """Check options against this model and fill in its defaults (imagegen.request.build_request); LoRA files
+        are mapped onto this model's layers here, so a file that does not fit fails before any work."""
+        request = build_request(self.spec, prompt, size_for=self.default_size, **options)
+        for lora in request.option("loras", ()):
+            self.loras().plan(lora, request.option("lora_partial", False))
+        return request
 
 
 def arrays(tree: Any) -> list[mx.array]:

@@ -150,6 +150,47 @@ def assert_images_match(got: list, want: list, max_diff: int = 2) -> int:
     return diff
 
 
+def random_lora(shapes: dict[str, tuple[int, int]], rank: int = 4, seed: int = 0, std: float = 0.3,
+                down: str = "lora_A.weight", up: str = "lora_B.weight", prefix: str = "",
+                alpha: float | None = None) -> dict[str, torch.Tensor]:
+    """Random LoRA factors for layers {name: (out, in)} under `prefix + name + "." + down/up` (and `.alpha`)."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, (out, inp) in shapes.items():
+        tensors[f"{prefix}{name}.{down}"] = torch.randn(rank, inp, generator=generator) * std
+        tensors[f"{prefix}{name}.{up}"] = torch.randn(out, rank, generator=generator) * std
+        if alpha is not None:
+            tensors[f"{prefix}{name}.alpha"] = torch.tensor(float(alpha))
+    return tensors
+
+
+def save_adapter(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """An adapter file as trainers write it (safetensors, contiguous float32 tensors)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.float().clone().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    return path
+
+
+def linear_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """{module name: (out, in)} of every torch Linear in a reference model."""
+    return {name: tuple(m.weight.shape) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def sibling_module(test_file: str, name: str):
+    """Import another test module of the same folder under a name unique to that folder (plugins' test folders
+    reuse module names such as test_pipeline, which a plain import would confuse)."""
+    import importlib.util
+    import sys
+
+    path = Path(test_file).with_name(f"{name}.py")
+    unique = f"{path.parent.parent.name}_{name}".replace("-", "_")
+    if unique not in sys.modules:
+        spec = importlib.util.spec_from_file_location(unique, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[unique] = module
+        spec.loader.exec_module(module)
+    return sys.modules[unique]
 def invoke(*args: str, input: str | None = None):
     """Run the `imagegen` command in-process (typer's CliRunner); returns its Result."""
     from typer.testing import CliRunner

@@ -21,7 +21,7 @@ from .config import read_json
 from .errors import WeightsError, WeightsNotFoundError
 from .quantize import QUANT_FILE, Predicate, apply_record, quantize_model
 
-_random = ContextVar("imagegen_random_weights", default=False)
+_random: ContextVar[bool | str] = ContextVar("imagegen_random_weights", default=False)
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 MAX_LISTED = 6  # keys named per kind of problem; the rest are counted
@@ -126,10 +126,11 @@ def check_weights(module: nn.Module, weights: dict[str, mx.array], where: str = 
 
 
 @contextmanager
-def random_weights() -> Iterator[None]:
+def random_weights(lazy: bool = False) -> Iterator[None]:
     """Inside it, load_module keeps each module's random initialisation instead of reading safetensors (configs
-    and tokenizers are still read): benchmarks of full-size models without downloading their weights."""
-    token = _random.set(True)
+    and tokenizers are still read): benchmarks of full-size models without downloading their weights. `lazy`: never
+    evaluate them either (layer names and shapes only, no memory: `imagegen lora inspect`)."""
+    token = _random.set("lazy" if lazy else True)
     try:
         yield
     finally:
@@ -137,7 +138,7 @@ def random_weights() -> Iterator[None]:
 
 
 def using_random_weights() -> bool:
-    return _random.get()
+    return bool(_random.get())
 
 
 def load_module(
@@ -158,7 +159,8 @@ def load_module(
     if _random.get():
         module.set_dtype(to_dtype(dtype))
         record = quantize_model(module, quantize, predicate) if quantize is not None else None
-        mx.eval(module.parameters())
+        if _random.get() != "lazy":
+            mx.eval(module.parameters())
         module.eval()
         return record
     record = read_record(folder)

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from PIL import Image
@@ -18,6 +19,7 @@ from imagegen import plugins, registry
 from imagegen.batch import Defaults, parse_row
 from imagegen.cli import get_app
 from imagegen.image import read_metadata, to_pil
+from imagegen.lora import whole
 from imagegen.options import OPTIONS, SEED_MAX, Option, OptionError, image_ref
 from imagegen.request import replayed
 from imagegen.server.errors import APIError
@@ -32,10 +34,23 @@ FAMILY = (
     Option("flag_x", "bool", "A family switch."),
 )
 PYTHON_ONLY = {"latents"}  # arrays: no text form, so no CLI flag, field, row key or metadata entry
+SAMPLES = {"loras": ["style.safetensors:0.5"]}  # values of "any" options (the walk fixture writes the file)
+
+
+class Walker(nn.Module):
+    """The walk model's denoiser: one Linear that LoRA files can adapt."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
 
 
 class WalkPipeline(imagegen.Pipeline):
     """Draws a flat image; the walk checks the request each front end builds, not pixels."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.transformer = Walker()
 
     def encode(self, request: imagegen.Request) -> None:
         return None
@@ -58,7 +73,8 @@ class WalkPlugin:
         register(imagegen.ModelSpec(
             id="walk", family="walk", load=lambda spec, weights, **kw: WalkPipeline(spec, weights, **kw),
             needs_weights=False, default_steps=2, default_size=(32, 32), default_dtype="float32",
-            tasks=(imagegen.TEXT_TO_IMAGE, imagegen.IMAGE_EDIT), options=gated, extra_options=FAMILY))
+            tasks=(imagegen.TEXT_TO_IMAGE, imagegen.IMAGE_EDIT), options=gated, extra_options=FAMILY,
+            lora_targets=lambda transformer: {"diffusers": {"proj": whole("proj")}}))
 
 
 @pytest.fixture(autouse=True)
@@ -66,12 +82,16 @@ def walk_plugin(tmp_path, monkeypatch):
     plugins.register_plugin(WalkPlugin(), "walk", "imagegen-walk-test", "0.0.1")
     monkeypatch.chdir(tmp_path)
     Image.new("RGB", (32, 32), (200, 30, 10)).save("ref.png")
+    mx.save_safetensors("style.safetensors", {"proj.lora_A.weight": mx.ones((1, 4)),
+                                              "proj.lora_B.weight": mx.ones((4, 1))})
     yield
     plugins.unregister_plugin("walk")
 
 
 def sample(option: Option) -> object:
     """A valid value that is not the default, by kind (so an option added later is walked without edits here)."""
+    if option.name in SAMPLES:
+        return SAMPLES[option.name]
     one = {"int": int(option.minimum or 0) + 2, "float": 0.5 if option.maximum is None or option.maximum >= 0.5
            else option.maximum, "bool": True, "str": "blur", "choice": option.choices[-1] if option.choices else "",
            "image": "ref.png"}[option.kind]
@@ -82,6 +102,8 @@ def sample(option: Option) -> object:
 
 def expected(option: Option, value: object) -> object:
     """The value as metadata records it."""
+    if option.dump is not None:
+        return option.to_json(option.check(value))
     if option.kind == "image":
         return [Path(v).name for v in value] if option.repeatable else Path(value).name
     return list(value) if option.repeatable else value
@@ -118,7 +140,7 @@ def test_every_option_walks_through_every_front_end(option):
     if option.kind == "image":
         assert [image_ref(i)["name"] for i in got] == expected(option, value)
     elif option.name != "num_images":
-        assert got == (tuple(value) if option.repeatable else value)
+        assert got == option.check(value)
 
     # CLI flag -> PNG metadata -> --from replays it
     if "cli" in option.fronts:

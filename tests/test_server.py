@@ -10,13 +10,11 @@ import base64
 import hashlib
 import io
 import json
-import socket
 import statistics
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import httpx
 import mlx.core as mx
@@ -24,13 +22,13 @@ import mlx.nn as nn
 import numpy as np
 import openai
 import pytest
-import uvicorn
 from PIL import Image
 
 import imagegen
 from imagegen import plugins
 from imagegen.image import METADATA_KEY, from_pil, to_pil
-from imagegen.server import create_app, require_serve_extra
+from imagegen.server import require_serve_extra
+from imagegen.server.embedded import serve_in_thread as serve
 from imagegen.server.worker import FairQueue, Job
 
 RUNS: list[dict] = []  # every finished pipeline call: model, prompts, batch, start, end
@@ -118,27 +116,6 @@ def paint_plugin():
     plugins.register_plugin(PaintPlugin(), "paint", "imagegen-paint-test", "0.0.1")
     yield
     plugins.unregister_plugin("paint")
-
-
-@contextmanager
-def serve(**options) -> Iterator[tuple[str, object]]:
-    """The real server on a free loopback port, in a thread; yields (base url, app)."""
-    app = create_app(**options)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", app
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")

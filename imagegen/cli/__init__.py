@@ -98,7 +98,7 @@ def get_app() -> typer.Typer:
     if not _registered:
         _registered = True
         from .. import plugins
-        from . import batch, bench, generate, manage, serve  # noqa: F401  (their @app.command decorators register them)
+        from . import batch, bench, generate, lora, manage, serve  # noqa: F401  (their @app.command decorators register them)
 
         for impl in plugins.get_plugin_manager().hook.register_commands.get_hookimpls():
             try:

@@ -77,6 +77,15 @@ def replay_weights(path: Path, saved: dict[str, Any], spec: Any, weights: str | 
                     "(pass --weights to choose).", err=True)
 
 
+def replay_vae(path: Path, saved: dict[str, Any], vae: str | None) -> None:
+    """A VAE folder or repo a PNG names is not loaded either: say so, the user passes --vae to use it."""
+    named = (saved.get("components") or {}).get("vae") if isinstance(saved.get("components"), dict) else None
+    if vae is None and isinstance(named, str):
+        shown = "".join(c if c.isprintable() else "?" for c in named)[:200]
+        typer.secho(f"Note: {path} was made with --vae '{shown}'; using the model's own VAE (pass --vae to "
+                    "choose).", err=True)
+
+
 def parse_options(pairs: list[str]) -> dict[str, Any]:
     """NAME=VALUE pairs; values are JSON where they parse (numbers, true/false), else strings."""
     options = {}
@@ -130,6 +139,10 @@ def run(
                               "float32 for flux2-demo)."),
     option: list[str] = typer.Option(None, "--option", "-O", help="A model-specific option NAME=VALUE, e.g. "
                                      "cfg_truncation=0.9 (zimage); repeatable."),
+    cache: str = typer.Option(None, "--cache", help="Step caching (with the imagegen-cache plugin): "
+                              "first-block[:THRESHOLD], mag[:THRESHOLD],ratios=FILE, or off."),
+    vae: str = typer.Option(None, "--vae", help="Another VAE: a diffusers folder or cached repo id, e.g. "
+                            "black-forest-labs/FLUX.2-small-decoder for FLUX.2 models."),
     from_image: Path = typer.Option(None, "--from", help="Reuse the settings saved in an imagegen PNG."),
     force: bool = typer.Option(False, "--force", help="Run even if the memory estimate says it will not fit."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -149,17 +162,25 @@ def run(
     if size is not None:
         given_flags["width"], given_flags["height"] = parse_size(size, "--size")
     family = parse_options(option or [])
+    if cache is not None:  # the imagegen-cache plugin's option, as a flag of its own
+        if "cache" not in {o.name for o in family_options(spec.extra_options)}:
+            raise InvalidOptionError(f"Model '{spec.id}' does not support --cache (is imagegen-cache installed?).")
+        family["cache"] = cache
     unknown = sorted(set(family) - {o.name for o in family_options(spec.extra_options)})
     if unknown:
         raise InvalidOptionError(f"Model '{spec.id}' does not support --option {unknown[0]}.")
     with flag_errors():
         # input images a PNG names are found by file name beside it or here, and only with the same content
-        values = replayed(spec, saved, [from_image.parent, Path.cwd()]) if saved else {}
+        kept = {k: v for k, v in saved.items() if k not in given_flags}  # a flag replaces the saved value outright
+        values = replayed(spec, kept, [from_image.parent, Path.cwd()]) if saved else {}
         request = spec.request(prompt, **{**values, **family, **given_flags})  # every check, before any load
     quantize = spec.check_quantize(quantize or saved.get("quantize"))
     dtype = dtype or saved.get("dtype")
     if from_image is not None:
         replay_weights(from_image, saved, spec, weights)
+        replay_vae(from_image, saved, vae)
+    if vae is not None and "vae" not in spec.components:
+        raise InvalidOptionError(f"Model '{spec.id}' does not support --vae.")
     to_stdout = output is not None and str(output) == "-"
     if to_stdout and request.batch_size != 1:
         raise InvalidOptionError("-o - writes one PNG to standard output: use it with --count 1.")
@@ -184,7 +205,8 @@ def run(
         preflight(needed, spec.id, force)
 
     with RunProgress(quiet or as_json) as progress:
-        pipe = spec.pipeline(weights=path, dtype=dtype, quantize=quantize, on_load=progress.on_load)
+        components = {"vae": vae} if vae is not None else {}
+        pipe = spec.pipeline(weights=path, dtype=dtype, quantize=quantize, on_load=progress.on_load, **components)
         result = pipe.generate(request, on_step=progress.on_step)
 
     for i, (img, path_out) in enumerate(zip(result.images, paths)):

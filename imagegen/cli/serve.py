@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 from ..errors import InvalidOptionError
@@ -22,6 +24,8 @@ def serve(
     max_memory: str = typer.Option(None, "--max-memory", help="Memory budget for loaded models, e.g. 24GB "
                                    "(default: what is available at start)."),
     max_queue: int = typer.Option(None, "--max-queue", help="Requests waiting at most; more get HTTP 429."),
+    grace: str = typer.Option("30s", "--grace", help="On SIGTERM or Ctrl-C: how long requests in flight may "
+                              "finish (e.g. 10s, 1m); then they are answered with HTTP 503."),
     ray: str = typer.Option(None, "--ray", help="Serve on Ray: 'local' starts a cluster on this machine, 'auto' joins "
                             "the one `ray start` runs, or a cluster address (needs the ray extra: "
                             "pip install 'imagegen-mlx\\[ray]')."),
@@ -29,11 +33,15 @@ def serve(
                                  "resident models (default: one per GPU)."),
     min_replicas: int = typer.Option(None, "--min-replicas", help="With --ray: autoscale from this many replicas."),
     max_replicas: int = typer.Option(None, "--max-replicas", help="With --ray: autoscale up to this many replicas."),
+    lora_dir: Path = typer.Option(None, "--lora-dir", help="Folder of LoRA .safetensors files requests may name "
+                                  "(field 'loras'); GET /v1/loras lists them."),
 ) -> None:
     """Serve models over HTTP: POST /v1/images/generations and /v1/images/edits, GET /v1/models."""
     from ..server import run_server
 
     if ray is not None:
+        if lora_dir is not None:
+            raise InvalidOptionError("--lora-dir is not available with --ray yet: serve without --ray.")
         from ..ray import require_ray
 
         require_ray(serve=True)
@@ -46,4 +54,4 @@ def serve(
         raise InvalidOptionError("--replicas, --min-replicas and --max-replicas need --ray.")
 
     run_server(host=host, port=port, models=model or (), keep_alive=keep_alive, api_key=api_key,
-               max_memory=max_memory, max_queue=max_queue)
+               max_memory=max_memory, max_queue=max_queue, shutdown_grace=grace, lora_dir=lora_dir)

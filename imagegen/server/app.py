@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import hmac
 import ipaddress
 import json
 import logging
 import os
+import socket
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -28,9 +30,10 @@ from starlette.formparsers import MultiPartException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__, registry
-from ..errors import ImagegenError, InvalidImageError
-from ..options import image_input
+from ..errors import ImagegenError, InvalidOptionError
+from ..image import png_bytes
 from ..registry import IMAGE_EDIT, TEXT_TO_IMAGE, ModelSpec
+from . import uploads
 from .errors import APIError, api_error
 from .schemas import (
     UPLOADS,
@@ -43,10 +46,11 @@ from .schemas import (
     ModelCard,
     ModelList,
     form_schema,
+    json_schema,
 )
 from .service import ImageService, Outcome, Plan
 from .settings import Limits, parse_duration
-from .worker import Cancelled, Job, QueueFullError
+from .worker import Cancelled, Job, QueueFullError, ShuttingDown
 
 log = logging.getLogger("imagegen.server")
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -67,20 +71,20 @@ class Guard:
 
     def __init__(self, app: ASGIApp, api_key: str | None, max_body: int):
         self.app, self.max_body = app, max_body
-        self.key = f"Bearer {api_key}".encode() if api_key else None
+        self.key = api_key.encode() if api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if self.key is not None and not hmac.compare_digest(headers.get(b"authorization", b""), self.key):
-            error = APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
-                             code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        error = self._auth_error([v for k, v in scope["headers"] if k == b"authorization"])
+        if error is not None:
             return await _error_response(error)(scope, receive, send)
         length = headers.get(b"content-length", b"0")
         if not length.isdigit() or int(length) > self.max_body:
-            error = BodyTooLarge(self.max_body) if length.isdigit() else APIError(400, "Bad Content-Length header.")
-            return await _error_response(api_error_of(error))(scope, receive, send)
+            bad = APIError(400, "Bad Content-Length header.", code="invalid_request")
+            error = api_error_of(BodyTooLarge(self.max_body)) if length.isdigit() else bad
+            return await _error_response(error)(scope, receive, send)
         received = 0
 
         async def limited() -> Message:  # chunked uploads carry no Content-Length: count as they come
@@ -94,12 +98,25 @@ class Guard:
 
         await self.app(scope, limited, send)
 
+    def _auth_error(self, values: list[bytes]) -> APIError | None:
+        """The scheme is case-insensitive (RFC 9110); two Authorization headers are ambiguous: refused."""
+        if len(values) > 1:
+            return APIError(400, "Send one Authorization header, not several.", code="invalid_authorization")
+        if self.key is None:
+            return None
+        scheme, _, token = (values[0] if values else b"").strip().partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+            return None
+        return APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                        code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
 
 # ---- errors --------------------------------------------------------------------------------
 def api_error_of(e: Exception) -> APIError:
     if isinstance(e, HTTPException):
         codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
-        return APIError(e.status_code, str(e.detail), param=None, code=codes.get(e.status_code))
+        fallback = "invalid_request" if e.status_code < 500 else "server_error"
+        return APIError(e.status_code, str(e.detail), param=None, code=codes.get(e.status_code, fallback))
     return api_error(e)
 
 
@@ -125,8 +142,8 @@ def validation_error(errors: Sequence[Any]) -> APIError:
     if kind in ("model_attributes_type", "dict_type") and not param:
         return APIError(400, "The request body must be a JSON object, sent as 'Content-Type: application/json'.",
                         code="invalid_json")
-    return APIError(400, f"Invalid value for '{param}': {first.get('msg', 'invalid')}.", param=param,
-                    code="invalid_value")
+    reason = str(first.get("msg", "invalid")).removeprefix("Value error, ")  # pydantic's prefix for our checks
+    return APIError(400, f"Invalid value for '{param}': {reason}.", param=param, code="invalid_value")
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -141,72 +158,78 @@ def _install_error_handlers(app: FastAPI) -> None:
         log.exception("unexpected error on %s", request.url.path)
         return _error_response(APIError(500, f"Internal error: {type(e).__name__}: {e}", "server_error"))
 
-    for kind in (APIError, ImagegenError, HTTPException, QueueFullError):
+    for kind in (APIError, ImagegenError, HTTPException, QueueFullError, ShuttingDown):
         app.add_exception_handler(kind, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(Exception, on_unexpected)
 
 
 # ---- requests -> plans ---------------------------------------------------------------------
-def _decode_image(data: bytes, name: str) -> Image.Image:
+def _parse(read: Callable[[], Any]) -> Any:
+    """A request model from its body; pydantic's complaints become OpenAI-style 400s."""
     try:
-        with Image.open(BytesIO(data)) as img:
-            img.load()
-            return image_input(img.convert("RGB"), name=Path(name).name, data=data)  # remembered by name + sha256
-    except Exception as e:  # PIL raises many kinds (incl. DecompressionBombError) for bad uploads
-        raise InvalidImageError(f"Upload '{name}' is not a readable image ({type(e).__name__}).") from None
+        return read()
+    except ValidationError as e:
+        raise validation_error(e.errors()) from None
 
 
 Uploads = dict[str, list[Image.Image]]
 
 
-async def _read_edit_form(request: Request, limits: Limits) -> tuple[EditRequest, list[Image.Image], list[str],
-                                                                    Uploads]:
-    """The multipart body of an edit: the images (decoded off the event loop), the uploads of declared image
-    options (imagegen.options, e.g. a mask) by field name, and the other fields."""
+async def _read_edit_form(request: Request, service: ImageService) -> tuple[EditRequest, list[Image.Image],
+                                                                          Uploads]:
+    """The multipart body of an edit: the other fields, the images and the uploads of declared image options
+    (imagegen.options, e.g. a mask) by field name. Every upload is checked from its header before any is
+    decoded, then decoded and scaled down off the event loop."""
+    limits = service.limits
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise APIError(400, "Edits take multipart/form-data: the image file(s) and the fields.",
                        code="invalid_content_type")
     try:
         async with request.form(max_files=limits.max_images_in, max_fields=64) as form:
             fields: dict[str, Any] = {}
-            uploads: list[UploadFile] = []
-            declared: list[tuple[str, UploadFile]] = []
+            files: list[tuple[str, UploadFile]] = []  # (field, file); field "" for the images to edit
             for name, value in form.multi_items():
                 if name in UPLOADS and isinstance(value, UploadFile):
-                    declared.append((name, value))
+                    files.append((name, value))
                 elif name in IMAGE_FIELDS:
                     if not isinstance(value, UploadFile):
                         raise APIError(400, f"'{name}' must be a file upload.", param="image", code="invalid_image")
-                    uploads.append(value)
+                    files.append(("", value))
                 elif isinstance(value, UploadFile):
                     hint = " (masks are not supported)" if name == "mask" else ""
                     raise APIError(400, f"Unexpected file field '{name}'{hint}.", param=name,
                                    code="unknown_parameter")
                 elif name in fields:
-                    raise APIError(400, f"Field '{name}' given twice.", param=name, code="invalid_value")
+                    raise APIError(400, f"Field '{name}' given twice.", param=name, code="duplicate_key")
                 else:
                     fields[name] = value
-            blobs = [(await u.read(), u.filename or f"image {i}") for i, u in enumerate(uploads)]
-            option_blobs = [(field, await u.read(), u.filename or field) for field, u in declared]
+            blobs = [(field, await f.read(), f.filename) for field, f in files]
     except (MultiPartException, HTTPException) as e:  # Starlette reports parser errors as a 400 HTTPException
         if isinstance(e, HTTPException) and e.status_code != 400:
             raise
         detail = e.message if isinstance(e, MultiPartException) else e.detail
         raise APIError(400, f"Bad multipart body: {detail}", code="invalid_multipart") from None
-    try:
-        options = EditRequest.model_validate(fields)
-    except ValidationError as e:
-        raise validation_error(e.errors()) from None
-    images = [await asyncio.to_thread(_decode_image, data, name) for data, name in blobs]
-    files: Uploads = {}
-    for field, data, name in option_blobs:
-        files.setdefault(field, []).append(await asyncio.to_thread(_decode_image, data, name))
-    return options, images, [name for _, name in blobs], files
+    options = _parse(lambda: EditRequest.from_form(fields))
+    spec = registry.get(options.model or service.default_model())
+    uploads.check_all([(data, name) for _, data, name in blobs], spec)
+    decoded: Uploads = {}
+    for i, (field, data, name) in enumerate(blobs):
+        decoded.setdefault(field, []).append(await asyncio.to_thread(uploads.decode, data, name, i, spec))
+    return options, decoded.pop("", []), decoded
 
 
-def _client(request: Request, options: ImageOptions) -> str:
-    return options.user or (request.client.host if request.client else "local")
+def _client(request: Request) -> str:
+    """Whose turn in the fair queue: the caller's address (the `user` field only divides its share)."""
+    return request.client.host if request.client else "local"
+
+
+def _watch(job: Job) -> asyncio.Future[Any]:
+    """The job's outcome as an asyncio future whose failure is always retrieved, even when nobody awaits
+    it any more (a client that left): no "Future exception was never retrieved" in the log."""
+    future = asyncio.wrap_future(job.future)
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())
+    return future
 
 
 # ---- outcomes -> responses -----------------------------------------------------------------
@@ -235,7 +258,7 @@ class Responder:
     async def answer(self, request: Request, plan: Plan, options: ImageOptions, kind: str) -> Response:
         if options.stream:
             return self._stream(request, plan, options, kind)
-        job = self.service.submit(plan, _client(request, options))
+        job = self.service.submit(plan, _client(request), options.user or "")
         outcome = await self._wait(request, job)
         if outcome is None:
             return Response(status_code=499)  # the client left; nobody reads this
@@ -259,7 +282,7 @@ class Responder:
 
     async def _wait(self, request: Request, job: Job) -> Outcome | None:
         """The job's outcome; polls for a disconnect so an abandoned request leaves the queue."""
-        future = asyncio.wrap_future(job.future)
+        future = _watch(job)
         try:
             while not future.done():
                 await asyncio.wait({future}, timeout=0.5)
@@ -277,16 +300,18 @@ class Responder:
 
     def _failure(self, e: Exception) -> APIError:
         error = api_error(e)
-        if error.status >= 500:  # a bug or a crash in a model: logged with its traceback, server stays up
+        if error.status == 500:  # a bug or a crash in a model: logged with its traceback, server stays up
             log.error("generation failed: %s", error.message, exc_info=e)
+        elif error.status > 500:  # shutting down: expected, no traceback
+            log.info("request ended: %s", error.message)
         return error
 
     def _stream(self, request: Request, plan: Plan, options: ImageOptions, kind: str) -> StreamingResponse:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Any] = asyncio.Queue()
-        job = self.service.submit(plan, _client(request, options),
+        job = self.service.submit(plan, _client(request), options.user or "",
                                   lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
-        future = asyncio.wrap_future(job.future)
+        future = _watch(job)
         future.add_done_callback(lambda _: events.put_nowait(_DONE))  # after every event the job emitted
         position = len(self.service.worker.queue)
 
@@ -294,6 +319,8 @@ class Responder:
             try:
                 yield _sse(f"{kind}.queued", {"type": f"{kind}.queued", "position": position})
                 while (event := await events.get()) is not _DONE:
+                    if event["stage"] == "partial":  # PNG encoding off the device thread
+                        event = {**event, "png": await asyncio.to_thread(png_bytes, event["image"])}
                     yield self._progress(kind, plan, event)
                 try:
                     outcome: Outcome = future.result()
@@ -337,11 +364,14 @@ def _card(spec: ModelSpec, loaded: bool) -> ModelCard:
 
 
 def create_app(models: Sequence[str] = (), keep_alive: str | float | None = "5m", api_key: str | None = None,
-               **limits: Any) -> FastAPI:
+               lora_dir: str | Path | None = None, **limits: Any) -> FastAPI:
     """The server app. `models` are loaded at start (the first is the default); `keep_alive` ("5m",
-    "30s", 0 = unload after each request, -1 = never) keeps idle models warm; `limits` are Limits fields."""
+    "30s", 0 = unload after each request, -1 = never) keeps idle models warm; `lora_dir` holds the adapters
+    requests may name; `limits` are Limits fields."""
     settings = Limits.from_options(**limits)
-    service = ImageService(settings, parse_duration(keep_alive), models)
+    if lora_dir is not None and not Path(lora_dir).is_dir():
+        raise InvalidOptionError(f"--lora-dir {lora_dir} is not a folder.")
+    service = ImageService(settings, parse_duration(keep_alive), models, lora_dir)
     responder = Responder(service)
 
     @asynccontextmanager
@@ -358,17 +388,19 @@ def create_app(models: Sequence[str] = (), keep_alive: str | float | None = "5m"
     app.add_middleware(Guard, api_key=api_key, max_body=settings.max_body_bytes)
     _install_error_handlers(app)
 
-    @app.post("/v1/images/generations", response_model=ImagesResponse, tags=["images"],
+    @app.post("/v1/images/generations", response_model=ImagesResponse, tags=["images"], openapi_extra=json_schema(),
               summary="Create images from a prompt (stream: true for server-sent events)")
-    async def generations(body: GenerationRequest, request: Request) -> Response:
+    async def generations(request: Request) -> Response:
+        raw = await request.body()
+        body = _parse(lambda: GenerationRequest.from_json(raw, request.headers.get("content-type")))
         plan = service.plan(body, TEXT_TO_IMAGE)
         return await responder.answer(request, plan, body, "image_generation")
 
     @app.post("/v1/images/edits", response_model=ImagesResponse, tags=["images"], openapi_extra=form_schema(),
               summary="Edit or combine images following a prompt (multipart/form-data)")
     async def edits(request: Request) -> Response:
-        options, images, names, files = await _read_edit_form(request, settings)
-        plan = service.plan(options, IMAGE_EDIT, images, names, files)
+        options, images, files = await _read_edit_form(request, service)
+        plan = await asyncio.to_thread(service.plan, options, IMAGE_EDIT, images, files)  # sizes the references
         return await responder.answer(request, plan, options, "image_edit")
 
     @app.get("/v1/files/images/{name}", tags=["images"], summary="An image made with response_format='url'",
@@ -388,6 +420,10 @@ def create_app(models: Sequence[str] = (), keep_alive: str | float | None = "5m"
         spec = registry.get(model_id)
         return _card(spec, service.residency.is_loaded(spec.id))
 
+    @app.get("/v1/loras", tags=["models"], summary="LoRA adapters requests may name (the --lora-dir files)")
+    async def list_loras() -> dict[str, Any]:
+        return {"object": "list", "data": await asyncio.to_thread(service.loras.listing)}
+
     @app.get("/health", tags=["server"], summary="Liveness, queue and resident models")
     async def health() -> dict[str, Any]:
         return service.health()
@@ -402,15 +438,51 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before any model is touched: a bad port or one in use is one line."""
+    if not 1 <= port <= 65535:
+        raise InvalidOptionError(f"--port must be between 1 and 65535, got {port}.")
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn binds
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as e:  # includes unknown host names (gaierror)
+        why = "the port is already in use (is another server running there?)" if e.errno == errno.EADDRINUSE \
+            else e.strerror or str(e)
+        raise ImagegenError(f"Cannot listen on {host}:{port}: {why}.") from None
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, whose shutdown (SIGTERM, Ctrl-C) first drains the service: the listening socket closes,
+    requests in flight get the grace period, then what is left is answered with a 503 / an SSE error."""
+
+    def __init__(self, config: uvicorn.Config, service: ImageService):
+        super().__init__(config)
+        self.service = service
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        grace = self.service.limits.shutdown_grace
+        busy = len(self.service.worker.queue) + (self.service.worker.running is not None)
+        log.info("imagegen serve: shutting down; %d request(s) in flight get %gs to finish", busy, grace)
+        self.service.drain(grace)
+        await super().shutdown(sockets)
+
+
 def run_server(host: str = "127.0.0.1", port: int = 8000, models: Sequence[str] = (),
                keep_alive: str | float | None = "5m", api_key: str | None = None, log_level: str = "info",
-               **limits: Any) -> None:
-    """Serve until interrupted (Ctrl-C). The key falls back to $IMAGEGEN_API_KEY; bad settings raise
-    ImagegenError before anything binds."""
-    import uvicorn
-
+               lora_dir: str | Path | None = None, **limits: Any) -> None:
+    """Serve until SIGTERM or Ctrl-C (then drain for `shutdown_grace`). The key falls back to
+    $IMAGEGEN_API_KEY; bad settings, a bad port or one in use raise ImagegenError before a model loads."""
     api_key = api_key or os.environ.get("IMAGEGEN_API_KEY") or None
-    app = create_app(models, keep_alive, api_key, **limits)
-    if not is_loopback(host) and not api_key:
-        log.warning("imagegen serve: listening on %s without an API key; anyone who can reach it can use it", host)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    Limits.from_options(**limits)  # bad limits are reported before the port is taken
+    listener = listen(host, port)
+    try:
+        app = create_app(models, keep_alive, api_key, lora_dir, **limits)
+        if not is_loopback(host) and not api_key:
+            log.warning("imagegen serve: listening on %s without an API key; anyone who can reach it can use it",
+                        host)
+        service: ImageService = app.state.service
+        # uvicorn's own limit comes after ours: the requests that were answered with an error still get written
+        config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=service.limits.shutdown_grace + 5)
+        DrainingServer(config, service).run(sockets=[listener])
+    finally:
+        listener.close()

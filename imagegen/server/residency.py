@@ -17,6 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .. import hub
+from ..errors import ImagegenError
 from ..pipeline import Pipeline
 from ..registry import ModelSpec
 
@@ -26,6 +27,10 @@ ACTIVATION_BYTES_PER_PIXEL = 1024
 
 Key = tuple[str, str | None]  # (model id, quantize mode)
 log = logging.getLogger("imagegen.server")
+
+
+class OverBudgetError(ImagegenError):
+    """A model that cannot fit the memory budget the server was given, even with nothing else loaded."""
 
 
 def pipeline_bytes(pipe: Pipeline) -> int:
@@ -53,8 +58,11 @@ class Residency:
     """The loaded pipelines. Loading, use and unloading all happen on the device worker's thread;
     other threads only read (sizes, snapshots)."""
 
-    def __init__(self, keep_alive: float | None, budget: int, clock: Callable[[], float] = time.monotonic):
-        self.keep_alive, self.budget, self.clock = keep_alive, budget, clock
+    def __init__(self, keep_alive: float | None, budget: int, clock: Callable[[], float] = time.monotonic,
+                 strict: bool = False):
+        """`strict`: the budget was set by the user (--max-memory), so a model over it is refused rather
+        than loaded anyway."""
+        self.keep_alive, self.budget, self.clock, self.strict = keep_alive, budget, clock, strict
         self.loads = self.unloads = 0
         self._residents: dict[Key, Resident] = {}  # insertion order = least recently used first
         self._lock = threading.RLock()
@@ -81,6 +89,14 @@ class Residency:
             resident = self._residents.get((spec.id, quantize))
         size = resident.bytes if resident else hub.folder_size(weights) if weights else 0
         return size + width * height * batch * ACTIVATION_BYTES_PER_PIXEL
+
+    def check_fits(self, spec: ModelSpec, quantize: str | None = None) -> None:
+        """OverBudgetError when one run of the model at its default size needs more than the budget."""
+        needed = self.estimate(spec, quantize, *spec.default_size)
+        if self.strict and needed > self.budget:
+            raise OverBudgetError(
+                f"The server's memory budget (--max-memory) is {_gib(self.budget)}, less than '{spec.id}' needs "
+                f"to run ({_gib(needed)} estimated{f', quantized {quantize}' if quantize else ''}).")
 
     def fit_batch(self, spec: ModelSpec, quantize: str | None, width: int, height: int, n: int, limit: int) -> int:
         """How many images one pipeline call may hold: the most (<= n, <= limit) that fit the budget."""
@@ -125,6 +141,7 @@ class Residency:
             return resident
 
     def _load(self, spec: ModelSpec, quantize: str | None) -> Resident:
+        self.check_fits(spec, quantize)
         width, height = spec.default_size
         self.make_room(self.estimate(spec, quantize, width, height), keep=(spec.id, quantize))
         pipe = spec.pipeline(quantize=quantize)
@@ -181,3 +198,7 @@ class Residency:
                  else round(max(0.0, self.keep_alive - (now - r.last_used)), 3)}
                 for r in self._residents.values()
             ]
+
+
+def _gib(size: int) -> str:
+    return f"{size / 1024**3:.2f} GB" if size >= 1024**3 else f"{size / 1024**2:.1f} MB"

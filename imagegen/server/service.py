@@ -22,6 +22,7 @@ from ..options import OPTIONS, OptionError, UnsupportedOptionError, family_optio
 from ..pipeline import Pipeline, Request, Step, check_size
 from ..registry import IMAGE_EDIT, ModelSpec
 from .errors import APIError
+from .loras import LoraFolder
 from .residency import Residency
 from .schemas import UPLOADS, ImageOptions, parse_size
 from .settings import Limits
@@ -77,15 +78,20 @@ def _partial_steps(total: int, count: int) -> set[int]:
 class ImageService:
     """Owns the residency, the device worker and the URL image store."""
 
-    def __init__(self, limits: Limits, keep_alive: float | None, models: Sequence[str] = ()):
+    def __init__(self, limits: Limits, keep_alive: float | None, models: Sequence[str] = (),
+                 lora_dir: str | Path | None = None):
         self.limits = limits
+        self.loras = LoraFolder(lora_dir)
         specs = [registry.get(m) for m in models]  # unknown names and missing weights fail at start
         for spec in specs:
             hub.resolve_weights(spec)
         self.models = [s.id for s in specs]
         budget = limits.max_memory if limits.max_memory is not None else memory.available_memory()
-        self.residency = Residency(keep_alive, budget)
-        self.worker = DeviceWorker(limits.max_queue, between=self.residency.expire)  # unloads on the device thread
+        self.residency = Residency(keep_alive, budget, strict=limits.max_memory is not None)
+        for spec in specs:
+            self.residency.check_fits(spec)
+        self.worker = DeviceWorker(limits.max_queue, between=self.residency.expire,  # unloads on the device thread
+                                   max_per_client=limits.max_queue_per_client)
         self.store = ImageStore(limits.url_ttl, limits.max_stored_bytes)
         self.started = time.time()
 
@@ -95,6 +101,10 @@ class ImageService:
         for model in self.models:
             spec = registry.get(model)
             self.worker.submit("preload", lambda job, spec=spec: self._warm(spec), limit=False)
+
+    def drain(self, grace: float) -> None:
+        """Shutting down: no new requests; those in flight finish within `grace` seconds or end with a 503."""
+        self.worker.drain(grace)
 
     def stop(self) -> None:
         self.worker.stop()
@@ -115,15 +125,22 @@ class ImageService:
         return name
 
     def plan(self, options: ImageOptions, task: str, images: Sequence[Image.Image] = (),
-             image_names: Sequence[str] = (), files: dict[str, list[Image.Image]] | None = None) -> Plan:
-        """Check everything that can be checked before the request waits in the queue. `files`: uploads of
-        declared image options by field name (one each unless the option is repeatable)."""
+             files: dict[str, list[Image.Image]] | None = None) -> Plan:
+        """Check everything that can be checked before the request waits in the queue. `images` and `files`
+        (uploads of declared image options by field name, one each unless the option is repeatable) carry
+        their file name and sha256 (imagegen.options.image_input), which the metadata records."""
         spec = registry.get(options.model or self.default_model())
         if task not in spec.tasks:
             able = [s.id for s in registry.all_specs() if task in s.tasks]
             what = "image edits" if task == IMAGE_EDIT else "text-to-image generation"
             raise APIError(400, f"Model '{spec.id}' does not support {what}. Models that do: "
                            f"{', '.join(able) or 'none installed'}.", param="model", code="model_not_supported")
+        for name in ("prompt", "negative_prompt"):
+            text = getattr(options, name)
+            if text is not None and len(text) > self.limits.max_prompt_chars:
+                raise APIError(400, f"{name} is {len(text)} characters long; this server takes at most "
+                               f"{self.limits.max_prompt_chars} (models read about 512 tokens of it).", param=name,
+                               code="prompt_too_long")
         n = options.n or 1
         if n > self.limits.max_n:
             raise APIError(400, f"n must be at most {self.limits.max_n}, got {n}.", param="n", code="invalid_value")
@@ -145,13 +162,13 @@ class ImageService:
             raise APIError(400, f"Model '{spec.id}' does not support the option '{unknown[0]}'.", param="options",
                            code="unsupported_option")
         values = {o.name: getattr(options, o.name) for o in OPTIONS if "server" in o.fronts and o.name not in UPLOADS}
+        values["loras"] = self.loras.resolve(options.loras)
         for option in (o for o in OPTIONS if o.name in (files or {})):
             uploaded = files[option.name]
             if len(uploaded) > 1 and not option.repeatable:
                 raise APIError(400, f"Give one '{option.name}' file.", param=option.name, code="invalid_value")
             values[option.name] = uploaded if option.repeatable else uploaded[0]
-        names = [*image_names, *[None] * len(images)]  # uploads are recorded by base name, never as a path
-        images = [image_input(i, name=Path(n).name if n else None) for i, n in zip(images, names)]
+        images = [image_input(i) for i in images]  # uploads are recorded by base name and sha256, never as a path
         with request_errors():
             request = spec.request(options.prompt, width=width, height=height, num_images=n, images=list(images),
                                    **values, **family)
@@ -160,20 +177,29 @@ class ImageService:
                     partial_images=(options.partial_images or 0) if options.stream else 0)
 
     # ---- running -------------------------------------------------------------------------
-    def submit(self, plan: Plan, client: str, emit: Emit | None = None) -> Job:
-        """Queue the plan for the device; the job's future resolves to an Outcome."""
-        return self.worker.submit(client, lambda job: self._run(plan, job, emit or (lambda event: None)))
+    def submit(self, plan: Plan, client: str, user: str = "", emit: Emit | None = None) -> Job:
+        """Queue the plan for the device (in `client`'s line, `user`'s turn); the job's future resolves to
+        an Outcome."""
+        return self.worker.submit(client, lambda job: self._run(plan, job, emit or (lambda event: None)), user=user)
 
     def _run(self, plan: Plan, job: Job, emit: Emit) -> Outcome:
-        """On the device worker: load if needed, then generate in parts that fit memory."""
+        """On the device worker: load if needed, then generate in parts that fit memory. A client that left
+        stops the job before the load, after it, and before each part's encoding."""
         job.check()
         spec, request = plan.spec, plan.request
-        with self.residency.use(spec, plan.quantize, on_load=lambda m: emit({"stage": "load", "model": m})) as pipe:
+
+        def on_load(model: str) -> None:
+            job.check()
+            emit({"stage": "load", "model": model})
+
+        with self.residency.use(spec, plan.quantize, on_load=on_load) as pipe:
+            job.check()  # the load can take long
             batch = self.residency.fit_batch(spec, plan.quantize, request.width, request.height, plan.n,
                                              self.limits.max_batch)
             images: list[Image.Image] = []
             timings: dict[str, float] = {}
             for first in range(0, plan.n, batch):
+                job.check()
                 part = request.part(first, min(batch, plan.n - first))
                 result = pipe.generate(part, on_step=self._on_step(pipe, plan, part, job, emit, first))
                 images.extend(result.images)
@@ -196,8 +222,9 @@ class ImageService:
                   "images": part.batch_size, "seconds": round(step.seconds, 4)})
             if step.stage == "denoise" and step.index in previews and step.latents is not None:
                 for i, preview in enumerate(pipe.decode(part, step.latents)):
+                    # the PIL image: the stream encodes it on a thread while the device goes on denoising
                     emit({"stage": "partial", "image_index": first + i, "partial_image_index": sent,
-                          "png": png_bytes(preview)})
+                          "image": preview})
                 sent += 1
 
         return on_step
@@ -205,7 +232,8 @@ class ImageService:
     # ---- reporting -----------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
         return {
-            "status": "ok", "version": __version__, "uptime_seconds": round(time.time() - self.started, 1),
+            "status": "shutting_down" if self.worker.draining else "ok", "version": __version__,
+            "uptime_seconds": round(time.time() - self.started, 1),
             "queue": {"waiting": len(self.worker.queue), "running": self.worker.running is not None,
                       "max": self.limits.max_queue, **self.worker.counts},
             "memory": {"budget_bytes": self.residency.budget, "resident_bytes": self.residency.used()},

@@ -51,10 +51,14 @@ class Limits:
     max_n: int = 10  # images per request (OpenAI's limit)
     max_steps: int = 200
     max_queue: int = 64  # requests waiting for the device; more are refused with 429
+    max_queue_per_client: int = 16  # of those, from one client address (a quarter of the queue)
+    # 512 tokens (all FLUX.2 and Z-Image read of a prompt) at ~8 characters each: twice English's ~4
+    max_prompt_chars: int = 4096
     max_batch: int = 10  # images per pipeline call; fewer when memory is short
     max_memory: int | None = None  # bytes for resident models; None = available memory at start
     url_ttl: float = 3600.0  # seconds a response_format="url" image stays downloadable
     max_stored_bytes: int = 512 * 1024**2  # URL images kept in memory; the oldest go first
+    shutdown_grace: float = 30.0  # seconds in-flight requests may finish after SIGTERM / Ctrl-C
 
     @classmethod
     def from_options(cls, **options: Any) -> Limits:
@@ -71,6 +75,11 @@ class Limits:
         for name in ("max_body_bytes", "max_stored_bytes"):
             if isinstance(options.get(name), str):
                 options[name] = parse_bytes(options[name])
-        if isinstance(options.get("url_ttl"), str):
-            options["url_ttl"] = parse_duration(options["url_ttl"]) or cls.url_ttl
+        for name in ("url_ttl", "shutdown_grace"):
+            if isinstance(options.get(name), str):
+                seconds = parse_duration(options[name])
+                options[name] = getattr(cls, name) if seconds is None else seconds
+        for name, value in options.items():
+            if name != "max_memory" and isinstance(value, int | float) and value < 0:
+                raise InvalidOptionError(f"The server limit {name} cannot be negative, got {value}.")
         return cls(**options)

@@ -19,6 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..errors import WeightsError, WeightsNotFoundError
+from ..lora.adapters import current_text_patch, patched
 from ..quantize import QUANT_FILE, normalize_mode
 from ..weights import safetensors_files, to_dtype, using_random_weights
 from .qwen3 import Qwen3Config, Qwen3Model, load_qwen3
@@ -104,17 +105,20 @@ class TextEncoder:
 
         `layers` index transformers' `output_hidden_states` (0 = embeddings, -1 = last with the final norm,
         -2 = output of the second-to-last layer). Cached prompts are not re-encoded; the others are encoded
-        in one batched forward."""
+        in one batched forward. Text-encoder adapters of the calling request (imagegen.lora.text_adapters) are
+        applied to this forward only."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         layers = tuple(self.model.resolve_layers(layers))
-        key = (layers, max_length, enable_thinking)
+        patch = current_text_patch()
+        key = (layers, max_length, enable_thinking, patch.identity if patch else ())
         with self._lock:
             found = {p: self._get((*key, p)) for p in dict.fromkeys(prompts)}
             missing = [p for p, f in found.items() if f is None]
             if missing:
                 tokens = self.tokenizer.encode_prompts(missing, max_length, enable_thinking)
-                hidden = mx.stack(self.model.forward_with_layer_outputs(tokens.ids, tokens.mask, layers), axis=1)
-                mx.eval(hidden)
+                with patched(self.model, patch, self.model.embed_tokens.weight.dtype):
+                    hidden = mx.stack(self.model.forward_with_layer_outputs(tokens.ids, tokens.mask, layers), axis=1)
+                    mx.eval(hidden)
                 for i, p in enumerate(missing):
                     found[p] = PromptFeatures(hidden=hidden[i], mask=tokens.mask[i], length=tokens.lengths[i])
                     self._put((*key, p), found[p])

@@ -7,6 +7,7 @@ from pathlib import Path
 import imagegen
 from imagegen.quantize import ALL_MODES
 
+from .lora import lora_targets
 from .pipeline import OPTIONS, ZImagePipeline, estimate_memory
 
 
@@ -29,6 +30,9 @@ def variant(turbo: bool) -> imagegen.ModelSpec:
         quantize_modes=ALL_MODES,
         family_default=turbo,
         estimate_memory=estimate_memory,
+        block_loop=True,
+        components=frozenset({"vae"}),
+        lora_targets=lora_targets,
     )
 
 
