@@ -83,7 +83,7 @@ def pack(latents: mx.array) -> mx.array:
 
 
 class Flux2Pipeline(DiffusersPipeline):
-    family_name = "FLUX.2 Klein"
+    family_name = "FLUX.2"
     # model_index.json's _class_name: Klein and Klein KV (check_kind tells them apart); FLUX.2 dev is another model
     pipeline_classes = ("Flux2KleinPipeline", KV_PIPELINE)
     transformer_class, transformer_config, vae_class = Flux2Transformer, Flux2TransformerConfig, AutoencoderKLFlux2
