@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from imagegen.errors import DISTRIBUTION
+
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("mlx", "mlx-cuda-13", "torch", "diffusers", "transformers", "mflux", "imagegen", "imagegen-flux2",
             "imagegen-zimage", "imagegen-cache")
@@ -221,7 +223,7 @@ def versions() -> dict[str, str | None]:
     found = {}
     for name in PACKAGES:
         try:
-            found[name] = metadata.version(name)
+            found[name] = metadata.version(DISTRIBUTION if name == "imagegen" else name)  # imagegen-mlx
         except metadata.PackageNotFoundError:
             found[name] = None
     if found["imagegen"] is None:

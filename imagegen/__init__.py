@@ -13,6 +13,7 @@ from . import block_loop, registry
 from .block_loop import BlockLoopOption
 from .config import HFConfig
 from .errors import (
+    DISTRIBUTION,
     ImagegenError,
     InvalidImageError,
     InvalidOptionError,
@@ -28,7 +29,7 @@ from .pipeline import GenerationResult, Pipeline, Request, Run, Step, seeded_noi
 from .registry import IMAGE_EDIT, TEXT_TO_IMAGE, ModelSpec
 
 try:
-    __version__ = _version("imagegen")
+    __version__ = _version(DISTRIBUTION)
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 

@@ -15,6 +15,7 @@ while the next row generates (`Writer`), in row order.
 
 from __future__ import annotations
 
+import errno
 import gc
 import hashlib
 import json
@@ -22,7 +23,6 @@ import os
 import queue
 import re
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -35,10 +35,11 @@ from PIL import Image
 
 from . import registry
 from .errors import ImagegenError, InvalidOptionError, LoraError
-from .image import generation_metadata, png_bytes, read_metadata
+from .image import generation_metadata, png_bytes, read_metadata, write_atomic
 from .options import OPTIONS, OptionError, parse_size
 from .pipeline import Pipeline
 from .request import check_size
+from .server.settings import Limits
 
 RESULTS, FAILURES = "results.jsonl", "failures.jsonl"
 # the row fields that are not generate() options: the JSON types they may have, and their name in errors
@@ -48,6 +49,7 @@ FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
 }
 ROW_OPTIONS = {o.name: o for o in OPTIONS if "batch" in o.fronts}  # every other key: a declared option
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # safe as a file name everywhere
+MAX_STEPS = Limits.max_steps  # the server's limit: a typo like 20000 would hold a worker for hours
 
 
 class BatchInputError(ImagegenError):
@@ -171,10 +173,12 @@ def parse_row(text: str, line: int, defaults: Defaults, where: str = "", folder:
                 extra[name] = [folder / p for p in obj[name]] if option.repeatable else folder / obj[name]
             else:
                 extra[name] = obj[name]
-    seed = pick("seed")
+    seed, steps = pick("seed"), pick("steps")
+    if steps is not None and steps > MAX_STEPS:
+        raise BatchInputError(f"{at}: 'steps' must be between 1 and {MAX_STEPS}, got {steps}.")
     return Row(
         id=row_id, line=line, prompt=obj["prompt"], model=pick("model") or registry.default_model() or "",
-        seed=derived_seed(row_id) if seed is None else seed, width=width, height=height, steps=pick("steps"),
+        seed=derived_seed(row_id) if seed is None else seed, width=width, height=height, steps=steps,
         guidance=pick("guidance"), negative_prompt=pick("negative_prompt"), extra=extra,
     )
 
@@ -183,22 +187,26 @@ def read_rows(path: str | Path, defaults: Defaults = Defaults()) -> list[Row]:
     """Every row of a prompts file, checked before anything runs (blank lines are skipped)."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a BOM some editors write is not text
     except FileNotFoundError:
         raise BatchInputError(f"Prompts file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise BatchInputError(f"Cannot read {path}: {e}") from None
     rows: list[Row] = []
     first_line: dict[str, int] = {}
+    ids: dict[int, str] = {}
     for number, text in enumerate(lines, 1):
         if not text.strip():
             continue
         row = parse_row(text, number, defaults, f"{path}: ", path.parent)
-        if row.id in first_line:
-            raise BatchInputError(f"{path}: line {number}: id '{row.id}' is already used on line "
-                                  f"{first_line[row.id]} (identical rows draw identical images; give each an id "
-                                  "or a seed).")
-        first_line[row.id] = number
+        key = row.id.casefold()  # ids that differ only by case name the same file on macOS and Windows
+        if key in first_line:
+            earlier = first_line[key]
+            same = "is already used" if ids[earlier] == row.id else "differs only by case from the id"
+            raise BatchInputError(f"{path}: line {number}: id '{row.id}' {same} on line {earlier} "
+                                  "(each row needs its own file name; identical rows draw identical images: give "
+                                  "each an id or a seed).")
+        first_line[key], ids[number] = number, row.id
         rows.append(row)
     if not rows:
         raise BatchInputError(f"{path} has no rows.")
@@ -325,18 +333,6 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Temp file + rename: an interrupted run never leaves a partial file under the real name."""
-    fd, tmp = tempfile.mkstemp(prefix=".imagegen-", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class Reporter(Protocol):
     """Progress: `start` once, `row` after every finished row (a results or a failures record)."""
 
@@ -389,7 +385,7 @@ class Outputs:
                 kept[row.id] = self._recover(row)
         text = "".join(json.dumps(r) + "\n" for r in kept.values())
         try:
-            _write_atomic(self.folder / RESULTS, text.encode())
+            write_atomic(self.folder / RESULTS, text.encode())
         except OSError as e:
             raise ImagegenError(f"Output folder {self.folder} is not writable: {e.strerror}") from None
         (self.folder / FAILURES).unlink(missing_ok=True)
@@ -415,22 +411,37 @@ class Outputs:
                 "seed": metadata.get("seed", row.seed), "seconds": batch.get("seconds"), "worker": batch.get("worker")}
 
     def finish(self, outcome: Outcome) -> dict[str, Any]:
-        """Write one row's PNG and results line, or its failures line; report it."""
+        """Write one row's PNG and results line, or its failures line; report it. A write that fails (a full
+        disk) is the row's failure; when even that cannot be recorded, or the disk is full, the batch stops."""
         row = outcome.row
+        write_error = None
         if outcome.png is not None:
-            _write_atomic(self.folder / row.file, outcome.png)
-            record = {"id": row.id, "file": row.file, "model": row.model, "seed": row.seed,
-                      "seconds": round(outcome.seconds, 4), "worker": outcome.worker}
-            self._append("_results", RESULTS, record)
-            self.summary.done += 1
-        else:
+            try:
+                write_atomic(self.folder / row.file, outcome.png)
+                record = {"id": row.id, "file": row.file, "model": row.model, "seed": row.seed,
+                          "seconds": round(outcome.seconds, 4), "worker": outcome.worker}
+                self._append("_results", RESULTS, record)
+                self.summary.done += 1
+            except OSError as e:
+                (self.folder / row.file).unlink(missing_ok=True)  # not done: a re-run makes it again
+                write_error = e
+                outcome = replace(outcome, png=None, error=f"Cannot write {self.folder / row.file}: "
+                                                           f"{e.strerror or e}")
+        if outcome.png is None:
             record = {"id": row.id, "line": row.line, "prompt": row.prompt, "model": row.model,
                       "error": outcome.error, "worker": outcome.worker or None}  # None: refused before any worker
-            self._append("_failures", FAILURES, record)
+            try:
+                self._append("_failures", FAILURES, record)
+            except OSError as e:
+                raise ImagegenError(f"{outcome.error}; cannot record it in {self.folder / FAILURES} either "
+                                    f"({e.strerror or e}). Stopped; free space and re-run to resume.") from None
             self.summary.failed += 1
             self.summary.failures.append(record)
         if self.reporter is not None:
             self.reporter.row(record)
+        if write_error is not None and write_error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ImagegenError(f"{outcome.error}. Stopped; free space and re-run to resume "
+                                f"(see {self.folder / FAILURES}).")
         return record
 
     def note(self, text: str) -> None:

@@ -11,7 +11,7 @@ import mlx.core as mx
 from PIL import Image
 
 from . import distributed, hub, scheduler
-from .errors import WeightsError
+from .config import read_pipeline_index
 from .image import to_pil
 from .memory import pipeline_weight_bytes
 from .pipeline import Pipeline, Request
@@ -29,6 +29,7 @@ class DiffusersPipeline(Pipeline):
     """Loads the three components and the scheduler; subclasses set the class attributes and the four stages."""
 
     family_name: ClassVar[str] = ""  # in messages: "FLUX.2"
+    pipeline_classes: ClassVar[tuple[str, ...]] = ()  # model_index.json's _class_name values this family loads
     transformer_class: ClassVar[type]
     transformer_config: ClassVar[type]
     quant_predicate: ClassVar[Callable[..., Any] | None] = None  # staticmethod in the subclass
@@ -42,8 +43,7 @@ class DiffusersPipeline(Pipeline):
         black-forest-labs/FLUX.2-small-decoder ships): a folder or a cached repo id (recorded in `components`)."""
         super().__init__(spec, weights, dtype, quantize, on_load)
         root = Path(weights)
-        if not (root / "model_index.json").is_file():
-            raise WeightsError(f"{root} is not a {self.family_name} diffusers folder: model_index.json is missing.")
+        self.model_index = read_pipeline_index(root, self.pipeline_classes, self.family_name)
         self.configure(root)
         with self.loading("text encoder"):
             self.text_encoder = load_text_encoder(root / "text_encoder", root / "tokenizer", dtype, quantize,

@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+# The name on the package index: "imagegen" there is an unrelated project. The import name stays `imagegen`.
+DISTRIBUTION = "imagegen-mlx"
+
+
+def install_hint(extra: str) -> str:
+    """How to install an optional extra, by name and from a checkout (where `imagegen-mlx[...]` would fetch a
+    second copy from the index)."""
+    return f'pip install "{DISTRIBUTION}[{extra}]" (from a checkout: pip install -e ".[{extra}]")'
+
 
 class ImagegenError(Exception):
     """Base of every error caused by input (names, files, options) rather than by a bug."""

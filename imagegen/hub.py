@@ -6,9 +6,12 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from .errors import ImagegenError, WeightsNotFoundError
+from .config import read_json
+from .errors import ImagegenError, WeightsError, WeightsNotFoundError, install_hint
+
+SETTINGS_FILE = "imagegen.json"  # optional per-checkpoint settings beside model_index.json (the FLUX.2 plugin's)
 
 if TYPE_CHECKING:
     from .registry import ModelSpec
@@ -99,6 +102,38 @@ def weights_present(spec: ModelSpec) -> Path | None:
         return None
 
 
+def missing_files(path: Path) -> list[str]:
+    """What a diffusers-layout folder lacks of the files imagegen reads (empty: complete): model_index.json, and
+    for each component it names the config, plus the tokenizer.json of tokenizers and the weights (every shard
+    an index names) of models. An interrupted download shows up here, not at load time."""
+    from .weights import safetensors_files
+
+    path = Path(path)
+    try:
+        index = read_json(path / "model_index.json")
+    except WeightsError as e:
+        return [f"model_index.json ({e})" if (path / "model_index.json").exists() else "model_index.json"]
+    if not isinstance(index, dict):
+        return ["model_index.json (not a JSON object)"]
+    missing = []
+    for name, entry in sorted(index.items()):
+        if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
+            continue
+        folder, kind = path / name, str(entry[1])
+        if "Scheduler" in kind:
+            needed = ["scheduler_config.json"]
+        elif "Tokenizer" in kind:
+            needed = ["tokenizer.json"]
+        else:
+            needed = ["config.json"]
+            try:
+                safetensors_files(folder)
+            except (WeightsError, WeightsNotFoundError):
+                missing.append(f"{name}/*.safetensors")
+        missing.extend(f"{name}/{f}" for f in needed if not (folder / f).is_file())
+    return missing
+
+
 def weights_identity(spec: ModelSpec, path: Path | None) -> dict[str, str]:
     """What weights made an image: the repo or folder, plus a hash of its configs (for PNG metadata)."""
     if path is None:
@@ -126,15 +161,32 @@ def pull(spec: ModelSpec, repo: str | None = None) -> Path:
     if not repo:
         raise ImagegenError(f"Model '{spec.id}' has no Hugging Face repo to pull from.")
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import hf_hub_download, snapshot_download
     except ImportError:
-        raise ImagegenError("Downloading needs huggingface_hub: pip install 'imagegen[hub]'") from None
+        raise ImagegenError(f"Downloading needs huggingface_hub: {install_hint('hub')}") from None
     try:
-        patterns = ["*.json", "*.safetensors", "*.jinja", "*.txt"]
-        path = snapshot_download(repo, cache_dir=hf_cache_dir(), allow_patterns=patterns)
-    except Exception as e:  # network, auth (gated repos), disk
+        index = Path(hf_hub_download(repo, "model_index.json", cache_dir=hf_cache_dir()))
+        patterns = pull_patterns(read_json(index))
+        path = Path(snapshot_download(repo, cache_dir=hf_cache_dir(), allow_patterns=patterns))
+    except ImagegenError:
+        raise
+    except Exception as e:  # network, auth (gated repos), disk, a repo without model_index.json
         raise ImagegenError(f"Could not download {repo}: {type(e).__name__}: {e}") from None
-    return Path(path)
+    missing = missing_files(path)
+    if missing:
+        raise ImagegenError(f"{repo} was downloaded to {path} but lacks {', '.join(missing)}.")
+    return path
+
+
+def pull_patterns(index: Any) -> list[str]:
+    """What imagegen reads of a diffusers repo: the root's JSON files and, in each component folder the index
+    names, its JSON, chat templates and safetensors. Not the single-file checkpoints some repos keep at the root
+    (7.75 GB in FLUX.2 Klein 4B's), nor README images."""
+    if not isinstance(index, dict):
+        raise ImagegenError("model_index.json of the repo is not a JSON object.")
+    components = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[-1:] != [None]]
+    return ["model_index.json", SETTINGS_FILE] + [f"{c}/*.{ext}" for c in sorted(components)
+                                                  for ext in ("json", "jinja", "safetensors")]
 
 
 def remove(spec: ModelSpec) -> Path:

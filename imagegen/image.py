@@ -13,12 +13,15 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from .errors import InvalidImageError
+from .errors import InvalidImageError, InvalidOptionError
 
 if TYPE_CHECKING:
     from .pipeline import GenerationResult, Pipeline
 
 METADATA_KEY = "imagegen"  # PNG text chunk holding our JSON metadata
+EXIF_DESCRIPTION = 0x010E  # ImageDescription: where JPEG and WebP files keep it
+JPEG_EXIF_LIMIT = 65_533  # a JPEG APP1 segment holds 65,535 bytes less its 2-byte length
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
 
 def load_image(source: Any) -> Image.Image:
@@ -80,19 +83,60 @@ def png_bytes(image: Image.Image, metadata: dict[str, Any] | None = None) -> byt
     return buffer.getvalue()
 
 
-def save_png(image: Image.Image, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
-    """Write atomically (temp file + rename) so an interrupted run never leaves a partial file."""
+def write_atomic(path: str | Path, data: bytes) -> Path:
+    """Temp file + rename, so an interrupted run never leaves a partial file under the real name. The file gets
+    the permissions open() would give it (mkstemp's are 0600 whatever the umask)."""
     path = Path(path)
-    info = png_info(metadata)
-    fd, tmp = tempfile.mkstemp(prefix=".imagegen-", suffix=".png", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".imagegen-", suffix=path.suffix, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def image_format(path: str | Path) -> str:
+    """The Pillow format a file name asks for: .png, .jpg/.jpeg or .webp; anything else is refused."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise InvalidOptionError(f"Cannot write '{Path(path).name}': use a .png, .jpg, .jpeg or .webp file name.")
+    return FORMATS[suffix]
+
+
+def encode_image(image: Image.Image, metadata: dict[str, Any] | None = None, format: str = "PNG") -> bytes:
+    """The file's bytes: PNG keeps the metadata in text chunks, JPEG and WebP in EXIF ImageDescription."""
+    if format == "PNG":
+        return png_bytes(image, metadata)
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    if metadata:
+        exif[EXIF_DESCRIPTION] = json.dumps(metadata, sort_keys=True)  # ASCII: json escapes the rest
+    data = exif.tobytes()
+    if format == "JPEG" and len(data) > JPEG_EXIF_LIMIT:
+        raise InvalidOptionError(f"The settings ({len(data)} bytes, mostly the prompt) do not fit a JPEG's 64 KB "
+                                 "EXIF segment: write a .png or .webp.")
+    image.save(buffer, format=format, quality=95, exif=data)
+    return buffer.getvalue()
+
+
+def save_image(image: Image.Image, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Write a PNG, JPEG or WebP (by the file name's extension) atomically, with the generation metadata."""
+    return write_atomic(path, encode_image(image, metadata, image_format(path)))
+
+
+def save_png(image: Image.Image, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Write a PNG atomically with the generation metadata, whatever the file name's extension."""
+    return write_atomic(path, png_bytes(image, metadata))
 
 
 def generation_metadata(pipe: Pipeline, result: GenerationResult, index: int = 0, **fields: Any) -> dict[str, Any]:
@@ -115,15 +159,22 @@ def generation_metadata(pipe: Pipeline, result: GenerationResult, index: int = 0
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The imagegen metadata of a PNG we wrote; InvalidImageError if none."""
+    """The imagegen metadata of an image we wrote (PNG text chunk, or EXIF in JPEG/WebP); InvalidImageError if
+    there is none or it is not a JSON object."""
     path = Path(path)
     try:
         with Image.open(path) as img:
-            text = getattr(img, "text", {}).get(METADATA_KEY)
+            text = getattr(img, "text", {}).get(METADATA_KEY) or img.getexif().get(EXIF_DESCRIPTION)
     except FileNotFoundError:
         raise InvalidImageError(f"Image not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise InvalidImageError(f"Cannot read {path} as an image ({type(e).__name__})") from None
     if not text:
         raise InvalidImageError(f"{path} carries no imagegen metadata.")
-    return json.loads(text)
+    try:
+        metadata = json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        raise InvalidImageError(f"{path}: its imagegen metadata is not valid JSON.") from None
+    if not isinstance(metadata, dict):
+        raise InvalidImageError(f"{path}: its imagegen metadata is not a JSON object.")
+    return metadata

@@ -34,7 +34,7 @@ def normalize_mode(mode: str | int) -> str:
     if bits in FLOAT_MODES and not group:
         return bits
     if bits.isdigit() and int(bits) in AFFINE_BITS and (not group or group in ("32", "64", "128")):
-        return text
+        return bits if group in ("", "64") else text  # 64 is the default group size: "4@64" is "4"
     raise InvalidOptionError(
         f"Unknown quantization '{mode}': use one of {', '.join(ALL_MODES)} (affine may add @32/@64/@128)."
     )

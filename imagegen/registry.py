@@ -82,7 +82,7 @@ class ModelSpec:
         if quantize is None:
             return None
         quantize = normalize_mode(quantize)
-        if quantize not in self.quantize_modes:
+        if quantize.partition("@")[0] not in self.quantize_modes:  # a model taking "4" takes "4@32" too
             supported = ", ".join(self.quantize_modes) or "none"
             raise InvalidOptionError(
                 f"Model '{self.id}' does not support --quantize {quantize} (supported: {supported})."

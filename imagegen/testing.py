@@ -200,3 +200,23 @@ def smooth_picture(width: int, height: int, seed: int = 0):
     phase = np.random.default_rng(seed).uniform(0, 6, 3)
     rgb = np.stack([np.sin(6 * x + p) * np.cos(4 * y - p) for p in phase], -1) * 0.5 + 0.5
     return Image.fromarray((rgb * 255).astype(np.uint8))
+
+
+def invoke(*args: str, input: str | None = None):
+    """Run the `imagegen` command in-process (typer's CliRunner); returns its Result."""
+    from typer.testing import CliRunner
+
+    from imagegen.cli import get_app
+
+    return CliRunner().invoke(get_app(), list(args), input=input)
+
+
+def one_line_error(result, *fragments: str) -> None:
+    """A command failed the way users must see it: a non-zero exit and one line `Error: ...` holding each fragment,
+    no traceback."""
+    assert result.exit_code != 0, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("Error:") and "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .config import read_json
 from .errors import WeightsError, WeightsNotFoundError
 from .quantize import QUANT_FILE, Predicate, apply_record, quantize_model
 
@@ -42,10 +43,15 @@ def safetensors_files(folder: Path) -> list[Path]:
         raise WeightsNotFoundError(f"Missing component folder {folder}")
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if indexes:
-        try:
-            names = sorted(set(json.loads(indexes[0].read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise WeightsError(f"{indexes[0]} is not a valid safetensors index ({e})") from None
+        index = read_json(indexes[0])
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(n, str) for n in weight_map.values()):
+            raise WeightsError(f"{indexes[0]} is not a safetensors index: it needs a 'weight_map' object of "
+                               "tensor name -> file name.")
+        names = sorted(set(weight_map.values()))
+        outside = [n for n in names if Path(n).name != n or n in (".", "..")]
+        if outside:  # a shard path like ../../x would read files outside the model
+            raise WeightsError(f"{indexes[0]} names shard(s) outside {folder}: {', '.join(outside[:MAX_LISTED])}")
         files = [folder / n for n in names]
         missing = [str(f.name) for f in files if not f.is_file()]
         if missing:
@@ -57,14 +63,17 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def read_safetensors(folder: Path) -> dict[str, mx.array]:
-    """Every tensor of a component folder (lazily mapped)."""
+def read_safetensors(folder: Path, sources: dict[str, Path] | None = None) -> dict[str, mx.array]:
+    """Every tensor of a component folder (lazily mapped); `sources` gets each tensor's file (for errors)."""
     weights: dict[str, mx.array] = {}
     for f in safetensors_files(folder):
         try:
-            weights.update(mx.load(str(f)))
+            tensors = mx.load(str(f))
         except Exception as e:  # corrupt or truncated file
             raise WeightsError(f"Cannot read {f}: {e}") from None
+        weights.update(tensors)
+        if sources is not None:
+            sources.update(dict.fromkeys(tensors, f))
     return weights
 
 
@@ -87,18 +96,27 @@ def fuse_projections(weights: dict[str, mx.array], prefixes: Iterable[str],
     return weights
 
 
-def check_weights(module: nn.Module, weights: dict[str, mx.array], where: str = "") -> None:
-    """Strict: missing keys, unexpected keys and shape mismatches are one error naming them."""
+def check_weights(module: nn.Module, weights: dict[str, mx.array], where: str = "",
+                  sources: dict[str, Path] | None = None) -> None:
+    """Strict: missing keys, unexpected keys, shape mismatches and integer tensors where floats belong (or the
+    reverse) are one error naming them (and, for a dtype, the file when `sources` knows it)."""
     expected = dict(tree_flatten(module.parameters()))
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
+    common = sorted(set(expected) & set(weights))
     mismatched = [
         f"{k}: file {tuple(weights[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(weights))
-        if tuple(weights[k].shape) != tuple(expected[k].shape)
+        for k in common if tuple(weights[k].shape) != tuple(expected[k].shape)
+    ]
+    floating = [mx.issubdtype(weights[k].dtype, mx.floating) for k in common]
+    sources = sources or {}
+    wrong_type = [  # e.g. an int8 tensor where a float is expected: shapes fit, the image would be garbage
+        f"{k} in {sources[k].name if k in sources else where}: {weights[k].dtype} vs model {expected[k].dtype}"
+        for k, is_float in zip(common, floating) if is_float != mx.issubdtype(expected[k].dtype, mx.floating)
     ]
     problems = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched),
+                         ("wrong dtype", wrong_type)):
         if items:
             more = f" (+{len(items) - MAX_LISTED} more)" if len(items) > MAX_LISTED else ""
             problems.append(f"{len(items)} {label}: {', '.join(items[:MAX_LISTED])}{more}")
@@ -145,9 +163,9 @@ def load_module(
             mx.eval(module.parameters())
         module.eval()
         return record
-    weights = read_safetensors(folder)
-    record_file = folder / QUANT_FILE
-    record = json.loads(record_file.read_text()) if record_file.is_file() else None
+    record = read_record(folder)
+    sources: dict[str, Path] = {}
+    weights = read_safetensors(folder, sources)
     if record is None:  # a checkpoint in the reference layout; our own saves are already MLX layout
         sanitize = sanitize or getattr(module, "sanitize", None)
         if sanitize is not None:
@@ -155,7 +173,7 @@ def load_module(
     weights = cast(weights, to_dtype(dtype))
     if record is not None:
         apply_record(module, record, weights)
-    check_weights(module, weights, str(folder))
+    check_weights(module, weights, str(folder), sources)
     module.load_weights(list(weights.items()), strict=False)
     del weights
     if quantize is not None and record is None:
@@ -163,9 +181,36 @@ def load_module(
     elif quantize is not None and record is not None and record.get("quantization") != quantize:
         saved = record.get("quantization")
         raise WeightsError(f"{folder} is saved quantized as {saved}; cannot re-quantize to {quantize}")
-    mx.eval([v for k, v in tree_flatten(module.parameters()) if defer is None or not defer(k)])
+    evaluate_finite(module, folder, defer)
     module.eval()
     return record
+
+
+def read_record(folder: Path) -> dict[str, Any] | None:
+    """A folder's quantization.json (our quantized saves), checked enough to use; None when there is none."""
+    path = folder / QUANT_FILE
+    if not path.exists() and not path.is_symlink():  # a broken link or a loop is an error, not absence
+        return None
+    record = read_json(path)
+    if not isinstance(record, dict) or not all(k in record for k in ("mode", "bits", "group_size")):
+        raise WeightsError(f"{path} is not an imagegen quantization record (needs mode, bits and group_size).")
+    return record
+
+
+def evaluate_finite(module: nn.Module, folder: Path, defer: Callable[[str], bool] | None = None) -> None:
+    """Evaluate the parameters (all but the deferred ones) and, in the same pass, check they hold no NaN or Inf
+    (a damaged file, or values too large for the dtype). A plain sum per tensor reads each one once while it is
+    loaded (NaN and Inf survive a sum); only a sum that is not finite (or overflowed) gets the exact check."""
+    params = [(k, v) for k, v in tree_flatten(module.parameters()) if defer is None or not defer(k)]
+    checked = [(k, v) for k, v in params if mx.issubdtype(v.dtype, mx.floating)]
+    sums = mx.stack([mx.sum(v) for _, v in checked]) if checked else mx.zeros((0,))
+    mx.eval([v for _, v in params], sums)
+    suspects = [checked[i] for i, ok in enumerate(mx.isfinite(sums).tolist()) if not ok]
+    bad = [k for k, v in suspects if not mx.isfinite(v).all().item()]
+    if bad:
+        more = f" (+{len(bad) - MAX_LISTED} more)" if len(bad) > MAX_LISTED else ""
+        raise WeightsError(f"Weights in {folder} hold NaN or Inf values (a damaged file, or too large for "
+                           f"{checked[0][1].dtype}): {', '.join(bad[:MAX_LISTED])}{more}")
 
 
 def load_model(model_class: Callable[[Any], nn.Module], config_class: Any, folder: str | Path,

@@ -237,5 +237,5 @@ def test_missing_ray_is_one_clear_error(monkeypatch):
     from imagegen.ray import require_ray
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(imagegen.ImagegenError, match=r"pip install 'imagegen\[ray\]'"):
+    with pytest.raises(imagegen.ImagegenError, match=r'pip install "imagegen-mlx\[ray\]"'):
         require_ray()

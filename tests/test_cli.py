@@ -12,25 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
 import imagegen
 from imagegen import plugins
-from imagegen.cli import get_app
 from imagegen.image import read_metadata
-
-
-def invoke(*args: str, input: str | None = None):
-    return CliRunner().invoke(get_app(), list(args), input=input)
-
-
-def one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code != 0, result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("Error:") and "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+from imagegen.testing import invoke, one_line_error
 
 
 @pytest.fixture(autouse=True)
@@ -218,6 +204,12 @@ def test_pull_and_rm_use_the_cache(heavy_model, monkeypatch):
         (snapshot.parent.parent / "refs" / "main").write_text("c0ffee")
         return str(snapshot)
 
+    def fake_file(repo_id, filename, cache_dir):  # pull reads model_index.json first to choose what to fetch
+        (tmp := Path(cache_dir) / "index").mkdir(parents=True, exist_ok=True)
+        (tmp / filename).write_text("{}")
+        return str(tmp / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_file)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
     result = invoke("pull", "heavy-1")
     assert result.exit_code == 0, result.output

@@ -34,7 +34,8 @@ FAMILY = (
     Option("flag_x", "bool", "A family switch."),
 )
 PYTHON_ONLY = {"latents"}  # arrays: no text form, so no CLI flag, field, row key or metadata entry
-SAMPLES = {"loras": ["style.safetensors:0.5"], "outpaint": "8,0,8,0", "noise_slot": [0, 2]}  # options of kind "any": a valid value each
+# options of kind "any": a valid value each (the walk fixture writes the LoRA file)
+SAMPLES = {"loras": ["style.safetensors:0.5"], "outpaint": "8,0,8,0", "noise_slot": [0, 2]}
 # options that only make sense beside another one: walked with it
 NEEDS = {"mask": {"init_image": "ref.png"}, "strength": {"init_image": "ref.png"},
          "outpaint": {"init_image": "ref.png"}, "noise_slot": {"noise": "torch"}}

@@ -235,7 +235,7 @@ def test_edits_follow_the_uploaded_images(client, http):
     pixel = np.asarray(b64_image(blue.data[0].b64_json)).reshape(-1, 3).mean(axis=0)
     assert pixel[2] > pixel[0] + 60 and pixel[2] > pixel[1] + 60  # mostly the images' blue
 
-    red = http.post("/v1/images/edits", files={"image": ("r.png", upload((255, 0, 0)), "image/png")},
+    red = http.post("/v1/images/edits", files={"image": ("../up/r.png", upload((255, 0, 0)), "image/png")},
                     data={"model": "paint-edit", "prompt": "make it pop", "n": "2", "seed": "3",
                           "negative_prompt": "green"})
     assert red.status_code == 200, red.text
@@ -243,7 +243,8 @@ def test_edits_follow_the_uploaded_images(client, http):
     assert len(images) == 2 and images[0].size == (64, 64)
     pixel = np.asarray(images[0]).reshape(-1, 3).mean(axis=0)
     assert pixel[0] > pixel[2] + 60
-    assert json.loads(images[0].text[METADATA_KEY])["images"] == ["r.png"]
+    meta = json.loads(images[0].text[METADATA_KEY])  # the upload's bare name and content hash, never a path
+    assert meta["images"] == ["r.png"] and len(meta["inputs"]["r.png"]) == 64
 
     message = assert_error(http.post("/v1/images/edits", files={"image": ("r.png", upload((9, 9, 9)))},
                                      data={"model": "paint-small", "prompt": "x"}), 400, "model", "model_not_supported")
@@ -487,7 +488,7 @@ def test_missing_extra_is_one_clear_line(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "uvicorn" else real(name))
-    with pytest.raises(imagegen.ImagegenError, match=r"pip install 'imagegen\[serve\]'"):
+    with pytest.raises(imagegen.ImagegenError, match=r'pip install "imagegen-mlx\[serve\]"'):
         require_serve_extra()
 
 

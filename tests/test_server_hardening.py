@@ -61,6 +61,9 @@ class DemoVariants:
         register(dataclasses.replace(base, id="flux2-demo-slowload", load=slow_load,
                                      extra={**base.extra, "real_load": base.load}))
         register(dataclasses.replace(base, id="flux2-demo-elsewhere", bundled_weights=self.broken_weights))
+        # the demo cannot edit and draws 128x128 only; the upload tests need a model that takes images
+        register(dataclasses.replace(base, id="flux2-demo-edit", tasks=(imagegen.TEXT_TO_IMAGE, imagegen.IMAGE_EDIT),
+                                     options=base.options | {"images"}, max_pixels=512 * 512))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -137,7 +140,7 @@ def test_an_upload_too_large_to_decode_is_refused_from_its_header(http, monkeypa
 def test_an_accepted_upload_is_scaled_to_the_models_working_size():
     from imagegen.server.uploads import decode
 
-    spec = imagegen.registry.get("flux2-demo")  # max_pixels 512x512; uploads up to 4x that are accepted
+    spec = imagegen.registry.get("flux2-demo-edit")  # max_pixels 512x512; uploads up to 4x that are accepted
     wide = png_bytes((2048, 256))
     upload = decode(wide, "wide.png", 0, spec)  # twice the budget's pixels: scaled by 1/sqrt(2)
     assert upload.size == (1448, 181) and upload.mode == "RGB" and 1448 * 181 <= spec.max_pixels
@@ -367,7 +370,7 @@ def test_serve_command_reports_bad_ports_and_memory_in_one_line():
 # ---- 16. uploads are recorded by content hash and file name ----------------------------------
 def test_an_uploads_name_is_recorded_without_its_path(http):
     reference = png_bytes((128, 128))
-    response = http.post("/v1/images/edits", data={"model": "flux2-demo", "prompt": "a red circle", "steps": "1",
+    response = http.post("/v1/images/edits", data={"model": "flux2-demo-edit", "prompt": "a red circle", "steps": "1",
                                                     "size": "64x64"},
                          files={"image": ("../../home/someone/\x1b[31mref.png", reference, "image/png")})
     assert response.status_code == 200, response.text

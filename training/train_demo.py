@@ -54,6 +54,9 @@ SETTINGS = {
     "default_size": [shapes.IMAGE_SIZE, shapes.IMAGE_SIZE],
     "default_steps": 8,
     "default_guidance": 1.0,
+    # what `imagegen models` says the model knows
+    "description": f"'a {{colour}} {{shape}} on a {{colour}} background'; shapes: {', '.join(shapes.SHAPES)}; "
+                   f"colours: {', '.join(shapes.COLOURS)}",
 }
 
 VAE_CONFIG = {
@@ -232,7 +235,7 @@ class Steps:
 def build_tokenizer(folder: Path) -> None:
     """Byte-level BPE over the captions, laid out as Qwen2's tokenizer so transformers and `tokenizers` agree."""
     tok = Tokenizer(BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
-    tok.normalizer = normalizers.NFC()
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])  # "A Red Circle" works too
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -56,6 +57,9 @@ def handle_errors(command: F) -> F:
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
+        except BrokenPipeError:  # the reader went away (`imagegen info x.png | head -1`): nothing to report
+            quiet_closed_pipe()
+            raise typer.Exit(0) from None
         except ImagegenError as e:
             error(str(e))
             raise typer.Exit(1) from None
@@ -69,6 +73,23 @@ def handle_errors(command: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def quiet_closed_pipe() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush does not fail on the closed pipe again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor (a test runner's captured stdout)
+        pass
+
+
+def take_debug_flag(args: list[str]) -> list[str]:
+    """--debug anywhere before a `--` (after the subcommand too): typer knows it only before the subcommand."""
+    end = args.index("--") if "--" in args else len(args)
+    if "--debug" in args[:end]:
+        os.environ["IMAGEGEN_DEBUG"] = "1"
+        return [a for i, a in enumerate(args) if not (a == "--debug" and i < end)]
+    return args
 
 
 def get_app() -> typer.Typer:
@@ -89,4 +110,4 @@ def get_app() -> typer.Typer:
 
 def main() -> None:
     warnings.formatwarning = lambda msg, *a, **k: f"Warning: {msg}\n"
-    get_app()()
+    get_app()(args=take_debug_flag(sys.argv[1:]), prog_name="imagegen")

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ..batch import FAILURES, Defaults, LoadOptions, Summary, run_batch
+from ..batch import FAILURES, MAX_STEPS, Defaults, LoadOptions, Summary, run_batch
 from ..errors import InvalidOptionError
 from ..options import parse_size
 from . import app, error, handle_errors
@@ -89,7 +89,8 @@ def batch(
                                    "'id', 'model', 'seed', 'size', 'steps', 'guidance', 'negative_prompt'."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder for <id>.png, results.jsonl, failures.jsonl."),
     ray: str = typer.Option(None, "--ray", help="Run on Ray: 'local' starts a cluster on this machine, 'auto' joins "
-                            "the one `ray start` runs, or a cluster address (needs imagegen[ray])."),
+                            "the one `ray start` runs, or a cluster address (needs the ray extra: "
+                            "pip install 'imagegen-mlx\\[ray]')."),
     workers: int = typer.Option(None, "--workers", help="Ray workers (default: one per GPU; 1 without GPUs)."),
     model: str = typer.Option(None, "--model", "-m", help="Model for rows that name none (default: $IMAGEGEN_MODEL "
                               "or the bundled demo model)."),
@@ -100,7 +101,8 @@ def batch(
     negative: str = typer.Option(None, "--negative", help="Negative prompt for rows without one."),
     weights: str = typer.Option(None, "--weights", help="Weights folder or Hugging Face repo id (cached)."),
     quantize: str = typer.Option(None, "--quantize", "-q", help="Quantize weights: 4, 8, mxfp8, mxfp4, nvfp4, ..."),
-    dtype: str = typer.Option(None, "--dtype", help="bfloat16 (default), float16 or float32."),
+    dtype: str = typer.Option(None, "--dtype", help="bfloat16, float16 or float32 (default: the model's; "
+                              "float32 for flux2-demo)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
 ) -> None:
@@ -109,8 +111,8 @@ def batch(
         raise InvalidOptionError("--workers needs --ray (without it the batch runs in this process).")
     if workers is not None and workers < 1:
         raise InvalidOptionError(f"--workers must be >= 1, got {workers}.")
-    if steps is not None and steps < 1:
-        raise InvalidOptionError(f"--steps must be >= 1, got {steps}.")
+    if steps is not None and not 1 <= steps <= MAX_STEPS:
+        raise InvalidOptionError(f"--steps must be between 1 and {MAX_STEPS}, got {steps}.")
     if seed is not None and seed < 0:
         raise InvalidOptionError(f"--seed must be >= 0, got {seed}.")
     width, height = parse_size(size, "--size") if size is not None else (None, None)

@@ -15,6 +15,7 @@ import mlx.core as mx
 import typer
 
 from .. import __version__, hub, registry
+from ..errors import InvalidOptionError
 from ..options import parse_size
 from ..pipeline import Pipeline, check_size
 from ..weights import random_weights
@@ -141,13 +142,16 @@ def bench(
     size: str = typer.Option(None, "--size", help="WIDTHxHEIGHT (default: the model's)."),
     steps: int = typer.Option(None, "--steps", "-s", help="Steps of the end-to-end run (default: the model's)."),
     quantize: str = typer.Option(None, "--quantize", "-q", help="Quantize weights: 4, 8, mxfp8, mxfp4, nvfp4, ..."),
-    dtype: str = typer.Option(None, "--dtype", help="bfloat16 (default), float16 or float32."),
+    dtype: str = typer.Option(None, "--dtype", help="bfloat16, float16 or float32 (default: the model's; "
+                              "float32 for flux2-demo)."),
     repeats: int = typer.Option(5, "--repeats", help="Timed runs per stage (the median is reported)."),
     warmup: int = typer.Option(2, "--warmup", help="Untimed runs first (kernel compilation, tracing)."),
     prompt: str = typer.Option(DEFAULT_PROMPT, "--prompt", help="The prompt to encode and generate."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON record per line."),
 ) -> None:
     """Time a model here: load, prompt encode, one denoise step, decode, end to end, and peak memory."""
+    if repeats < 1 or warmup < 0:
+        raise InvalidOptionError(f"--repeats must be >= 1 and --warmup >= 0, got {repeats} and {warmup}.")
     spec = registry.get(model or registry.default_model() or "")
     width, height = parse_size(size, "--size") if size else spec.default_size
     check_size(spec, width, height)

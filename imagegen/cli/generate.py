@@ -12,8 +12,8 @@ from typing import Any
 import typer
 
 from .. import distributed, hub, registry
-from ..errors import InvalidOptionError
-from ..image import generation_metadata, read_metadata, save_png
+from ..errors import InvalidImageError, InvalidOptionError
+from ..image import encode_image, generation_metadata, image_format, read_metadata, save_image
 from ..memory import preflight
 from ..options import family_options, parse_size
 from ..request import given, replayed
@@ -23,11 +23,14 @@ from .progress import RunProgress
 
 
 def output_paths(output: Path | None, model: str, seed: int, count: int) -> list[Path]:
-    """Where images go. Without -o: new names in the current folder that never overwrite."""
-    if output is not None and output.suffix.lower() != ".png" and (output.is_dir() or not output.suffix):
+    """Where images go. Without -o: new names in the current folder that never overwrite. A file name's
+    extension picks the format (.png, .jpg/.jpeg, .webp); any other extension is refused before generating."""
+    suffix = ".png"
+    if output is not None and (output.is_dir() or not output.suffix):
         folder, stem, explicit = output, f"{model}-{seed}", False
     elif output is not None:
-        folder, stem, explicit = output.parent, output.stem, True
+        image_format(output)
+        folder, stem, explicit, suffix = output.parent, output.stem, True, output.suffix
     else:
         folder, stem, explicit = Path.cwd(), f"{model}-{seed}", False
     if explicit and count == 1:
@@ -35,12 +38,52 @@ def output_paths(output: Path | None, model: str, seed: int, count: int) -> list
     paths, n = [], 0
     for i in range(count):
         base = stem if count == 1 else f"{stem}-{i + 1}"
-        path = folder / f"{base}.png"
+        path = folder / f"{base}{suffix}"
         while not explicit and (path.exists() or path in paths):
             n += 1
-            path = folder / f"{base}-{n}.png"
+            path = folder / f"{base}-{n}{suffix}"
         paths.append(path)
     return paths
+
+
+# What a PNG's metadata may hold for --from, and the JSON types each field must have (a PNG is untrusted input).
+SAVED_FIELDS: dict[str, tuple[type, ...]] = {
+    "prompt": (str,), "negative_prompt": (str,), "model": (str,), "seed": (int,), "steps": (int,),
+    "guidance": (int, float), "width": (int,), "height": (int,), "quantize": (str,), "dtype": (str,),
+    "options": (dict,), "images": (list,), "inputs": (dict,), "weights": (dict,),
+}
+
+
+def read_saved(path: Path) -> dict[str, Any]:
+    """The settings of `--from PNG`, each field checked for its type: one clear line for damaged metadata."""
+    saved = read_metadata(path)
+    for name, kinds in SAVED_FIELDS.items():
+        value = saved.get(name)
+        if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
+            raise InvalidImageError(f"{path}: its metadata field '{name}' is not usable: {json.dumps(value)[:80]}.")
+    return saved
+
+
+def replay_weights(path: Path, saved: dict[str, Any], spec: Any, weights: str | None) -> None:
+    """Use the local model, never a folder or repo a PNG names; say so when the PNG was made with other weights."""
+    source = (saved.get("weights") or {}).get("source")
+    if weights is not None or not isinstance(source, str) or source.startswith(("bundled:", "procedural")):
+        return
+    local = hub.weights_present(spec)
+    here = hub.weights_identity(spec, local) if local is not None else {}
+    if source != here.get("source") or saved["weights"].get("config_sha256") != here.get("config_sha256"):
+        shown = "".join(c if c.isprintable() else "?" for c in source)[:200]
+        typer.secho(f"Note: {path} was made with the weights '{shown}'; using the local '{spec.id}' weights "
+                    "(pass --weights to choose).", err=True)
+
+
+def replay_vae(path: Path, saved: dict[str, Any], vae: str | None) -> None:
+    """A VAE folder or repo a PNG names is not loaded either: say so, the user passes --vae to use it."""
+    named = (saved.get("components") or {}).get("vae") if isinstance(saved.get("components"), dict) else None
+    if vae is None and isinstance(named, str):
+        shown = "".join(c if c.isprintable() else "?" for c in named)[:200]
+        typer.secho(f"Note: {path} was made with --vae '{shown}'; using the model's own VAE (pass --vae to "
+                    "choose).", err=True)
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
@@ -86,12 +129,14 @@ def run(
     prompt: str = typer.Argument(None, help="What to draw; '-' reads it from standard input."),
     model: str = typer.Option(None, "--model", "-m", help="Model id, alias or family (default: $IMAGEGEN_MODEL "
                               "or the bundled demo model)."),
-    output: Path = typer.Option(None, "--output", "-o", help="PNG file or folder (default: a new file here)."),
+    output: Path = typer.Option(None, "--output", "-o", help="Image file (.png, .jpg, .webp), folder, or - for "
+                                "standard output (default: a new PNG here)."),
     size: str = typer.Option(None, "--size", help="WIDTHxHEIGHT, multiples of 16 (default: the model's, or the "
                              "first --image's for editing models)."),
     weights: str = typer.Option(None, "--weights", help="Weights folder or Hugging Face repo id (cached)."),
     quantize: str = typer.Option(None, "--quantize", "-q", help="Quantize weights: 4, 8, mxfp8, mxfp4, nvfp4, ..."),
-    dtype: str = typer.Option(None, "--dtype", help="bfloat16 (default), float16 or float32."),
+    dtype: str = typer.Option(None, "--dtype", help="bfloat16, float16 or float32 (default: the model's; "
+                              "float32 for flux2-demo)."),
     option: list[str] = typer.Option(None, "--option", "-O", help="A model-specific option NAME=VALUE, e.g. "
                                      "cfg_truncation=0.9 (zimage); repeatable."),
     cache: str = typer.Option(None, "--cache", help="Step caching (with the imagegen-cache plugin): "
@@ -106,12 +151,14 @@ def run(
     flags: dict[str, Any] | None = None,
 ) -> None:
     """Generate images from a text prompt."""
-    saved: dict[str, Any] = read_metadata(from_image) if from_image is not None else {}
+    saved: dict[str, Any] = read_saved(from_image) if from_image is not None else {}
     prompt = read_prompt(prompt) or saved.get("prompt")
     if not prompt:
         raise InvalidOptionError("Give a prompt (or '-' to read it from standard input).")
     spec = registry.get(model or saved.get("model") or registry.default_model() or "")
     given_flags = {k: v for k, v in (flags or {}).items() if given(v)}
+    if size is not None and ("width" in given_flags or "height" in given_flags):
+        raise InvalidOptionError("Give --size or --width/--height, not both.")
     if size is not None:
         given_flags["width"], given_flags["height"] = parse_size(size, "--size")
     family = parse_options(option or [])
@@ -123,17 +170,25 @@ def run(
     if unknown:
         raise InvalidOptionError(f"Model '{spec.id}' does not support --option {unknown[0]}.")
     with flag_errors():
+        # input images a PNG names are found by file name beside it or here, and only with the same content
         kept = {k: v for k, v in saved.items() if k not in given_flags}  # a flag replaces the saved value outright
         values = replayed(spec, kept, [from_image.parent, Path.cwd()]) if saved else {}
         request = spec.request(prompt, **{**values, **family, **given_flags})  # every check, before any load
     quantize = spec.check_quantize(quantize or saved.get("quantize"))
     dtype = dtype or saved.get("dtype")
-    weights = weights or _saved_weights(saved)
-    vae = vae or (saved.get("components") or {}).get("vae")
+    if from_image is not None:
+        replay_weights(from_image, saved, spec, weights)
+        replay_vae(from_image, saved, vae)
     if vae is not None and "vae" not in spec.components:
         raise InvalidOptionError(f"Model '{spec.id}' does not support --vae.")
-    paths = output_paths(output, spec.id, request.seeds[0], request.batch_size)
-    check_writable(paths[0].parent)
+    to_stdout = output is not None and str(output) == "-"
+    if to_stdout and request.batch_size != 1:
+        raise InvalidOptionError("-o - writes one PNG to standard output: use it with --count 1.")
+    if to_stdout and sys.stdout.isatty():
+        raise InvalidOptionError("-o - would write a PNG to the terminal: pipe it to a file or a program.")
+    paths = [Path("-")] if to_stdout else output_paths(output, spec.id, request.seeds[0], request.batch_size)
+    if not to_stdout:
+        check_writable(paths[0].parent)
     if gpus != 1 and distributed.WORLD_ENV not in os.environ:
         if gpus < 1:
             raise InvalidOptionError(f"--gpus must be >= 1, got {gpus}.")
@@ -156,18 +211,16 @@ def run(
 
     for i, (img, path_out) in enumerate(zip(result.images, paths)):
         # image i of a batch is image 0 of a run with seed + i: --from reproduces it alone
-        save_png(img, path_out, generation_metadata(pipe, result, i))
+        metadata = generation_metadata(pipe, result, i)
+        if to_stdout:
+            sys.stdout.buffer.write(encode_image(img, metadata))
+            sys.stdout.buffer.flush()
+        else:
+            save_image(img, path_out, metadata)
     if as_json:
         typer.echo(json.dumps({"model": spec.id, "images": [str(p) for p in paths], "seeds": result.seeds,
                                "steps": request.steps, "width": request.width, "height": request.height,
-                               "timings": result.timings}))
+                               "timings": result.timings}), err=to_stdout)
     else:
         for p, s in zip(paths, result.seeds):
-            typer.echo(f"{p}  (seed {s})")
-
-
-def _saved_weights(saved: dict[str, Any]) -> str | None:
-    source = (saved.get("weights") or {}).get("source", "")
-    if not source or source.startswith(("bundled:", "procedural")):
-        return None
-    return source
+            typer.echo(f"{'(standard output)' if to_stdout else p}  (seed {s})", err=to_stdout)

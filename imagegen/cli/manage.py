@@ -7,7 +7,8 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
+from rich.table import Column, Table
 
 from .. import hub, plugins, registry
 from ..image import read_metadata
@@ -26,11 +27,13 @@ def _model_rows() -> list[dict]:
     rows = []
     for spec in registry.all_specs():
         path = hub.weights_present(spec)
+        missing = hub.missing_files(path) if path is not None else []
+        state = "present" if path and not missing else ("incomplete" if path else "missing")
         rows.append({
             "id": spec.id, "family": spec.family, "aliases": list(spec.aliases), "plugin": spec.plugin,
             "tasks": list(spec.tasks), "description": spec.description, "hf_repo": spec.hf_repo,
-            "weights": "not needed" if not spec.needs_weights else ("present" if path else "missing"),
-            "weights_path": str(path) if path else None,
+            "weights": "not needed" if not spec.needs_weights else state,
+            "weights_path": str(path) if path else None, "missing_files": missing,
             "weights_bytes": hub.folder_size(path) if path else None,
             "default_steps": spec.default_steps, "default_guidance": spec.default_guidance,
             "options": sorted(spec.options), "quantize": list(spec.quantize_modes),
@@ -46,11 +49,17 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    table = Table("id", "aliases", "family", "tasks", "weights", "plugin")
+    table = Table(Column("id", no_wrap=True), "aliases", "family", "tasks", "weights", "plugin")
     for r in rows:
         weights = r["weights"] + (f" ({_size(r['weights_bytes'])})" if r["weights_bytes"] else "")
-        table.add_row(r["id"], ", ".join(r["aliases"]), r["family"], ", ".join(r["tasks"]), weights, r["plugin"])
-    Console().print(table)
+        if r["missing_files"]:
+            weights += f": no {', '.join(r['missing_files'][:3])}{' ...' if len(r['missing_files']) > 3 else ''}"
+        table.add_row(*(escape(str(v)) for v in (r["id"], ", ".join(r["aliases"]), r["family"], ", ".join(r["tasks"]),
+                                                 weights, r["plugin"])))
+    console = Console()
+    console.print(table)
+    for r in rows:  # what each model is and draws: too long for a table column
+        console.print(f"[bold]{escape(r['id'])}[/bold]: {escape(r['description'])}", highlight=False)
 
 
 @app.command(name="plugins")
@@ -76,17 +85,26 @@ def info(image: Path = typer.Argument(..., help="A PNG written by imagegen."),
     """Show the settings an image was made with (reproduce it with `imagegen run --from IMAGE`)."""
     meta = read_metadata(image)
     if as_json:
-        typer.echo(json.dumps(meta, indent=2))
+        typer.echo(json.dumps(meta, indent=2))  # ensure_ascii: control and bidi characters come out escaped
         return
     for key, value in meta.items():
-        typer.echo(f"{key:>16}: {json.dumps(value) if isinstance(value, dict | list) else value}")
+        text = json.dumps(value, ensure_ascii=False) if isinstance(value, dict | list) else str(value)
+        typer.echo(f"{printable(str(key)):>16}: {printable(text)}")
+
+
+def printable(text: str) -> str:
+    """Metadata is untrusted: control characters (ESC sequences, CR, NUL) and invisible formatting characters
+    (bidi overrides) are shown as escapes instead of acting on the terminal."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 @app.command()
 @handle_errors
 def pull(model: str = typer.Argument(..., help="Model id or alias."),
          repo: str = typer.Option(None, "--repo", help="Another Hugging Face repo holding the same layout.")) -> None:
-    """Download a model's weights into the Hugging Face cache (needs the hub extra: pip install "imagegen\\[hub]")."""
+    """Download the files imagegen reads of a model's repo into the Hugging Face cache.
+
+    Needs the hub extra: pip install "imagegen-mlx\\[hub]" (in a checkout: pip install -e ".\\[hub]")."""
     spec = registry.get(model)
     path = hub.pull(spec, repo)
     typer.echo(f"{spec.id}: {path} ({_size(hub.folder_size(path))})")

@@ -27,7 +27,8 @@ def serve(
     grace: str = typer.Option("30s", "--grace", help="On SIGTERM or Ctrl-C: how long requests in flight may "
                               "finish (e.g. 10s, 1m); then they are answered with HTTP 503."),
     ray: str = typer.Option(None, "--ray", help="Serve on Ray: 'local' starts a cluster on this machine, 'auto' joins "
-                            "the one `ray start` runs, or a cluster address (needs imagegen[ray])."),
+                            "the one `ray start` runs, or a cluster address (needs the ray extra: "
+                            "pip install 'imagegen-mlx\\[ray]')."),
     replicas: int = typer.Option(None, "--replicas", help="With --ray: replicas, each with its own device and "
                                  "resident models (default: one per GPU)."),
     min_replicas: int = typer.Option(None, "--min-replicas", help="With --ray: autoscale from this many replicas."),

@@ -1,4 +1,4 @@
-"""Scale-out on Ray (the optional extra `imagegen[ray]`): batch workers (imagegen.ray.batch) and Ray Serve
+"""Scale-out on Ray (the optional extra `imagegen-mlx[ray]`): batch workers (imagegen.ray.batch) and Ray Serve
 replicas (imagegen.ray.serve). Nothing here imports Ray until a cluster is asked for.
 
 Workers are separate processes, possibly on other hosts: they find entry-point plugins as usual (install
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ImagegenError
+from ..errors import ImagegenError, install_hint
 
 SHARED_ENV = ("IMAGEGEN_LOAD_PLUGINS", "IMAGEGEN_MODEL", "IMAGEGEN_DEBUG")  # settings workers share with the driver
 
@@ -32,7 +32,7 @@ def require_ray(serve: bool = False) -> None:
     except ModuleNotFoundError:  # find_spec("ray.serve") imports ray first
         missing = ["ray"]
     if missing:
-        raise ImagegenError("Scaling out needs Ray: install it with `pip install 'imagegen[ray]'`.")
+        raise ImagegenError(f"Scaling out needs Ray: install it with {install_hint('ray')}.")
 
 
 def connect(address: str | None, quiet: bool = False) -> bool:

@@ -1,6 +1,6 @@
 """`imagegen serve`: a resident image server with an OpenAI-compatible images API.
 
-FastAPI, uvicorn and python-multipart are the optional extra `imagegen[serve]`; they are imported only
+FastAPI, uvicorn and python-multipart are the optional extra `imagegen-mlx[serve]`; they are imported only
 when a server is built, so `import imagegen` (and this package) never needs them.
 """
 
@@ -10,7 +10,7 @@ import importlib.util
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ImagegenError
+from ..errors import ImagegenError, install_hint
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -25,7 +25,7 @@ def require_serve_extra() -> None:
                if not any(importlib.util.find_spec(n) for n in names.split("|"))]
     if missing:
         raise ImagegenError(
-            f"The server needs {', '.join(missing)}: install them with `pip install 'imagegen[serve]'`."
+            f"The server needs {', '.join(missing)}: install them with {install_hint('serve')}."
         )
 
 

@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,9 @@ from starlette.formparsers import MultiPartException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__, registry
-from ..errors import ImagegenError, InvalidOptionError
+from ..errors import ImagegenError, InvalidImageError, InvalidOptionError
 from ..image import png_bytes
+from ..options import image_input
 from ..registry import IMAGE_EDIT, TEXT_TO_IMAGE, ModelSpec
 from . import uploads
 from .errors import APIError, api_error

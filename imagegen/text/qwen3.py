@@ -29,6 +29,8 @@ quant_predicate = keep_high_precision("embed_tokens")
 class Qwen3Config(HFConfig):
     """config.json of Qwen3ForCausalLM / Qwen3Model (defaults are transformers' Qwen3Config defaults)."""
 
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
     vocab_size: int = 151936
     hidden_size: int = 4096
     intermediate_size: int = 22016

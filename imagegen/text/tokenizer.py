@@ -22,6 +22,7 @@ import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
+from ..config import read_json
 from ..errors import WeightsError, WeightsNotFoundError
 
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -38,12 +39,12 @@ class Tokens:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():  # a broken link or a loop is an error, not absence
         return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise WeightsError(f"{path} is not valid JSON: {e}") from None
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path} must hold a JSON object, not a {type(data).__name__}.")
+    return data
 
 
 def _token_text(value: Any) -> str | None:
@@ -89,7 +90,11 @@ class ChatTokenizer:
         if not file.is_file():
             raise WeightsNotFoundError(f"Missing {file}")
         self.folder = folder
-        self.backend = Tokenizer.from_file(str(file))
+        try:
+            self.backend = Tokenizer.from_file(str(file))
+        except Exception as e:  # the tokenizers library raises its own Exception for malformed files
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise WeightsError(f"Cannot read {file}: {reason}") from None
         config = _read_json(folder / "tokenizer_config.json")
         fallback = _read_json(folder / "special_tokens_map.json")
         self.special_tokens = {

@@ -37,7 +37,7 @@ PROMPT, NEGATIVE = "a red fox in the snow", "blurry"
 KLEIN_SCHEDULER = {"base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15,
                    "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True}
 KLEIN_TEXT = {"text_encoder_out_layers": [1, 2, 3], "max_sequence_length": 32}  # a short prompt, a small encoder
-ZIMAGE_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False}
+ZIMAGE_SCHEDULER = {"num_train_timesteps": 1000, "shift": 6.0, "use_dynamic_shifting": False}  # Z-Image (base)'s
 VAE = {"block_out_channels": (8, 8, 8, 8), "layers_per_block": 1, "norm_num_groups": 4, "latent_channels": 4,
        "sample_size": 32}  # both families' VAEs, tiny; Z-Image's is the FLUX.1 AutoencoderKL
 

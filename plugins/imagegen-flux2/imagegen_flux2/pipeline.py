@@ -4,7 +4,6 @@ Flux2KleinPipeline (pipeline_flux2_klein.py) and Flux2KleinInpaintPipeline (pipe
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -18,6 +17,7 @@ from PIL import Image
 
 import imagegen
 from imagegen import block_loop, scheduler
+from imagegen.config import read_json
 from imagegen.diffusers_pipeline import DiffusersPipeline
 from imagegen.diffusers_pipeline import estimate_memory as diffusers_estimate
 from imagegen.errors import InvalidImageError, InvalidOptionError, WeightsError
@@ -49,7 +49,12 @@ class Conditioning:
 def checkpoint_settings(root: Path) -> dict[str, Any]:
     """imagegen.json beside model_index.json: max_sequence_length, text_encoder_out_layers, defaults."""
     path = Path(root) / SETTINGS_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.exists() and not path.is_symlink():
+        return {}
+    settings = read_json(path)
+    if not isinstance(settings, dict):
+        raise WeightsError(f"{path} must hold a JSON object, not a {type(settings).__name__}.")
+    return settings
 
 
 def capped_size(width: int, height: int) -> tuple[int, int]:
@@ -82,7 +87,8 @@ def prepare_reference(image: Image.Image, multiple: int) -> Image.Image:
 
 def pipeline_class(root: Path) -> str:
     """model_index.json's `_class_name`: which diffusers pipeline saved the folder."""
-    return str(json.loads((Path(root) / "model_index.json").read_text()).get("_class_name", ""))
+    index = read_json(Path(root) / "model_index.json")
+    return str(index.get("_class_name", "")) if isinstance(index, dict) else ""
 
 
 def pack(latents: mx.array) -> mx.array:
@@ -93,6 +99,8 @@ def pack(latents: mx.array) -> mx.array:
 
 class Flux2Pipeline(DiffusersPipeline):
     family_name = "FLUX.2"
+    # model_index.json's _class_name: Klein and Klein KV (check_kind tells them apart); FLUX.2 dev is another model
+    pipeline_classes = ("Flux2KleinPipeline", KV_PIPELINE)
     transformer_class, transformer_config, vae_class = Flux2Transformer, Flux2TransformerConfig, AutoencoderKLFlux2
     quant_predicate = staticmethod(quant_predicate)
 

@@ -92,18 +92,20 @@ def demo() -> imagegen.ModelSpec | None:
     if not (DEMO / "model_index.json").is_file():
         return None
     settings = checkpoint_settings(DEMO)
+    width, height = settings.get("default_size", (128, 128))
     return imagegen.ModelSpec(
         id="flux2-demo",
         family="flux2",
-        description="Tiny FLUX.2 Klein-architecture demo: coloured shapes on coloured backgrounds (bundled)",
+        description=f"Tiny demo model (bundled; at most {width}x{height}) that draws "
+                    f"{settings.get('description', 'shapes')}",
         load=load,
         bundled_weights=DEMO,
         default_steps=settings.get("default_steps", 4),
-        default_size=tuple(settings.get("default_size", (128, 128))),
-        max_pixels=512 * 512,
+        default_size=(width, height),
+        max_pixels=width * height,  # trained at this size only: 256x256 draws several shapes, 512x512 noise
+        # trained without reference images: no reference editing, but img2img / inpainting (the edits endpoint)
         tasks=(imagegen.TEXT_TO_IMAGE, imagegen.IMAGE_EDIT),
-        options=EDIT_OPTIONS,
-        reference_size=reference_size,
+        options=EDIT_OPTIONS - {"images"},
         default_strength=IMG2IMG_STRENGTH,
         init_size=init_size,
         run_default=True,  # `imagegen run` works out of the box with the bundled weights

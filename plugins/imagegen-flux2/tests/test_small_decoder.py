@@ -108,7 +108,10 @@ def test_cli_vae_is_recorded_and_replayed(small_decoder, tmp_path, monkeypatch):
     first = CliRunner().invoke(get_app(), [*args, "--vae", str(folder), "-o", "a.png"])
     assert first.exit_code == 0, first.output
     assert read_metadata(tmp_path / "a.png")["components"] == {"vae": str(folder)}
-    again = CliRunner().invoke(get_app(), ["run", "--from", "a.png", "-o", "b.png"])
+    plain = CliRunner().invoke(get_app(), ["run", "--from", "a.png", "-o", "c.png"])  # a PNG never picks a VAE
+    assert plain.exit_code == 0 and "made with --vae" in plain.output and "pass --vae" in plain.output
+    assert read_metadata(tmp_path / "c.png")["components"] == {}
+    again = CliRunner().invoke(get_app(), ["run", "--from", "a.png", "--vae", str(folder), "-o", "b.png"])
     assert again.exit_code == 0, again.output
     assert read_metadata(tmp_path / "b.png")["components"] == {"vae": str(folder)}
     assert np.array_equal(np.asarray(imagegen.image.load_image(tmp_path / "a.png")),

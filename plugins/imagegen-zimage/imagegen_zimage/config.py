@@ -14,6 +14,8 @@ ADALN_EMBED_DIM = 256  # diffusers' ADALN_EMBED_DIM: the timestep embedding widt
 class ZImageTransformerConfig(HFConfig):
     """Defaults are diffusers' constructor defaults (the 6B Z-Image shapes)."""
 
+    required = ("in_channels", "dim", "n_layers", "n_heads", "cap_feat_dim")
+
     all_patch_size: tuple[int, ...] = (2,)
     all_f_patch_size: tuple[int, ...] = (1,)
     in_channels: int = 16

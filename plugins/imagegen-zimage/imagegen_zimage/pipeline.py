@@ -17,7 +17,7 @@ import imagegen
 from imagegen import block_loop, scheduler
 from imagegen.diffusers_pipeline import DiffusersPipeline
 from imagegen.diffusers_pipeline import estimate_memory as diffusers_estimate
-from imagegen.errors import InvalidOptionError
+from imagegen.errors import InvalidOptionError, WeightsError
 from imagegen.img2img import Start, downsample_mask, image_pixels, mask_pixels
 from imagegen.nn import AutoencoderKL
 
@@ -26,6 +26,7 @@ from .transformer import Layout, ZImageTransformer, quant_predicate
 
 TEXT_LAYERS = (-2,)  # the second-to-last hidden state of the Qwen3 encoder
 MAX_SEQUENCE_LENGTH = 512
+TURBO_SHIFT, BASE_SHIFT = 3.0, 6.0  # scheduler_config.json of Tongyi-MAI/Z-Image-Turbo and Tongyi-MAI/Z-Image
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,21 @@ OPTIONS = (
 
 class ZImagePipeline(DiffusersPipeline):
     family_name = "Z-Image"
+    pipeline_classes = ("ZImagePipeline",)
     transformer_class, transformer_config, vae_class = ZImageTransformer, ZImageTransformerConfig, AutoencoderKL
     quant_predicate = staticmethod(quant_predicate)
     text_layers = TEXT_LAYERS
+
+    def configure(self, root: Path) -> None:
+        """Turbo and base share every shape; their scheduler configs tell them apart (shift 3.0 vs 6.0, no dynamic
+        shifting), as is_distilled does for FLUX.2 Klein. Folders with other schedulers (fine-tunes) pass."""
+        config = scheduler.FlowMatchEulerConfig.from_file(root / "scheduler" / "scheduler_config.json")
+        other = None if config.use_dynamic_shifting else {TURBO_SHIFT: "zimage-turbo", BASE_SHIFT: "zimage"}.get(
+            config.shift)
+        if other is not None and other != self.spec.id and self.spec.id in ("zimage-turbo", "zimage"):
+            kind = "Z-Image Turbo" if other == "zimage-turbo" else "Z-Image base"
+            raise WeightsError(f"{root} holds a {kind} checkpoint (scheduler shift {config.shift}), which does not "
+                               f"fit '{self.spec.id}': use --model {other}.")
 
     def __init__(self, *args: Any, **kwargs: Any):
         self._compiled: dict[int, Any] = {}  # id(layout) -> (layout, compiled step); layouts are cached per shape

@@ -20,6 +20,7 @@ from imagegen.testing import assert_images_match, make_qwen3, make_tokenizer, sm
 VOCAB = 416
 SIZE = (64, 48)  # width, height: latents 8x6, transformer tokens 4x3
 SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False}  # Z-Image-Turbo's
+BASE_SCHEDULER = {**SCHEDULER, "shift": 6.0}  # Z-Image (base)'s
 
 
 def randomize(model: torch.nn.Module) -> None:
@@ -59,6 +60,12 @@ def checkpoint(tmp_path_factory):
     return folder, build(folder, SCHEDULER)
 
 
+@pytest.fixture(scope="module")
+def base_checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("zimage-base")
+    return folder, build(folder, BASE_SCHEDULER)
+
+
 def ours(folder: Path, turbo: bool) -> imagegen.Pipeline:
     return variant(turbo=turbo).pipeline(weights=folder, dtype="float32")
 
@@ -88,8 +95,8 @@ def test_turbo_matches_diffusers(checkpoint):
     {"cfg_normalization": 1.0},
     {"cfg_truncation": 0.1},  # normalized times are 0, 0.14, 0.4: CFG only on the first step
 ])
-def test_base_cfg_matches_diffusers(checkpoint, options):
-    folder, pipe = checkpoint
+def test_base_cfg_matches_diffusers(base_checkpoint, options):
+    folder, pipe = base_checkpoint
     latents = noise(1, seed=5)
     want = reference(pipe, "a lighthouse at dusk", latents, 3, guidance_scale=4.0, negative_prompt="blurry",
                      **options)
@@ -101,8 +108,8 @@ def test_base_cfg_matches_diffusers(checkpoint, options):
         assert np.abs(np.asarray(plain[0], np.int16) - np.asarray(got[0], np.int16)).max() > 5
 
 
-def test_base_default_negative_and_batch(checkpoint):
-    folder, pipe = checkpoint
+def test_base_default_negative_and_batch(base_checkpoint):
+    folder, pipe = base_checkpoint
     latents = noise(2, seed=6)
     want = reference(pipe, ["a cat", "two dogs on a sofa"], latents, 2, guidance_scale=3.0)
     got = ours(folder, False).generate(["a cat", "two dogs on a sofa"], guidance=3.0, latents=latents, steps=2,
@@ -119,8 +126,8 @@ def test_dynamic_shift_scheduler(tmp_path):
     assert_images_match(got, reference(pipe, "x", latents, 2, guidance_scale=0.0))
 
 
-def test_turbo_refuses_cfg_options_and_bad_values(checkpoint):
-    turbo, base = ours(checkpoint[0], True), ours(checkpoint[0], False)
+def test_turbo_refuses_cfg_options_and_bad_values(checkpoint, base_checkpoint):
+    turbo, base = ours(checkpoint[0], True), ours(base_checkpoint[0], False)
     with pytest.raises(imagegen.InvalidOptionError, match="negative_prompt"):
         turbo.generate("x", negative_prompt="no", width=64, height=48)
     with pytest.raises(imagegen.InvalidOptionError, match="cfg_truncation"):
@@ -158,21 +165,22 @@ def test_flux2_and_zimage_share_one_text_encoder(checkpoint, tmp_path):
     assert klein.generate("x", width=64, height=48, steps=1, seed=0).images[0].size == (64, 48)
 
 
-def test_cli_model_options_and_reproduction(checkpoint, tmp_path):
+def test_cli_model_options_and_reproduction(base_checkpoint, tmp_path):
     from typer.testing import CliRunner
 
     from imagegen.cli import get_app
     from imagegen.image import read_metadata
 
     out = tmp_path / "z.png"
-    args = ["run", "-m", "zimage", "--weights", str(checkpoint[0]), "a cat", "--size", "64x48", "--steps", "2",
+    args = ["run", "-m", "zimage", "--weights", str(base_checkpoint[0]), "a cat", "--size", "64x48", "--steps", "2",
             "--seed", "1", "--dtype", "float32", "-o", str(out)]
     result = CliRunner().invoke(get_app(), [*args, "--option", "cfg_truncation=0.1", "-O", "cfg_normalization=true",
                                             "--negative", "dark", "--guidance", "3"])
     assert result.exit_code == 0, result.output
     meta = read_metadata(out)
     assert meta["options"] == {"cfg_truncation": 0.1, "cfg_normalization": True}
-    again = CliRunner().invoke(get_app(), ["run", "--from", str(out), "-o", str(tmp_path / "again.png")])
+    again = CliRunner().invoke(get_app(), ["run", "--from", str(out), "--weights", str(base_checkpoint[0]),
+                                           "-o", str(tmp_path / "again.png")])
     assert again.exit_code == 0, again.output
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "again.png")))
     bad = CliRunner().invoke(get_app(), [*args, "--option", "cfg_truncation=2"])
@@ -285,3 +293,21 @@ def test_cli_inpaint_matches_diffusers_and_replays(checkpoint, tmp_path, monkeyp
     picture(3).save("photo.png")  # changed since: refused, not silently replaced
     changed = CliRunner().invoke(get_app(), ["run", "--from", "out.png", "-o", "third.png"])
     assert changed.exit_code == 1 and "'photo.png' (sha256" in changed.output and "pass it again" in changed.output
+
+
+def test_turbo_and_base_folders_are_told_apart(checkpoint, base_checkpoint):
+    """Their scheduler configs differ (shift 3.0 vs 6.0), as is_distilled tells FLUX.2 Klein variants apart."""
+    with pytest.raises(imagegen.WeightsError, match="Z-Image Turbo checkpoint .* use --model zimage-turbo"):
+        ours(checkpoint[0], False)
+    with pytest.raises(imagegen.WeightsError, match="Z-Image base checkpoint .* use --model zimage"):
+        ours(base_checkpoint[0], True)
+
+
+def test_a_flux2_folder_is_refused_by_name(tmp_path, checkpoint):
+    import shutil
+
+    shutil.copytree(checkpoint[0], tmp_path / "w")
+    index = tmp_path / "w" / "model_index.json"
+    index.write_text(index.read_text().replace("ZImagePipeline", "Flux2KleinPipeline"))
+    with pytest.raises(imagegen.WeightsError, match="holds a Flux2KleinPipeline checkpoint, not Z-Image"):
+        ours(tmp_path / "w", True)
