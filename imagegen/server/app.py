@@ -14,11 +14,13 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
@@ -50,6 +52,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500)
 }
 IMAGE_FIELDS = ("image", "image[]")
+PAGE = Path(__file__).parent / "static"  # the web page served at "/": plain HTML/CSS/JS, no secrets in it
 _DONE = object()
 
 
@@ -70,7 +73,8 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if self.key is not None and not hmac.compare_digest(headers.get(b"authorization", b""), self.key):
+        authorized = self.key is None or hmac.compare_digest(headers.get(b"authorization", b""), self.key)
+        if not authorized and not _is_page(scope):
             error = APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
                              code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
             return await _error_response(error)(scope, receive, send)
@@ -90,6 +94,11 @@ class Guard:
             return message
 
         await self.app(scope, limited, send)
+
+
+def _is_page(scope: Scope) -> bool:
+    """The page's own files load without the key: the page then asks the person for it."""
+    return scope["method"] in ("GET", "HEAD") and (scope["path"] == "/" or scope["path"].startswith("/static/"))
 
 
 # ---- errors --------------------------------------------------------------------------------
@@ -314,11 +323,22 @@ class Responder:
 
 
 # ---- the app -------------------------------------------------------------------------------
-def _card(spec: ModelSpec, loaded: bool) -> ModelCard:
+def _card(spec: ModelSpec, loaded: bool, default: bool) -> ModelCard:
     w, h = spec.default_size
     return ModelCard(id=spec.id, owned_by=spec.plugin or "imagegen", aliases=list(spec.aliases),
-                     tasks=list(spec.tasks), default_size=f"{w}x{h}", default_steps=spec.default_steps,
-                     options=sorted(spec.options), quantize_modes=list(spec.quantize_modes), loaded=loaded)
+                     description=spec.description, tasks=list(spec.tasks), default_size=f"{w}x{h}",
+                     size_multiple=spec.size_multiple, max_pixels=spec.max_pixels, default_steps=spec.default_steps,
+                     default_guidance=spec.default_guidance, default_dtype=spec.default_dtype,
+                     options=sorted(spec.options), quantize_modes=list(spec.quantize_modes), loaded=loaded,
+                     default=default)
+
+
+def _default_id(service: ImageService) -> str | None:
+    """The model a request that names none gets (None when that name does not resolve)."""
+    try:
+        return registry.get(service.default_model()).id
+    except ImagegenError:
+        return None
 
 
 def create_app(models: Sequence[str] = (), keep_alive: str | float | None = "5m", api_key: str | None = None,
@@ -364,14 +384,22 @@ def create_app(models: Sequence[str] = (), keep_alive: str | float | None = "5m"
             raise APIError(404, "No such image: it expired or never existed.", param="name", code="not_found")
         return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
+    def card(spec: ModelSpec) -> ModelCard:
+        return _card(spec, service.residency.is_loaded(spec.id), default=spec.id == _default_id(service))
+
     @app.get("/v1/models", response_model=ModelList, tags=["models"], summary="Models this server can run")
     async def list_models() -> ModelList:
-        return ModelList(data=[_card(s, service.residency.is_loaded(s.id)) for s in registry.all_specs()])
+        return ModelList(data=[card(s) for s in registry.all_specs()])
 
     @app.get("/v1/models/{model_id}", response_model=ModelCard, tags=["models"], summary="One model")
     async def get_model(model_id: str) -> ModelCard:
-        spec = registry.get(model_id)
-        return _card(spec, service.residency.is_loaded(spec.id))
+        return card(registry.get(model_id))
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(PAGE / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=PAGE), name="static")
 
     @app.get("/health", tags=["server"], summary="Liveness, queue and resident models")
     async def health() -> dict[str, Any]:

@@ -89,12 +89,18 @@ class ModelCard(BaseModel):
     created: int = 0
     owned_by: str
     aliases: list[str] = []
+    description: str = ""
     tasks: list[str] = []
     default_size: str = ""
+    size_multiple: int = 16  # imagegen: width and height must be multiples of this
+    max_pixels: int = 0  # imagegen: width * height at most
     default_steps: int | None = None
+    default_guidance: float | None = None
+    default_dtype: str = ""
     options: list[str] = []
     quantize_modes: list[str] = []
     loaded: bool = False
+    default: bool = False  # imagegen: the model a request without `model` gets
 
 
 class ModelList(BaseModel):
