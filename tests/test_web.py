@@ -277,6 +277,22 @@ def test_a_bad_request_shows_the_servers_message(server, browser):
     wait_for(browser, lambda d: generate_button(d).is_enabled())  # ready for the next try
 
 
+def test_stop_cancels_a_run(server, browser):
+    open_page(browser, server)
+    fill(browser, "prompt", "a slow circle")
+    fill(browser, "steps", "60")
+    generate_button(browser).click()
+    wait_for(browser, lambda d: d.find_element("id", "progress").text.startswith("Step"))
+    browser.find_element("xpath", "//button[normalize-space()='Stop']").click()
+    wait_for(browser, lambda d: generate_button(d).is_enabled())
+    assert not browser.find_element("id", "run").is_displayed() and gallery(browser) == []
+    assert not browser.find_element("id", "error").is_displayed()
+    deadline = time.time() + 30  # the server stops the run at its next step, long before step 60
+    while httpx.get(f"{server}/health").json()["queue"]["running"]:
+        assert time.time() < deadline
+        time.sleep(0.2)
+
+
 def test_api_key_is_asked_for_and_kept_for_the_tab(browser):
     with imagegen_serve("--api-key", "s3cret") as url:
         browser.get(url + "/")  # the page itself loads without the key
