@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -52,13 +53,15 @@ def _need_browser() -> None:
 
 # ---- a real `imagegen serve` process and a real browser ------------------------------------
 @contextmanager
-def imagegen_serve(*options: str) -> Iterator[str]:
-    """`imagegen serve --model flux2-demo` on a free loopback port; yields its base URL."""
+def imagegen_serve(*options: str, hub_cache: Path) -> Iterator[str]:
+    """`imagegen serve --model flux2-demo` on a free loopback port, with an empty Hugging Face cache (so only
+    the bundled demo has weights); yields its base URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "imagegen", "serve", "--port", str(port), "--model", MODEL,
-                             *options], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             *options], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "HF_HUB_CACHE": str(hub_cache)})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
@@ -76,9 +79,9 @@ def imagegen_serve(*options: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[str]:
+def server(tmp_path_factory) -> Iterator[str]:
     _need_browser()
-    with imagegen_serve() as url:
+    with imagegen_serve(hub_cache=tmp_path_factory.mktemp("hub")) as url:
         yield url
 
 
@@ -277,6 +280,31 @@ def test_a_bad_request_shows_the_servers_message(server, browser):
     wait_for(browser, lambda d: generate_button(d).is_enabled())  # ready for the next try
 
 
+def test_the_form_follows_the_model_and_a_missing_model_is_explained(server, browser):
+    from selenium.webdriver.support.ui import Select
+
+    open_page(browser, server)
+    shown = lambda id: browser.find_element("id", id).is_displayed()  # noqa: E731
+    assert not shown("guidance-field") and not shown("negative-field") and shown("reference-field")
+    Select(field(browser, "model")).select_by_value("flux2-klein-base-4b")  # CFG: guidance and a negative prompt
+    assert shown("guidance-field") and shown("negative-field")
+    assert field(browser, "guidance").get_attribute("placeholder") == "4"
+    assert field(browser, "steps").get_attribute("placeholder") == "50"
+    assert (field(browser, "width").get_attribute("value"), field(browser, "height").get_attribute("value")) == (
+        "1024", "1024")
+    presets = [o.text for o in Select(browser.find_element("id", "size-preset")).options]
+    assert "1024 × 1024" in presets and "1184 × 880" in presets  # 4:3 at the model's pixel count, multiples of 16
+
+    fill(browser, "prompt", "a lighthouse")
+    fill(browser, "negative_prompt", "blurry")
+    generate_button(browser).click()  # no weights in this test's cache: the stream ends with an error event
+    error = browser.find_element("id", "error")
+    wait_for(browser, lambda d: error.is_displayed())
+    assert "No weights for 'flux2-klein-base-4b'" in error.text and "imagegen pull" in error.text
+    Select(field(browser, "model")).select_by_value(MODEL)
+    assert not shown("guidance-field") and not shown("negative-field")
+
+
 def test_stop_cancels_a_run(server, browser):
     open_page(browser, server)
     fill(browser, "prompt", "a slow circle")
@@ -293,8 +321,8 @@ def test_stop_cancels_a_run(server, browser):
         time.sleep(0.2)
 
 
-def test_api_key_is_asked_for_and_kept_for_the_tab(browser):
-    with imagegen_serve("--api-key", "s3cret") as url:
+def test_api_key_is_asked_for_and_kept_for_the_tab(browser, tmp_path):
+    with imagegen_serve("--api-key", "s3cret", hub_cache=tmp_path) as url:
         browser.get(url + "/")  # the page itself loads without the key
         key = browser.find_element("name", "api_key")
         wait_for(browser, lambda d: key.is_displayed())
