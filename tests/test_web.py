@@ -286,6 +286,10 @@ def test_the_form_follows_the_model_and_a_missing_model_is_explained(server, bro
     open_page(browser, server)
     shown = lambda id: browser.find_element("id", id).is_displayed()  # noqa: E731
     assert not shown("guidance-field") and not shown("negative-field") and shown("reference-field")
+    missing = browser.find_element("css selector", "select[name=model] optgroup")  # listed apart: no weights here
+    assert "imagegen pull" in missing.get_attribute("label")
+    assert missing.find_elements("css selector", "option[value='flux2-klein-base-4b']")
+    assert not missing.find_elements("css selector", f"option[value='{MODEL}']")
     Select(field(browser, "model")).select_by_value("flux2-klein-base-4b")  # CFG: guidance and a negative prompt
     assert shown("guidance-field") and shown("negative-field")
     assert field(browser, "guidance").get_attribute("placeholder") == "4"

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .. import __version__, registry
+from .. import __version__, hub, registry
 from ..errors import ImagegenError, InvalidImageError
 from ..registry import IMAGE_EDIT, TEXT_TO_IMAGE, ModelSpec
 from .errors import APIError, api_error
@@ -330,7 +330,7 @@ def _card(spec: ModelSpec, loaded: bool, default: bool) -> ModelCard:
                      size_multiple=spec.size_multiple, max_pixels=spec.max_pixels, default_steps=spec.default_steps,
                      default_guidance=spec.default_guidance, default_dtype=spec.default_dtype,
                      options=sorted(spec.options), quantize_modes=list(spec.quantize_modes), loaded=loaded,
-                     default=default)
+                     available=not spec.needs_weights or hub.weights_present(spec) is not None, default=default)
 
 
 def _default_id(service: ImageService) -> str | None:

@@ -100,6 +100,7 @@ class ModelCard(BaseModel):
     options: list[str] = []
     quantize_modes: list[str] = []
     loaded: bool = False
+    available: bool = True  # imagegen: its weights are on this machine (or it needs none)
     default: bool = False  # imagegen: the model a request without `model` gets
 
 

@@ -126,12 +126,15 @@ async function loadModels() {
   const previous = select.value;
   select.replaceChildren();
   state.models.clear();
+  const missing = document.createElement("optgroup");
+  missing.label = "No weights on the server (imagegen pull ID)";
   for (const model of list.data) {
     state.models.set(model.id, model);
     const option = new Option(model.loaded ? `${model.id} (loaded)` : model.id, model.id);
     option.title = model.description || "";
-    select.add(option);
+    (model.available ? select : missing).append(option);
   }
+  if (missing.children.length) select.append(missing);
   const preferred = list.data.find((m) => m.default) || list.data.find((m) => m.loaded) || list.data[0];
   select.value = state.models.has(previous) ? previous : preferred ? preferred.id : "";
   $("server-status").textContent = `${list.data.length} models`;
