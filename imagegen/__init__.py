@@ -7,7 +7,7 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
 from . import registry
-from .config import HFConfig, Options
+from .config import HFConfig
 from .errors import (
     ImagegenError,
     InvalidImageError,
@@ -18,6 +18,7 @@ from .errors import (
     WeightsNotFoundError,
 )
 from .hookspecs import hookimpl
+from .options import Option
 from .pipeline import GenerationResult, Pipeline, Request, Run, Step, seeded_noise
 from .registry import IMAGE_EDIT, TEXT_TO_IMAGE, ModelSpec
 
@@ -28,7 +29,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "GenerationResult", "HFConfig", "IMAGE_EDIT", "ImagegenError", "InvalidImageError", "InvalidOptionError",
-    "ModelSpec", "Options", "Pipeline", "PluginError", "Request", "Run", "Step", "TEXT_TO_IMAGE",
+    "ModelSpec", "Option", "Pipeline", "PluginError", "Request", "Run", "Step", "TEXT_TO_IMAGE",
     "UnknownModelError", "WeightsError", "WeightsNotFoundError", "hookimpl", "registry", "seeded_noise",
     "__version__",
 ]

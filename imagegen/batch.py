@@ -1,7 +1,9 @@
 """Batch generation: prompts from a JSON-lines file to PNGs, resumable, in one process or on Ray workers.
 
-Each input line is a JSON object: `prompt` (required), optional `id`, `model`, `seed`, `size` ("WxH"),
-`steps`, `guidance`, `negative_prompt`; `Defaults` (the CLI options) fill in what a row leaves out. The
+Each input line is a JSON object: `prompt` (required), optional `id`, `model`, `size` ("WxH"), every option
+declared for batch in imagegen.options (`seed`, `steps`, `guidance`, `negative_prompt`, `tile`, `images`: paths
+relative to the prompts file) and `options` (the model's own, as `-O`); `Defaults` (the CLI options) fill in
+what a row leaves out. The
 output folder gets `<id>.png` (with the metadata `imagegen run` writes), `results.jsonl` (one line per
 PNG: id, file, model, seed, seconds, worker) and `failures.jsonl` (this run's failed rows and why).
 
@@ -28,19 +30,20 @@ from typing import IO, Any, Protocol
 import mlx.core as mx
 
 from . import registry
-from .errors import ImagegenError
+from .errors import ImagegenError, InvalidOptionError
 from .image import generation_metadata, png_bytes, read_metadata
-from .pipeline import Pipeline, check_size
+from .options import OPTIONS, OptionError, parse_size
+from .pipeline import Pipeline
+from .request import check_size
 
 RESULTS, FAILURES = "results.jsonl", "failures.jsonl"
-# the JSON types each input field may have, and their name in errors (JSON true is no seed: bools are refused)
+# the row fields that are not generate() options: the JSON types they may have, and their name in errors
 FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "prompt": ((str,), "a string"), "id": ((str, int), "a string or an integer"), "model": ((str,), "a string"),
-    "seed": ((int,), "an integer"), "size": ((str,), 'a string like "1024x768"'), "steps": ((int,), "an integer"),
-    "guidance": ((int, float), "a number"), "negative_prompt": ((str,), "a string"),
+    "size": ((str,), 'a string like "1024x768"'), "options": ((dict,), "an object of the model's options"),
 }
+ROW_OPTIONS = {o.name: o for o in OPTIONS if "batch" in o.fronts}  # every other key: a declared option
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # safe as a file name everywhere
-SIZE_PATTERN = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 
 
 class BatchInputError(ImagegenError):
@@ -60,6 +63,7 @@ class Defaults:
     guidance: float | None = None
     seed: int | None = None
     negative_prompt: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # any other declared option, by name
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,7 @@ class Row:
     steps: int | None = None
     guidance: float | None = None
     negative_prompt: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, hash=False)  # other options (tile, images, the model's)
 
     @property
     def file(self) -> str:
@@ -91,7 +96,7 @@ class Row:
     def options(self) -> dict[str, Any]:
         """The keyword options of Pipeline.generate for this row (unset ones left to the model)."""
         options = {"width": self.width, "height": self.height, "steps": self.steps, "guidance": self.guidance,
-                   "negative_prompt": self.negative_prompt}
+                   "negative_prompt": self.negative_prompt, **self.extra}
         return {"seed": self.seed, **{k: v for k, v in options.items() if v is not None}}
 
 
@@ -105,8 +110,9 @@ def derived_seed(row_id: str) -> int:
     return int(hashlib.sha256(f"seed:{row_id}".encode()).hexdigest()[:8], 16) % 2**31
 
 
-def parse_row(text: str, line: int, defaults: Defaults, where: str = "") -> Row:
-    """One input line -> a Row; anything malformed raises BatchInputError naming the line."""
+def parse_row(text: str, line: int, defaults: Defaults, where: str = "", folder: Path = Path()) -> Row:
+    """One input line -> a Row; anything malformed raises BatchInputError naming the line. Image paths are
+    relative to `folder` (the prompts file's)."""
     at = f"{where}line {line}"
     try:
         obj = json.loads(text)
@@ -114,13 +120,24 @@ def parse_row(text: str, line: int, defaults: Defaults, where: str = "") -> Row:
         raise BatchInputError(f"{at}: not valid JSON ({e.msg}).") from None
     if not isinstance(obj, dict):
         raise BatchInputError(f"{at}: expected a JSON object like {{\"prompt\": \"...\"}}, got {type(obj).__name__}.")
-    unknown = sorted(set(obj) - set(FIELDS))
+    unknown = sorted(set(obj) - set(FIELDS) - set(ROW_OPTIONS))
     if unknown:
-        raise BatchInputError(f"{at}: unknown field '{unknown[0]}' (fields: {', '.join(FIELDS)}).")
+        raise BatchInputError(f"{at}: unknown field '{unknown[0]}' (fields: {', '.join([*FIELDS, *ROW_OPTIONS])}).")
     for name, value in obj.items():
-        kinds, kind = FIELDS[name]
-        if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
-            raise BatchInputError(f"{at}: '{name}' must be {kind}, got {json.dumps(value)}.")
+        if value is None:
+            continue
+        if name in FIELDS:
+            kinds, kind = FIELDS[name]
+            if not isinstance(value, kinds) or isinstance(value, bool):
+                raise BatchInputError(f"{at}: '{name}' must be {kind}, got {json.dumps(value)}.")
+        elif ROW_OPTIONS[name].kind == "image":  # paths, loaded when the row is checked against its model
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                raise BatchInputError(f"{at}: '{name}' must be a list of image paths, got {json.dumps(value)}.")
+        else:
+            try:
+                ROW_OPTIONS[name].check(value)
+            except OptionError as e:
+                raise BatchInputError(f"{at}: {e.render(repr(name))}") from None
     if not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
         raise BatchInputError(f"{at}: missing 'prompt' (a non-empty string).")
     row_id = str(obj["id"]) if obj.get("id") is not None else row_hash(obj)
@@ -129,19 +146,23 @@ def parse_row(text: str, line: int, defaults: Defaults, where: str = "") -> Row:
                               "(it names the PNG file).")
     width, height = defaults.width, defaults.height
     if obj.get("size") is not None:
-        match = SIZE_PATTERN.match(obj["size"])
-        if match is None:
-            raise BatchInputError(f"{at}: 'size' must look like \"1024x768\", got {json.dumps(obj['size'])}.")
-        width, height = int(match.group(1)), int(match.group(2))
+        try:
+            width, height = parse_size(obj["size"], "'size'")
+        except InvalidOptionError as e:
+            raise BatchInputError(f"{at}: {e}") from None
 
     def pick(name: str) -> Any:
         return obj[name] if obj.get(name) is not None else getattr(defaults, name)
 
+    extra = {**defaults.options, **(obj.get("options") or {})}
+    for name in set(ROW_OPTIONS) - {"seed", "steps", "guidance", "negative_prompt"}:
+        if obj.get(name) is not None:
+            extra[name] = [folder / p for p in obj[name]] if ROW_OPTIONS[name].kind == "image" else obj[name]
     seed = pick("seed")
     return Row(
         id=row_id, line=line, prompt=obj["prompt"], model=pick("model") or registry.default_model() or "",
         seed=derived_seed(row_id) if seed is None else seed, width=width, height=height, steps=pick("steps"),
-        guidance=pick("guidance"), negative_prompt=pick("negative_prompt"),
+        guidance=pick("guidance"), negative_prompt=pick("negative_prompt"), extra=extra,
     )
 
 
@@ -159,7 +180,7 @@ def read_rows(path: str | Path, defaults: Defaults = Defaults()) -> list[Row]:
     for number, text in enumerate(lines, 1):
         if not text.strip():
             continue
-        row = parse_row(text, number, defaults, f"{path}: ")
+        row = parse_row(text, number, defaults, f"{path}: ", path.parent)
         if row.id in first_line:
             raise BatchInputError(f"{path}: line {number}: id '{row.id}' is already used on line "
                                   f"{first_line[row.id]} (identical rows draw identical images; give each an id "
@@ -172,7 +193,8 @@ def read_rows(path: str | Path, defaults: Defaults = Defaults()) -> list[Row]:
 
 
 def check_row(row: Row) -> Row:
-    """What can be checked without a pipeline (unknown model, bad size); the row with its model's id."""
+    """The model and the size, checked before any worker starts; the row with its model's id. The other options
+    go through the same request check in the worker's generate() (a refused row is recorded, the rest go on)."""
     if not row.model:
         raise ImagegenError("No model given and none installed.")
     spec = registry.get(row.model)

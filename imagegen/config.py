@@ -1,4 +1,4 @@
-"""Typed configs: frozen pydantic models parsed from HF config.json files, and strict user options."""
+"""Typed configs: frozen pydantic models parsed from HF config.json files (user options: imagegen.options)."""
 
 from __future__ import annotations
 
@@ -39,9 +39,3 @@ class HFConfig(BaseModel):
         except json.JSONDecodeError as e:
             raise WeightsError(f"{path} is not valid JSON: {e}") from None
         return cls.from_dict(data)
-
-
-class Options(BaseModel):
-    """User-facing options: unknown fields are errors, never silently ignored."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)

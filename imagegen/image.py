@@ -82,18 +82,16 @@ def save_png(image: Image.Image, path: str | Path, metadata: dict[str, Any] | No
 
 def generation_metadata(pipe: Pipeline, result: GenerationResult, index: int = 0, **fields: Any) -> dict[str, Any]:
     """The metadata of image `index` of a result, as `imagegen run` writes it (so `imagegen run --from`
-    reproduces that image alone); `fields` add to it or override it (reference image paths, a source)."""
+    reproduces that image alone); `fields` add to it or override it (a source, batch details)."""
     from . import __version__, hub
     from .plugins import plugin_info
+    from .request import metadata_entries
 
     spec, request = pipe.spec, result.request
     plugin = plugin_info(spec.plugin)
-    negatives = request.negative_prompts
     metadata = {
-        "prompt": request.prompts[index], "negative_prompt": negatives[index] if negatives else None,
-        "model": spec.id, "weights": hub.weights_identity(spec, pipe.weights), "seed": result.seeds[index],
-        "steps": request.steps, "guidance": request.guidance, "width": request.width, "height": request.height,
-        "quantize": pipe.quantize, "dtype": pipe.dtype, "images": [], "options": dict(request.extra),
+        "prompt": request.prompts[index], "model": spec.id, "weights": hub.weights_identity(spec, pipe.weights),
+        "quantize": pipe.quantize, "dtype": pipe.dtype, **metadata_entries(spec, request, index),
         "imagegen": __version__, "plugin": f"{plugin.distribution} {plugin.version}" if plugin else spec.plugin,
         "timings": {k: round(v, 4) for k, v in result.timings.items()},
     }

@@ -11,13 +11,12 @@ Pipelines are resident (weights stay loaded) and reusable; one lock serialises r
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,33 +24,10 @@ import mlx.core as mx
 from PIL import Image
 
 from .errors import InvalidOptionError
-from .image import load_image
 from .registry import ModelSpec
+from .request import Request, build_request, check_size
 
-
-@dataclass(frozen=True)
-class Request:
-    """One validated generation request; every field is final (defaults applied)."""
-
-    prompts: tuple[str, ...]  # one per image: each prompt repeated num_images times
-    width: int
-    height: int
-    steps: int
-    guidance: float | None
-    seeds: tuple[int, ...]  # one per image
-    negative_prompts: tuple[str, ...] | None = None
-    images: tuple[Image.Image, ...] = ()
-    latents: Any = None
-    tile: bool = False
-    num_images: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)  # family-specific options the spec declares
-
-    def option(self, name: str, default: Any = None) -> Any:
-        return self.extra.get(name, default)
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.prompts)
+__all__ = ["GenerationResult", "Pipeline", "Request", "Run", "Step", "check_size", "seeded_noise"]
 
 
 @dataclass
@@ -140,14 +116,18 @@ class Pipeline(ABC):
         return latents.astype(mx.float32)
 
     def default_size(self, images: Sequence[Image.Image]) -> tuple[int, int]:
-        """(width, height) when the caller gives none; editing models may follow the input image."""
-        return self.spec.default_size
+        """(width, height) when the caller gives none: the spec's `reference_size` of the first reference image,
+        else its `default_size` (override only for sizes that need the loaded weights)."""
+        from .request import default_size
+
+        return default_size(self.spec, images)
 
     # ---- the public API -----------------------------------------------------------------
-    def generate(self, prompt: str | Sequence[str], *, on_step: Callable[[Step], None] | None = None,
+    def generate(self, prompt: str | Sequence[str] | Request, *, on_step: Callable[[Step], None] | None = None,
                  **options: Any) -> GenerationResult:
         """Generate images. Options: width, height, steps, guidance, seed, negative_prompt, images,
-        latents, num_images, tile. Unsupported options raise InvalidOptionError."""
+        latents, num_images, tile and those in imagegen.options / the spec's extra_options; unsupported
+        options raise InvalidOptionError. `prompt` may also be a Request built by ``spec.request``."""
         run = self.denoise(prompt, **options)
         for step in run:
             if on_step is not None:
@@ -155,9 +135,11 @@ class Pipeline(ABC):
         assert run.result is not None
         return run.result
 
-    def denoise(self, prompt: str | Sequence[str], **options: Any) -> Run:
+    def denoise(self, prompt: str | Sequence[str] | Request, **options: Any) -> Run:
         """Like generate, but iterate the returned Run for per-step progress (and latents)."""
-        request = self.request(prompt, **options)
+        if isinstance(prompt, Request) and options:
+            raise InvalidOptionError("Give options either in the Request or as keywords, not both.")
+        request = prompt if isinstance(prompt, Request) else self.request(prompt, **options)
         timings: dict[str, float] = {}
         images: list[Image.Image] = []
 
@@ -166,7 +148,7 @@ class Pipeline(ABC):
                 start = time.perf_counter()
                 t = time.perf_counter()
                 conditioning = self.encode(request)  # 1. encode prompt (and reference images)
-                mx.eval(conditioning)
+                mx.eval(arrays(conditioning))  # MLX skips dataclasses: evaluate their arrays, so encode is timed here
                 timings["encode"] = time.perf_counter() - t
                 yield Step("encode", 1, 1, timings["encode"])
 
@@ -191,67 +173,22 @@ class Pipeline(ABC):
 
         return Run(steps(), finish)
 
-    def request(self, prompt: str | Sequence[str], *, width: int | None = None, height: int | None = None,
-                steps: int | None = None, guidance: float | None = None, seed: int | None = None,
-                negative_prompt: str | Sequence[str] | None = None, images: Sequence[Any] | None = None,
-                latents: Any = None, num_images: int = 1, tile: bool = False, **unknown: Any) -> Request:
-        """Check options against this model and fill in its defaults."""
-        spec = self.spec
-        foreign = sorted(k for k in unknown if k not in spec.extra_options)
-        if foreign:
-            raise InvalidOptionError(f"Model '{spec.id}' does not support the option(s): {', '.join(foreign)}.")
-        extra = {k: spec.extra_options[k](v) for k, v in unknown.items() if v is not None}
-        given = {"guidance": guidance is not None, "negative_prompt": negative_prompt is not None,
-                 "images": bool(images), "latents": latents is not None, "tile": bool(tile)}
-        for option, used in given.items():
-            if used and not spec.accepts(option):
-                raise InvalidOptionError(f"Model '{spec.id}' does not support the option '{option}'.")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise InvalidOptionError("prompt must be a string or a non-empty list of strings.")
-        if not isinstance(num_images, int) or num_images < 1:
-            raise InvalidOptionError(f"num_images must be >= 1, got {num_images}.")
-        loaded = tuple(load_image(i) for i in images or ())
-        if width is None or height is None:
-            default_w, default_h = self.default_size(loaded)
-            width, height = width or default_w, height or default_h
-        check_size(spec, width, height)
-        steps = spec.default_steps if steps is None else steps
-        if not isinstance(steps, int) or steps < 1:
-            raise InvalidOptionError(f"steps must be a positive integer, got {steps}.")
-        if guidance is None:
-            guidance = spec.default_guidance
-        elif guidance < 0:
-            raise InvalidOptionError(f"guidance must be >= 0, got {guidance}.")
-        negatives = None
-        if negative_prompt is not None:
-            negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
-            if len(negatives) not in (1, len(prompts)):
-                raise InvalidOptionError("Give one negative prompt, or one per prompt.")
-            negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
-            negatives = tuple(n for n in negatives for _ in range(num_images))
-        if seed is None:
-            seed = random.randrange(2**31)
-        if not isinstance(seed, int) or seed < 0:
-            raise InvalidOptionError(f"seed must be a non-negative integer, got {seed}.")
-        count = len(prompts) * num_images
-        return Request(
-            prompts=tuple(p for p in prompts for _ in range(num_images)),
-            width=width, height=height, steps=steps, guidance=guidance,
-            seeds=tuple(seed + i for i in range(count)), negative_prompts=negatives,
-            images=loaded, latents=latents, tile=bool(tile), num_images=num_images, extra=extra,
-        )
+    def request(self, prompt: str | Sequence[str], **options: Any) -> Request:
+        """Check options against this model and fill in its defaults (imagegen.request.build_request)."""
+        return build_request(self.spec, prompt, size_for=self.default_size, **options)
 
 
-def check_size(spec: ModelSpec, width: int, height: int) -> None:
-    m = spec.size_multiple
-    for name, value in (("width", width), ("height", height)):
-        if not isinstance(value, int) or value < m or value % m:
-            raise InvalidOptionError(f"{name} must be a positive multiple of {m}, got {value}.")
-    if width * height > spec.max_pixels:
-        raise InvalidOptionError(
-            f"{width}x{height} is larger than '{spec.id}' allows ({spec.max_pixels} pixels)."
-        )
+def arrays(tree: Any) -> list[mx.array]:
+    """Every mx.array inside a value: dataclasses, lists, tuples and dicts are searched."""
+    if isinstance(tree, mx.array):
+        return [tree]
+    if is_dataclass(tree) and not isinstance(tree, type):
+        return [a for f in fields(tree) for a in arrays(getattr(tree, f.name))]
+    if isinstance(tree, list | tuple):
+        return [a for item in tree for a in arrays(item)]
+    if isinstance(tree, dict):
+        return [a for item in tree.values() for a in arrays(item)]
+    return []
 
 
 def seeded_noise(shape: Sequence[int], seeds: Sequence[int], dtype: mx.Dtype = mx.float32) -> mx.array:

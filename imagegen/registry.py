@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Any
 from .errors import InvalidOptionError, UnknownModelError
 
 if TYPE_CHECKING:
-    from .pipeline import Pipeline
+    from PIL import Image
 
-# Options of Pipeline.generate() that only some models accept; the rest (prompt, size, steps,
-# seed, num_images) every model takes.
-OPTIONAL_OPTIONS = ("guidance", "negative_prompt", "images", "latents", "tile")
+    from .options import Option
+    from .pipeline import Pipeline
+    from .request import Request
+
 TEXT_TO_IMAGE, IMAGE_EDIT = "text-to-image", "image-edit"
 
 
@@ -39,12 +40,15 @@ class ModelSpec:
     max_pixels: int = 2048 * 2048
     size_multiple: int = 16
     tasks: tuple[str, ...] = (TEXT_TO_IMAGE,)
-    options: frozenset[str] = frozenset()  # subset of OPTIONAL_OPTIONS this model accepts
-    # family-specific generate() options: name -> parser that validates a value (raises InvalidOptionError)
-    extra_options: dict[str, Callable[[Any], Any]] = field(default_factory=dict, hash=False, compare=False)
+    options: frozenset[str] = frozenset()  # the gated core options (imagegen.options.OPTIONS) this model accepts
+    # the family's own options (read with request.option(name)); a {name: parser} mapping is also accepted
+    extra_options: Sequence[Option] | dict[str, Callable[[Any], Any]] = field(default=(), hash=False, compare=False)
+    # (width, height) to draw when the caller gives reference images but no size; None: default_size
+    reference_size: Callable[[Image.Image], tuple[int, int]] | None = field(default=None, hash=False, compare=False)
     quantize_modes: tuple[str, ...] = ()  # accepted --quantize values; empty = no quantization
     default_dtype: str = "bfloat16"
     family_default: bool = False  # the family name resolves to this variant
+    run_default: bool = False  # `imagegen run` uses this model when neither --model nor $IMAGEGEN_MODEL names one
     # estimate_memory(spec, weights: Path | None, dtype, quantize, width, height, batch) -> bytes at peak
     estimate_memory: Callable[..., int] | None = None
     plugin: str = ""  # filled in by the registry
@@ -52,6 +56,12 @@ class ModelSpec:
 
     def accepts(self, option: str) -> bool:
         return option in self.options
+
+    def request(self, prompt: str | Sequence[str], **options: Any) -> Request:
+        """Check generate() options against this model and fill in its defaults, without loading weights."""
+        from .request import build_request
+
+        return build_request(self, prompt, **options)
 
     def check_quantize(self, quantize: str | None) -> str | None:
         """The normalized quantization mode, or InvalidOptionError when this model does not support it."""
@@ -167,9 +177,11 @@ def suggest(name: str, n: int = 3) -> list[str]:
 
 
 def default_model() -> str | None:
-    """The model `imagegen run` uses without --model: $IMAGEGEN_MODEL, else the demo model."""
+    """The model `imagegen run` uses without --model: $IMAGEGEN_MODEL, else the one a plugin marks
+    `run_default` (the bundled demo model), else the first installed."""
     env = os.environ.get("IMAGEGEN_MODEL")
     if env:
         return env
     specs = _registry()
-    return "flux2-demo" if "flux2-demo" in specs else next(iter(sorted(specs)), None)
+    marked = sorted(i for i, s in specs.items() if s.run_default)
+    return next(iter(marked or sorted(specs)), None)

@@ -15,8 +15,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..batch import FAILURES, Defaults, LoadOptions, Summary, run_batch
 from ..errors import InvalidOptionError
+from ..options import parse_size
 from . import app, error, handle_errors
-from .generate import parse_size
 
 
 class BatchProgress:
@@ -92,7 +92,7 @@ def batch(
                             "the one `ray start` runs, or a cluster address (needs imagegen[ray])."),
     workers: int = typer.Option(None, "--workers", help="Ray workers (default: one per GPU; 1 without GPUs)."),
     model: str = typer.Option(None, "--model", "-m", help="Model for rows that name none (default: $IMAGEGEN_MODEL "
-                              "or flux2-demo)."),
+                              "or the bundled demo model)."),
     size: str = typer.Option(None, "--size", help="WIDTHxHEIGHT for rows without 'size' (default: the model's)."),
     steps: int = typer.Option(None, "--steps", "-s", help="Steps for rows without 'steps' (default: the model's)."),
     guidance: float = typer.Option(None, "--guidance", "-g", help="Guidance for rows without 'guidance'."),
@@ -113,7 +113,7 @@ def batch(
         raise InvalidOptionError(f"--steps must be >= 1, got {steps}.")
     if seed is not None and seed < 0:
         raise InvalidOptionError(f"--seed must be >= 0, got {seed}.")
-    width, height = parse_size(size) if size is not None else (None, None)
+    width, height = parse_size(size, "--size") if size is not None else (None, None)
     defaults = Defaults(model=model, width=width, height=height, steps=steps, guidance=guidance, seed=seed,
                         negative_prompt=negative)
     with BatchProgress(quiet or as_json) as progress:

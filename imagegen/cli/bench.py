@@ -15,10 +15,10 @@ import mlx.core as mx
 import typer
 
 from .. import __version__, hub, registry
+from ..options import parse_size
 from ..pipeline import Pipeline, check_size
 from ..weights import random_weights
 from . import app, handle_errors
-from .generate import parse_size
 
 GB = 1e9
 DEFAULT_PROMPT = "a red fox sitting in fresh snow at dawn, telephoto, soft golden light, detailed fur"
@@ -134,7 +134,7 @@ def bench_pipeline(pipe: Pipeline, prompt: str, width: int, height: int, steps: 
 @handle_errors
 def bench(
     model: str = typer.Option(None, "--model", "-m", help="Model id, alias or family (default: $IMAGEGEN_MODEL "
-                              "or flux2-demo)."),
+                              "or the bundled demo model)."),
     weights: str = typer.Option(None, "--weights", help="Weights folder or Hugging Face repo id (cached)."),
     random: bool = typer.Option(False, "--random", help="Random weights of the checkpoint's configs: only its "
                                 "config and tokenizer files are read (speed and memory, not images)."),
@@ -149,7 +149,7 @@ def bench(
 ) -> None:
     """Time a model here: load, prompt encode, one denoise step, decode, end to end, and peak memory."""
     spec = registry.get(model or registry.default_model() or "")
-    width, height = parse_size(size) if size else spec.default_size
+    width, height = parse_size(size, "--size") if size else spec.default_size
     check_size(spec, width, height)
     quantize = spec.check_quantize(quantize)
     path = hub.resolve_weights(spec, weights)

@@ -11,24 +11,15 @@ from typing import Any
 
 import typer
 
-from .. import hub, registry
+from .. import distributed, hub, registry
 from ..errors import InvalidOptionError
-from ..image import generation_metadata, load_image, read_metadata, save_png
+from ..image import generation_metadata, read_metadata, save_png
 from ..memory import preflight
-from ..pipeline import check_size
+from ..options import family_options, parse_size
+from ..request import given, replayed
 from . import app, handle_errors
+from .options import cli_options, flag_errors, with_flags
 from .progress import RunProgress
-
-# CLI flag -> the generate() option it needs the model to accept
-FLAG_OPTIONS = {"--negative": "negative_prompt", "--image": "images", "--guidance": "guidance", "--tile": "tile"}
-
-
-def parse_size(size: str) -> tuple[int, int]:
-    try:
-        w, h = size.lower().split("x")
-        return int(w), int(h)
-    except ValueError:
-        raise InvalidOptionError(f"--size must look like 1024x768, got '{size}'.") from None
 
 
 def output_paths(output: Path | None, model: str, seed: int, count: int) -> list[Path]:
@@ -90,30 +81,25 @@ def read_prompt(prompt: str | None) -> str | None:
 
 @app.command()
 @handle_errors
+@with_flags(cli_options())
 def run(
     prompt: str = typer.Argument(None, help="What to draw; '-' reads it from standard input."),
     model: str = typer.Option(None, "--model", "-m", help="Model id, alias or family (default: $IMAGEGEN_MODEL "
-                              "or flux2-demo)."),
+                              "or the bundled demo model)."),
     output: Path = typer.Option(None, "--output", "-o", help="PNG file or folder (default: a new file here)."),
-    size: str = typer.Option(None, "--size", help="WIDTHxHEIGHT, multiples of 16."),
-    width: int = typer.Option(None, "--width", "-W", help="Width in pixels."),
-    height: int = typer.Option(None, "--height", "-H", help="Height in pixels."),
-    steps: int = typer.Option(None, "--steps", "-s", help="Denoising steps (default: the model's)."),
-    guidance: float = typer.Option(None, "--guidance", "-g", help="Guidance scale (models with CFG)."),
-    seed: int = typer.Option(None, "--seed", help="Random seed (default: random; always printed and saved)."),
-    count: int = typer.Option(1, "--count", "-n", help="Number of images."),
-    negative: str = typer.Option(None, "--negative", help="Negative prompt (models that accept one)."),
-    image: list[Path] = typer.Option(None, "--image", "-i", help="Reference image for editing models; repeatable."),
+    size: str = typer.Option(None, "--size", help="WIDTHxHEIGHT, multiples of 16 (default: the model's, or the "
+                             "first --image's for editing models)."),
     weights: str = typer.Option(None, "--weights", help="Weights folder or Hugging Face repo id (cached)."),
     quantize: str = typer.Option(None, "--quantize", "-q", help="Quantize weights: 4, 8, mxfp8, mxfp4, nvfp4, ..."),
     dtype: str = typer.Option(None, "--dtype", help="bfloat16 (default), float16 or float32."),
-    tile: bool = typer.Option(False, "--tile", help="Decode the image in tiles (less memory)."),
     option: list[str] = typer.Option(None, "--option", "-O", help="A model-specific option NAME=VALUE, e.g. "
                                      "cfg_truncation=0.9 (zimage); repeatable."),
     from_image: Path = typer.Option(None, "--from", help="Reuse the settings saved in an imagegen PNG."),
     force: bool = typer.Option(False, "--force", help="Run even if the memory estimate says it will not fit."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+    gpus: int = typer.Option(1, "--gpus", help="Spread one image over N GPUs (one process each; FLUX.2 models)."),
+    flags: dict[str, Any] | None = None,
 ) -> None:
     """Generate images from a text prompt."""
     saved: dict[str, Any] = read_metadata(from_image) if from_image is not None else {}
@@ -121,61 +107,46 @@ def run(
     if not prompt:
         raise InvalidOptionError("Give a prompt (or '-' to read it from standard input).")
     spec = registry.get(model or saved.get("model") or registry.default_model() or "")
+    given_flags = {k: v for k, v in (flags or {}).items() if given(v)}
     if size is not None:
-        width, height = parse_size(size)
-    width = width if width is not None else saved.get("width", spec.default_size[0])
-    height = height if height is not None else saved.get("height", spec.default_size[1])
-    steps = steps if steps is not None else saved.get("steps")
-    guidance = guidance if guidance is not None else (saved.get("guidance") if "guidance" in spec.options else None)
-    negative = negative if negative is not None else saved.get("negative_prompt")
-    seed = seed if seed is not None else saved.get("seed")
-    quantize = quantize or saved.get("quantize")
-    dtype = dtype or saved.get("dtype")
-    weights = weights or _saved_weights(saved)
-    image = image or [Path(p) for p in saved.get("images", [])]
-    extra = {**saved.get("options", {}), **parse_options(option or [])}
-    unknown = sorted(set(extra) - set(spec.extra_options))
+        given_flags["width"], given_flags["height"] = parse_size(size, "--size")
+    family = parse_options(option or [])
+    unknown = sorted(set(family) - {o.name for o in family_options(spec.extra_options)})
     if unknown:
         raise InvalidOptionError(f"Model '{spec.id}' does not support --option {unknown[0]}.")
-
-    given = {"--negative": negative is not None, "--image": bool(image), "--guidance": guidance is not None,
-             "--tile": tile}
-    for flag, used in given.items():
-        if used and not spec.accepts(FLAG_OPTIONS[flag]):
-            raise InvalidOptionError(f"Model '{spec.id}' does not support {flag}.")
-    quantize = spec.check_quantize(quantize)
-    if count < 1:
-        raise InvalidOptionError(f"--count must be >= 1, got {count}.")
-    if steps is not None and steps < 1:
-        raise InvalidOptionError(f"--steps must be >= 1, got {steps}.")
-    if seed is not None and seed < 0:
-        raise InvalidOptionError(f"--seed must be >= 0, got {seed}.")
-    check_size(spec, width, height)
-    references = [load_image(p) for p in image]
-    seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
-    paths = output_paths(output, spec.id, seed, count)
+    with flag_errors():
+        values = replayed(spec, saved, [from_image.parent, Path.cwd()]) if saved else {}
+        request = spec.request(prompt, **{**values, **family, **given_flags})  # every check, before any load
+    quantize = spec.check_quantize(quantize or saved.get("quantize"))
+    dtype = dtype or saved.get("dtype")
+    weights = weights or _saved_weights(saved)
+    paths = output_paths(output, spec.id, request.seeds[0], request.batch_size)
     check_writable(paths[0].parent)
+    if gpus != 1 and distributed.WORLD_ENV not in os.environ:
+        if gpus < 1:
+            raise InvalidOptionError(f"--gpus must be >= 1, got {gpus}.")
+        if not spec.extra.get("sequence_parallel"):
+            raise InvalidOptionError(f"Model '{spec.id}' cannot spread one image over several GPUs (--gpus).")
+        # every rank runs this command with the seed fixed here, so all draw the same noise
+        argv = [sys.executable, "-m", "imagegen", *sys.argv[1:], "--seed", str(request.seeds[0])]
+        raise typer.Exit(distributed.launch(argv, gpus))
 
     path = hub.resolve_weights(spec, weights)
     if spec.estimate_memory is not None:
-        needed = spec.estimate_memory(spec, path, dtype or spec.default_dtype, quantize, width, height, count)
+        needed = spec.estimate_memory(spec, path, dtype or spec.default_dtype, quantize, request.width,
+                                      request.height, request.batch_size)
         preflight(needed, spec.id, force)
 
     with RunProgress(quiet or as_json) as progress:
         pipe = spec.pipeline(weights=path, dtype=dtype, quantize=quantize, on_load=progress.on_load)
-        options: dict[str, Any] = {"width": width, "height": height, "steps": steps, "seed": seed,
-                                   "num_images": count}
-        optional = {"guidance": guidance, "negative_prompt": negative, "images": references or None,
-                    "tile": tile or None}
-        options.update({k: v for k, v in optional.items() if v is not None}, **extra)
-        result = pipe.generate(prompt, on_step=progress.on_step, **options)
+        result = pipe.generate(request, on_step=progress.on_step)
 
     for i, (img, path_out) in enumerate(zip(result.images, paths)):
         # image i of a batch is image 0 of a run with seed + i: --from reproduces it alone
-        save_png(img, path_out, generation_metadata(pipe, result, i, images=[str(p) for p in image], options=extra))
+        save_png(img, path_out, generation_metadata(pipe, result, i))
     if as_json:
         typer.echo(json.dumps({"model": spec.id, "images": [str(p) for p in paths], "seeds": result.seeds,
-                               "steps": result.request.steps, "width": width, "height": height,
+                               "steps": request.steps, "width": request.width, "height": request.height,
                                "timings": result.timings}))
     else:
         for p, s in zip(paths, result.seeds):

@@ -30,9 +30,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__, hub, registry
 from ..errors import ImagegenError, InvalidImageError
+from ..options import image_input
 from ..registry import IMAGE_EDIT, TEXT_TO_IMAGE, ModelSpec
 from .errors import APIError, api_error
 from .schemas import (
+    UPLOADS,
     EditRequest,
     ErrorResponse,
     GenerationRequest,
@@ -158,13 +160,18 @@ def _decode_image(data: bytes, name: str) -> Image.Image:
     try:
         with Image.open(BytesIO(data)) as img:
             img.load()
-            return img.convert("RGB")
+            return image_input(img.convert("RGB"), name=Path(name).name, data=data)  # remembered by name + sha256
     except Exception as e:  # PIL raises many kinds (incl. DecompressionBombError) for bad uploads
         raise InvalidImageError(f"Upload '{name}' is not a readable image ({type(e).__name__}).") from None
 
 
-async def _read_edit_form(request: Request, limits: Limits) -> tuple[EditRequest, list[Image.Image], list[str]]:
-    """The multipart body of an edit: the images (decoded off the event loop) and the other fields."""
+Uploads = dict[str, list[Image.Image]]
+
+
+async def _read_edit_form(request: Request, limits: Limits) -> tuple[EditRequest, list[Image.Image], list[str],
+                                                                    Uploads]:
+    """The multipart body of an edit: the images (decoded off the event loop), the uploads of declared image
+    options (imagegen.options, e.g. a mask) by field name, and the other fields."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise APIError(400, "Edits take multipart/form-data: the image file(s) and the fields.",
                        code="invalid_content_type")
@@ -172,8 +179,11 @@ async def _read_edit_form(request: Request, limits: Limits) -> tuple[EditRequest
         async with request.form(max_files=limits.max_images_in, max_fields=64) as form:
             fields: dict[str, Any] = {}
             uploads: list[UploadFile] = []
+            declared: list[tuple[str, UploadFile]] = []
             for name, value in form.multi_items():
-                if name in IMAGE_FIELDS:
+                if name in UPLOADS and isinstance(value, UploadFile):
+                    declared.append((name, value))
+                elif name in IMAGE_FIELDS:
                     if not isinstance(value, UploadFile):
                         raise APIError(400, f"'{name}' must be a file upload.", param="image", code="invalid_image")
                     uploads.append(value)
@@ -186,6 +196,7 @@ async def _read_edit_form(request: Request, limits: Limits) -> tuple[EditRequest
                 else:
                     fields[name] = value
             blobs = [(await u.read(), u.filename or f"image {i}") for i, u in enumerate(uploads)]
+            option_blobs = [(field, await u.read(), u.filename or field) for field, u in declared]
     except (MultiPartException, HTTPException) as e:  # Starlette reports parser errors as a 400 HTTPException
         if isinstance(e, HTTPException) and e.status_code != 400:
             raise
@@ -196,7 +207,10 @@ async def _read_edit_form(request: Request, limits: Limits) -> tuple[EditRequest
     except ValidationError as e:
         raise validation_error(e.errors()) from None
     images = [await asyncio.to_thread(_decode_image, data, name) for data, name in blobs]
-    return options, images, [name for _, name in blobs]
+    files: Uploads = {}
+    for field, data, name in option_blobs:
+        files.setdefault(field, []).append(await asyncio.to_thread(_decode_image, data, name))
+    return options, images, [name for _, name in blobs], files
 
 
 def _client(request: Request, options: ImageOptions) -> str:
@@ -372,8 +386,8 @@ def create_app(models: Sequence[str] = (), keep_alive: str | float | None = "5m"
     @app.post("/v1/images/edits", response_model=ImagesResponse, tags=["images"], openapi_extra=form_schema(),
               summary="Edit or combine images following a prompt (multipart/form-data)")
     async def edits(request: Request) -> Response:
-        options, images, names = await _read_edit_form(request, settings)
-        plan = service.plan(options, IMAGE_EDIT, images, names)
+        options, images, names, files = await _read_edit_form(request, settings)
+        plan = service.plan(options, IMAGE_EDIT, images, names, files)
         return await responder.answer(request, plan, options, "image_edit")
 
     @app.get("/v1/files/images/{name}", tags=["images"], summary="An image made with response_format='url'",

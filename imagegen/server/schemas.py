@@ -6,27 +6,33 @@ here also picks the client's line in the fair queue.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from ..errors import InvalidOptionError
+from ..options import OPTIONS, Option
+from ..options import parse_size as parse_text_size
 
-_SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+_TYPES: dict[str, Any] = {"int": int, "float": float, "bool": bool, "str": str, "choice": str, "any": Any}
+UPLOADS = {o.name for o in OPTIONS if "server" in o.fronts and o.kind == "image"}  # multipart file fields
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
     """"WxH" -> (width, height); None or "auto" -> the model's default (None, None)."""
     if size is None or size.strip().lower() == "auto":
         return None, None
-    match = _SIZE.match(size)
-    if match is None:
-        raise InvalidOptionError(f"Invalid size '{size}': use 'WIDTHxHEIGHT' (e.g. '1024x768') or 'auto'.")
-    return int(match.group(1)), int(match.group(2))
+    return parse_text_size(size)
 
 
-class ImageOptions(BaseModel):
+def option_field(option: Option) -> tuple[Any, Any]:
+    """A declared option as a JSON field: its type, range and help (the request check enforces them again)."""
+    kind = _TYPES[option.kind]
+    annotation = list[kind] if option.repeatable else kind  # type: ignore[valid-type]
+    bounds = {k: v for k, v in (("ge", option.minimum), ("le", option.maximum)) if v is not None}
+    return annotation | None, Field(None, description=f"imagegen: {option.help}", **bounds)
+
+
+class OpenAIOptions(BaseModel):
     """Fields shared by generations (JSON) and edits (multipart form)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -41,11 +47,15 @@ class ImageOptions(BaseModel):
     partial_images: int | None = Field(0, ge=0, le=3, description="Previews to stream during denoising (0-3).")
     output_format: Literal["png"] | None = Field(None, description="Only 'png'.")
     user: str | None = Field(None, max_length=256, description="End-user id; requests queue fairly per user.")
-    seed: int | None = Field(None, ge=0, lt=2**31, description="imagegen: seed of the first image (+i for image i).")
-    steps: int | None = Field(None, ge=1, description="imagegen: denoising steps (default: the model's).")
-    guidance: float | None = Field(None, ge=0, description="imagegen: guidance scale, for models that take it.")
-    negative_prompt: str | None = Field(None, description="imagegen: for models that accept one.")
     quantize: str | None = Field(None, description="imagegen: quantization of the resident model, e.g. '4', '8'.")
+    options: dict[str, Any] | None = Field(None, description="imagegen: the model's own options (see /v1/models).")
+
+
+# OpenAI's fields plus one per option declared for the server (imagegen.options)
+ImageOptions = create_model(
+    "ImageOptions", __base__=OpenAIOptions, __doc__="Fields shared by generations (JSON) and edits (multipart form).",
+    **{o.name: option_field(o) for o in OPTIONS if "server" in o.fronts and o.name not in UPLOADS},
+)
 
 
 class GenerationRequest(ImageOptions):

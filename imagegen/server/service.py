@@ -6,10 +6,11 @@ Everything here is framework-free; app.py only translates HTTP to plans and outc
 from __future__ import annotations
 
 import logging
-import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -17,11 +18,12 @@ from PIL import Image
 from .. import __version__, hub, memory, registry
 from ..errors import ImagegenError
 from ..image import generation_metadata, png_bytes
-from ..pipeline import Pipeline, Step, check_size
+from ..options import OPTIONS, OptionError, UnsupportedOptionError, family_options, image_input
+from ..pipeline import Pipeline, Request, Step, check_size
 from ..registry import IMAGE_EDIT, ModelSpec
 from .errors import APIError
 from .residency import Residency
-from .schemas import ImageOptions, parse_size
+from .schemas import UPLOADS, ImageOptions, parse_size
 from .settings import Limits
 from .store import ImageStore
 from .worker import DeviceWorker, Job
@@ -32,21 +34,24 @@ log = logging.getLogger("imagegen.server")
 
 @dataclass(frozen=True)
 class Plan:
-    """A validated request: everything the device needs, defaults still left to the model."""
+    """A validated request: everything the device needs (the shared request check has run)."""
 
     spec: ModelSpec
-    prompt: str
-    n: int
-    width: int | None
-    height: int | None
-    seed: int
-    steps: int | None = None
-    guidance: float | None = None
-    negative_prompt: str | None = None
+    request: Request  # all n images; the device runs it in parts that fit memory
     quantize: str | None = None
-    images: tuple[Image.Image, ...] = ()
     partial_images: int = 0
-    image_names: tuple[str, ...] = ()
+
+    @property
+    def n(self) -> int:
+        return self.request.batch_size
+
+    @property
+    def width(self) -> int:
+        return self.request.width
+
+    @property
+    def height(self) -> int:
+        return self.request.height
 
 
 @dataclass
@@ -110,8 +115,9 @@ class ImageService:
         return name
 
     def plan(self, options: ImageOptions, task: str, images: Sequence[Image.Image] = (),
-             image_names: Sequence[str] = ()) -> Plan:
-        """Check everything that can be checked before the request waits in the queue."""
+             image_names: Sequence[str] = (), files: dict[str, list[Image.Image]] | None = None) -> Plan:
+        """Check everything that can be checked before the request waits in the queue. `files`: uploads of
+        declared image options by field name (one each unless the option is repeatable)."""
         spec = registry.get(options.model or self.default_model())
         if task not in spec.tasks:
             able = [s.id for s in registry.all_specs() if task in s.tasks]
@@ -127,24 +133,31 @@ class ImageService:
         if options.steps is not None and options.steps > self.limits.max_steps:
             raise APIError(400, f"steps must be at most {self.limits.max_steps}, got {options.steps}.",
                            param="steps", code="invalid_value")
-        for name in ("guidance", "negative_prompt"):
-            if getattr(options, name) is not None and not spec.accepts(name):
-                raise APIError(400, f"Model '{spec.id}' does not support the option '{name}'.", param=name,
-                               code="unsupported_option")
         if task == IMAGE_EDIT and not images:
             raise APIError(400, "Give at least one image to edit (multipart field 'image' or 'image[]').",
                            param="image", code="missing_image")
         if len(images) > self.limits.max_images_in:
             raise APIError(400, f"At most {self.limits.max_images_in} images per request, got {len(images)}.",
                            param="image", code="invalid_value")
-        return Plan(
-            spec=spec, prompt=options.prompt, n=n, width=width, height=height,
-            seed=options.seed if options.seed is not None else random.randrange(2**31),
-            steps=options.steps, guidance=options.guidance, negative_prompt=options.negative_prompt,
-            quantize=_checked(lambda: _quantize(spec, options.quantize), "quantize"),
-            images=tuple(images), partial_images=(options.partial_images or 0) if options.stream else 0,
-            image_names=tuple(image_names),
-        )
+        family = options.options or {}
+        unknown = sorted(set(family) - {o.name for o in family_options(spec.extra_options)})
+        if unknown:
+            raise APIError(400, f"Model '{spec.id}' does not support the option '{unknown[0]}'.", param="options",
+                           code="unsupported_option")
+        values = {o.name: getattr(options, o.name) for o in OPTIONS if "server" in o.fronts and o.name not in UPLOADS}
+        for option in (o for o in OPTIONS if o.name in (files or {})):
+            uploaded = files[option.name]
+            if len(uploaded) > 1 and not option.repeatable:
+                raise APIError(400, f"Give one '{option.name}' file.", param=option.name, code="invalid_value")
+            values[option.name] = uploaded if option.repeatable else uploaded[0]
+        names = [*image_names, *[None] * len(images)]  # uploads are recorded by base name, never as a path
+        images = [image_input(i, name=Path(n).name if n else None) for i, n in zip(images, names)]
+        with request_errors():
+            request = spec.request(options.prompt, width=width, height=height, num_images=n, images=list(images),
+                                   **values, **family)
+        return Plan(spec=spec, request=request,
+                    quantize=_checked(lambda: _quantize(spec, options.quantize), "quantize"),
+                    partial_images=(options.partial_images or 0) if options.stream else 0)
 
     # ---- running -------------------------------------------------------------------------
     def submit(self, plan: Plan, client: str, emit: Emit | None = None) -> Job:
@@ -152,56 +165,42 @@ class ImageService:
         return self.worker.submit(client, lambda job: self._run(plan, job, emit or (lambda event: None)))
 
     def _run(self, plan: Plan, job: Job, emit: Emit) -> Outcome:
-        """On the device worker: load if needed, then generate in batches that fit memory."""
+        """On the device worker: load if needed, then generate in parts that fit memory."""
         job.check()
-        spec = plan.spec
+        spec, request = plan.spec, plan.request
         with self.residency.use(spec, plan.quantize, on_load=lambda m: emit({"stage": "load", "model": m})) as pipe:
-            width, height = plan.width, plan.height
-            if width is None or height is None:
-                width, height = pipe.default_size(plan.images)
-            batch = self.residency.fit_batch(spec, plan.quantize, width, height, plan.n, self.limits.max_batch)
+            batch = self.residency.fit_batch(spec, plan.quantize, request.width, request.height, plan.n,
+                                             self.limits.max_batch)
             images: list[Image.Image] = []
             timings: dict[str, float] = {}
             for first in range(0, plan.n, batch):
-                count = min(batch, plan.n - first)
-                options = _options(plan, width, height, plan.seed + first, count)
-                result = pipe.generate(plan.prompt, on_step=self._on_step(pipe, plan, job, emit, options, first),
-                                       **options)
+                part = request.part(first, min(batch, plan.n - first))
+                result = pipe.generate(part, on_step=self._on_step(pipe, plan, part, job, emit, first))
                 images.extend(result.images)
                 for stage, seconds in result.timings.items():
                     timings[stage] = timings.get(stage, 0.0) + seconds
-            request = result.request
-            return Outcome(images, [plan.seed + i for i in range(plan.n)], request.width, request.height,
-                           request.steps, request.guidance, self._metadata(plan, pipe, result, timings), timings)
+            metadata = generation_metadata(pipe, result, 0, source="imagegen serve",
+                                           timings={k: round(v, 4) for k, v in timings.items()})
+            return Outcome(images, list(request.seeds), request.width, request.height, request.steps,
+                           request.guidance, metadata, timings)
 
-    def _on_step(self, pipe: Pipeline, plan: Plan, job: Job, emit: Emit, options: dict[str, Any],
+    def _on_step(self, pipe: Pipeline, plan: Plan, part: Request, job: Job, emit: Emit,
                  first: int) -> Callable[[Step], None]:
-        count = options["num_images"]
-        previews: set[int] = set()
-        request = None
-        if plan.partial_images:
-            request = pipe.request(plan.prompt, **options)  # the same request generate() builds: the seeds are fixed
-            previews = _partial_steps(request.steps, plan.partial_images)
+        previews = _partial_steps(part.steps, plan.partial_images) if plan.partial_images else set()
         sent = 0
 
         def on_step(step: Step) -> None:
             nonlocal sent
             job.check()  # a cancelled request stops here and frees the device
             emit({"stage": step.stage, "step": step.index, "total": step.total, "first_image": first,
-                  "images": count, "seconds": round(step.seconds, 4)})
+                  "images": part.batch_size, "seconds": round(step.seconds, 4)})
             if step.stage == "denoise" and step.index in previews and step.latents is not None:
-                for i, preview in enumerate(pipe.decode(request, step.latents)):
+                for i, preview in enumerate(pipe.decode(part, step.latents)):
                     emit({"stage": "partial", "image_index": first + i, "partial_image_index": sent,
                           "png": png_bytes(preview)})
                 sent += 1
 
         return on_step
-
-    def _metadata(self, plan: Plan, pipe: Pipeline, result: Any, timings: dict[str, float]) -> dict[str, Any]:
-        """What `imagegen run` writes into its PNGs, so `imagegen run --from` reproduces a served image; each
-        image adds its own seed (Outcome.png)."""
-        return generation_metadata(pipe, result, 0, images=list(plan.image_names), source="imagegen serve",
-                                   timings={k: round(v, 4) for k, v in timings.items()})
 
     # ---- reporting -----------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
@@ -215,18 +214,23 @@ class ImageService:
         }
 
 
-def _options(plan: Plan, width: int, height: int, seed: int, count: int) -> dict[str, Any]:
-    options: dict[str, Any] = {"width": width, "height": height, "seed": seed, "num_images": count}
-    optional = {"steps": plan.steps, "guidance": plan.guidance, "negative_prompt": plan.negative_prompt,
-                "images": list(plan.images) or None}
-    options.update({k: v for k, v in optional.items() if v is not None})
-    return options
-
-
 def _quantize(spec: ModelSpec, mode: str | None) -> str | None:
     if mode is None or mode.strip().lower() in ("", "none"):
         return None
     return spec.check_quantize(mode)
+
+
+@contextmanager
+def request_errors() -> Iterator[None]:
+    """The shared request check's errors as 400s naming the JSON field."""
+    try:
+        yield
+    except UnsupportedOptionError as e:
+        raise APIError(400, str(e), param=e.name, code="unsupported_option") from None
+    except OptionError as e:
+        raise APIError(400, str(e), param=e.name, code="invalid_value") from None
+    except ImagegenError as e:
+        raise APIError(400, str(e), code="invalid_value") from None
 
 
 def _checked(check: Callable[[], Any], param: str) -> Any:

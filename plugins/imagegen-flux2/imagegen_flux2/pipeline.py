@@ -16,11 +16,10 @@ from PIL import Image
 
 import imagegen
 from imagegen import scheduler
+from imagegen.diffusers_pipeline import DiffusersPipeline
+from imagegen.diffusers_pipeline import estimate_memory as diffusers_estimate
 from imagegen.errors import InvalidImageError, WeightsError
-from imagegen.image import from_pil, to_pil
-from imagegen.memory import pipeline_weight_bytes
-from imagegen.text import load_text_encoder
-from imagegen.weights import load_model, to_dtype
+from imagegen.image import from_pil
 
 from .config import Flux2PipelineConfig, Flux2TransformerConfig
 from .transformer import Flux2Transformer, quant_predicate
@@ -69,48 +68,24 @@ def pack(latents: mx.array) -> mx.array:
     return latents.reshape(b, h * w, c)
 
 
-class Flux2Pipeline(imagegen.Pipeline):
-    def __init__(self, spec: imagegen.ModelSpec, weights: Path, dtype: str = "bfloat16",
-                 quantize: str | None = None, on_load=None, compile: bool = True, pace: int = 1):
-        """`pace`: see `pace()`; on an H100 at 1024x1024, pace 1 takes a Klein 4B step's peak from 9.2 to 0.6 GB
-        above the resident weights for +0.7% time."""
-        super().__init__(spec, weights, dtype, quantize, on_load)
-        root = Path(weights)
-        if not (root / "model_index.json").is_file():
-            raise WeightsError(f"{root} is not a FLUX.2 diffusers folder: model_index.json is missing.")
+class Flux2Pipeline(DiffusersPipeline):
+    family_name = "FLUX.2"
+    transformer_class, transformer_config, vae_class = Flux2Transformer, Flux2TransformerConfig, AutoencoderKLFlux2
+    quant_predicate = staticmethod(quant_predicate)
+
+    def configure(self, root: Path) -> None:
+        """The checkpoint must match the spec's kind (distilled or base); imagegen.json may change the text setup."""
         self.distilled = Flux2PipelineConfig.from_file(root / "model_index.json").is_distilled
-        if self.distilled != spec.extra.get("distilled", self.distilled):
+        if self.distilled != self.spec.extra.get("distilled", self.distilled):
             kind = "step-distilled" if self.distilled else "base (CFG)"
-            raise WeightsError(f"{root} holds a {kind} FLUX.2 Klein checkpoint, which does not fit '{spec.id}'.")
+            raise WeightsError(f"{root} holds a {kind} FLUX.2 Klein checkpoint, which does not fit '{self.spec.id}'.")
         settings = checkpoint_settings(root)
         self.text_layers = tuple(settings.get("text_encoder_out_layers", TEXT_LAYERS))
         self.max_sequence_length = int(settings.get("max_sequence_length", MAX_SEQUENCE_LENGTH))
-        with self.loading("text encoder"):
-            self.text_encoder = load_text_encoder(root / "text_encoder", root / "tokenizer", dtype, quantize,
-                                                  self.text_layers)
-        with self.loading("transformer"):
-            self.transformer = load_model(Flux2Transformer, Flux2TransformerConfig, root / "transformer", dtype,
-                                          quantize, quant_predicate)
-        with self.loading("vae"):
-            self.vae = AutoencoderKLFlux2.from_folder(root / "vae", dtype)
-        self.scheduler = scheduler.FlowMatchEulerConfig.from_file(root / "scheduler" / "scheduler_config.json")
-        self.model_dtype = to_dtype(dtype)
-        self.latent_channels = self.transformer.config.in_channels
-        self.multiple = 2 * self.vae.scale_factor  # one latent token covers this many pixels per side
-        self.compile = compile
-        self.pace(pace)
 
     def pace(self, every: int) -> None:
-        """every > 0: blocks compiled one by one, the host waiting every `every` blocks (imagegen.nn.pacing: bounded
-        memory); 0: the whole transformer call compiled as one graph."""
-        self.paced = every
-        self.transformer.pace(every if self.compile else 0)
-        self._forward = mx.compile(self.transformer) if self.compile and not every else self.transformer
-
-    def default_size(self, images: Sequence[Image.Image]) -> tuple[int, int]:
-        if images:  # diffusers: the first reference image's size after preparation
-            return prepare_reference(images[0], self.multiple).size
-        return self.spec.default_size
+        super().pace(every)
+        self._forward = self.transformer if every else mx.compile(self.transformer)
 
     # 1. prompts and reference images -> conditioning
     def encode(self, request: imagegen.Request) -> Conditioning:
@@ -175,28 +150,25 @@ class Flux2Pipeline(imagegen.Pipeline):
             if cond.negative is not None:
                 pos, neg = velocity[:b], velocity[b:]
                 velocity = neg + request.guidance * (pos - neg)
-            latents = scheduler.euler_step(latents, velocity, float(sigmas[i]), float(sigmas[i + 1]))
-            latents = latents.astype(mx.float32)
+            # float32 between steps as diffusers keeps them (euler_step returns the velocity's dtype)
+            latents = scheduler.euler_step(latents, velocity.astype(mx.float32), float(sigmas[i]), float(sigmas[i + 1]))
             yield latents
 
-    # 4. latents -> images
-    def decode(self, request: imagegen.Request, latents: mx.array) -> list[Image.Image]:
-        h, w = request.height // self.multiple, request.width // self.multiple
-        latents = latents.reshape(latents.shape[0], h, w, -1).astype(self.vae.dtype)
-        images = []
-        for one in latents:  # one image at a time keeps the VAE's peak memory flat in the batch size
-            images.extend(to_pil(self.vae.decode_latents(one[None], tile=True if request.tile else False)))
-        return images
+    # 4. the VAE's latents from the token state
+    def vae_latents(self, request: imagegen.Request, latents: mx.array) -> mx.array:
+        return latents.reshape(latents.shape[0], request.height // self.multiple, request.width // self.multiple, -1)
+
+
+def reference_size(image: Image.Image) -> tuple[int, int]:
+    """diffusers draws at the first reference image's size after preparation (multiples of 16)."""
+    return prepare_reference(image, 16).size
 
 
 def estimate_memory(spec: imagegen.ModelSpec, weights: Path | None, dtype: str, quantize: str | None,
                     width: int, height: int, batch: int) -> int:
     """Peak bytes: the three components' weights plus the larger of the transformer's and the VAE's activations."""
-    if weights is None or not (Path(weights) / "transformer").is_dir():
-        return 0
-    root = Path(weights)
-    config = Flux2TransformerConfig.from_file(root / "transformer" / "config.json")
-    tokens = (width // 16) * (height // 16) + MAX_SEQUENCE_LENGTH
-    transformer_activations = batch * tokens * config.inner_dim * 2 * 16
-    vae_activations = width * height * 128 * 2 * 6  # one image at a time: a few 128-channel full-size maps
-    return int(pipeline_weight_bytes(root, dtype, quantize) + max(transformer_activations, vae_activations))
+    return diffusers_estimate(weights, dtype, quantize, width, height, batch, hidden_size)
+
+
+def hidden_size(root: Path) -> int:
+    return Flux2TransformerConfig.from_file(root / "transformer" / "config.json").inner_dim

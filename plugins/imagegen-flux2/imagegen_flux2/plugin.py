@@ -7,7 +7,7 @@ from pathlib import Path
 import imagegen
 from imagegen.quantize import ALL_MODES
 
-from .pipeline import Flux2Pipeline, checkpoint_settings, estimate_memory
+from .pipeline import Flux2Pipeline, checkpoint_settings, estimate_memory, reference_size
 
 DEMO = Path(__file__).parent / "demo"
 EDIT_OPTIONS = frozenset({"images", "latents", "tile"})
@@ -32,10 +32,11 @@ def klein(size: str, base: bool) -> imagegen.ModelSpec:
         default_guidance=4.0 if base else None,  # diffusers' guidance_scale default; ignored when distilled
         tasks=(imagegen.TEXT_TO_IMAGE, imagegen.IMAGE_EDIT),
         options=CFG_OPTIONS if base else EDIT_OPTIONS,
+        reference_size=reference_size,
         quantize_modes=ALL_MODES,
         family_default=not base and size == "4B",
         estimate_memory=estimate_memory,
-        extra={"distilled": not base},
+        extra={"distilled": not base, "sequence_parallel": True},
     )
 
 
@@ -55,8 +56,10 @@ def demo() -> imagegen.ModelSpec | None:
         max_pixels=512 * 512,
         tasks=(imagegen.TEXT_TO_IMAGE, imagegen.IMAGE_EDIT),
         options=EDIT_OPTIONS,
+        reference_size=reference_size,
+        run_default=True,  # `imagegen run` works out of the box with the bundled weights
         default_dtype="float32",  # small enough; float32 keeps CPU runs exact and fast
-        extra={"distilled": True},
+        extra={"distilled": True, "sequence_parallel": True},
     )
 
 

@@ -317,3 +317,38 @@ def test_cli_quantize_tile_and_count(distilled, tmp_path):
     assert data["seeds"] == [9, 10] and len(data["images"]) == 2
     meta = read_metadata(data["images"][1])
     assert meta["quantize"] == "8" and meta["seed"] == 10
+
+
+def test_latents_stay_float32_between_steps(distilled):
+    """A bfloat16 pipeline keeps its latents float32 between steps, as the comment and docs/architecture.md say:
+    the state is not merely bfloat16 values stored in float32."""
+    import mlx.core as mx
+
+    folder, _ = distilled
+    pipe = klein("4B", base=False).pipeline(weights=folder, dtype="bfloat16")
+    run = pipe.denoise("a fox", latents=noise(1), steps=3, width=SIZE[0], height=SIZE[1])
+    states = [s.latents for s in run if s.stage == "denoise"]
+    assert len(states) == 3 and all(s.dtype == mx.float32 for s in states)
+    rounded = [s.astype(mx.bfloat16).astype(mx.float32) for s in states]
+    assert not all(bool(mx.array_equal(s, r)) for s, r in zip(states, rounded))
+
+
+def test_cli_reference_image_sets_the_size_as_python_does(distilled, tmp_path):
+    """`imagegen run --image ref.png` without --size draws at the reference's size (issue 18 item 20), the size
+    `generate(images=[ref])` picks; --tile is recorded and replayed by --from."""
+    from typer.testing import CliRunner
+
+    from imagegen.cli import get_app
+    from imagegen.image import read_metadata
+
+    folder, _ = distilled
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (70, 100, 3), dtype=np.uint8)).save(tmp_path / "r.png")
+    python = ours(folder, False).request("x", images=[tmp_path / "r.png"], seed=1)
+    out = tmp_path / "edit.png"
+    args = ["run", "-m", "flux2-klein-4b", "--weights", str(folder), "x", "--image", str(tmp_path / "r.png"),
+            "--steps", "1", "--seed", "1", "--dtype", "float32", "--tile", "-o", str(out)]
+    result = CliRunner().invoke(get_app(), args)
+    assert result.exit_code == 0, result.output
+    meta = read_metadata(out)
+    assert (meta["width"], meta["height"]) == (python.width, python.height) == (96, 64)
+    assert meta["tile"] is True and meta["images"] == ["r.png"] and Image.open(out).size == (96, 64)

@@ -11,16 +11,12 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from PIL import Image
 
 import imagegen
 from imagegen import scheduler
-from imagegen.errors import InvalidOptionError, WeightsError
-from imagegen.image import to_pil
-from imagegen.memory import pipeline_weight_bytes
+from imagegen.diffusers_pipeline import DiffusersPipeline
+from imagegen.diffusers_pipeline import estimate_memory as diffusers_estimate
 from imagegen.nn import AutoencoderKL
-from imagegen.text import load_text_encoder
-from imagegen.weights import load_model, to_dtype
 
 from .config import ZImageTransformerConfig
 from .transformer import Layout, ZImageTransformer, quant_predicate
@@ -37,57 +33,32 @@ class Conditioning:
     negative_lengths: tuple[int, ...] = ()
 
 
-def cfg_normalization(value: Any) -> float:
-    """Cap the CFG prediction's norm at `value` times the conditional's (0 or False: off; True: 1.0)."""
-    value = float(value)
-    if value < 0:
-        raise InvalidOptionError(f"cfg_normalization must be >= 0, got {value}.")
-    return value
+def _off_or_number(value: Any) -> Any:
+    return float(value) if isinstance(value, bool) else value  # diffusers takes a bool or a float
 
 
-def cfg_truncation(value: Any) -> float:
-    """Stop CFG once the normalized time (1 - sigma) passes this value (1.0: never)."""
-    value = float(value)
-    if not 0 <= value <= 1:
-        raise InvalidOptionError(f"cfg_truncation must be within [0, 1], got {value}.")
-    return value
+OPTIONS = (
+    imagegen.Option("cfg_normalization", "float", "Cap the CFG prediction's norm at this times the conditional's "
+                    "(0 or false: off; true: 1).", minimum=0, convert=_off_or_number),
+    imagegen.Option("cfg_truncation", "float", "Stop CFG once the normalized time (1 - sigma) passes this "
+                    "(1: never).", minimum=0, maximum=1),
+)
 
 
-class ZImagePipeline(imagegen.Pipeline):
-    def __init__(self, spec: imagegen.ModelSpec, weights: Path, dtype: str = "bfloat16",
-                 quantize: str | None = None, on_load=None, compile: bool = True, pace: int = 1):
-        """`pace`: see `pace()`; on an H100 at 1024x1024, pace 1 takes a step's peak from 8.2 to 1.2 GB above the
-        weights for +0.8% time."""
-        super().__init__(spec, weights, dtype, quantize, on_load)
-        root = Path(weights)
-        if not (root / "model_index.json").is_file():
-            raise WeightsError(f"{root} is not a Z-Image diffusers folder: model_index.json is missing.")
-        with self.loading("text encoder"):
-            self.text_encoder = load_text_encoder(root / "text_encoder", root / "tokenizer", dtype, quantize,
-                                                  TEXT_LAYERS)
-        with self.loading("transformer"):
-            self.transformer = load_model(ZImageTransformer, ZImageTransformerConfig, root / "transformer", dtype,
-                                          quantize, quant_predicate)
-        with self.loading("vae"):
-            self.vae = AutoencoderKL.from_folder(root / "vae", dtype)
-        self.scheduler = scheduler.FlowMatchEulerConfig.from_file(root / "scheduler" / "scheduler_config.json")
-        self.model_dtype = to_dtype(dtype)
-        self.latent_channels = self.transformer.config.in_channels
-        self.multiple = 2 * self.vae.scale_factor  # the transformer patchifies latents 2x2
-        self.compile = compile
-        self._compiled: dict[int, Any] = {}  # id(layout) -> compiled step (layouts are cached per shape)
-        self.pace(pace)
+class ZImagePipeline(DiffusersPipeline):
+    family_name = "Z-Image"
+    transformer_class, transformer_config, vae_class = ZImageTransformer, ZImageTransformerConfig, AutoencoderKL
+    quant_predicate = staticmethod(quant_predicate)
+    text_layers = TEXT_LAYERS
 
-    def pace(self, every: int) -> None:
-        """every > 0: blocks compiled one by one, the host waiting every `every` blocks (imagegen.nn.pacing: bounded
-        memory); 0: the whole transformer call compiled as one graph."""
-        self.paced = every
-        self.transformer.pace(every if self.compile else 0)
+    def __init__(self, *args: Any, **kwargs: Any):
+        self._compiled: dict[int, Any] = {}  # id(layout) -> (layout, compiled step); layouts are cached per shape
+        super().__init__(*args, **kwargs)
 
     def forward(self, layout: Layout):
         """The transformer for one layout: paced, or compiled once per layout (the layout holds no arrays
         mx.compile could take as inputs, so it is closed over)."""
-        if not self.compile or self.paced:
+        if self.paced:
             return lambda x, t, c: self.transformer(x, t, c, layout)
         if id(layout) not in self._compiled:
             self._compiled[id(layout)] = (layout, mx.compile(lambda x, t, c: self.transformer(x, t, c, layout)))
@@ -153,13 +124,6 @@ class ZImagePipeline(imagegen.Pipeline):
             latents = scheduler.euler_step(latents, -prediction, float(sigmas[i]), float(sigmas[i + 1]))
             yield latents
 
-    # 4. latents -> images
-    def decode(self, request: imagegen.Request, latents: mx.array) -> list[Image.Image]:
-        images = []
-        for one in latents.astype(self.vae.dtype):  # one at a time keeps the VAE's peak flat in the batch
-            images.extend(to_pil(self.vae.decode_latents(one[None], tile=True if request.tile else False)))
-        return images
-
 
 def renormalize(prediction: mx.array, conditional: mx.array, factor: float) -> mx.array:
     """Per sample: scale the CFG prediction down so its norm is at most `factor` times the conditional's."""
@@ -171,13 +135,10 @@ def renormalize(prediction: mx.array, conditional: mx.array, factor: float) -> m
 
 def estimate_memory(spec: imagegen.ModelSpec, weights: Path | None, dtype: str, quantize: str | None,
                     width: int, height: int, batch: int) -> int:
-    """Peak bytes: weights plus the larger of the transformer's and the VAE's activations."""
-    if weights is None or not (Path(weights) / "transformer").is_dir():
-        return 0
-    root = Path(weights)
-    config = ZImageTransformerConfig.from_file(root / "transformer" / "config.json")
-    tokens = (width // 16) * (height // 16) + MAX_SEQUENCE_LENGTH
+    """Peak bytes: weights plus the larger of the transformer's (CFG doubles its batch) and the VAE's activations."""
     cfg = 2 if spec.accepts("guidance") else 1
-    transformer_activations = cfg * batch * tokens * config.dim * 2 * 16
-    vae_activations = width * height * 128 * 2 * 6
-    return int(pipeline_weight_bytes(root, dtype, quantize) + max(transformer_activations, vae_activations))
+    return diffusers_estimate(weights, dtype, quantize, width, height, batch, hidden_size, cfg)
+
+
+def hidden_size(root: Path) -> int:
+    return ZImageTransformerConfig.from_file(root / "transformer" / "config.json").dim

@@ -7,7 +7,7 @@ from pathlib import Path
 import imagegen
 from imagegen.quantize import ALL_MODES
 
-from .pipeline import ZImagePipeline, cfg_normalization, cfg_truncation, estimate_memory
+from .pipeline import OPTIONS, ZImagePipeline, estimate_memory
 
 
 def load(spec: imagegen.ModelSpec, weights: Path, **kwargs) -> ZImagePipeline:
@@ -25,7 +25,7 @@ def variant(turbo: bool) -> imagegen.ModelSpec:
         default_steps=9 if turbo else 50,
         default_guidance=None if turbo else 5.0,
         options=frozenset({"latents", "tile"} | (set() if turbo else {"guidance", "negative_prompt"})),
-        extra_options={} if turbo else {"cfg_normalization": cfg_normalization, "cfg_truncation": cfg_truncation},
+        extra_options=() if turbo else OPTIONS,
         quantize_modes=ALL_MODES,
         family_default=turbo,
         estimate_memory=estimate_memory,

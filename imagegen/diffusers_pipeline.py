@@ -1,0 +1,97 @@
+"""The base of pipelines over a diffusers folder (model_index.json, text_encoder + tokenizer, transformer, vae,
+scheduler): loading, pacing, decoding one image at a time and the memory estimate. A family says what differs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import mlx.core as mx
+from PIL import Image
+
+from . import distributed, scheduler
+from .errors import WeightsError
+from .image import to_pil
+from .memory import pipeline_weight_bytes
+from .pipeline import Pipeline, Request
+from .registry import ModelSpec
+from .text import load_text_encoder
+from .weights import load_model, to_dtype
+
+MAX_TEXT_TOKENS = 512  # both families' max_sequence_length: the text tokens a step may attend to
+# Peak-activation model (bytes): the transformer keeps ~16 hidden-sized bf16 maps per token in flight, and the VAE
+# decoder a few 128-channel full-size bf16 maps for the one image it decodes.
+TRANSFORMER_MAPS, VAE_CHANNELS, VAE_MAPS = 16, 128, 6
+
+
+class DiffusersPipeline(Pipeline):
+    """Loads the three components and the scheduler; subclasses set the class attributes and the four stages."""
+
+    family_name: ClassVar[str] = ""  # in messages: "FLUX.2"
+    transformer_class: ClassVar[type]
+    transformer_config: ClassVar[type]
+    quant_predicate: ClassVar[Callable[..., Any] | None] = None  # staticmethod in the subclass
+    vae_class: ClassVar[type]
+
+    def __init__(self, spec: ModelSpec, weights: Path, dtype: str = "bfloat16", quantize: str | None = None,
+                 on_load: Callable[[str, float], None] | None = None, pace: int = 1):
+        """`pace`: the transformer's blocks run compiled one by one with the host waiting every `pace` blocks
+        (imagegen.nn.pacing: bounded memory); 0 compiles the whole call as one graph."""
+        super().__init__(spec, weights, dtype, quantize, on_load)
+        root = Path(weights)
+        if not (root / "model_index.json").is_file():
+            raise WeightsError(f"{root} is not a {self.family_name} diffusers folder: model_index.json is missing.")
+        self.configure(root)
+        with self.loading("text encoder"):
+            self.text_encoder = load_text_encoder(root / "text_encoder", root / "tokenizer", dtype, quantize,
+                                                  self.text_layers)
+        with self.loading("transformer"):
+            self.transformer = load_model(self.transformer_class, self.transformer_config, root / "transformer",
+                                          dtype, quantize, type(self).quant_predicate)
+        if hasattr(self.transformer, "sequence_parallel"):  # in a rank of `imagegen run --gpus N`: its token shard
+            self.transformer.sequence_parallel = distributed.from_environment()
+        with self.loading("vae"):
+            self.vae = self.vae_class.from_folder(root / "vae", dtype)
+        self.scheduler = scheduler.FlowMatchEulerConfig.from_file(root / "scheduler" / "scheduler_config.json")
+        self.model_dtype = to_dtype(dtype)
+        self.latent_channels = self.transformer.config.in_channels
+        self.multiple = 2 * self.vae.scale_factor  # the transformer patchifies latents 2x2
+        self.pace(pace)
+
+    text_layers: tuple[int, ...] = ()
+
+    def configure(self, root: Path) -> None:
+        """Read family settings from the checkpoint before anything loads (e.g. which text layers to use)."""
+
+    def pace(self, every: int) -> None:
+        """every > 0: blocks compiled one by one, the host waiting every `every` blocks; 0: one compiled graph."""
+        self.paced = every
+        self.transformer.pace(every)
+
+    # 4. latents -> images, one at a time: the VAE's peak memory stays flat in the batch size
+    def vae_latents(self, request: Request, latents: mx.array) -> mx.array:
+        """The denoised state as the VAE's NHWC latents [B, h, w, C] (families that pack tokens unpack here)."""
+        return latents
+
+    def decode(self, request: Request, latents: mx.array) -> list[Image.Image]:
+        spread = getattr(self.transformer, "sequence_parallel", None)
+        if spread is not None and spread.rank:  # every rank holds the same latents: rank 0 decodes
+            return []
+        images = []
+        for one in self.vae_latents(request, latents).astype(self.vae.dtype):
+            images.extend(to_pil(self.vae.decode_latents(one[None], tile=bool(request.tile))))
+        return images
+
+
+def estimate_memory(weights: Path | None, dtype: str, quantize: str | None, width: int, height: int, batch: int,
+                    hidden_size: Callable[[Path], int], cfg: int = 1) -> int:
+    """Peak bytes of a diffusers-layout pipeline: its weights plus the larger of the transformer's activations
+    (`cfg` doubles the batch) and the VAE's; 0 when the weights are not at hand."""
+    if weights is None or not (Path(weights) / "transformer").is_dir():
+        return 0
+    root = Path(weights)
+    tokens = (width // 16) * (height // 16) + MAX_TEXT_TOKENS
+    transformer_activations = cfg * batch * tokens * hidden_size(root) * 2 * TRANSFORMER_MAPS
+    vae_activations = width * height * VAE_CHANNELS * 2 * VAE_MAPS
+    return int(pipeline_weight_bytes(root, dtype, quantize) + max(transformer_activations, vae_activations))
