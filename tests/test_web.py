@@ -305,8 +305,17 @@ def test_the_form_follows_the_model_and_a_missing_model_is_explained(server, bro
     error = browser.find_element("id", "error")
     wait_for(browser, lambda d: error.is_displayed())
     assert "No weights for 'flux2-klein-base-4b'" in error.text and "imagegen pull" in error.text
+    Select(field(browser, "model")).select_by_value("zimage")  # a family's own options, from its declarations
+    assert shown("model-options")
+    truncation = field(browser, "'options.cfg_truncation'")
+    assert (truncation.get_attribute("min"), truncation.get_attribute("max")) == ("0", "1")
+    assert "normalized time" in truncation.get_attribute("title")
+    fill(browser, "'options.cfg_truncation'", "2")
+    generate_button(browser).click()  # the value reaches the server, which checks it like the CLI does
+    wait_for(browser, lambda d: "cfg_truncation" in error.text)
+    assert "within [0, 1], got 2" in error.text
     Select(field(browser, "model")).select_by_value(MODEL)
-    assert not shown("guidance-field") and not shown("negative-field")
+    assert not shown("guidance-field") and not shown("negative-field") and not shown("model-options")
 
 
 def test_stop_cancels_a_run(server, browser):

@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__, hub, registry
 from ..errors import ImagegenError, InvalidImageError
-from ..options import image_input
+from ..options import family_options, image_input
 from ..registry import IMAGE_EDIT, TEXT_TO_IMAGE, ModelSpec
 from .errors import APIError, api_error
 from .schemas import (
@@ -43,6 +43,7 @@ from .schemas import (
     ImagesResponse,
     ModelCard,
     ModelList,
+    OptionCard,
     form_schema,
 )
 from .service import ImageService, Outcome, Plan
@@ -202,6 +203,12 @@ async def _read_edit_form(request: Request, limits: Limits) -> tuple[EditRequest
             raise
         detail = e.message if isinstance(e, MultiPartException) else e.detail
         raise APIError(400, f"Bad multipart body: {detail}", code="invalid_multipart") from None
+    if "options" in fields:  # a form carries the model's own options as JSON text
+        try:
+            fields["options"] = json.loads(fields["options"])
+        except json.JSONDecodeError:
+            raise APIError(400, "Field 'options' must be a JSON object.", param="options",
+                           code="invalid_value") from None
     try:
         options = EditRequest.model_validate(fields)
     except ValidationError as e:
@@ -344,6 +351,9 @@ def _card(spec: ModelSpec, loaded: bool, default: bool) -> ModelCard:
                      size_multiple=spec.size_multiple, max_pixels=spec.max_pixels, default_steps=spec.default_steps,
                      default_guidance=spec.default_guidance, default_dtype=spec.default_dtype,
                      options=sorted(spec.options), quantize_modes=list(spec.quantize_modes), loaded=loaded,
+                     family_options=[OptionCard(name=o.name, kind=o.kind, help=o.help, minimum=o.minimum,
+                                                maximum=o.maximum, choices=list(o.choices))
+                                     for o in family_options(spec.extra_options) if "server" in o.fronts],
                      available=not spec.needs_weights or hub.weights_present(spec) is not None, default=default)
 
 

@@ -93,6 +93,17 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class OptionCard(BaseModel):
+    """A model's own option (sent under `options`), as its family declares it (imagegen.Option)."""
+
+    name: str
+    kind: str
+    help: str = ""
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: list[str] = []
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -108,6 +119,7 @@ class ModelCard(BaseModel):
     default_guidance: float | None = None
     default_dtype: str = ""
     options: list[str] = []
+    family_options: list[OptionCard] = []  # imagegen: the model's own options, for the `options` field
     quantize_modes: list[str] = []
     loaded: bool = False
     available: bool = True  # imagegen: its weights are on this machine (or it needs none)

@@ -176,10 +176,60 @@ function modelChanged() {
   $("height").value = h;
   preset.value = model.default_size;
 
+  drawModelOptions(model);
+
   const quantize = $("quantize");
   quantize.replaceChildren(new Option(model.default_dtype || "default", ""));
   for (const mode of model.quantize_modes) quantize.add(new Option(/^\d+$/.test(mode) ? `${mode}-bit` : mode, mode));
   $("quantize-field").hidden = model.quantize_modes.length === 0;
+}
+
+// The model's own options (its family declares them: kind, range, help), sent under `options`.
+function drawModelOptions(model) {
+  const inputs = model.family_options.map((option) => {
+    const input = document.createElement(option.kind === "choice" ? "select" : "input");
+    if (option.kind === "choice") {
+      input.append(new Option("default", ""), ...option.choices.map((c) => new Option(c, c)));
+    } else if (option.kind === "bool") {
+      input.type = "checkbox";
+    } else if (option.kind === "int" || option.kind === "float") {
+      input.type = "number";
+      input.step = option.kind === "int" ? "1" : "any";
+      if (option.minimum !== null) input.min = option.minimum;
+      if (option.maximum !== null) input.max = option.maximum;
+      input.placeholder = "default";
+    } else {
+      input.type = "text";
+      input.placeholder = "default";
+    }
+    input.id = `option-${option.name}`;
+    input.name = `options.${option.name}`;
+    input.dataset.kind = option.kind;
+    input.title = option.help;
+    const label = document.createElement("label");
+    label.htmlFor = input.id;
+    label.textContent = option.name.replaceAll("_", " ");
+    label.title = option.help;
+    const cell = document.createElement("div");
+    cell.append(label, input);
+    return cell;
+  });
+  $("model-option-fields").replaceChildren(...inputs);
+  $("model-options").hidden = inputs.length === 0;
+}
+
+function modelOptionValues() {
+  const values = {};
+  for (const input of $("model-option-fields").querySelectorAll("input, select")) {
+    const name = input.name.slice("options.".length);
+    const kind = input.dataset.kind;
+    if (kind === "bool") {
+      if (input.checked) values[name] = true;
+    } else if (input.value.trim() !== "") {
+      values[name] = kind === "int" || kind === "float" ? Number(input.value) : input.value;
+    }
+  }
+  return values;
 }
 
 $("model").addEventListener("change", modelChanged);
@@ -248,6 +298,8 @@ function requestFields() {
     quantize: $("quantize-field").hidden || !$("quantize").value ? null : $("quantize").value,
   };
   for (const [name, value] of Object.entries(optional)) if (value !== null) fields[name] = value;
+  const own = modelOptionValues();
+  if (Object.keys(own).length) fields.options = own;
   const steps = fields.steps ?? model?.default_steps ?? 1;
   // Previews of the latents while denoising; each costs a VAE decode, so one per four steps, at most three.
   fields.partial_images = Math.min(3, Math.floor(steps / 4));
@@ -262,7 +314,9 @@ function post(fields, signal) {
     });
   }
   const form = new FormData();
-  for (const [name, value] of Object.entries(fields)) form.append(name, String(value));
+  for (const [name, value] of Object.entries(fields)) {
+    form.append(name, typeof value === "object" ? JSON.stringify(value) : String(value));
+  }
   for (const ref of state.references) form.append("image[]", ref.file, ref.file.name);
   return call("v1/images/edits", { method: "POST", signal, body: form });
 }
@@ -380,6 +434,12 @@ function reuse(item) {
   $("steps").value = m.steps ?? "";
   $("guidance").value = m.guidance ?? "";
   $("quantize").value = m.quantize ?? "";
+  for (const [name, value] of Object.entries(m.options || {})) {
+    const input = $(`option-${name}`);
+    if (!input) continue;
+    if (input.dataset.kind === "bool") input.checked = Boolean(value);
+    else input.value = value ?? "";
+  }
   $("count").value = 1;
   $("details").close();
   $("prompt").focus();
