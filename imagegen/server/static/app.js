@@ -4,7 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 const KEY_STORE = "imagegen-api-key"; // sessionStorage: the key lives as long as the tab
-const state = { models: new Map(), references: [], running: null };
+const state = { models: new Map(), references: [], loras: [], chosenLoras: [], init: null, running: null };
 
 // ---- talking to the server ----------------------------------------------------------------
 class ServerError extends Error {
@@ -122,6 +122,7 @@ async function loadModels() {
   }
   $("key-form").hidden = true;
   showError("");
+  state.loras = await loraFiles();
   const select = $("model");
   const previous = select.value;
   select.replaceChildren();
@@ -140,6 +141,15 @@ async function loadModels() {
   $("server-status").textContent = `${list.data.length} models`;
   $("generate").disabled = list.data.length === 0;
   modelChanged();
+}
+
+// The adapters of the server's --lora-dir; none when it has no folder (or predates GET /v1/loras).
+async function loraFiles() {
+  try {
+    return (await (await call("v1/loras")).json()).data.map((file) => file.name);
+  } catch (_) {
+    return [];
+  }
 }
 
 function sizePresets(model) {
@@ -163,7 +173,12 @@ function modelChanged() {
   const takes = (option) => model.options.includes(option);
   $("negative-field").hidden = !takes("negative_prompt");
   $("guidance-field").hidden = !takes("guidance");
-  $("reference-field").hidden = !model.tasks.includes("image-edit");
+  const edits = model.tasks.includes("image-edit");
+  $("reference-field").hidden = !(edits && takes("images"));
+  $("init-field").hidden = !(edits && takes("init_image"));
+  $("lora-field").hidden = !(takes("loras") && state.loras.length > 0);
+  $("lora-pick").replaceChildren(...state.loras.map((name) => new Option(name, name)));
+  $("strength").placeholder = model.default_strength ? model.default_strength[0] : "";
   $("steps").placeholder = model.default_steps ?? "";
   $("guidance").placeholder = model.default_guidance ?? "";
   for (const id of ["width", "height"]) $(id).step = model.size_multiple;
@@ -284,6 +299,95 @@ $("drop").addEventListener("drop", (e) => {
   addReferences(e.dataTransfer.files);
 });
 
+// ---- LoRA adapters ------------------------------------------------------------------------------
+function drawLoras() {
+  $("loras").replaceChildren(...state.chosenLoras.map((lora, i) => {
+    const item = document.createElement("li");
+    const name = document.createElement("span");
+    name.textContent = lora.name;
+    const scale = document.createElement("input");
+    scale.type = "number";
+    scale.step = "0.05";
+    scale.value = lora.scale;
+    scale.name = "lora_scale";
+    scale.setAttribute("aria-label", `scale of ${lora.name}`);
+    scale.addEventListener("input", () => { lora.scale = Number(scale.value); });
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.textContent = "×";
+    remove.title = `remove ${lora.name}`;
+    remove.addEventListener("click", () => {
+      state.chosenLoras.splice(i, 1);
+      drawLoras();
+    });
+    item.append(name, scale, remove);
+    return item;
+  }));
+}
+
+$("lora-add").addEventListener("click", () => {
+  const name = $("lora-pick").value;
+  if (!name || state.chosenLoras.some((l) => l.name === name)) return;
+  state.chosenLoras.push({ name, scale: Number($("lora-scale").value || 1) });
+  drawLoras();
+});
+
+// ---- init image and mask painting ---------------------------------------------------------------
+function setInit(file) {
+  if (state.init) URL.revokeObjectURL(state.init.url);
+  state.init = file ? { file, url: URL.createObjectURL(file), painted: false } : null;
+  $("init-editor").hidden = !file;
+  if (!file) return;
+  const img = $("init-preview");
+  img.onload = () => {
+    const canvas = $("mask");
+    canvas.width = img.naturalWidth; // paint at the image's own resolution: the mask is sent at that size
+    canvas.height = img.naturalHeight;
+  };
+  img.src = state.init.url;
+}
+
+function paintAt(event) {
+  const canvas = $("mask");
+  const box = canvas.getBoundingClientRect();
+  const scale = canvas.width / box.width;
+  const context = canvas.getContext("2d");
+  context.fillStyle = "rgba(255, 40, 120, 0.55)";
+  context.beginPath();
+  context.arc((event.clientX - box.left) * scale, (event.clientY - box.top) * scale,
+    (Number($("brush").value) / 2) * scale, 0, 2 * Math.PI);
+  context.fill();
+  state.init.painted = true;
+}
+
+$("mask").addEventListener("pointerdown", (e) => {
+  $("mask").setPointerCapture(e.pointerId);
+  paintAt(e);
+});
+$("mask").addEventListener("pointermove", (e) => { if (e.buttons) paintAt(e); });
+$("clear-mask").addEventListener("click", () => {
+  $("mask").getContext("2d").clearRect(0, 0, $("mask").width, $("mask").height);
+  state.init.painted = false;
+});
+$("remove-init").addEventListener("click", () => setInit(null));
+$("init-image").addEventListener("change", () => {
+  setInit($("init-image").files[0] || null);
+  $("init-image").value = "";
+});
+
+// OpenAI's mask: fully transparent where painted (repaint there), opaque elsewhere.
+function maskBlob() {
+  const canvas = $("mask");
+  const painted = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height);
+  const out = document.createElement("canvas");
+  out.width = canvas.width;
+  out.height = canvas.height;
+  const mask = out.getContext("2d").createImageData(canvas.width, canvas.height);
+  for (let i = 3; i < mask.data.length; i += 4) mask.data[i] = painted.data[i] > 0 ? 0 : 255;
+  out.getContext("2d").putImageData(mask, 0, 0);
+  return new Promise((resolve) => out.toBlob(resolve, "image/png"));
+}
+
 // ---- generating -----------------------------------------------------------------------------
 // The request's fields from the form; empty inputs are left out so the model's defaults apply.
 function requestFields() {
@@ -298,6 +402,14 @@ function requestFields() {
     quantize: $("quantize-field").hidden || !$("quantize").value ? null : $("quantize").value,
   };
   for (const [name, value] of Object.entries(optional)) if (value !== null) fields[name] = value;
+  if (!$("lora-field").hidden && state.chosenLoras.length) {
+    fields.loras = state.chosenLoras.map(({ name, scale }) => ({ name, scale }));
+  }
+  if (!$("init-field").hidden && state.init) {
+    // a strength makes the server repaint the first upload (else it would be a reference image)
+    const defaults = model.default_strength || [1, 1];
+    fields.strength = number("strength") ?? defaults[state.init.painted ? 1 : 0];
+  }
   const own = modelOptionValues();
   if (Object.keys(own).length) fields.options = own;
   const steps = fields.steps ?? model?.default_steps ?? 1;
@@ -306,9 +418,10 @@ function requestFields() {
   return fields;
 }
 
-function post(fields, signal) {
-  const editing = !$("reference-field").hidden && state.references.length > 0;
-  if (!editing) {
+async function post(fields, signal) {
+  const references = $("reference-field").hidden ? [] : state.references;
+  const init = $("init-field").hidden ? null : state.init;
+  if (!references.length && !init) {
     return call("v1/images/generations", {
       method: "POST", signal, body: JSON.stringify(fields), headers: { "Content-Type": "application/json" },
     });
@@ -317,7 +430,9 @@ function post(fields, signal) {
   for (const [name, value] of Object.entries(fields)) {
     form.append(name, typeof value === "object" ? JSON.stringify(value) : String(value));
   }
-  for (const ref of state.references) form.append("image[]", ref.file, ref.file.name);
+  if (init) form.append("image[]", init.file, init.file.name); // the first upload is the one repainted
+  for (const ref of references) form.append("image[]", ref.file, ref.file.name);
+  if (init && init.painted) form.append("mask", await maskBlob(), "mask.png");
   return call("v1/images/edits", { method: "POST", signal, body: form });
 }
 
@@ -399,7 +514,8 @@ function showDetails(item) {
   const rows = [
     ["Prompt", m.prompt], ["Negative prompt", m.negative_prompt], ["Model", item.model], ["Seed", item.seed],
     ["Size", item.size], ["Steps", m.steps], ["Guidance", m.guidance], ["Precision", m.quantize],
-    ["Reference images", (m.images || []).join(", ")],
+    ["Reference images", (m.images || []).join(", ")], ["Init image", m.init_image], ["Mask", m.mask],
+    ["Strength", m.strength], ["LoRA", (m.loras || []).map((l) => `${l.name} × ${l.scale ?? 1}`).join(", ")],
     ["Time", `${item.seconds.toFixed(1)} s` + (m.timings?.total ? ` (device ${m.timings.total.toFixed(2)} s)` : "")],
   ];
   $("details-list").replaceChildren(...rows.filter(([, v]) => v !== null && v !== undefined && v !== "").flatMap(
@@ -434,6 +550,10 @@ function reuse(item) {
   $("steps").value = m.steps ?? "";
   $("guidance").value = m.guidance ?? "";
   $("quantize").value = m.quantize ?? "";
+  $("strength").value = m.strength ?? "";
+  state.chosenLoras = (m.loras || []).filter((l) => state.loras.includes(l.name))
+    .map((l) => ({ name: l.name, scale: l.scale ?? 1 }));
+  drawLoras();
   for (const [name, value] of Object.entries(m.options || {})) {
     const input = $(`option-${name}`);
     if (!input) continue;
