@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__, hub, registry
 from ..errors import ImagegenError, InvalidImageError
-from ..options import family_options, image_input
+from ..options import OPTIONS, family_options, image_input
 from ..registry import IMAGE_EDIT, TEXT_TO_IMAGE, ModelSpec
 from .errors import APIError, api_error
 from .schemas import (
@@ -350,7 +350,8 @@ def _card(spec: ModelSpec, loaded: bool, default: bool) -> ModelCard:
                      description=spec.description, tasks=list(spec.tasks), default_size=f"{w}x{h}",
                      size_multiple=spec.size_multiple, max_pixels=spec.max_pixels, default_steps=spec.default_steps,
                      default_guidance=spec.default_guidance, default_dtype=spec.default_dtype,
-                     options=sorted(spec.options), quantize_modes=list(spec.quantize_modes), loaded=loaded,
+                     options=sorted(o.name for o in OPTIONS if o.gated and spec.accepts(o.name)),
+                     quantize_modes=list(spec.quantize_modes), loaded=loaded,
                      family_options=[OptionCard(name=o.name, kind=o.kind, help=o.help, minimum=o.minimum,
                                                 maximum=o.maximum, choices=list(o.choices))
                                      for o in family_options(spec.extra_options) if "server" in o.fronts],

@@ -118,7 +118,7 @@ class ModelCard(BaseModel):
     default_steps: int | None = None
     default_guidance: float | None = None
     default_dtype: str = ""
-    options: list[str] = []
+    options: list[str] = []  # the optional generate() options it accepts (imagegen.options)
     family_options: list[OptionCard] = []  # imagegen: the model's own options, for the `options` field
     quantize_modes: list[str] = []
     loaded: bool = False
