@@ -178,7 +178,8 @@ function modelChanged() {
   $("init-field").hidden = !(edits && takes("init_image"));
   $("lora-field").hidden = !(takes("loras") && state.loras.length > 0);
   $("lora-pick").replaceChildren(...state.loras.map((name) => new Option(name, name)));
-  $("strength").placeholder = model.default_strength ? model.default_strength[0] : "";
+  const strengths = model.default_strength || []; // [img2img, inpainting], for models that take an init image
+  $("strength").placeholder = strengths.length ? strengths[0] : "";
   $("steps").placeholder = model.default_steps ?? "";
   $("guidance").placeholder = model.default_guidance ?? "";
   for (const id of ["width", "height"]) $(id).step = model.size_multiple;
@@ -337,13 +338,23 @@ function setInit(file) {
   if (state.init) URL.revokeObjectURL(state.init.url);
   state.init = file ? { file, url: URL.createObjectURL(file), painted: false } : null;
   $("init-editor").hidden = !file;
-  if (!file) return;
+  if (!file) {
+    const model = state.models.get($("model").value);
+    [$("width").value, $("height").value] = model.default_size.split("x");
+    for (const id of ["width", "height"]) $(id).placeholder = "";
+    return;
+  }
   const img = $("init-preview");
   img.onload = () => {
     const canvas = $("mask");
     canvas.width = img.naturalWidth; // paint at the image's own resolution: the mask is sent at that size
     canvas.height = img.naturalHeight;
   };
+  for (const id of ["width", "height"]) { // no size: the model sizes the output from the init image
+    $(id).value = "";
+    $(id).placeholder = "from image";
+  }
+  $("size-preset").value = "";
   img.src = state.init.url;
 }
 
@@ -407,8 +418,7 @@ function requestFields() {
   }
   if (!$("init-field").hidden && state.init) {
     // a strength makes the server repaint the first upload (else it would be a reference image)
-    const defaults = model.default_strength || [1, 1];
-    fields.strength = number("strength") ?? defaults[state.init.painted ? 1 : 0];
+    fields.strength = number("strength") ?? (model.default_strength || [1, 1])[state.init.painted ? 1 : 0];
   }
   const own = modelOptionValues();
   if (Object.keys(own).length) fields.options = own;
