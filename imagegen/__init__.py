@@ -6,7 +6,11 @@ The names here are the public API that users and plugins (in-tree and third-part
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
-from . import registry
+# isort: off
+from . import kernel_cache  # noqa: F401  (first: it sets MLX's kernel cache folder before MLX starts CUDA)
+# isort: on
+from . import block_loop, registry
+from .block_loop import BlockLoopOption
 from .config import HFConfig
 from .errors import (
     ImagegenError,
@@ -28,8 +32,8 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
 __all__ = [
-    "GenerationResult", "HFConfig", "IMAGE_EDIT", "ImagegenError", "InvalidImageError", "InvalidOptionError",
-    "ModelSpec", "Option", "Pipeline", "PluginError", "Request", "Run", "Step", "TEXT_TO_IMAGE",
-    "UnknownModelError", "WeightsError", "WeightsNotFoundError", "hookimpl", "registry", "seeded_noise",
+    "BlockLoopOption", "GenerationResult", "HFConfig", "IMAGE_EDIT", "ImagegenError", "InvalidImageError",
+    "InvalidOptionError", "ModelSpec", "Option", "Pipeline", "PluginError", "Request", "Run", "Step", "TEXT_TO_IMAGE",
+    "UnknownModelError", "WeightsError", "WeightsNotFoundError", "block_loop", "hookimpl", "registry", "seeded_noise",
     "__version__",
 ]

@@ -9,7 +9,8 @@ PNG: id, file, model, seed, seconds, worker) and `failures.jsonl` (this run's fa
 
 This process is the only writer: workers (the local Generator, or Ray actors running one) return PNG
 bytes, so a row is written once however often a worker dies, and a row is done when its PNG exists,
-which is what a re-run skips (resume).
+which is what a re-run skips (resume). In one process, PNG encoding and writing run on a thread of their own
+while the next row generates (`Writer`), in row order.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import gc
 import hashlib
 import json
 import os
+import queue
 import re
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 import mlx.core as mx
+from PIL import Image
 
 from . import registry
 from .errors import ImagegenError, InvalidOptionError
@@ -215,6 +219,28 @@ class Outcome:
     error: str | None = None
 
 
+@dataclass
+class Generated:
+    """A row's image and metadata, not yet encoded: `outcome()` makes the PNG (on the writer thread)."""
+
+    row: Row
+    worker: str
+    image: Image.Image
+    metadata: dict[str, Any]
+    seconds: float
+
+    def outcome(self) -> Outcome:
+        try:
+            return Outcome(self.row, self.worker, png_bytes(self.image, self.metadata), self.seconds)
+        except Exception as e:
+            return Outcome(self.row, self.worker, error=error_text(e))
+
+
+def encoded(item: Generated | Outcome) -> Outcome:
+    """A generated row with its PNG made, or an outcome as it is (already encoded, or failed)."""
+    return item.outcome() if isinstance(item, Generated) else item
+
+
 def error_text(e: BaseException) -> str:
     """One line for a row's error: the message of errors users cause, else the kind and the first line."""
     if isinstance(e, ImagegenError):
@@ -257,7 +283,11 @@ class Generator:
         return pipe
 
     def run(self, row: Row) -> Outcome:
-        """Generate one row; its failure is the outcome's error, never an exception."""
+        """Generate one row and encode its PNG; its failure is the outcome's error, never an exception."""
+        return encoded(self.generate(row))
+
+    def generate(self, row: Row) -> Generated | Outcome:
+        """Generate one row without encoding it; a failure is an Outcome with its error."""
         try:
             pipe = self.pipeline(row.model)
             start = time.perf_counter()
@@ -265,7 +295,7 @@ class Generator:
             seconds = time.perf_counter() - start
             batch = {"id": row.id, "seconds": round(seconds, 4), "worker": self.name}
             metadata = generation_metadata(pipe, result, source="imagegen batch", batch=batch)
-            return Outcome(row, self.name, png_bytes(result.images[0], metadata), seconds)
+            return Generated(row, self.name, result.images[0], metadata, seconds)
         except Exception as e:
             return Outcome(row, self.name, error=error_text(e))
 
@@ -414,13 +444,57 @@ class Outputs:
 
 
 # ---- running ---------------------------------------------------------------------------------
+class Writer:
+    """Encodes and writes finished rows on one thread, in the order given, while the caller generates the next
+    (H100/H200: PNG encoding is ~0.2 s of a 0.6 s 1024 px image). At most `depth` rows wait, so memory stays
+    bounded; an error writing a row (a full disk) stops the run at the next put, as it would without the thread."""
+
+    def __init__(self, outputs: Outputs, depth: int = 2):
+        self.outputs = outputs
+        self.queue: queue.Queue[Generated | Outcome | None] = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="imagegen-batch-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, item: Generated | Outcome) -> None:
+        self._raise()
+        self.queue.put(item)
+
+    def close(self) -> None:
+        """Write what is queued, then stop (also after an interrupt: rows already generated are kept)."""
+        self.queue.put(None)
+        self.thread.join()
+        self._raise()
+
+    def _loop(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.outputs.finish(encoded(item))
+                except BaseException as e:  # re-raised on the caller's thread
+                    self.error = e
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
 def run_local(rows: Iterable[Row], outputs: Outputs, load: LoadOptions = LoadOptions(),
-              rejected: Iterable[Outcome] = ()) -> None:
-    """All rows in this process, one after another, on one Generator."""
-    generator = Generator(load)
+              rejected: Iterable[Outcome] = (), overlap: bool = True, generator: Generator | None = None) -> None:
+    """All rows in this process, one after another, on one Generator (a new one unless given); with `overlap`,
+    each PNG is encoded and written while the next row generates."""
+    generator = generator or Generator(load)
     outputs.start(1, rejected)
-    for row in rows:
-        outputs.finish(generator.run(row))
+    if not overlap:
+        for row in rows:
+            outputs.finish(generator.run(row))
+        return
+    writer = Writer(outputs)
+    try:
+        for row in rows:
+            writer.put(generator.generate(row))
+    finally:
+        writer.close()
 
 
 def run_batch(prompts: str | Path | Sequence[Row], out: str | Path, defaults: Defaults = Defaults(),

@@ -2,7 +2,8 @@
 
 Modes: affine integers ("2".."8" bits, group size 64 unless given as "4@32"), and the microscaling
 float formats "mxfp8", "mxfp4" and "nvfp4" (E4M3 scales). A saved model carries quantization.json;
-loading it rebuilds the same layers without re-quantizing.
+loading it rebuilds the same layers without re-quantizing. The layers multiply many tokens by their dequantized
+weight (imagegen.nn.quantized_linear): memory of the quantized model at the speed of the dense one.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def quantize_model(model: nn.Module, mode: str, predicate: Predicate | None = No
         return _quantizable(module, s["group_size"]) and (predicate is None or predicate(path, module))
 
     nn.quantize(model, group_size=s["group_size"], bits=s["bits"], mode=s["mode"], class_predicate=pick)
+    _dense_for_many_tokens(model)
     return {"quantization": mode, **s}
 
 
@@ -86,6 +88,13 @@ def apply_record(model: nn.Module, record: dict[str, Any], weights: dict[str, mx
         return f"{path}.scales" in weights and hasattr(module, "to_quantized")
 
     nn.quantize(model, class_predicate=pick, **s)
+    _dense_for_many_tokens(model)
+
+
+def _dense_for_many_tokens(model: nn.Module) -> None:
+    from .nn.quantized_linear import dequantize_for_many_tokens  # imagegen.nn imports weights, which imports us
+
+    dequantize_for_many_tokens(model)
 
 
 def keep_high_precision(*names: str) -> Predicate:

@@ -78,6 +78,7 @@ def test_attention_blhd_matches_bhld_attention():
     np.testing.assert_allclose(np.array(got), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not cuda_kernels._cuda(), reason="the fused kernel runs on CUDA only")
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 @pytest.mark.parametrize("streams", [1, 2])

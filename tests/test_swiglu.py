@@ -23,6 +23,7 @@ def test_plain_path_matches_numpy(start, monkeypatch):
     np.testing.assert_allclose(np.array(got), _silu(gate) * value, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not cuda_kernels._cuda(), reason="the fused kernel runs on CUDA only")
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 @pytest.mark.parametrize("start", [0, 384])

@@ -11,6 +11,7 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import group_norm as cuda_group_norm
 from .pacing import Pacer
 
 RESNET_EPS = 1e-6  # diffusers' Encoder/Decoder pass resnet_eps=1e-6 to every block and norm
@@ -48,7 +49,8 @@ def _affine(rows: mx.array, weight: mx.array, bias: mx.array, shape: tuple[int, 
 
 
 class GroupNorm(nn.Module):
-    """torch.nn.GroupNorm on NHWC input (keys weight, bias), optionally fused with the SiLU that follows it."""
+    """torch.nn.GroupNorm on NHWC input (keys weight, bias), optionally fused with the SiLU that follows it (on CUDA
+    in two passes over the tensor: imagegen.nn.group_norm)."""
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = RESNET_EPS):
         super().__init__()
@@ -58,6 +60,8 @@ class GroupNorm(nn.Module):
         self.bias = mx.zeros((num_channels,))
 
     def __call__(self, x: mx.array, silu: bool = False) -> mx.array:
+        if cuda_group_norm.supported(x, self.num_groups):
+            return cuda_group_norm.group_norm(x, self.weight, self.bias, self.num_groups, self.eps, silu)
         return _group_norm(x, self.weight, self.bias, self.num_groups, self.eps, silu)
 
 

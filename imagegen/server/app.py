@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__, hub, registry
 from ..errors import ImagegenError, InvalidImageError
+from ..image import png_bytes
 from ..options import OPTIONS, family_options, image_input
 from ..registry import IMAGE_EDIT, TEXT_TO_IMAGE, ModelSpec
 from .errors import APIError, api_error
@@ -309,6 +310,8 @@ class Responder:
             try:
                 yield _sse(f"{kind}.queued", {"type": f"{kind}.queued", "position": position})
                 while (event := await events.get()) is not _DONE:
+                    if event["stage"] == "partial":  # PNG encoding off the device thread
+                        event = {**event, "png": await asyncio.to_thread(png_bytes, event["image"])}
                     yield self._progress(kind, plan, event)
                 try:
                     outcome: Outcome = future.result()

@@ -196,8 +196,9 @@ class ImageService:
                   "images": part.batch_size, "seconds": round(step.seconds, 4)})
             if step.stage == "denoise" and step.index in previews and step.latents is not None:
                 for i, preview in enumerate(pipe.decode(part, step.latents)):
+                    # the PIL image: the stream encodes it on a thread while the device goes on denoising
                     emit({"stage": "partial", "image_index": first + i, "partial_image_index": sent,
-                          "png": png_bytes(preview)})
+                          "image": preview})
                 sent += 1
 
         return on_step

@@ -1,0 +1,91 @@
+"""Where a quantized linear should switch from MLX's quantized matmul to dequantize + dense GEMM: both paths (and
+the dense bf16 GEMM for scale) at Klein 4B's layer shapes, for a sweep of token counts, per quantization mode.
+
+    python3 benchmarks/bench_quant.py [--modes 8,4,mxfp8,mxfp4,nvfp4] [--out quant.jsonl]
+    python3 benchmarks/bench_quant.py --tiny            # CPU, small shapes: proves the code paths
+
+One JSON line per (mode, shape, tokens) with `quantized_ms`, `dequantized_ms` (imagegen's dense path), `dense_ms`
+(a bf16 weight), and a last line per mode with the smallest token count from which the dense path is faster at
+every larger count (`crossover_tokens`): the value for IMAGEGEN_DEQUANTIZE_TOKENS."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from common import start_run
+
+TOKENS = (16, 64, 128, 256, 512, 1024, 4608)
+SHAPES = ((3072, 3072), (3072, 9216), (9216, 3072))  # (in, out): attention projections, the MLP's in and out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--modes", default="8,4,mxfp8,mxfp4,nvfp4")
+    p.add_argument("--tokens", default=None, help=f"comma list (default {','.join(map(str, TOKENS))}; tiny 8,32)")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--tiny", action="store_true", help="CPU, 128-wide layers")
+    args = p.parse_args(argv)
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    args.tokens = [int(t) for t in (args.tokens or ("8,32" if args.tiny else ",".join(map(str, TOKENS)))).split(",")]
+    return args
+
+
+def median_ms(repeats: int, fn, *args) -> float:
+    for _ in range(3):
+        mx.eval(fn(*args))
+    mx.synchronize()
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(fn(*args))
+        mx.synchronize()
+        runs.append((time.perf_counter() - start) * 1e3)
+    return sorted(runs)[len(runs) // 2]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    recorder = start_run(args)
+    from imagegen import quantize
+    from imagegen.nn.quantized_linear import dense_weight
+
+    def through_dense(layer: nn.QuantizedLinear, x: mx.array) -> mx.array:  # imagegen's path for many tokens
+        return mx.addmm(layer.bias, x, dense_weight(layer, x.dtype).T)
+
+    shapes = ((128, 128),) if args.tiny else SHAPES
+    repeats = 2 if args.tiny else args.repeats
+    for mode in args.modes:
+        s = quantize.scheme(quantize.normalize_mode(mode))
+        faster: dict[int, bool] = {}
+        for d_in, d_out in shapes:
+            linear = nn.Linear(d_in, d_out)
+            linear.set_dtype(mx.bfloat16)
+            layer = nn.QuantizedLinear.from_linear(linear, s["group_size"], s["bits"], mode=s["mode"])
+            mx.eval(linear.parameters(), layer.parameters())
+            for tokens in args.tokens:
+                x = mx.random.normal((tokens, d_in)).astype(mx.bfloat16)
+                quantized = median_ms(repeats, nn.QuantizedLinear.__call__, layer, x)
+                dequantized = median_ms(repeats, through_dense, layer, x)
+                dense = median_ms(repeats, linear, x)
+                faster[tokens] = faster.get(tokens, True) and dequantized <= quantized
+                recorder.emit({"section": "quant-matmul", "mode": mode, "shape": f"{tokens}x{d_in}x{d_out}",
+                               "tokens": tokens, "quantized_ms": round(quantized, 4),
+                               "dequantized_ms": round(dequantized, 4), "dense_ms": round(dense, 4),
+                               "dequantized_vs_dense": round(dequantized / dense, 3),
+                               "quantized_vs_dense": round(quantized / dense, 3)})
+        counts = sorted(faster)
+        crossover = next((t for i, t in enumerate(counts) if all(faster[u] for u in counts[i:])), None)
+        recorder.emit({"section": "quant-crossover", "mode": mode, "crossover_tokens": crossover,
+                       "current_threshold": int(os.environ.get("IMAGEGEN_DEQUANTIZE_TOKENS", "256"))})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

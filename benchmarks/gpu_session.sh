@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Issue 22 on the GPU machine, one part after another; JSON lines under $OUT, then one GOAL line per goal.
+#
+#   bash benchmarks/gpu_session.sh [PART ...]     # PARTS: tests quant vae throughput cold (default: all, in order)
+#
+# Needs the wheels installed (/tmp/site: see /work/shared/gpu/install.sh; pytest among them for `tests`). imagegen
+# need not be installed: the source tree and its plugins go on PYTHONPATH. Each part has a time limit (seconds,
+# LIMIT_<part> overrides) and fails alone. Rough times on an H200: tests 60 s, quant 330 s (Klein 4B 8/4-bit/nvfp4
+# then Z-Image 8/4-bit, each end to end vs bf16), vae 60 s, throughput 60 s (reuses quant's Klein 4B checkpoint),
+# cold 300 s (writes a 35 GB Klein 9B checkpoint). Other helpers' benchmarks can be added as parts below.
+# TINY=1 runs every part on tiny CPU configs (checks this script; the numbers mean nothing).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=${OUT:-/tmp/imagegen-gpu}
+WORK=${WORK:-/tmp/imagegen-bench}
+mkdir -p "$OUT" "$WORK"
+export PYTHONPATH="${PYTHONPATH:-/tmp/site}:$ROOT:$ROOT/plugins/imagegen-flux2:$ROOT/plugins/imagegen-zimage"
+export IMAGEGEN_KERNEL_CACHE="${IMAGEGEN_KERNEL_CACHE:-$WORK/kernels}"
+PY=${PYTHON:-python3}
+T=()  # TINY=1: every benchmark on its tiny CPU config (a smoke run of this script without a GPU)
+[ -n "${TINY:-}" ] && T=(--tiny)
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(tests quant vae throughput cold)
+
+limit() { local var="LIMIT_$1"; echo "${!var:-$2}"; }
+
+# run NAME LIMIT CMD...: the command's output in $OUT/NAME.log, its end marked in the console
+run() {
+  local name=$1 seconds=$2; shift 2
+  local start=$SECONDS
+  echo "== $name (limit ${seconds}s): $*"
+  timeout --kill-after=10 "$seconds" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: exit $rc after $((SECONDS - start))s"
+  grep -h '"error"' "$OUT/$name.log" | cut -c1-400 | head -5
+  return 0
+}
+
+for part in "${parts[@]}"; do
+  case $part in
+    tests)
+      if $PY -c "import pytest" 2>/dev/null; then
+        run tests "$(limit tests 240)" $PY -m pytest -m cuda -q -p no:cacheprovider --continue-on-collection-errors \
+          --junitxml "$OUT/cuda-tests.xml" tests plugins
+        tail -3 "$OUT/tests.log"
+      else
+        echo "== tests: pytest is not installed here (add pytest, iniconfig, pluggy, packaging to the wheels)"
+      fi ;;
+    quant)
+      run quant-matmul "$(limit quant_matmul 90)" $PY benchmarks/bench_quant.py --out "$OUT/quant-matmul.jsonl" "${T[@]}"
+      run klein4b-quant "$(limit klein4b 240)" $PY benchmarks/bench_generate.py --models flux2-klein-4b \
+        --sections e2e,quant --impls imagegen --quant-modes 8,4,nvfp4 --pace "" --keep --workdir "$WORK" \
+        --budget-s 220 --out "$OUT/klein4b-quant.jsonl" "${T[@]}"
+      run zimage-quant "$(limit zimage 300)" $PY benchmarks/bench_generate.py --models zimage-turbo \
+        --sections e2e,quant --impls imagegen --quant-modes 8,4 --pace "" --workdir "$WORK" \
+        --budget-s 280 --out "$OUT/zimage-quant.jsonl" "${T[@]}" ;;
+    vae)
+      run vae "$(limit vae 150)" $PY benchmarks/bench_vae.py --workdir "$WORK" --out "$OUT/vae.jsonl" "${T[@]}" ;;
+    throughput)
+      run throughput "$(limit throughput 150)" $PY benchmarks/bench_throughput.py --workdir "$WORK" --reuse \
+        --out "$OUT/throughput.jsonl" "${T[@]}" ;;
+    cold)
+      run cold "$(limit cold 420)" $PY benchmarks/bench_cold.py --workdir "$WORK" --out "$OUT/cold.jsonl" "${T[@]}" ;;
+    kv)  # issue 23: Klein 9B-KV vs plain 9B editing vs diffusers' KV pipeline (writes a 35 GB checkpoint)
+      run kv "$(limit kv 360)" $PY benchmarks/bench_kv.py --work "$WORK/kv" --out "$OUT/kv.jsonl" "${T[@]}"
+      rm -rf "$WORK/kv" ;;
+    lora)  # issue 20: one rank-32 LoRA's cost per step (bf16, 8-bit) and the time to switch adapters
+      run lora "$(limit lora 240)" $PY benchmarks/bench_lora.py --out "$OUT/lora.jsonl" "${T[@]}" ;;
+    cache)  # issue 23: step caching at 50 steps, Klein base 4B (speed-up, PSNR/SSIM vs uncached)
+      run cache "$(limit cache 300)" $PY benchmarks/bench_cache.py --models flux2-klein-base-4b --sections cache \
+        --out "$OUT/cache.jsonl" "${T[@]}" ;;
+    *)
+      echo "unknown part '$part' (parts: tests quant vae throughput cold kv lora cache)" >&2 ;;
+  esac
+done
+
+junit=()
+[ -f "$OUT/cuda-tests.xml" ] && junit=(--junit "$OUT/cuda-tests.xml")
+$PY benchmarks/goals.py "$OUT"/*.jsonl "${junit[@]}" --out "$OUT/goals.jsonl"
