@@ -315,7 +315,8 @@ def test_the_form_follows_the_model_and_a_missing_model_is_explained(server, bro
     wait_for(browser, lambda d: "cfg_truncation" in error.text)
     assert "within [0, 1], got 2" in error.text
     Select(field(browser, "model")).select_by_value(MODEL)
-    assert not shown("guidance-field") and not shown("negative-field") and not shown("model-options")
+    assert not shown("guidance-field") and not shown("negative-field")
+    assert not browser.find_elements("css selector", "[name='options.cfg_truncation']")  # zimage's own are gone
 
 
 def test_stop_cancels_a_run(server, browser):
