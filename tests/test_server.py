@@ -458,6 +458,11 @@ def test_bad_edit_uploads(http):
     assert_error(http.post("/v1/images/edits", files={"image": ("a.png", upload((1, 2, 3)))},
                            data={"prompt": "x", "model": "paint-edit", "style": "vivid"}), 400, "style")
     assert_error(http.post("/v1/images/edits", files={"x": ("", b"")}, data=form), 400)
+    image = {"image": ("a.png", upload((1, 2, 3)))}  # the model's own options travel as JSON text in a form
+    assert "JSON object" in assert_error(http.post("/v1/images/edits", files=image, data={**form, "options": "{"}),
+                                         400, "options")
+    assert "foo" in assert_error(http.post("/v1/images/edits", files=image, data={**form, "options": '{"foo": 1}'}),
+                                 400)
     too_many = [("image[]", (f"{i}.png", upload((i, i, i)))) for i in range(9)]
     assert_error(http.post("/v1/images/edits", files=too_many, data=form), 400, code="invalid_multipart")
 

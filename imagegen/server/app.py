@@ -23,7 +23,8 @@ import numpy as np
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
@@ -31,10 +32,10 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .. import __version__, registry
+from .. import __version__, hub, registry
 from ..errors import ImagegenError, InvalidImageError, InvalidOptionError
 from ..image import png_bytes
-from ..options import image_input
+from ..options import OPTIONS, family_options, image_input
 from ..registry import IMAGE_EDIT, TEXT_TO_IMAGE, ModelSpec
 from . import uploads
 from .errors import APIError, api_error
@@ -48,6 +49,7 @@ from .schemas import (
     ImagesResponse,
     ModelCard,
     ModelList,
+    OptionCard,
     form_schema,
     json_schema,
 )
@@ -60,6 +62,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500)
 }
 IMAGE_FIELDS = ("image", "image[]")
+PAGE = Path(__file__).parent / "static"  # the web page served at "/": plain HTML/CSS/JS, no secrets in it
 _DONE = object()
 
 
@@ -81,7 +84,7 @@ class Guard:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         error = self._auth_error([v for k, v in scope["headers"] if k == b"authorization"])
-        if error is not None:
+        if error is not None and not _is_page(scope):  # the page's own files hold no data: it asks for the key
             return await _error_response(error)(scope, receive, send)
         length = headers.get(b"content-length", b"0")
         if not length.isdigit() or int(length) > self.max_body:
@@ -112,6 +115,11 @@ class Guard:
             return None
         return APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
                         code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def _is_page(scope: Scope) -> bool:
+    """The page's own files load without the key: the page then asks the person for it."""
+    return scope["method"] in ("GET", "HEAD") and (scope["path"] == "/" or scope["path"].startswith("/static/"))
 
 
 # ---- errors --------------------------------------------------------------------------------
@@ -227,6 +235,12 @@ async def _read_edit_form(request: Request, service: ImageService) -> tuple[Edit
             raise
         detail = e.message if isinstance(e, MultiPartException) else e.detail
         raise APIError(400, f"Bad multipart body: {detail}", code="invalid_multipart") from None
+    if "options" in fields:  # a form carries the model's own options as JSON text
+        try:
+            fields["options"] = json.loads(fields["options"])
+        except json.JSONDecodeError:
+            raise APIError(400, "Field 'options' must be a JSON object.", param="options",
+                           code="invalid_value") from None
     options = _parse(lambda: EditRequest.from_form(fields))
     spec = registry.get(options.model or service.default_model())
     uploads.check_all([(data, name) for _, data, name in blobs], spec)
@@ -377,11 +391,26 @@ class Responder:
 
 
 # ---- the app -------------------------------------------------------------------------------
-def _card(spec: ModelSpec, loaded: bool) -> ModelCard:
+def _card(spec: ModelSpec, loaded: bool, default: bool) -> ModelCard:
     w, h = spec.default_size
     return ModelCard(id=spec.id, owned_by=spec.plugin or "imagegen", aliases=list(spec.aliases),
-                     tasks=list(spec.tasks), default_size=f"{w}x{h}", default_steps=spec.default_steps,
-                     options=sorted(spec.options), quantize_modes=list(spec.quantize_modes), loaded=loaded)
+                     description=spec.description, tasks=list(spec.tasks), default_size=f"{w}x{h}",
+                     size_multiple=spec.size_multiple, max_pixels=spec.max_pixels, default_steps=spec.default_steps,
+                     default_guidance=spec.default_guidance, default_dtype=spec.default_dtype,
+                     options=sorted(o.name for o in OPTIONS if o.gated and spec.accepts(o.name)),
+                     quantize_modes=list(spec.quantize_modes), loaded=loaded,
+                     family_options=[OptionCard(name=o.name, kind=o.kind, help=o.help, minimum=o.minimum,
+                                                maximum=o.maximum, choices=list(o.choices))
+                                     for o in family_options(spec.extra_options) if "server" in o.fronts],
+                     available=not spec.needs_weights or hub.weights_present(spec) is not None, default=default)
+
+
+def _default_id(service: ImageService) -> str | None:
+    """The model a request that names none gets (None when that name does not resolve)."""
+    try:
+        return registry.get(service.default_model()).id
+    except ImagegenError:
+        return None
 
 
 def create_app(models: Sequence[str] = (), keep_alive: str | float | None = "5m", api_key: str | None = None,
@@ -432,14 +461,22 @@ def create_app(models: Sequence[str] = (), keep_alive: str | float | None = "5m"
             raise APIError(404, "No such image: it expired or never existed.", param="name", code="not_found")
         return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
+    def card(spec: ModelSpec) -> ModelCard:
+        return _card(spec, service.residency.is_loaded(spec.id), default=spec.id == _default_id(service))
+
     @app.get("/v1/models", response_model=ModelList, tags=["models"], summary="Models this server can run")
     async def list_models() -> ModelList:
-        return ModelList(data=[_card(s, service.residency.is_loaded(s.id)) for s in registry.all_specs()])
+        return ModelList(data=[card(s) for s in registry.all_specs()])
 
     @app.get("/v1/models/{model_id}", response_model=ModelCard, tags=["models"], summary="One model")
     async def get_model(model_id: str) -> ModelCard:
-        spec = registry.get(model_id)
-        return _card(spec, service.residency.is_loaded(spec.id))
+        return card(registry.get(model_id))
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(PAGE / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=PAGE), name="static")
 
     @app.get("/v1/loras", tags=["models"], summary="LoRA adapters requests may name (the --lora-dir files)")
     async def list_loras() -> dict[str, Any]:

@@ -213,18 +213,37 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class OptionCard(BaseModel):
+    """A model's own option (sent under `options`), as its family declares it (imagegen.Option)."""
+
+    name: str
+    kind: str
+    help: str = ""
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: list[str] = []
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int = 0
     owned_by: str
     aliases: list[str] = []
+    description: str = ""
     tasks: list[str] = []
     default_size: str = ""
+    size_multiple: int = 16  # imagegen: width and height must be multiples of this
+    max_pixels: int = 0  # imagegen: width * height at most
     default_steps: int | None = None
-    options: list[str] = []
+    default_guidance: float | None = None
+    default_dtype: str = ""
+    options: list[str] = []  # the optional generate() options it accepts (imagegen.options)
+    family_options: list[OptionCard] = []  # imagegen: the model's own options, for the `options` field
     quantize_modes: list[str] = []
     loaded: bool = False
+    available: bool = True  # imagegen: its weights are on this machine (or it needs none)
+    default: bool = False  # imagegen: the model a request without `model` gets
 
 
 class ModelList(BaseModel):
