@@ -355,3 +355,29 @@ def test_api_key_is_asked_for_and_kept_for_the_tab(browser, tmp_path):
         wait_for(browser, lambda d: d.find_elements("css selector", f"select[name=model] option[value='{MODEL}']"))
         assert not browser.find_element("name", "api_key").is_displayed()
         assert httpx.get(f"{url}/v1/models").status_code == 401  # the API itself stays closed
+
+
+def test_init_image_with_strength_and_a_painted_mask(server, browser, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    start = tmp_path / "start.png"
+    Image.new("RGB", (96, 64), (30, 60, 200)).save(start)
+    open_page(browser, server)
+    assert browser.find_element("id", "init-field").is_displayed()  # the demo model repaints init images
+    browser.find_element("id", "init-image").send_keys(str(start))
+    canvas = browser.find_element("id", "mask")
+    wait_for(browser, lambda d: canvas.is_displayed() and canvas.get_attribute("width") == "96")
+    fill(browser, "strength", "0.6")
+    ActionChains(browser).move_to_element(canvas).click_and_hold().move_by_offset(30, 0).release().perform()
+    mask = base64.b64decode(browser.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        maskBlob().then(b => { const r = new FileReader(); r.onload = () => done(r.result.split(',')[1]);
+                               r.readAsDataURL(b); });"""))
+    with Image.open(io.BytesIO(mask)) as image:  # OpenAI's convention: transparent where painted
+        alpha = image.getchannel("A")
+        assert image.size == (96, 64) and alpha.getpixel((48, 32)) == 0 and alpha.getpixel((2, 2)) == 255
+
+    generate(browser, "a red circle", 1, seed="4", steps="4")
+    assert natural_size(browser, gallery(browser)[0]) == (96, 64)  # the init image's size
+    metadata = png_metadata(blob_bytes(browser, gallery(browser)[0].get_attribute("src")))
+    assert metadata["init_image"] == "start.png" and metadata["mask"] == "mask.png" and metadata["strength"] == 0.6

@@ -397,6 +397,7 @@ def _card(spec: ModelSpec, loaded: bool, default: bool) -> ModelCard:
                      description=spec.description, tasks=list(spec.tasks), default_size=f"{w}x{h}",
                      size_multiple=spec.size_multiple, max_pixels=spec.max_pixels, default_steps=spec.default_steps,
                      default_guidance=spec.default_guidance, default_dtype=spec.default_dtype,
+                     default_strength=list(spec.default_strength) if spec.accepts("init_image") else [],
                      options=sorted(o.name for o in OPTIONS if o.gated and spec.accepts(o.name)),
                      quantize_modes=list(spec.quantize_modes), loaded=loaded,
                      family_options=[OptionCard(name=o.name, kind=o.kind, help=o.help, minimum=o.minimum,

@@ -237,6 +237,7 @@ class ModelCard(BaseModel):
     max_pixels: int = 0  # imagegen: width * height at most
     default_steps: int | None = None
     default_guidance: float | None = None
+    default_strength: list[float] = []  # imagegen: for an init image: [img2img, inpainting] (models that take one)
     default_dtype: str = ""
     options: list[str] = []  # the optional generate() options it accepts (imagegen.options)
     family_options: list[OptionCard] = []  # imagegen: the model's own options, for the `options` field
