@@ -381,3 +381,32 @@ def test_init_image_with_strength_and_a_painted_mask(server, browser, tmp_path):
     assert natural_size(browser, gallery(browser)[0]) == (96, 64)  # the init image's size
     metadata = png_metadata(blob_bytes(browser, gallery(browser)[0].get_attribute("src")))
     assert metadata["init_image"] == "start.png" and metadata["mask"] == "mask.png" and metadata["strength"] == 0.6
+
+
+def test_lora_picker_sends_adapters_of_the_lora_dir(browser, tmp_path):
+    from selenium.webdriver.support.ui import Select
+
+    from imagegen.testing import random_lora, save_adapter
+
+    shapes = {"transformer_blocks.0.attn.to_q": (192, 192), "single_transformer_blocks.0.attn.to_out": (192, 768)}
+    (tmp_path / "loras").mkdir()
+    save_adapter(tmp_path / "loras" / "style.safetensors", random_lora(shapes, 4, 1, 0.5, prefix="transformer."))
+    with imagegen_serve("--lora-dir", str(tmp_path / "loras"), hub_cache=tmp_path) as url:
+        open_page(browser, url)
+        wait_for(browser, lambda d: d.find_element("id", "lora-field").is_displayed())
+        Select(browser.find_element("id", "lora-pick")).select_by_value("style.safetensors")
+        scale = browser.find_element("id", "lora-scale")
+        scale.clear()
+        scale.send_keys("0.8")
+        browser.find_element("xpath", "//button[normalize-space()='Add']").click()
+        assert [li.text.split("\n")[0] for li in browser.find_elements("css selector", "#loras li")] == [
+            "style.safetensors"]
+        generate(browser, "a red circle", 1, seed="3", steps="2")
+        metadata = png_metadata(blob_bytes(browser, gallery(browser)[0].get_attribute("src")))
+        assert [(lora["name"], lora["scale"]) for lora in metadata["loras"]] == [("style.safetensors", 0.8)]
+
+        browser.find_element("css selector", "#loras li button").click()  # removed: the next image has none
+        assert browser.find_elements("css selector", "#loras li") == []
+        gallery(browser)[0].click()
+        browser.find_element("xpath", "//button[normalize-space()='Use these settings']").click()
+        assert field(browser, "lora_scale").get_attribute("value") == "0.8"  # reuse brings the adapter back

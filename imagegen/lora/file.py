@@ -65,6 +65,7 @@ def _read(path: str, size: int, mtime: int) -> AdapterFile:
         raise LoraError(f"{Path(path).name}: only .safetensors adapter files are read (pickled .ckpt/.pt are not).")
     try:
         tensors, metadata = mx.load(path, return_metadata=True)
+        mx.eval(tensors)  # cached and shared across threads: a lazy array would stay bound to this thread's stream
     except Exception as e:  # corrupt, truncated or not safetensors
         raise LoraError(f"Cannot read LoRA file {path}: {e}") from None
     if not tensors:
