@@ -152,9 +152,9 @@ def test_image_to_image_rows(tmp_path):
     PNG the Python API draws, inputs recorded by name and hash; a row whose file is missing fails alone."""
     (tmp_path / "in").mkdir()
     registry.get("flux2-demo").pipeline().generate("a red circle on a blue background", seed=0, steps=2).images[
-        0].save(tmp_path / "in" / "start.png")
-    mask = np.zeros((128, 128), np.uint8)
-    mask[:, 64:] = 255
+        0].crop((16, 0, 112, 128)).save(tmp_path / "in" / "start.png")  # 96x128: outpainted back to 128x128
+    mask = np.zeros((128, 96), np.uint8)
+    mask[:, 48:] = 255
     Image.fromarray(mask).save(tmp_path / "in" / "half.png")
     prompts = write_rows(tmp_path / "in" / "rows.jsonl", [
         {"id": "paint", "prompt": "a green square on a blue background", "init_image": "start.png",
@@ -174,7 +174,7 @@ def test_image_to_image_rows(tmp_path):
     assert set(meta["inputs"]) == {"start.png", "half.png"} and len(meta["inputs"]["start.png"]) == 64
     assert (meta["noise"], meta["strength"]) == ("torch", 0.9)
     grown = read_metadata(tmp_path / "out" / "grow.png")
-    assert grown["outpaint"] == [16, 0, 16, 0] and (grown["width"], grown["height"]) == (160, 128)
+    assert grown["outpaint"] == [16, 0, 16, 0] and (grown["width"], grown["height"]) == (128, 128)
 
 
 def test_each_model_loads_once(tmp_path, hello_plugin, monkeypatch):

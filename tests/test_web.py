@@ -216,10 +216,10 @@ def test_generate_shows_progress_a_gallery_newest_first_and_stays_local(server, 
     assert f"{server}/" in urls and f"{server}/v1/images/generations" in urls, urls
     assert leaves_the_machine("https://fonts.example.com/x.woff2") and leaves_the_machine("http://localhost:1/")
 
-    generate(browser, "a green square on a yellow background", 2, seed="6", width="192", height="128", steps="2")
+    generate(browser, "a green square on a yellow background", 2, seed="6", width="128", height="96", steps="2")
     newest, older = gallery(browser)
     assert newest.get_attribute("data-seed") == "6" and older.get_attribute("data-seed") == "5"
-    assert natural_size(browser, newest) == (192, 128)
+    assert natural_size(browser, newest) == (128, 96)
     assert "a green square" in newest.get_attribute("alt")
     if os.environ.get("IMAGEGEN_WEB_SCREENSHOT"):
         browser.save_screenshot(os.environ["IMAGEGEN_WEB_SCREENSHOT"])
@@ -256,16 +256,10 @@ def test_details_reuse_settings_and_download(server, browser):
     assert Image.open(io.BytesIO(again)).tobytes() == Image.open(io.BytesIO(saved)).tobytes()
 
 
-def test_reference_image_uses_the_edits_endpoint(server, browser, tmp_path):
-    reference = tmp_path / "reference.png"
-    Image.new("RGB", (64, 64), (200, 30, 30)).save(reference)
-    open_page(browser, server)
-    assert browser.find_element("id", "reference-field").is_displayed()  # the demo model takes references
-    browser.find_element("css selector", "input[type=file][name=image]").send_keys(str(reference))
-    wait_for(browser, lambda d: d.find_elements("css selector", "#references img"))
-    generate(browser, "make it blue", 1, seed="3", steps="2")
-    metadata = png_metadata(blob_bytes(browser, gallery(browser)[0].get_attribute("src")))
-    assert metadata["images"] == ["reference.png"] and metadata["prompt"] == "make it blue"
+def test_a_model_without_reference_editing_hides_the_reference_field(server, browser):
+    open_page(browser, server)  # the demo was trained without reference images: it repaints init images only
+    assert not browser.find_element("id", "reference-field").is_displayed()
+    assert browser.find_element("id", "init-field").is_displayed()
 
 
 def test_a_bad_request_shows_the_servers_message(server, browser):
@@ -285,7 +279,7 @@ def test_the_form_follows_the_model_and_a_missing_model_is_explained(server, bro
 
     open_page(browser, server)
     shown = lambda id: browser.find_element("id", id).is_displayed()  # noqa: E731
-    assert not shown("guidance-field") and not shown("negative-field") and shown("reference-field")
+    assert not shown("guidance-field") and not shown("negative-field") and not shown("reference-field")
     missing = browser.find_element("css selector", "select[name=model] optgroup")  # listed apart: no weights here
     assert "imagegen pull" in missing.get_attribute("label")
     assert missing.find_elements("css selector", "option[value='flux2-klein-base-4b']")

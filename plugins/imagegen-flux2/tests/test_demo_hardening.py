@@ -26,5 +26,7 @@ def test_sizes_it_was_not_trained_for_are_refused(demo):
 
 def test_it_does_not_claim_to_edit_and_says_what_it_knows():
     spec = imagegen.registry.get("flux2-demo")
-    assert spec.tasks == (imagegen.TEXT_TO_IMAGE,) and not spec.accepts("images")
+    # no reference editing (it never saw reference images); the edits endpoint serves its img2img / inpainting
+    assert not spec.accepts("images") and spec.accepts("init_image")
+    assert spec.tasks == (imagegen.TEXT_TO_IMAGE, imagegen.IMAGE_EDIT)
     assert "circle" in spec.description and "purple" in spec.description and "128x128" in spec.description

@@ -226,10 +226,10 @@ def test_img2img_matches_diffusers(checkpoint):
     assert_images_match(got.images, want)
 
 
-def test_base_inpaint_with_cfg_and_negative_matches_diffusers(checkpoint):
+def test_base_inpaint_with_cfg_and_negative_matches_diffusers(base_checkpoint):
     from diffusers import ZImageInpaintPipeline
 
-    folder, pipe = checkpoint
+    folder, pipe = base_checkpoint
     reference_pipe = ZImageInpaintPipeline(**pipe.components)
     want = reference_pipe(prompt="a lighthouse", negative_prompt="blurry", image=picture(1), mask_image=square_mask(),
                           strength=0.8, num_inference_steps=4, guidance_scale=4.0,
@@ -255,7 +255,7 @@ def test_img2img_refuses_bad_input(checkpoint, tmp_path):
         turbo.generate("x", noise="numpy", width=64, height=48)
 
 
-def test_cli_inpaint_matches_diffusers_and_replays(checkpoint, tmp_path, monkeypatch):
+def test_cli_inpaint_matches_diffusers_and_replays(base_checkpoint, tmp_path, monkeypatch):
     import shutil
 
     from diffusers import ZImageInpaintPipeline
@@ -264,7 +264,7 @@ def test_cli_inpaint_matches_diffusers_and_replays(checkpoint, tmp_path, monkeyp
     from imagegen.cli import get_app
     from imagegen.image import read_metadata
 
-    folder, pipe = checkpoint
+    folder, pipe = base_checkpoint
     monkeypatch.chdir(tmp_path)
     picture(2).save("photo.png")
     square_mask().save("mask.png")
