@@ -287,11 +287,12 @@ def test_cli_inpaint_matches_diffusers_and_replays(base_checkpoint, tmp_path, mo
     for name in ("out.png", "photo.png", "mask.png"):
         shutil.copy(name, elsewhere / name)
     monkeypatch.chdir(tmp_path / "elsewhere")
-    again = CliRunner().invoke(get_app(), ["run", "--from", "out.png", "-o", "again.png"])
+    weights = ["--weights", str(folder)]  # a PNG's weights folder is never loaded from the PNG itself
+    again = CliRunner().invoke(get_app(), ["run", "--from", "out.png", "-o", "again.png", *weights])
     assert again.exit_code == 0, again.output
     assert np.array_equal(np.asarray(Image.open("out.png")), np.asarray(Image.open("again.png")))
     picture(3).save("photo.png")  # changed since: refused, not silently replaced
-    changed = CliRunner().invoke(get_app(), ["run", "--from", "out.png", "-o", "third.png"])
+    changed = CliRunner().invoke(get_app(), ["run", "--from", "out.png", "-o", "third.png", *weights])
     assert changed.exit_code == 1 and "'photo.png' (sha256" in changed.output and "pass it again" in changed.output
 
 
