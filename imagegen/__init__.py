@@ -12,7 +12,6 @@ from .errors import (
     ImagegenError,
     InvalidImageError,
     InvalidOptionError,
-    PluginError,
     UnknownModelError,
     WeightsError,
     WeightsNotFoundError,
@@ -29,7 +28,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "GenerationResult", "HFConfig", "IMAGE_EDIT", "ImagegenError", "InvalidImageError", "InvalidOptionError",
-    "ModelSpec", "Option", "Pipeline", "PluginError", "Request", "Run", "Step", "TEXT_TO_IMAGE",
+    "ModelSpec", "Option", "Pipeline", "Request", "Run", "Step", "TEXT_TO_IMAGE",
     "UnknownModelError", "WeightsError", "WeightsNotFoundError", "hookimpl", "registry", "seeded_noise",
     "__version__",
 ]

@@ -31,7 +31,3 @@ class InvalidOptionError(ImagegenError, ValueError):
 
 class InvalidImageError(ImagegenError, ValueError):
     """An input image cannot be read or used."""
-
-
-class PluginError(ImagegenError):
-    """A plugin broke a registration rule (reported as a warning, the plugin is skipped)."""

@@ -220,3 +220,15 @@ def test_unsupported_options_name_the_model():
         registry.get("flux2-demo").request("x", guidance=2.0)
     with pytest.raises(imagegen.InvalidOptionError, match="does not support the option.s.: strength_x"):
         registry.get("flux2-demo").request("x", strength_x=0.5)
+
+
+def test_batch_flags_are_derived_too():
+    Path("p.jsonl").write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y", "tile": false, "seed": 9}\n')
+    result = CliRunner().invoke(get_app(), ["batch", "p.jsonl", "-o", "out", "-m", "walk", "--tile", "--seed", "5",
+                                            "--image", "ref.png"])
+    assert result.exit_code == 0, result.output
+    a, b = read_metadata("out/a.png"), read_metadata("out/b.png")
+    assert (a["tile"], a["seed"], a["images"]) == (True, 5, ["ref.png"])
+    assert (b["tile"], b["seed"]) == (False, 9)  # the row's own values win over the flags
+    bad = CliRunner().invoke(get_app(), ["batch", "p.jsonl", "-o", "out2", "-m", "walk", "--steps", "0"])
+    assert bad.exit_code == 1 and "--steps must be >= 1, got 0." in bad.output
