@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import mlx.core as mx
 from PIL import Image
 
-from . import scheduler
+from . import distributed, scheduler
 from .errors import WeightsError
 from .image import to_pil
 from .memory import pipeline_weight_bytes
@@ -49,6 +49,8 @@ class DiffusersPipeline(Pipeline):
         with self.loading("transformer"):
             self.transformer = load_model(self.transformer_class, self.transformer_config, root / "transformer",
                                           dtype, quantize, type(self).quant_predicate)
+        if hasattr(self.transformer, "sequence_parallel"):  # in a rank of `imagegen run --gpus N`: its token shard
+            self.transformer.sequence_parallel = distributed.from_environment()
         with self.loading("vae"):
             self.vae = self.vae_class.from_folder(root / "vae", dtype)
         self.scheduler = scheduler.FlowMatchEulerConfig.from_file(root / "scheduler" / "scheduler_config.json")
@@ -73,6 +75,9 @@ class DiffusersPipeline(Pipeline):
         return latents
 
     def decode(self, request: Request, latents: mx.array) -> list[Image.Image]:
+        spread = getattr(self.transformer, "sequence_parallel", None)
+        if spread is not None and spread.rank:  # every rank holds the same latents: rank 0 decodes
+            return []
         images = []
         for one in self.vae_latents(request, latents).astype(self.vae.dtype):
             images.extend(to_pil(self.vae.decode_latents(one[None], tile=bool(request.tile))))

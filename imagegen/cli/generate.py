@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 import typer
 
-from .. import hub, registry
+from .. import distributed, hub, registry
 from ..errors import InvalidOptionError
 from ..image import generation_metadata, read_metadata, save_png
 from ..memory import preflight
@@ -97,6 +98,7 @@ def run(
     force: bool = typer.Option(False, "--force", help="Run even if the memory estimate says it will not fit."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+    gpus: int = typer.Option(1, "--gpus", help="Spread one image over N GPUs (one process each; FLUX.2 models)."),
     flags: dict[str, Any] | None = None,
 ) -> None:
     """Generate images from a text prompt."""
@@ -120,6 +122,14 @@ def run(
     weights = weights or _saved_weights(saved)
     paths = output_paths(output, spec.id, request.seeds[0], request.batch_size)
     check_writable(paths[0].parent)
+    if gpus != 1 and distributed.WORLD_ENV not in os.environ:
+        if gpus < 1:
+            raise InvalidOptionError(f"--gpus must be >= 1, got {gpus}.")
+        if not spec.extra.get("sequence_parallel"):
+            raise InvalidOptionError(f"Model '{spec.id}' cannot spread one image over several GPUs (--gpus).")
+        # every rank runs this command with the seed fixed here, so all draw the same noise
+        argv = [sys.executable, "-m", "imagegen", *sys.argv[1:], "--seed", str(request.seeds[0])]
+        raise typer.Exit(distributed.launch(argv, gpus))
 
     path = hub.resolve_weights(spec, weights)
     if spec.estimate_memory is not None:

@@ -15,6 +15,7 @@ from functools import cache
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..distributed import current as sequence_parallel
 from ..rope import apply_rope_tables
 from . import cuda_kernels
 from .attention import attention
@@ -146,5 +147,8 @@ def attention_blhd(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None 
     """Attention over [B, L, H, D] inputs -> [B, L, H * D]. The fused kernel reads the transposed views as they are
     and writes its output in the queries' memory order, so neither side copies."""
     b, length, heads, d = q.shape
+    spread = sequence_parallel()
+    if spread is not None:  # this rank holds a shard of the tokens: attend over every rank's keys and values
+        k, v = spread.keys_values(k, v)
     out = attention(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
     return out.transpose(0, 2, 1, 3).reshape(b, length, heads * d)

@@ -36,7 +36,7 @@ def klein(size: str, base: bool) -> imagegen.ModelSpec:
         quantize_modes=ALL_MODES,
         family_default=not base and size == "4B",
         estimate_memory=estimate_memory,
-        extra={"distilled": not base},
+        extra={"distilled": not base, "sequence_parallel": True},
     )
 
 
@@ -59,7 +59,7 @@ def demo() -> imagegen.ModelSpec | None:
         reference_size=reference_size,
         run_default=True,  # `imagegen run` works out of the box with the bundled weights
         default_dtype="float32",  # small enough; float32 keeps CPU runs exact and fast
-        extra={"distilled": True},
+        extra={"distilled": True, "sequence_parallel": True},
     )
 
 

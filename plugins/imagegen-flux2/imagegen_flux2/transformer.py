@@ -248,6 +248,7 @@ class Flux2Transformer(PacedBlocks, nn.Module):
     if any, follow the noisy latents (and the output keeps them: slice back to the latents' count)."""
 
     paced_lists = ("transformer_blocks", "single_transformer_blocks")
+    sequence_parallel = None  # an imagegen.distributed.SequenceParallel spreads one call's image tokens over ranks
 
     def __init__(self, config: Flux2TransformerConfig):
         super().__init__()
@@ -304,6 +305,18 @@ class Flux2Transformer(PacedBlocks, nn.Module):
         n_txt, n_img = encoder_hidden_states.shape[1], hidden_states.shape[1]
         if rope[0].shape[-2] != n_txt + n_img:
             raise ValueError(f"rope covers {rope[0].shape[-2]} tokens; inputs have {n_txt} text + {n_img} image")
+        spread = self.sequence_parallel
+        if spread is None:
+            return self._run(hidden_states, encoder_hidden_states, timestep, rope, guidance)
+        # Several ranks: each runs its shard of the image tokens (and the whole text); attention gathers k/v.
+        cos, sin = (mx.concatenate([t[:n_txt], spread.shard(t[None, n_txt:])[0]]) for t in rope)
+        with spread.active(n_txt, n_img):
+            out = self._run(spread.shard(hidden_states), encoder_hidden_states, timestep, (cos, sin), guidance)
+        return spread.gather(out, n_img)
+
+    def _run(self, hidden_states: mx.array, encoder_hidden_states: mx.array, timestep: mx.array, rope: Rope,
+             guidance: mx.array | None) -> mx.array:
+        n_txt = encoder_hidden_states.shape[1]
         dtype = hidden_states.dtype
         # diffusers casts to the activation dtype before scaling back to [0, 1000]
         temb = self.time_guidance_embed(
