@@ -46,8 +46,9 @@ if spread.rank == 0:
 
 
 def env_with_tree() -> dict[str, str]:
-    import imagegen
     import imagegen_flux2
+
+    import imagegen
 
     paths = [str(Path(m.__file__).parents[1]) for m in (imagegen, imagegen_flux2)]
     return {**os.environ, "PYTHONPATH": os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")])}
