@@ -87,7 +87,7 @@ class Row:
     steps: int | None = None
     guidance: float | None = None
     negative_prompt: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict, hash=False)  # other options (tile, images, the model's)
+    other_options: dict[str, Any] = field(default_factory=dict, hash=False)  # tile, images, the model's own, ...
 
     @property
     def file(self) -> str:
@@ -96,7 +96,7 @@ class Row:
     def options(self) -> dict[str, Any]:
         """The keyword options of Pipeline.generate for this row (unset ones left to the model)."""
         options = {"width": self.width, "height": self.height, "steps": self.steps, "guidance": self.guidance,
-                   "negative_prompt": self.negative_prompt, **self.extra}
+                   "negative_prompt": self.negative_prompt, **self.other_options}
         return {"seed": self.seed, **{k: v for k, v in options.items() if v is not None}}
 
 
@@ -154,15 +154,15 @@ def parse_row(text: str, line: int, defaults: Defaults, where: str = "", folder:
     def pick(name: str) -> Any:
         return obj[name] if obj.get(name) is not None else getattr(defaults, name)
 
-    extra = {**defaults.options, **(obj.get("options") or {})}
+    other = {**defaults.options, **(obj.get("options") or {})}
     for name in set(ROW_OPTIONS) - {"seed", "steps", "guidance", "negative_prompt"}:
         if obj.get(name) is not None:
-            extra[name] = [folder / p for p in obj[name]] if ROW_OPTIONS[name].kind == "image" else obj[name]
+            other[name] = [folder / p for p in obj[name]] if ROW_OPTIONS[name].kind == "image" else obj[name]
     seed = pick("seed")
     return Row(
         id=row_id, line=line, prompt=obj["prompt"], model=pick("model") or registry.default_model() or "",
         seed=derived_seed(row_id) if seed is None else seed, width=width, height=height, steps=pick("steps"),
-        guidance=pick("guidance"), negative_prompt=pick("negative_prompt"), extra=extra,
+        guidance=pick("guidance"), negative_prompt=pick("negative_prompt"), other_options=other,
     )
 
 

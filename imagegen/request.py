@@ -43,17 +43,17 @@ class Request:
     latents: Any = None
     tile: bool = False
     num_images: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)  # every other declared option that was given
+    other_options: dict[str, Any] = field(default_factory=dict)  # every other declared option given; use option()
 
     def option(self, name: str, default: Any = None) -> Any:
         """The value of any declared option (core or the family's), or `default` when it was not given."""
-        if name in self.extra:
-            return self.extra[name]
+        if name in self.other_options:
+            return self.other_options[name]
         if name == "seed":  # per image fields: the first image's value
             return self.seeds[0]
         if name == "negative_prompt":
             return self.negative_prompts[0] if self.negative_prompts else default
-        if name in _FIELDS and name != "extra":
+        if name in _FIELDS and name != "other_options":
             value = getattr(self, name)
             return default if value is None else value
         return default
@@ -161,7 +161,8 @@ def build_request(spec: ModelSpec, prompt: str | Sequence[str],
         prompts=tuple(p for p in prompts for _ in range(num_images)), width=width, height=height,
         steps=values.pop("steps", spec.default_steps), guidance=guidance,
         seeds=tuple(seed + i for i in range(count)), negative_prompts=negatives, images=tuple(images),
-        latents=values.pop("latents", None), tile=values.pop("tile", False), num_images=num_images, extra=values,
+        latents=values.pop("latents", None), tile=values.pop("tile", False), num_images=num_images,
+        other_options=values,
     )
 
 
