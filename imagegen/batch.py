@@ -32,7 +32,7 @@ import mlx.core as mx
 from . import registry
 from .errors import ImagegenError, InvalidOptionError
 from .image import generation_metadata, png_bytes, read_metadata
-from .options import OPTIONS, OptionError, parse_size
+from .options import OPTIONS, Option, OptionError, parse_size
 from .pipeline import Pipeline
 from .request import check_size
 
@@ -130,9 +130,11 @@ def parse_row(text: str, line: int, defaults: Defaults, where: str = "", folder:
             kinds, kind = FIELDS[name]
             if not isinstance(value, kinds) or isinstance(value, bool):
                 raise BatchInputError(f"{at}: '{name}' must be {kind}, got {json.dumps(value)}.")
-        elif ROW_OPTIONS[name].kind == "image":  # paths, loaded when the row is checked against its model
-            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-                raise BatchInputError(f"{at}: '{name}' must be a list of image paths, got {json.dumps(value)}.")
+        elif ROW_OPTIONS[name].kind in ("image", "file"):  # paths relative to the prompts file, read later
+            paths = value if ROW_OPTIONS[name].repeatable else [value]
+            if not isinstance(paths, list) or not all(isinstance(v, str) and v for v in paths):
+                many = "a list of paths" if ROW_OPTIONS[name].repeatable else "a path"
+                raise BatchInputError(f"{at}: '{name}' must be {many}, got {json.dumps(value)}.")
         else:
             try:
                 ROW_OPTIONS[name].check(value)
@@ -157,13 +159,20 @@ def parse_row(text: str, line: int, defaults: Defaults, where: str = "", folder:
     other = {**defaults.options, **(obj.get("options") or {})}
     for name in set(ROW_OPTIONS) - {"seed", "steps", "guidance", "negative_prompt"}:
         if obj.get(name) is not None:
-            other[name] = [folder / p for p in obj[name]] if ROW_OPTIONS[name].kind == "image" else obj[name]
+            other[name] = relative_to(folder, ROW_OPTIONS[name], obj[name])
     seed = pick("seed")
     return Row(
         id=row_id, line=line, prompt=obj["prompt"], model=pick("model") or registry.default_model() or "",
         seed=derived_seed(row_id) if seed is None else seed, width=width, height=height, steps=pick("steps"),
         guidance=pick("guidance"), negative_prompt=pick("negative_prompt"), other_options=other,
     )
+
+
+def relative_to(folder: Path, option: Option, value: Any) -> Any:
+    """A row's file-valued option with its paths taken relative to the prompts file's folder."""
+    if option.kind not in ("image", "file"):
+        return value
+    return [folder / p for p in value] if option.repeatable else folder / value
 
 
 def read_rows(path: str | Path, defaults: Defaults = Defaults()) -> list[Row]:

@@ -30,6 +30,7 @@ FAMILY = (
     Option("mode_x", "choice", "A family enum.", choices=("soft", "hard")),
     Option("names_x", "str", "A family list.", repeatable=True),
     Option("flag_x", "bool", "A family switch."),
+    Option("file_x", "file", "A family file (e.g. adapter weights)."),
 )
 PYTHON_ONLY = {"latents"}  # arrays: no text form, so no CLI flag, field, row key or metadata entry
 
@@ -74,7 +75,7 @@ def sample(option: Option) -> object:
     """A valid value that is not the default, by kind (so an option added later is walked without edits here)."""
     one = {"int": int(option.minimum or 0) + 2, "float": 0.5 if option.maximum is None or option.maximum >= 0.5
            else option.maximum, "bool": True, "str": "blur", "choice": option.choices[-1] if option.choices else "",
-           "image": "ref.png"}[option.kind]
+           "image": "ref.png", "file": "ref.png"}[option.kind]
     if option.name in ("width", "height"):
         one = 48
     return [one, "other"] if option.repeatable and option.kind == "str" else [one] if option.repeatable else one
@@ -82,7 +83,7 @@ def sample(option: Option) -> object:
 
 def expected(option: Option, value: object) -> object:
     """The value as metadata records it."""
-    if option.kind == "image":
+    if option.kind in ("image", "file"):
         return [Path(v).name for v in value] if option.repeatable else Path(value).name
     return list(value) if option.repeatable else value
 
@@ -117,6 +118,8 @@ def test_every_option_walks_through_every_front_end(option):
     got = request.option(option.name)
     if option.kind == "image":
         assert [image_ref(i)["name"] for i in got] == expected(option, value)
+    elif option.kind == "file":
+        assert got == Path(value)
     elif option.name != "num_images":
         assert got == (tuple(value) if option.repeatable else value)
 
@@ -129,8 +132,8 @@ def test_every_option_walks_through_every_front_end(option):
             return  # each image replays alone: the count is not metadata
         meta = read_metadata("a.png")
         assert metadata_value(meta, option) == expected(option, value)
-        if option.kind == "image":
-            assert meta["inputs"] == {"ref.png": image_ref(imagegen.options.image_input("ref.png"))["sha256"]}
+        if option.kind in ("image", "file"):
+            assert meta["inputs"] == {"ref.png": imagegen.options.file_ref("ref.png")["sha256"]}
         again = CliRunner().invoke(get_app(), ["run", "--from", "a.png", "-o", "b.png"])
         assert again.exit_code == 0, again.output
         assert metadata_value(read_metadata("b.png"), option) == expected(option, value)
@@ -144,6 +147,10 @@ def test_every_option_walks_through_every_front_end(option):
         names = [image_ref(i)["name"] for i in plan.request.option(option.name)] if option.repeatable else \
             image_ref(plan.request.option(option.name))["name"]
         assert names == expected(option, value)
+    elif option.kind == "file":  # a client must not name files on the server
+        with pytest.raises(APIError, match="cannot be given over HTTP"):
+            ImageService(Limits(), None).plan(ImageOptions(prompt="x", model="walk", options={option.name: value}),
+                                              "text-to-image")
     elif "server" in option.fronts or family:
         fields = {"options": {option.name: value}} if family else {option.name: value}
         assert family or option.name in ImageOptions.model_fields

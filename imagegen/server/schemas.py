@@ -15,6 +15,8 @@ from ..options import parse_size as parse_text_size
 
 _TYPES: dict[str, Any] = {"int": int, "float": float, "bool": bool, "str": str, "choice": str, "any": Any}
 UPLOADS = {o.name for o in OPTIONS if "server" in o.fronts and o.kind == "image"}  # multipart file fields
+# JSON fields: never a server-side path from a client ("file" options need a server-side design of their own)
+FIELDS = [o for o in OPTIONS if "server" in o.fronts and o.kind in _TYPES]
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
@@ -54,7 +56,7 @@ class OpenAIOptions(BaseModel):
 # OpenAI's fields plus one per option declared for the server (imagegen.options)
 ImageOptions = create_model(
     "ImageOptions", __base__=OpenAIOptions, __doc__="Fields shared by generations (JSON) and edits (multipart form).",
-    **{o.name: option_field(o) for o in OPTIONS if "server" in o.fronts and o.name not in UPLOADS},
+    **{o.name: option_field(o) for o in FIELDS},
 )
 
 
