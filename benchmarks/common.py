@@ -20,24 +20,24 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("mlx", "mlx-cuda-13", "torch", "diffusers", "transformers", "mflux", "imagegen", "imagegen-flux2",
-            "imagegen-zimage")
+            "imagegen-zimage", "imagegen-cache")
 
 
 def ensure_imports() -> None:
     """Make imagegen and its in-tree plugins importable from a source checkout that is not pip-installed (the GPU
     machine gets the tree and wheels, not an install), and registered even without entry points."""
-    for path in (REPO, REPO / "plugins" / "imagegen-flux2", REPO / "plugins" / "imagegen-zimage"):
+    for path in (REPO, *(REPO / "plugins" / f"imagegen-{name}" for name in ("flux2", "zimage", "cache"))):
         if str(path) not in sys.path:
             sys.path.append(str(path))
     import imagegen
     from imagegen import plugins
 
     names = {info.name for info in plugins.plugin_infos()}
-    for name, module in (("flux2", "imagegen_flux2.plugin"), ("zimage", "imagegen_zimage.plugin")):
+    for name in ("flux2", "zimage", "cache"):
         if name not in names:
             try:
-                plugins.register_plugin(__import__(module, fromlist=["_"]), name, f"imagegen-{name}",
-                                        imagegen.__version__)
+                module = __import__(f"imagegen_{name}.plugin", fromlist=["_"])
+                plugins.register_plugin(module, name, f"imagegen-{name}", imagegen.__version__)
             except ImportError:
                 pass
 
@@ -191,6 +191,30 @@ def image_difference(got: Any, want: Any) -> dict[str, float]:
     mse = float((diff**2).mean())
     return {"pixel_mean_abs": float(diff.mean()), "pixel_max_abs": float(diff.max()),
             "psnr_db": float("inf") if mse == 0 else float(10 * np.log10(255**2 / mse))}
+
+
+def ssim(got: Any, want: Any, window: int = 7) -> float:
+    """Mean structural similarity of two PIL images' luma (0-255), over window x window means as scikit-image's
+    structural_similarity computes it by default (uniform window, K1 0.01, K2 0.03, sample covariances)."""
+
+    def luma(image: Any) -> np.ndarray:
+        return np.asarray(image.convert("L"), np.float64)
+
+    def box(x: np.ndarray) -> np.ndarray:  # the mean of every full window, from a summed-area table
+        s = np.pad(x.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+        w = window
+        return (s[w:, w:] - s[:-w, w:] - s[w:, :-w] + s[:-w, :-w]) / (w * w)
+
+    a, b = luma(got), luma(want)
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mean_a, mean_b = box(a), box(b)
+    n = window * window
+    correction = n / (n - 1)
+    var_a = (box(a * a) - mean_a**2) * correction
+    var_b = (box(b * b) - mean_b**2) * correction
+    cov = (box(a * b) - mean_a * mean_b) * correction
+    score = ((2 * mean_a * mean_b + c1) * (2 * cov + c2)) / ((mean_a**2 + mean_b**2 + c1) * (var_a + var_b + c2))
+    return float(score.mean())
 
 
 def versions() -> dict[str, str | None]:

@@ -6,7 +6,8 @@ The names here are the public API that users and plugins (in-tree and third-part
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
-from . import registry
+from . import block_loop, registry
+from .block_loop import BlockLoopOption
 from .config import HFConfig
 from .errors import (
     ImagegenError,
@@ -27,8 +28,8 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
 __all__ = [
-    "GenerationResult", "HFConfig", "IMAGE_EDIT", "ImagegenError", "InvalidImageError", "InvalidOptionError",
-    "ModelSpec", "Option", "Pipeline", "Request", "Run", "Step", "TEXT_TO_IMAGE",
-    "UnknownModelError", "WeightsError", "WeightsNotFoundError", "hookimpl", "registry", "seeded_noise",
+    "BlockLoopOption", "GenerationResult", "HFConfig", "IMAGE_EDIT", "ImagegenError", "InvalidImageError",
+    "InvalidOptionError", "ModelSpec", "Option", "Pipeline", "Request", "Run", "Step", "TEXT_TO_IMAGE",
+    "UnknownModelError", "WeightsError", "WeightsNotFoundError", "block_loop", "hookimpl", "registry", "seeded_noise",
     "__version__",
 ]

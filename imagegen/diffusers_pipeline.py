@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import mlx.core as mx
 from PIL import Image
 
-from . import distributed, scheduler
+from . import distributed, hub, scheduler
 from .errors import WeightsError
 from .image import to_pil
 from .memory import pipeline_weight_bytes
@@ -35,9 +35,11 @@ class DiffusersPipeline(Pipeline):
     vae_class: ClassVar[type]
 
     def __init__(self, spec: ModelSpec, weights: Path, dtype: str = "bfloat16", quantize: str | None = None,
-                 on_load: Callable[[str, float], None] | None = None, pace: int = 1):
+                 on_load: Callable[[str, float], None] | None = None, pace: int = 1, vae: str | Path | None = None):
         """`pace`: the transformer's blocks run compiled one by one with the host waiting every `pace` blocks
-        (imagegen.nn.pacing: bounded memory); 0 compiles the whole call as one graph."""
+        (imagegen.nn.pacing: bounded memory); 0 compiles the whole call as one graph. `vae`: another VAE of the
+        family's class, in diffusers layout (config.json and weights at the folder's root, as
+        black-forest-labs/FLUX.2-small-decoder ships): a folder or a cached repo id (recorded in `components`)."""
         super().__init__(spec, weights, dtype, quantize, on_load)
         root = Path(weights)
         if not (root / "model_index.json").is_file():
@@ -52,7 +54,7 @@ class DiffusersPipeline(Pipeline):
         if hasattr(self.transformer, "sequence_parallel"):  # in a rank of `imagegen run --gpus N`: its token shard
             self.transformer.sequence_parallel = distributed.from_environment()
         with self.loading("vae"):
-            self.vae = self.vae_class.from_folder(root / "vae", dtype)
+            self.vae = self.vae_class.from_folder(self.vae_folder(root, vae), dtype)
         self.scheduler = scheduler.FlowMatchEulerConfig.from_file(root / "scheduler" / "scheduler_config.json")
         self.model_dtype = to_dtype(dtype)
         self.latent_channels = self.transformer.config.in_channels
@@ -63,6 +65,12 @@ class DiffusersPipeline(Pipeline):
 
     def configure(self, root: Path) -> None:
         """Read family settings from the checkpoint before anything loads (e.g. which text layers to use)."""
+
+    def vae_folder(self, root: Path, vae: str | Path | None) -> Path:
+        if vae is None:
+            return root / "vae"
+        self.components["vae"] = str(vae)
+        return hub.resolve_component(vae, "--vae")
 
     def pace(self, every: int) -> None:
         """every > 0: blocks compiled one by one, the host waiting every `every` blocks; 0: one compiled graph."""

@@ -18,3 +18,9 @@ def register_models(register: Callable) -> None:
 @hookspec
 def register_commands(cli) -> None:
     """Add commands to the ``imagegen`` typer app (``cli``), e.g. ``@cli.command()``."""
+
+
+@hookspec
+def register_block_loop_options(register: Callable) -> None:
+    """Offer request options that wrap the transformer block loop of every model whose spec sets
+    ``block_loop=True``: call ``register(option)`` once per :class:`imagegen.block_loop.BlockLoopOption`."""

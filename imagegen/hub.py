@@ -75,6 +75,22 @@ def resolve_weights(spec: ModelSpec, weights: str | Path | None = None) -> Path 
     raise WeightsNotFoundError(f"No weights for '{spec.id}': pass --weights DIR (a diffusers-layout folder).")
 
 
+def resolve_component(source: str | Path, flag: str) -> Path:
+    """The folder of one component given apart from the model's weights (`flag`, e.g. --vae): a folder, or the
+    cached snapshot of a Hugging Face repo id; WeightsNotFoundError otherwise."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if _looks_like_repo_id(str(source)):
+        snapshot = cached_snapshot(str(source))
+        if snapshot is not None:
+            return snapshot
+        raise WeightsNotFoundError(f"{flag} {source}: no such folder and no cached repo at "
+                                   f"{repo_cache_dir(str(source))}; download it with `imagegen pull MODEL --repo "
+                                   f"{source}`.")
+    raise WeightsNotFoundError(f"{flag} {source}: folder not found.")
+
+
 def weights_present(spec: ModelSpec) -> Path | None:
     """The folder resolve_weights would use without --weights, or None."""
     try:

@@ -92,6 +92,7 @@ def generation_metadata(pipe: Pipeline, result: GenerationResult, index: int = 0
     metadata = {
         "prompt": request.prompts[index], "model": spec.id, "weights": hub.weights_identity(spec, pipe.weights),
         "quantize": pipe.quantize, "dtype": pipe.dtype, **metadata_entries(spec, request, index),
+        "components": dict(pipe.components),
         "imagegen": __version__, "plugin": f"{plugin.distribution} {plugin.version}" if plugin else spec.plugin,
         "timings": {k: round(v, 4) for k, v in result.timings.items()},
     }

@@ -71,6 +71,7 @@ class Pipeline(ABC):
     def __init__(self, spec: ModelSpec, weights: Path | None = None, dtype: str = "bfloat16",
                  quantize: str | None = None, on_load: Callable[[str, float], None] | None = None):
         self.spec, self.weights, self.dtype, self.quantize = spec, weights, dtype, quantize
+        self.components: dict[str, str] = {}  # parts loaded from elsewhere than `weights` (e.g. "vae" -> its source)
         self._on_load = on_load
         self._lock = threading.Lock()
 

@@ -27,7 +27,7 @@ class PluginInfo:
 
     @property
     def hooks(self) -> list[str]:
-        names = ("register_models", "register_commands")
+        names = ("register_models", "register_commands", "register_block_loop_options")
         return [n for n in names if self.module is not None and hasattr(self.module, n)]
 
 

@@ -41,6 +41,8 @@ class ModelSpec:
     size_multiple: int = 16
     tasks: tuple[str, ...] = (TEXT_TO_IMAGE,)
     options: frozenset[str] = frozenset()  # the gated core options (imagegen.options.OPTIONS) this model accepts
+    # components the pipeline can load from another folder or repo: spec.pipeline(vae=DIR) for "vae"
+    components: frozenset[str] = frozenset()
     # the family's own options (read with request.option(name)); a {name: parser} mapping is also accepted
     extra_options: Sequence[Option] | dict[str, Callable[[Any], Any]] = field(default=(), hash=False, compare=False)
     # (width, height) to draw when the caller gives reference images but no size; None: default_size
@@ -51,6 +53,8 @@ class ModelSpec:
     run_default: bool = False  # `imagegen run` uses this model when neither --model nor $IMAGEGEN_MODEL names one
     # estimate_memory(spec, weights: Path | None, dtype, quantize, width, height, batch) -> bytes at peak
     estimate_memory: Callable[..., int] | None = None
+    # the pipeline runs its transformer blocks through imagegen.block_loop: plugins' block-loop options apply
+    block_loop: bool = False
     plugin: str = ""  # filled in by the registry
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
@@ -99,6 +103,7 @@ _families: dict[str, str] = {}
 
 def _build() -> dict[str, ModelSpec]:
     from . import plugins
+    from .options import family_options
 
     pm = plugins.get_plugin_manager()
     specs: dict[str, ModelSpec] = {}
@@ -125,6 +130,12 @@ def _build() -> dict[str, ModelSpec]:
             aliases.update({a: spec.id for a in spec.aliases})
             if info is not None and spec.id not in info.models:
                 info.models.append(spec.id)
+    offered = _block_loop_options() if any(s.block_loop for s in specs.values()) else ()
+    for key, spec in specs.items():
+        if spec.block_loop:  # plugins' block-loop options join the family's own (which win a name clash)
+            own = family_options(spec.extra_options)
+            names = {o.name for o in own}
+            specs[key] = replace(spec, extra_options=(*own, *(o for o in offered if o.name not in names)))
     families: dict[str, str] = {}
     for spec in specs.values():
         if spec.family_default or spec.family not in families:
@@ -134,6 +145,12 @@ def _build() -> dict[str, ModelSpec]:
     _aliases.clear(), _aliases.update(aliases)
     _families.clear(), _families.update({f: i for f, i in families.items() if f not in specs})
     return specs
+
+
+def _block_loop_options() -> tuple[Option, ...]:
+    from . import block_loop
+
+    return tuple(offer.option for offer in block_loop.options().values())
 
 
 def _registry() -> dict[str, ModelSpec]:

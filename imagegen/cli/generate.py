@@ -94,6 +94,10 @@ def run(
     dtype: str = typer.Option(None, "--dtype", help="bfloat16 (default), float16 or float32."),
     option: list[str] = typer.Option(None, "--option", "-O", help="A model-specific option NAME=VALUE, e.g. "
                                      "cfg_truncation=0.9 (zimage); repeatable."),
+    cache: str = typer.Option(None, "--cache", help="Step caching (with the imagegen-cache plugin): "
+                              "first-block[:THRESHOLD], mag[:THRESHOLD],ratios=FILE, or off."),
+    vae: str = typer.Option(None, "--vae", help="Another VAE: a diffusers folder or cached repo id, e.g. "
+                            "black-forest-labs/FLUX.2-small-decoder for FLUX.2 models."),
     from_image: Path = typer.Option(None, "--from", help="Reuse the settings saved in an imagegen PNG."),
     force: bool = typer.Option(False, "--force", help="Run even if the memory estimate says it will not fit."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -111,6 +115,10 @@ def run(
     if size is not None:
         given_flags["width"], given_flags["height"] = parse_size(size, "--size")
     family = parse_options(option or [])
+    if cache is not None:  # the imagegen-cache plugin's option, as a flag of its own
+        if "cache" not in {o.name for o in family_options(spec.extra_options)}:
+            raise InvalidOptionError(f"Model '{spec.id}' does not support --cache (is imagegen-cache installed?).")
+        family["cache"] = cache
     unknown = sorted(set(family) - {o.name for o in family_options(spec.extra_options)})
     if unknown:
         raise InvalidOptionError(f"Model '{spec.id}' does not support --option {unknown[0]}.")
@@ -120,6 +128,9 @@ def run(
     quantize = spec.check_quantize(quantize or saved.get("quantize"))
     dtype = dtype or saved.get("dtype")
     weights = weights or _saved_weights(saved)
+    vae = vae or (saved.get("components") or {}).get("vae")
+    if vae is not None and "vae" not in spec.components:
+        raise InvalidOptionError(f"Model '{spec.id}' does not support --vae.")
     paths = output_paths(output, spec.id, request.seeds[0], request.batch_size)
     check_writable(paths[0].parent)
     if gpus != 1 and distributed.WORLD_ENV not in os.environ:
@@ -138,7 +149,8 @@ def run(
         preflight(needed, spec.id, force)
 
     with RunProgress(quiet or as_json) as progress:
-        pipe = spec.pipeline(weights=path, dtype=dtype, quantize=quantize, on_load=progress.on_load)
+        components = {"vae": vae} if vae is not None else {}
+        pipe = spec.pipeline(weights=path, dtype=dtype, quantize=quantize, on_load=progress.on_load, **components)
         result = pipe.generate(request, on_step=progress.on_step)
 
     for i, (img, path_out) in enumerate(zip(result.images, paths)):

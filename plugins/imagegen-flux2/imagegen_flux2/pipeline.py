@@ -7,6 +7,7 @@ import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 import imagegen
-from imagegen import scheduler
+from imagegen import block_loop, scheduler
 from imagegen.diffusers_pipeline import DiffusersPipeline
 from imagegen.diffusers_pipeline import estimate_memory as diffusers_estimate
 from imagegen.errors import InvalidImageError, WeightsError
@@ -29,6 +30,7 @@ TEXT_LAYERS = (9, 18, 27)  # diffusers' text_encoder_out_layers: Qwen3 hidden st
 MAX_SEQUENCE_LENGTH = 512  # every prompt is padded to this and all positions reach the transformer
 REFERENCE_MAX_AREA = 1024 * 1024  # larger reference images are resized down to this area (LANCZOS)
 REFERENCE_MIN_SIDE, REFERENCE_MAX_ASPECT = 64, 8  # Flux2ImageProcessor.check_image_input
+KV_PIPELINE = "Flux2KleinKVPipeline"  # diffusers' class of the 9B-KV checkpoint (kv_pipeline.py)
 SETTINGS_FILE = "imagegen.json"  # optional per-checkpoint overrides (the demo model's short prompts)
 
 
@@ -38,6 +40,7 @@ class Conditioning:
     negative: mx.array | None  # the same for the negative prompts when CFG runs
     references: mx.array | None  # [1, N_ref, C] packed reference-image tokens
     reference_grids: tuple[tuple[int, int], ...]
+    reference_kv: list | None = None  # the KV variant: each attention layer's reference keys/values instead
 
 
 def checkpoint_settings(root: Path) -> dict[str, Any]:
@@ -62,6 +65,11 @@ def prepare_reference(image: Image.Image, multiple: int) -> Image.Image:
     return image.crop((left, top, left + w, top + h))
 
 
+def pipeline_class(root: Path) -> str:
+    """model_index.json's `_class_name`: which diffusers pipeline saved the folder."""
+    return str(json.loads((Path(root) / "model_index.json").read_text()).get("_class_name", ""))
+
+
 def pack(latents: mx.array) -> mx.array:
     """[B, h, w, C] -> [B, h * w, C] tokens in row-major order."""
     b, h, w, c = latents.shape
@@ -75,13 +83,19 @@ class Flux2Pipeline(DiffusersPipeline):
 
     def configure(self, root: Path) -> None:
         """The checkpoint must match the spec's kind (distilled or base); imagegen.json may change the text setup."""
-        self.distilled = Flux2PipelineConfig.from_file(root / "model_index.json").is_distilled
-        if self.distilled != self.spec.extra.get("distilled", self.distilled):
-            kind = "step-distilled" if self.distilled else "base (CFG)"
-            raise WeightsError(f"{root} holds a {kind} FLUX.2 Klein checkpoint, which does not fit '{self.spec.id}'.")
+        self.check_kind(root)
         settings = checkpoint_settings(root)
         self.text_layers = tuple(settings.get("text_encoder_out_layers", TEXT_LAYERS))
         self.max_sequence_length = int(settings.get("max_sequence_length", MAX_SEQUENCE_LENGTH))
+
+    def check_kind(self, root: Path) -> None:
+        index = Flux2PipelineConfig.from_file(root / "model_index.json")
+        if pipeline_class(root) == KV_PIPELINE:
+            raise WeightsError(f"{root} holds a FLUX.2 Klein KV checkpoint: use the model 'flux2-klein-9b-kv'.")
+        self.distilled = index.is_distilled
+        if self.distilled != self.spec.extra.get("distilled", self.distilled):
+            kind = "step-distilled" if self.distilled else "base (CFG)"
+            raise WeightsError(f"{root} holds a {kind} FLUX.2 Klein checkpoint, which does not fit '{self.spec.id}'.")
 
     def pace(self, every: int) -> None:
         super().pace(every)
@@ -139,6 +153,11 @@ class Flux2Pipeline(DiffusersPipeline):
         references = None
         if cond.references is not None:
             references = mx.broadcast_to(cond.references, (text.shape[0], *cond.references.shape[1:]))
+        forward = self._forward
+        wrapper = block_loop.start(request)
+        if wrapper is not None:  # diffusers runs CFG as two calls, "cond" and "uncond": a wrapper sees both parts
+            parts = (("cond", slice(0, b)), ("uncond", slice(b, None))) if cond.negative is not None else ()
+            forward = partial(self.transformer, wrapper=wrapper, contexts=parts or (("cond", slice(None)),))
         for i in range(request.steps):
             x = latents.astype(self.model_dtype)
             if cond.negative is not None:
@@ -146,7 +165,7 @@ class Flux2Pipeline(DiffusersPipeline):
             if references is not None:
                 x = mx.concatenate([x, references], axis=1)
             t = mx.full((x.shape[0],), float(np.float32(timesteps[i]) / np.float32(1000)))
-            velocity = self._forward(x, text, t, rope)[:, :n]
+            velocity = forward(x, text, t, rope, None, cond.reference_kv)[:, :n]
             if cond.negative is not None:
                 pos, neg = velocity[:b], velocity[b:]
                 velocity = neg + request.guidance * (pos - neg)

@@ -10,8 +10,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from imagegen import block_loop
+from imagegen.errors import InvalidOptionError
 from imagegen.nn import TimestepEmbedding, timestep_embedding
-from imagegen.nn.attention_inputs import attention_blhd, qk_norm_rope
+from imagegen.nn.attention_inputs import attention_blhd, qk_norm_rope, recording
 from imagegen.nn.pacing import PacedBlocks, Pacer
 from imagegen.nn.swiglu import swiglu
 from imagegen.rope import rope_cos_sin, rope_tables
@@ -20,6 +22,7 @@ from imagegen.weights import fuse_projections
 from .config import Flux2TransformerConfig
 
 Rope = tuple[mx.array, mx.array]
+KV = tuple[mx.array, mx.array]  # one attention layer's keys and values [B, L, H, D]
 Grid = tuple[int, int]
 
 REFERENCE_T_SCALE = 10  # diffusers' _prepare_image_ids(scale=10): reference image i sits at T = 10 + 10 * i
@@ -167,10 +170,11 @@ class Flux2Attention(nn.Module):
         self.norm_added_k = nn.RMSNorm(head_dim, eps=eps)
         self.to_add_out = nn.Linear(inner, dim, bias=False)
 
-    def __call__(self, x: mx.array, context: mx.array, rope: Rope) -> tuple[mx.array, mx.array]:
+    def __call__(self, x: mx.array, context: mx.array, rope: Rope,
+                 extra: KV | None = None) -> tuple[mx.array, mx.array]:
         streams = [(self.to_added_qkv(context), self.norm_added_q, self.norm_added_k),
                    (self.to_qkv(x), self.norm_q, self.norm_k)]
-        out = attention_blhd(*qk_norm_rope(streams, self.heads, self.head_dim, *rope))
+        out = attention_blhd(*qk_norm_rope(streams, self.heads, self.head_dim, *rope), extra=extra)
         n_txt = context.shape[1]
         return self.to_out[0](out[:, n_txt:]), self.to_add_out(out[:, :n_txt])
 
@@ -186,12 +190,14 @@ class Flux2TransformerBlock(nn.Module):
         self.ff_context = Flux2FeedForward(dim, mlp_hidden)
 
     def __call__(
-        self, x: mx.array, context: mx.array, mod_img: Sequence[mx.array], mod_txt: Sequence[mx.array], rope: Rope
+        self, x: mx.array, context: mx.array, mod_img: Sequence[mx.array], mod_txt: Sequence[mx.array], rope: Rope,
+        extra: KV | None = None,
     ) -> tuple[mx.array, mx.array]:
         shift, scale, gate, mlp_shift, mlp_scale, mlp_gate = mod_img
         c_shift, c_scale, c_gate, c_mlp_shift, c_mlp_scale, c_mlp_gate = mod_txt
         eps = self.eps
-        attn, c_attn = self.attn(_modulate(x, shift, scale, eps), _modulate(context, c_shift, c_scale, eps), rope)
+        attn, c_attn = self.attn(_modulate(x, shift, scale, eps), _modulate(context, c_shift, c_scale, eps), rope,
+                                 extra)
         x = x + gate * attn
         x = x + mlp_gate * self.ff(_modulate(x, mlp_shift, mlp_scale, eps))
         context = context + c_gate * c_attn
@@ -214,9 +220,10 @@ class Flux2ParallelSelfAttention(nn.Module):
         self.to_out_attn = nn.Linear(heads * head_dim, dim, bias=False)
         self.to_out_mlp = nn.Linear(mlp_hidden, dim, bias=False)
 
-    def __call__(self, x: mx.array, rope: Rope) -> mx.array:
+    def __call__(self, x: mx.array, rope: Rope, extra: KV | None = None) -> mx.array:
         h = self.to_qkv_mlp_proj(x)
-        out = attention_blhd(*qk_norm_rope([(h, self.norm_q, self.norm_k)], self.heads, self.head_dim, *rope))
+        qkv = qk_norm_rope([(h, self.norm_q, self.norm_k)], self.heads, self.head_dim, *rope)
+        out = attention_blhd(*qkv, extra=extra)
         return self.to_out_attn(out) + self.to_out_mlp(swiglu(h, self.qkv_dim))
 
 
@@ -228,9 +235,9 @@ class Flux2SingleTransformerBlock(nn.Module):
         self.eps = eps
         self.attn = Flux2ParallelSelfAttention(dim, heads, head_dim, mlp_hidden, eps)
 
-    def __call__(self, x: mx.array, mod: Sequence[mx.array], rope: Rope) -> mx.array:
+    def __call__(self, x: mx.array, mod: Sequence[mx.array], rope: Rope, extra: KV | None = None) -> mx.array:
         shift, scale, gate = mod
-        return _clip_fp16(x + gate * self.attn(_modulate(x, shift, scale, self.eps), rope))
+        return _clip_fp16(x + gate * self.attn(_modulate(x, shift, scale, self.eps), rope, extra))
 
 
 # The model.
@@ -297,25 +304,48 @@ class Flux2Transformer(PacedBlocks, nn.Module):
         timestep: mx.array,
         rope: Rope,
         guidance: mx.array | None = None,
+        reference_kv: Sequence[KV] | None = None,
+        wrapper: block_loop.LoopWrapper | None = None,
+        contexts: tuple[tuple[str, slice], ...] = (("cond", slice(None)),),
     ) -> mx.array:
         """hidden_states [B, N_img, C_in] and encoder_hidden_states [B, N_txt, D_joint], in the model's dtype;
         timestep [B] in [0, 1] (the pipeline's t / 1000); rope from `self.rope` covering N_txt + N_img tokens;
-        guidance [B] as diffusers passes it (used only by checkpoints with a guidance embedder).
+        guidance [B] as diffusers passes it (used only by checkpoints with a guidance embedder); reference_kv from
+        `reference_kv` (the KV variant): every token also attends to those reference-image keys and values;
+        `wrapper` and `contexts`: a plugin's block-loop wrapper for this run and the batch's parts
+        (imagegen.block_loop).
         Returns [B, N_img, C_out]."""
         n_txt, n_img = encoder_hidden_states.shape[1], hidden_states.shape[1]
         if rope[0].shape[-2] != n_txt + n_img:
             raise ValueError(f"rope covers {rope[0].shape[-2]} tokens; inputs have {n_txt} text + {n_img} image")
         spread = self.sequence_parallel
         if spread is None:
-            return self._run(hidden_states, encoder_hidden_states, timestep, rope, guidance)
+            return self._run(hidden_states, encoder_hidden_states, timestep, rope, guidance, reference_kv, wrapper,
+                             contexts)
+        if wrapper is not None:  # each rank would decide on its own shard of the image, and the ranks part ways
+            raise InvalidOptionError("A block-loop option (such as cache) does not combine with --gpus.")
         # Several ranks: each runs its shard of the image tokens (and the whole text); attention gathers k/v.
         cos, sin = (mx.concatenate([t[:n_txt], spread.shard(t[None, n_txt:])[0]]) for t in rope)
         with spread.active(n_txt, n_img):
-            out = self._run(spread.shard(hidden_states), encoder_hidden_states, timestep, (cos, sin), guidance)
+            out = self._run(spread.shard(hidden_states), encoder_hidden_states, timestep, (cos, sin), guidance,
+                            reference_kv)
         return spread.gather(out, n_img)
 
+    def reference_kv(self, references: mx.array, rope: Rope, timestep: float = 0.0) -> list[KV]:
+        """Keys and values of every attention layer (double blocks, then single blocks) for reference-image tokens
+        [B, N_ref, C_in] alone, rope covering them: diffusers' Flux2KleinKV "extract" step, where reference tokens
+        attend only to each other under the modulation of a fixed timestep (ref_fixed_timestep, 0). They depend on
+        nothing else (not the prompt, not the noise), so they can be kept for every step and every request."""
+        b = references.shape[0]
+        context = mx.zeros((b, 0, self.config.joint_attention_dim), references.dtype)  # no text tokens
+        with recording() as kv:
+            self._run(references, context, mx.full((b,), timestep), rope, None, plain=True)
+        return list(kv)
+
     def _run(self, hidden_states: mx.array, encoder_hidden_states: mx.array, timestep: mx.array, rope: Rope,
-             guidance: mx.array | None) -> mx.array:
+             guidance: mx.array | None, reference_kv: Sequence[KV] | None = None,
+             wrapper: block_loop.LoopWrapper | None = None,
+             contexts: tuple[tuple[str, slice], ...] = (("cond", slice(None)),), plain: bool = False) -> mx.array:
         n_txt = encoder_hidden_states.shape[1]
         dtype = hidden_states.dtype
         # diffusers casts to the activation dtype before scaling back to [0, 1000]
@@ -329,13 +359,28 @@ class Flux2Transformer(PacedBlocks, nn.Module):
 
         x = self.x_embedder(hidden_states)
         context = self.context_embedder(encoder_hidden_states)
-        every, double, single = self.paced_blocks()
+        # plain: the modules themselves (recording reads each call's arrays, which compiled blocks only trace)
+        every, double, single = (0, self.transformer_blocks, self.single_transformer_blocks) if plain else \
+            self.paced_blocks()
+        extra = list(reference_kv) if reference_kv is not None else [None] * (len(double) + len(single))
         pace = Pacer(every)
-        for block in double:
-            x, context = block(x, context, mod_img, mod_txt, rope)
+
+        def first_block(state: block_loop.State) -> block_loop.State:
+            x, context = double[0](*state, mod_img, mod_txt, rope, extra[0])
             pace(x, context)
-        x = mx.concatenate([context, x], axis=1)
-        for block in single:
-            x = block(x, mod_single, rope)
-            pace(x)
-        return self.proj_out(self.norm_out(x[:, n_txt:], temb))
+            return x, context
+
+        def later_blocks(state: block_loop.State) -> block_loop.State:
+            x, context = state
+            for block, kv in zip(double[1:], extra[1:]):
+                x, context = block(x, context, mod_img, mod_txt, rope, kv)
+                pace(x, context)
+            x = mx.concatenate([context, x], axis=1)
+            for block, kv in zip(single, extra[len(double):]):
+                x = block(x, mod_single, rope, kv)
+                pace(x)
+            return x[:, n_txt:], x[:, :n_txt]
+
+        loop = block_loop.BlockLoop(first_block, later_blocks, contexts)
+        x, _ = block_loop.run(wrapper, loop, (x, context))
+        return self.proj_out(self.norm_out(x, temb))

@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 
 import imagegen
-from imagegen import scheduler
+from imagegen import block_loop, scheduler
 from imagegen.diffusers_pipeline import DiffusersPipeline
 from imagegen.diffusers_pipeline import estimate_memory as diffusers_estimate
 from imagegen.nn import AutoencoderKL
@@ -55,11 +55,11 @@ class ZImagePipeline(DiffusersPipeline):
         self._compiled: dict[int, Any] = {}  # id(layout) -> (layout, compiled step); layouts are cached per shape
         super().__init__(*args, **kwargs)
 
-    def forward(self, layout: Layout):
+    def forward(self, layout: Layout, wrapper: block_loop.LoopWrapper | None = None):
         """The transformer for one layout: paced, or compiled once per layout (the layout holds no arrays
-        mx.compile could take as inputs, so it is closed over)."""
-        if self.paced:
-            return lambda x, t, c: self.transformer(x, t, c, layout)
+        mx.compile could take as inputs, so it is closed over); uncompiled around a plugin's block-loop wrapper."""
+        if self.paced or wrapper is not None:
+            return lambda x, t, c: self.transformer(x, t, c, layout, wrapper)
         if id(layout) not in self._compiled:
             self._compiled[id(layout)] = (layout, mx.compile(lambda x, t, c: self.transformer(x, t, c, layout)))
         return self._compiled[id(layout)][1]
@@ -101,12 +101,13 @@ class ZImagePipeline(DiffusersPipeline):
         sigmas = scheduler.sigmas(cfg, request.steps, custom, mu)
         timesteps = scheduler.timesteps(sigmas, cfg.num_train_timesteps)
         t_norms = (np.float32(1000) - timesteps) / np.float32(1000)  # the transformer's time input
-        forward = self.forward(self.transformer.layout(cond.lengths, h, w))
+        wrapper = block_loop.start(request)
+        forward = self.forward(self.transformer.layout(cond.lengths, h, w), wrapper)
         if cond.negative is not None:
             width = max(cond.text.shape[1], cond.negative.shape[1])
             pad = [mx.pad(t, [(0, 0), (0, width - t.shape[1]), (0, 0)]) for t in (cond.text, cond.negative)]
             both = mx.concatenate(pad)
-            forward_cfg = self.forward(self.transformer.layout(cond.lengths + cond.negative_lengths, h, w))
+            forward_cfg = self.forward(self.transformer.layout(cond.lengths + cond.negative_lengths, h, w), wrapper)
         truncation = request.option("cfg_truncation", 1.0)
         normalization = request.option("cfg_normalization", 0.0)
         for i in range(request.steps):

@@ -29,6 +29,8 @@ def variant(turbo: bool) -> imagegen.ModelSpec:
         quantize_modes=ALL_MODES,
         family_default=turbo,
         estimate_memory=estimate_memory,
+        block_loop=True,
+        components=frozenset({"vae"}),
     )
 
 

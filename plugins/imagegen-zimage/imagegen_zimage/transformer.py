@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from imagegen import InvalidOptionError
+from imagegen import InvalidOptionError, block_loop
 from imagegen.nn import timestep_embedding
 from imagegen.nn.attention_inputs import attention_blhd, qk_norm_rope
 from imagegen.nn.pacing import PacedBlocks, Pacer
@@ -260,21 +260,25 @@ class ZImageTransformer(PacedBlocks, nn.Module):
         return build_layout(tuple(int(n) for n in cap_lens), int(height), int(width), self.patch_size,
                             tuple(cfg.axes_dims), tuple(cfg.axes_lens), float(cfg.rope_theta))
 
-    def __call__(self, latents: mx.array, t: mx.array, cap_feats: mx.array, layout: Layout) -> mx.array:
+    def __call__(self, latents: mx.array, t: mx.array, cap_feats: mx.array, layout: Layout,
+                 wrapper: block_loop.LoopWrapper | None = None) -> mx.array:
         """latents [B, H, W, C]; t [B] = 1 - sigma (diffusers' (1000 - timestep) / 1000); cap_feats
-        [B, L, cap_feat_dim] with sample i's layout.cap_lens[i] valid tokens first (L >= the longest).
+        [B, L, cap_feat_dim] with sample i's layout.cap_lens[i] valid tokens first (L >= the longest); `wrapper`: a
+        plugin's block-loop wrapper for this run (imagegen.block_loop), applied to the main layers.
 
         Returns the transformer's output [B, H, W, C] in the latents' dtype; the pipeline negates it
         to get the flow-matching velocity, as diffusers' pipeline does."""
         t = mx.broadcast_to(t, latents.shape[:1])
         outs = [
-            self._forward(*(a if g.index is None else a[g.index] for a in (latents, t, cap_feats)), layout, g)
-            for g in layout.groups
+            self._forward(*(a if g.index is None else a[g.index] for a in (latents, t, cap_feats)), layout, g, i,
+                          wrapper)
+            for i, g in enumerate(layout.groups)
         ]
         out = outs[0] if len(outs) == 1 else mx.concatenate(outs)
         return out if layout.order is None else out[layout.order]
 
-    def _forward(self, latents: mx.array, t: mx.array, cap_feats: mx.array, layout: Layout, group: Group) -> mx.array:
+    def _forward(self, latents: mx.array, t: mx.array, cap_feats: mx.array, layout: Layout, group: Group,
+                 group_index: int = 0, wrapper: block_loop.LoopWrapper | None = None) -> mx.array:
         b, h, w, c = latents.shape
         p, dtype, dim = self.patch_size, self.x_pad_token.dtype, self.config.dim
 
@@ -302,10 +306,23 @@ class ZImageTransformer(PacedBlocks, nn.Module):
             cap = block(cap, group.cap_rope)
             pace(cap)
 
-        x = mx.concatenate([x, cap], axis=1)
-        for block in layers:
-            x = block(x, group.rope, adaln)
+        def first_block(state: block_loop.State) -> block_loop.State:
+            x = layers[0](state[0], group.rope, adaln)
             pace(x)
+            return (x,)
+
+        def later_blocks(state: block_loop.State) -> block_loop.State:
+            (x,) = state
+            for block in layers[1:]:
+                x = block(x, group.rope, adaln)
+                pace(x)
+            return (x,)
+
+        # diffusers runs the whole batch (CFG included) as one call, one cache context; imagegen runs each layout group
+        # as its own call, so each group is its own context
+        context = "cond" if group_index == 0 else f"group{group_index}"
+        loop = block_loop.BlockLoop(first_block, later_blocks, ((context, slice(None)),))
+        (x,) = block_loop.run(wrapper, loop, (mx.concatenate([x, cap], axis=1),))
 
         # Only the image tokens are decoded; unpatchify back to NHWC
         x = self.all_final_layer[self.patch_key](x[:, :n], adaln)

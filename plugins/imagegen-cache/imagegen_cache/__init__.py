@@ -1,0 +1,1 @@
+"""imagegen plugin package: step caching (First-Block Cache, MagCache) for any family."""

@@ -1,0 +1,88 @@
+"""FLUX.2 Klein 9B-KV against diffusers' Flux2KleinKVPipeline: the same tiny random checkpoint saved as a KV folder,
+the same reference images and `latents=`, float32; and the reference K/V cache across requests."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import Flux2KleinKVPipeline
+from imagegen_flux2.kv_pipeline import Flux2KVPipeline
+from imagegen_flux2.plugin import klein, klein_kv
+from PIL import Image
+
+import imagegen
+from imagegen.testing import assert_images_match
+
+HERE = Path(__file__).parent
+_spec = importlib.util.spec_from_file_location("flux2_pipeline_tests", HERE / "test_pipeline.py")
+tiny = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tiny)  # the tiny Klein checkpoint the pipeline tests build
+
+
+@pytest.fixture(scope="module")
+def kv_folder(tmp_path_factory) -> tuple[Path, Flux2KleinKVPipeline]:
+    folder = tmp_path_factory.mktemp("klein-kv")
+    plain = tiny.build(folder / "plain", distilled=True, layers=28)
+    pipe = Flux2KleinKVPipeline(scheduler=plain.scheduler, vae=plain.vae, text_encoder=plain.text_encoder,
+                                tokenizer=plain.tokenizer, transformer=plain.transformer)
+    pipe.save_pretrained(folder / "kv")
+    return folder, pipe
+
+
+def references() -> list[Image.Image]:
+    rng = np.random.default_rng(5)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in ((80, 64), (64, 72))]
+
+
+def test_editing_matches_diffusers_kv_pipeline(kv_folder):
+    folder, theirs = kv_folder
+    ours = Flux2KVPipeline(klein_kv(), folder / "kv", dtype="float32")
+    latents = tiny.noise(1, seed=3)
+    refs = references()
+    want = theirs(image=refs, prompt="make it blue", height=tiny.SIZE[1], width=tiny.SIZE[0], num_inference_steps=3,
+                  latents=torch.from_numpy(latents), max_sequence_length=ours.max_sequence_length,
+                  text_encoder_out_layers=ours.text_layers).images
+    got = ours.generate("make it blue", images=refs, latents=latents, steps=3, width=tiny.SIZE[0],
+                        height=tiny.SIZE[1]).images
+    assert_images_match(got, want)
+    alone = ours.generate("make it blue", latents=latents, steps=3, width=tiny.SIZE[0], height=tiny.SIZE[1]).images
+    assert np.abs(np.asarray(alone[0], np.int16) - np.asarray(got[0], np.int16)).max() > 8  # the references count
+
+
+def test_text_to_image_without_references_matches_diffusers(kv_folder):
+    folder, theirs = kv_folder
+    ours = Flux2KVPipeline(klein_kv(), folder / "kv", dtype="float32")
+    latents = tiny.noise(2, seed=4)
+    want = theirs(prompt=["a red fox", "a boat"], height=tiny.SIZE[1], width=tiny.SIZE[0], num_inference_steps=2,
+                  latents=torch.from_numpy(latents), max_sequence_length=ours.max_sequence_length,
+                  text_encoder_out_layers=ours.text_layers).images
+    got = ours.generate(["a red fox", "a boat"], latents=latents, steps=2, width=tiny.SIZE[0],
+                        height=tiny.SIZE[1]).images
+    assert_images_match(got, want)
+
+
+def test_reference_kv_is_reused_across_requests(kv_folder):
+    folder, _ = kv_folder
+    ours = Flux2KVPipeline(klein_kv(), folder / "kv", dtype="float32")
+    refs, latents = references(), tiny.noise(1, seed=3)
+    first = ours.generate("make it blue", images=refs, latents=latents, steps=2, width=64, height=48)
+    again = ours.generate("make it green", images=[r.copy() for r in refs], latents=latents, steps=2, width=64,
+                          height=48)
+    assert ours.reference_passes == 1  # same pictures (other objects, other prompt): no second reference pass
+    assert not np.array_equal(np.asarray(first.images[0]), np.asarray(again.images[0]))
+    ours.generate("make it blue", images=refs[:1], latents=latents, steps=2, width=64, height=48)
+    assert ours.reference_passes == 2  # another set of references
+    repeat = ours.generate("make it blue", images=refs, latents=latents, steps=2, width=64, height=48)
+    np.testing.assert_array_equal(np.asarray(repeat.images[0]), np.asarray(first.images[0]))
+
+
+def test_kv_and_plain_folders_are_told_apart(kv_folder):
+    folder, _ = kv_folder
+    with pytest.raises(imagegen.WeightsError, match="flux2-klein-9b-kv"):
+        klein("9B", base=False).pipeline(weights=folder / "kv", dtype="float32")
+    with pytest.raises(imagegen.WeightsError, match="not a FLUX.2 Klein KV checkpoint"):
+        klein_kv().pipeline(weights=folder / "plain", dtype="float32")
