@@ -130,6 +130,7 @@ def time_diffusers(args: argparse.Namespace, folder: Path, refs: int) -> dict[st
     record = {"request_ms": statistics.median(r[0] for r in runs), **step_times(runs[-1][1]),
               "step_ms": statistics.median(step_times(r[1])["step_ms"] for r in runs)}
     pipe.to("cpu")  # its GPU memory goes back before the next pipeline loads
+    pipe = None  # `run` closes over it: drop the reference so the model can be freed
     free_memory()
     return record
 

@@ -57,7 +57,7 @@ def latents(size: int, channels: int) -> np.ndarray:
 def imagegen_variants(size: int, tiny: bool) -> list[tuple[str, dict[str, Any]]]:
     """(name, settings) of imagegen's decode: the default, then one change at a time."""
     variants = [("imagegen", {}), ("imagegen-portable-group-norm", {"fused": False}),
-                ("imagegen-paced", {"sync": "paced"}), ("imagegen-one-graph", {"sync": "none"})]
+                ("imagegen-paced", {"pacing": (1, 1)}), ("imagegen-one-graph", {"pacing": (0, 0)})]
     if size >= 2048 or tiny:
         variants.append(("imagegen-no-conv-strips", {"workspace": 1 << 50}))
     return variants
@@ -74,12 +74,12 @@ def run_imagegen(args: argparse.Namespace, folder: Path, recorder: Recorder, out
     mx.eval(vae.parameters())
     weights_gb = mx.get_active_memory() / 1e9
     channels = vae.config.latent_channels
-    defaults = (cuda_kernels.ENABLED, blocks.LAYER_SYNC, blocks.CONV_WORKSPACE_BYTES)
+    defaults = (cuda_kernels.ENABLED, blocks.LAYER_PACING, blocks.CONV_WORKSPACE_BYTES)
     for size in args.sizes:
         z = mx.array(latents(size, channels)).transpose(0, 2, 3, 1).astype(mx.bfloat16)
         for name, settings in imagegen_variants(size, args.tiny):
             cuda_kernels.ENABLED = settings.get("fused", defaults[0])
-            blocks.LAYER_SYNC = settings.get("sync", defaults[1])
+            blocks.LAYER_PACING = settings.get("pacing", defaults[1])
             blocks.CONV_WORKSPACE_BYTES = settings.get("workspace", defaults[2])
             try:
                 t = time_mlx(lambda z=z: vae.decode(z), args.warmup, args.repeats)
@@ -92,7 +92,7 @@ def run_imagegen(args: argparse.Namespace, folder: Path, recorder: Recorder, out
                 recorder.emit({"section": "vae", "impl": name, "size": f"{size}x{size}",
                                "error": f"{type(e).__name__}: {e}"})
             finally:
-                cuda_kernels.ENABLED, blocks.LAYER_SYNC, blocks.CONV_WORKSPACE_BYTES = defaults
+                cuda_kernels.ENABLED, blocks.LAYER_PACING, blocks.CONV_WORKSPACE_BYTES = defaults
                 free_memory()
 
 

@@ -18,7 +18,6 @@ from .errors import (
     InvalidImageError,
     InvalidOptionError,
     LoraError,
-    PluginError,
     UnknownModelError,
     WeightsError,
     WeightsNotFoundError,
@@ -35,8 +34,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "BlockLoopOption", "GenerationResult", "HFConfig", "IMAGE_EDIT", "ImagegenError", "InvalidImageError",
-    "InvalidOptionError", "LoraError", "ModelSpec", "Option", "Pipeline", "PluginError", "Request", "Run", "Step",
-    "TEXT_TO_IMAGE", "UnknownModelError", "WeightsError", "WeightsNotFoundError", "block_loop", "hookimpl",
-    "registry", "seeded_noise",
+    "InvalidOptionError", "LoraError", "ModelSpec", "Option", "Pipeline", "Request", "Run", "Step", "TEXT_TO_IMAGE",
+    "UnknownModelError", "WeightsError", "WeightsNotFoundError", "block_loop", "hookimpl", "registry", "seeded_noise",
     "__version__",
 ]

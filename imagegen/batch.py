@@ -36,7 +36,7 @@ from PIL import Image
 from . import registry
 from .errors import ImagegenError, InvalidOptionError, LoraError
 from .image import generation_metadata, png_bytes, read_metadata, write_atomic
-from .options import OPTIONS, OptionError, parse_size
+from .options import OPTIONS, Option, OptionError, parse_size
 from .pipeline import Pipeline
 from .request import check_size
 from .server.settings import Limits
@@ -93,7 +93,7 @@ class Row:
     steps: int | None = None
     guidance: float | None = None
     negative_prompt: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict, hash=False)  # other options (tile, images, the model's)
+    other_options: dict[str, Any] = field(default_factory=dict, hash=False)  # tile, images, the model's own, ...
 
     @property
     def file(self) -> str:
@@ -102,7 +102,7 @@ class Row:
     def options(self) -> dict[str, Any]:
         """The keyword options of Pipeline.generate for this row (unset ones left to the model)."""
         options = {"width": self.width, "height": self.height, "steps": self.steps, "guidance": self.guidance,
-                   "negative_prompt": self.negative_prompt, **self.extra}
+                   "negative_prompt": self.negative_prompt, **self.other_options}
         return {"seed": self.seed, **{k: v for k, v in options.items() if v is not None}}
 
 
@@ -136,12 +136,11 @@ def parse_row(text: str, line: int, defaults: Defaults, where: str = "", folder:
             kinds, kind = FIELDS[name]
             if not isinstance(value, kinds) or isinstance(value, bool):
                 raise BatchInputError(f"{at}: '{name}' must be {kind}, got {json.dumps(value)}.")
-        elif ROW_OPTIONS[name].kind == "image":  # paths, loaded when the row is checked against its model
-            many = ROW_OPTIONS[name].repeatable
-            paths = value if many and isinstance(value, list) else [value] if not many else None
-            if paths is None or not all(isinstance(v, str) and v for v in paths):
-                what = "a list of image paths" if many else "an image path"
-                raise BatchInputError(f"{at}: '{name}' must be {what}, got {json.dumps(value)}.")
+        elif ROW_OPTIONS[name].kind in ("image", "file"):  # paths relative to the prompts file, read later
+            paths = value if ROW_OPTIONS[name].repeatable else [value]
+            if not isinstance(paths, list) or not all(isinstance(v, str) and v for v in paths):
+                many = "a list of paths" if ROW_OPTIONS[name].repeatable else "a path"
+                raise BatchInputError(f"{at}: '{name}' must be {many}, got {json.dumps(value)}.")
         else:
             try:
                 ROW_OPTIONS[name].check(value)
@@ -165,22 +164,25 @@ def parse_row(text: str, line: int, defaults: Defaults, where: str = "", folder:
     def pick(name: str) -> Any:
         return obj[name] if obj.get(name) is not None else getattr(defaults, name)
 
-    extra = {**defaults.options, **(obj.get("options") or {})}
+    other = {**defaults.options, **(obj.get("options") or {})}
     for name in set(ROW_OPTIONS) - {"seed", "steps", "guidance", "negative_prompt"}:
         if obj.get(name) is not None:
-            option = ROW_OPTIONS[name]
-            if option.kind == "image":
-                extra[name] = [folder / p for p in obj[name]] if option.repeatable else folder / obj[name]
-            else:
-                extra[name] = obj[name]
+            other[name] = relative_to(folder, ROW_OPTIONS[name], obj[name])
     seed, steps = pick("seed"), pick("steps")
     if steps is not None and steps > MAX_STEPS:
         raise BatchInputError(f"{at}: 'steps' must be between 1 and {MAX_STEPS}, got {steps}.")
     return Row(
         id=row_id, line=line, prompt=obj["prompt"], model=pick("model") or registry.default_model() or "",
         seed=derived_seed(row_id) if seed is None else seed, width=width, height=height, steps=steps,
-        guidance=pick("guidance"), negative_prompt=pick("negative_prompt"), extra=extra,
+        guidance=pick("guidance"), negative_prompt=pick("negative_prompt"), other_options=other,
     )
+
+
+def relative_to(folder: Path, option: Option, value: Any) -> Any:
+    """A row's file-valued option with its paths taken relative to the prompts file's folder."""
+    if option.kind not in ("image", "file"):
+        return value
+    return [folder / p for p in value] if option.repeatable else folder / value
 
 
 def read_rows(path: str | Path, defaults: Defaults = Defaults()) -> list[Row]:

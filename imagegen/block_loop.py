@@ -89,12 +89,12 @@ def options() -> dict[str, BlockLoopOption]:
 def start(request: Request) -> LoopWrapper | None:
     """The wrapper for one run of `request`: from the one block-loop option it sets (not None), or None."""
     offered = options()
-    chosen = [name for name, value in request.extra.items() if name in offered and value is not None]
+    chosen = [name for name in offered if request.option(name) is not None]
     if len(chosen) > 1:
         raise InvalidOptionError(f"Options {', '.join(chosen)} each wrap the transformer blocks; use one at a time.")
     if not chosen:
         return None
-    return offered[chosen[0]].start(request.extra[chosen[0]], request)
+    return offered[chosen[0]].start(request.option(chosen[0]), request)
 
 
 def rows(state: State, part: slice) -> State:

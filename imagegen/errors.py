@@ -42,9 +42,5 @@ class InvalidImageError(ImagegenError, ValueError):
     """An input image cannot be read or used."""
 
 
-class PluginError(ImagegenError):
-    """A plugin broke a registration rule (reported as a warning, the plugin is skipped)."""
-
-
 class LoraError(ImagegenError, ValueError):
     """An adapter file cannot be used: unreadable, keys the model does not know, no matching layer, wrong shapes."""

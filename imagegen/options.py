@@ -150,6 +150,8 @@ class Option:
         if self.kind in ("image", "file"):
             name = (lambda v: image_ref(v)["name"]) if self.kind == "image" else (lambda v: Path(v).name)
             return [name(v) for v in value] if self.repeatable else name(value)
+        if self.kind == "any":  # without `dump`: whatever JSON can hold (paths as text; give `dump` for files)
+            return json.loads(json.dumps(value, default=str))
         return list(value) if self.repeatable else value
 
     def from_json(self, value: Any, inputs: dict[str, str], folders: Sequence[Path]) -> Any:

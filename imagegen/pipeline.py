@@ -16,7 +16,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +50,6 @@ class GenerationResult:
     seeds: list[int]
     timings: dict[str, float]
     request: Request
-    model: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def seed(self) -> int:
@@ -210,7 +208,7 @@ class Pipeline(ABC):
                 yield Step("decode", 1, 1, timings["decode"])
 
         def finish() -> GenerationResult:
-            return GenerationResult(images, list(request.seeds), timings, request, self.spec.id)
+            return GenerationResult(images, list(request.seeds), timings, request)
 
         return Run(steps(), finish)
 

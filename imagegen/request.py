@@ -45,15 +45,15 @@ class Request:
     latents: Any = None
     tile: bool = False
     num_images: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)  # every other declared option that was given
+    other_options: dict[str, Any] = field(default_factory=dict)  # every other declared option given; use option()
     init: InitImage | None = None  # img2img / inpainting / outpainting: the picture, mask, strength, border
     noise: str = "mlx"  # "mlx" (imagegen's own) or "torch" (diffusers' draws for the seed)
     noise_slot: tuple[int, int] | None = None  # torch noise: (first, total) rows of a total-image call
 
     def option(self, name: str, default: Any = None) -> Any:
         """The value of any declared option (core or the family's), or `default` when it was not given."""
-        if name in self.extra:
-            return self.extra[name]
+        if name in self.other_options:
+            return self.other_options[name]
         if name in _INIT_FIELDS:
             value = getattr(self.init, _INIT_FIELDS[name]) if self.init is not None else None
             return default if value is None else value
@@ -61,7 +61,7 @@ class Request:
             return self.seeds[0]
         if name == "negative_prompt":
             return self.negative_prompts[0] if self.negative_prompts else default
-        if name in _FIELDS and name != "extra":
+        if name in _FIELDS and name != "other_options":
             value = getattr(self, name)
             return default if value is None else value
         return default
@@ -200,7 +200,8 @@ def build_request(spec: ModelSpec, prompt: str | Sequence[str],
         # torch noise: one generator seeded once draws the whole call, as diffusers does
         seeds=(seed,) * count if noise == "torch" else tuple(seed + i for i in range(count)),
         negative_prompts=negatives, images=tuple(images), latents=values.pop("latents", None),
-        tile=values.pop("tile", False), num_images=num_images, extra=values, init=init, noise=noise, noise_slot=slot,
+        tile=values.pop("tile", False), num_images=num_images, other_options=values, init=init, noise=noise,
+        noise_slot=slot,
     )
 
 

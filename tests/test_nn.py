@@ -140,3 +140,12 @@ def test_rope_half_split_matches_transformers_qwen():
     ref_q, _ = apply_rotary_pos_emb(torch.from_numpy(q), torch.from_numpy(k), cos_ref, sin_ref)
     cos, sin = rope.rope_cos_sin(np.arange(L)[:, None], [d], theta)
     close(rope.apply_rope_half(mx.array(q), cos, sin), ref_q)
+
+
+def test_rope_tables_match_apply_rope_bit_for_bit():
+    angles = mx.array(np.random.default_rng(3).uniform(0, 600, (1, 24, 1, 8)).astype(np.float32))
+    cos, sin = mx.cos(angles), mx.sin(angles)
+    for dtype in (mx.float32, mx.bfloat16):
+        x = mx.random.normal((2, 24, 3, 16), key=mx.random.key(0)).astype(dtype)
+        tables = rope.apply_rope_tables(x, *rope.rope_tables(cos, sin))
+        assert mx.array_equal(tables, rope.apply_rope(x, cos, sin)).item()

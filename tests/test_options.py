@@ -32,6 +32,7 @@ FAMILY = (
     Option("mode_x", "choice", "A family enum.", choices=("soft", "hard")),
     Option("names_x", "str", "A family list.", repeatable=True),
     Option("flag_x", "bool", "A family switch."),
+    Option("file_x", "file", "A family file (e.g. adapter weights)."),
 )
 PYTHON_ONLY = {"latents"}  # arrays: no text form, so no CLI flag, field, row key or metadata entry
 # options of kind "any": a valid value each (the walk fixture writes the LoRA file)
@@ -98,7 +99,7 @@ def sample(option: Option) -> object:
         return SAMPLES[option.name]
     one = {"int": int(option.minimum or 0) + 2, "float": 0.5 if option.maximum is None or option.maximum >= 0.5
            else option.maximum, "bool": True, "str": "blur", "choice": option.choices[-1] if option.choices else "",
-           "image": "ref.png"}[option.kind]
+           "image": "ref.png", "file": "ref.png"}[option.kind]
     if option.name in ("width", "height"):
         one = 48
     return [one, "other"] if option.repeatable and option.kind == "str" else [one] if option.repeatable else one
@@ -108,10 +109,8 @@ def expected(option: Option, value: object) -> object:
     """The value as metadata records it."""
     if option.dump is not None:
         return option.to_json(option.check(value))
-    if option.kind == "image":
+    if option.kind in ("image", "file"):
         return [Path(v).name for v in value] if option.repeatable else Path(value).name
-    if option.dump is not None:
-        return option.to_json(option.check(value))
     return list(value) if option.repeatable else value
 
 
@@ -154,6 +153,8 @@ def test_every_option_walks_through_every_front_end(option):
     if option.kind == "image":
         names = [image_ref(i)["name"] for i in got] if option.repeatable else image_ref(got)["name"]
         assert names == expected(option, value)
+    elif option.kind == "file":
+        assert got == Path(value)
     elif option.name != "num_images":
         assert got == option.check(value)
 
@@ -166,8 +167,8 @@ def test_every_option_walks_through_every_front_end(option):
             return  # each image replays alone: the count is not metadata
         meta = read_metadata("a.png")
         assert metadata_value(meta, option) == expected(option, value)
-        if option.kind == "image":
-            assert meta["inputs"] == {"ref.png": image_ref(imagegen.options.image_input("ref.png"))["sha256"]}
+        if option.kind in ("image", "file"):
+            assert meta["inputs"] == {"ref.png": imagegen.options.file_ref("ref.png")["sha256"]}
         again = CliRunner().invoke(get_app(), ["run", "--from", "a.png", "-o", "b.png"])
         assert again.exit_code == 0, again.output
         assert metadata_value(read_metadata("b.png"), option) == expected(option, value)
@@ -181,6 +182,10 @@ def test_every_option_walks_through_every_front_end(option):
         names = [image_ref(i)["name"] for i in plan.request.option(option.name)] if option.repeatable else \
             image_ref(plan.request.option(option.name))["name"]
         assert names == expected(option, value)
+    elif option.kind == "file":  # a client must not name files on the server
+        with pytest.raises(APIError, match="cannot be given over HTTP"):
+            ImageService(Limits(), None).plan(ImageOptions(prompt="x", model="walk", options={option.name: value}),
+                                              "text-to-image")
     elif "server" in option.fronts or family:
         fields = {"options": {option.name: value}} if family else {option.name: value}
         assert family or option.name in ImageOptions.model_fields
@@ -262,3 +267,15 @@ def test_unsupported_options_name_the_model():
         registry.get("flux2-demo").request("x", guidance=2.0)
     with pytest.raises(imagegen.InvalidOptionError, match="does not support the option.s.: strength_x"):
         registry.get("flux2-demo").request("x", strength_x=0.5)
+
+
+def test_batch_flags_are_derived_too():
+    Path("p.jsonl").write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y", "tile": false, "seed": 9}\n')
+    result = CliRunner().invoke(get_app(), ["batch", "p.jsonl", "-o", "out", "-m", "walk", "--tile", "--seed", "5",
+                                            "--image", "ref.png"])
+    assert result.exit_code == 0, result.output
+    a, b = read_metadata("out/a.png"), read_metadata("out/b.png")
+    assert (a["tile"], a["seed"], a["images"]) == (True, 5, ["ref.png"])
+    assert (b["tile"], b["seed"]) == (False, 9)  # the row's own values win over the flags
+    bad = CliRunner().invoke(get_app(), ["batch", "p.jsonl", "-o", "out2", "-m", "walk", "--steps", "0"])
+    assert bad.exit_code == 1 and "--steps must be >= 1, got 0." in bad.output

@@ -271,3 +271,11 @@ def test_replica_options():
 def test_serve_replica_flags_need_ray():
     result = CliRunner().invoke(get_app(), ["serve", "--replicas", "2"])
     assert result.exit_code == 1 and "need --ray" in result.output
+
+
+def test_workers_get_the_drivers_kernel_setting(monkeypatch):
+    """IMAGEGEN_FUSED_KERNELS=0 on the driver reaches workers on other hosts (the plain-MLX reference path)."""
+    from imagegen.ray import runtime_env
+
+    monkeypatch.setenv("IMAGEGEN_FUSED_KERNELS", "0")
+    assert runtime_env()["env_vars"]["IMAGEGEN_FUSED_KERNELS"] == "0"

@@ -107,9 +107,10 @@ def test_tiled_matches_diffusers_tiling(tiled_pair, images):
     assert max_err(vae.encode(nhwc(images), tile=None), tiled_mean) < 1e-5
     assert max_err(vae.decode(nhwc(mean), tile=None), tiled_decoded) < 3e-5
     assert max_err(vae.encode(nhwc(images), tile=True), tiled_mean) < 1e-5
-    # A tiny random VAE is far from tile-invariant (global attention, per-tile group norm); the blend keeps
-    # the tiled result in range of the untiled one and free of jumps.
-    assert max_err(vae.decode(nhwc(mean), tile=True), decoded) < 2 * float(decoded.abs().max())
+    # tile=True tiles the same way: diffusers' tiled decode, blend included (a tiny random VAE is far from
+    # tile-invariant, so the untiled `decoded` would not be a fair reference)
+    assert max_err(vae.decode(nhwc(mean), tile=True), tiled_decoded) < 3e-5
+    assert float((tiled_decoded - decoded).abs().max()) > 1e-3  # tiles really differ from one pass: this can fail
 
 
 def test_tile_size_and_overlap_are_parameters(tiled_pair, images):

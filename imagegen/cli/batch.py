@@ -13,10 +13,12 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ..batch import FAILURES, MAX_STEPS, Defaults, LoadOptions, Summary, run_batch
+from ..batch import FAILURES, MAX_STEPS, ROW_OPTIONS, Defaults, LoadOptions, Summary, run_batch
 from ..errors import InvalidOptionError
 from ..options import parse_size
+from ..request import given
 from . import app, error, handle_errors
+from .options import cli_options, flag_errors, with_flags
 
 
 class BatchProgress:
@@ -84,9 +86,11 @@ def summary_line(summary: Summary, folder: Path) -> str:
 
 @app.command()
 @handle_errors
+@with_flags(cli_options(ROW_OPTIONS.values()), help_prefix="For rows without it: ")
 def batch(
     prompts: Path = typer.Argument(..., help="JSON-lines file: one object per line with 'prompt' and optionally "
-                                   "'id', 'model', 'seed', 'size', 'steps', 'guidance', 'negative_prompt'."),
+                                   "'id', 'model', 'size', 'options' and the options below by name (e.g. 'seed', "
+                                   "'steps', 'negative_prompt')."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder for <id>.png, results.jsonl, failures.jsonl."),
     ray: str = typer.Option(None, "--ray", help="Run on Ray: 'local' starts a cluster on this machine, 'auto' joins "
                             "the one `ray start` runs, or a cluster address (needs the ray extra: "
@@ -95,29 +99,27 @@ def batch(
     model: str = typer.Option(None, "--model", "-m", help="Model for rows that name none (default: $IMAGEGEN_MODEL "
                               "or the bundled demo model)."),
     size: str = typer.Option(None, "--size", help="WIDTHxHEIGHT for rows without 'size' (default: the model's)."),
-    steps: int = typer.Option(None, "--steps", "-s", help="Steps for rows without 'steps' (default: the model's)."),
-    guidance: float = typer.Option(None, "--guidance", "-g", help="Guidance for rows without 'guidance'."),
-    seed: int = typer.Option(None, "--seed", help="Seed for rows without 'seed' (default: derived from the row id)."),
-    negative: str = typer.Option(None, "--negative", help="Negative prompt for rows without one."),
     weights: str = typer.Option(None, "--weights", help="Weights folder or Hugging Face repo id (cached)."),
     quantize: str = typer.Option(None, "--quantize", "-q", help="Quantize weights: 4, 8, mxfp8, mxfp4, nvfp4, ..."),
     dtype: str = typer.Option(None, "--dtype", help="bfloat16, float16 or float32 (default: the model's; "
                               "float32 for flux2-demo)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+    flags: dict[str, Any] | None = None,
 ) -> None:
     """Generate one image per line of a JSON-lines file; re-running resumes where it stopped."""
     if workers is not None and ray is None:
         raise InvalidOptionError("--workers needs --ray (without it the batch runs in this process).")
     if workers is not None and workers < 1:
         raise InvalidOptionError(f"--workers must be >= 1, got {workers}.")
-    if steps is not None and not 1 <= steps <= MAX_STEPS:
-        raise InvalidOptionError(f"--steps must be between 1 and {MAX_STEPS}, got {steps}.")
-    if seed is not None and seed < 0:
-        raise InvalidOptionError(f"--seed must be >= 0, got {seed}.")
+    values = {name: value for name, value in (flags or {}).items() if given(value)}
+    with flag_errors():  # the same type and range checks as a row's, worded with the flags
+        values = {name: ROW_OPTIONS[name].check(value) for name, value in values.items()}
+    if values.get("steps") is not None and values["steps"] > MAX_STEPS:
+        raise InvalidOptionError(f"--steps must be between 1 and {MAX_STEPS}, got {values['steps']}.")
     width, height = parse_size(size, "--size") if size is not None else (None, None)
-    defaults = Defaults(model=model, width=width, height=height, steps=steps, guidance=guidance, seed=seed,
-                        negative_prompt=negative)
+    named = {k: values.pop(k, None) for k in ("steps", "guidance", "seed", "negative_prompt")}
+    defaults = Defaults(model=model, width=width, height=height, options=values, **named)
     with BatchProgress(quiet or as_json) as progress:
         summary = run_batch(prompts, output, defaults, LoadOptions(weights, dtype, quantize), ray=ray,
                             workers=workers, reporter=progress)

@@ -117,23 +117,36 @@ def _heads(x: mx.array, heads: int, head_dim: int) -> mx.array:
 def qk_norm_rope(sources: Sequence[Source], heads: int, head_dim: int, cos: mx.array,
                  sin: mx.array) -> tuple[mx.array, mx.array, mx.array]:
     """q, k, v [B, L, H, D] over the sources' tokens in order; cos, sin: rope_tables' full-width tables covering
-    those tokens ([L, D] or any shape of that size, float32). v of a single source is a view of its projection."""
+    those tokens ([L, D] or any shape of that size, float32). v of a single source is a view of its projection.
+    The fused kernel where it applies, else the reference."""
     if _fused_ok(sources, head_dim, cos):
-        length = sum(s[0].shape[1] for s in sources)
-        b = sources[-1][0].shape[0]
-        shape = (b, length, heads, head_dim)
-        arrays = [s[0] for s in sources]
-        for _, norm_q, norm_k in sources:
-            arrays += [norm_q.weight.astype(arrays[0].dtype), norm_k.weight.astype(arrays[0].dtype)]
-        arrays += [cos.reshape(length, head_dim).astype(mx.float32), sin.reshape(length, head_dim).astype(mx.float32)]
-        n_out = 3 if len(sources) == 2 else 2
-        outs = _kernel(len(sources), sources[0][1].eps)(
-            inputs=arrays, template=[("T", arrays[0].dtype), ("H", heads), ("D", head_dim)],
-            grid=(b * length * heads * 32, 1, 1), threadgroup=(THREADS, 1, 1),
-            output_shapes=[shape] * n_out, output_dtypes=[arrays[0].dtype] * n_out)
-        if len(sources) == 1:
-            return outs[0], outs[1], _heads(sources[0][0], heads, head_dim)[:, :, 2]
-        return tuple(outs)
+        return qk_norm_rope_fused(sources, heads, head_dim, cos, sin)
+    return qk_norm_rope_reference(sources, heads, head_dim, cos, sin)
+
+
+def qk_norm_rope_fused(sources: Sequence[Source], heads: int, head_dim: int, cos: mx.array,
+                       sin: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """The CUDA kernel: each head of q and k read once, RMS-normed and rotated (conditions: `_fused_ok`)."""
+    length = sum(s[0].shape[1] for s in sources)
+    b = sources[-1][0].shape[0]
+    shape = (b, length, heads, head_dim)
+    arrays = [s[0] for s in sources]
+    for _, norm_q, norm_k in sources:
+        arrays += [norm_q.weight.astype(arrays[0].dtype), norm_k.weight.astype(arrays[0].dtype)]
+    arrays += [cos.reshape(length, head_dim).astype(mx.float32), sin.reshape(length, head_dim).astype(mx.float32)]
+    n_out = 3 if len(sources) == 2 else 2
+    outs = _kernel(len(sources), sources[0][1].eps)(
+        inputs=arrays, template=[("T", arrays[0].dtype), ("H", heads), ("D", head_dim)],
+        grid=(b * length * heads * 32, 1, 1), threadgroup=(THREADS, 1, 1),
+        output_shapes=[shape] * n_out, output_dtypes=[arrays[0].dtype] * n_out)
+    if len(sources) == 1:
+        return outs[0], outs[1], _heads(sources[0][0], heads, head_dim)[:, :, 2]
+    return tuple(outs)
+
+
+def qk_norm_rope_reference(sources: Sequence[Source], heads: int, head_dim: int, cos: mx.array,
+                           sin: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """The plain-MLX definition (the spec the fused kernel is tested against): copy, norm and rotate."""
     parts = [_heads(x, heads, head_dim) for x, _, _ in sources]
     q = [norm_q(p[:, :, 0]) for p, (_, norm_q, _) in zip(parts, sources)]
     k = [norm_k(p[:, :, 1]) for p, (_, _, norm_k) in zip(parts, sources)]

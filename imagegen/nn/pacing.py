@@ -16,10 +16,12 @@ import mlx.core as mx
 
 
 class Pacer:
-    """Call after each block with its outputs; a no-op when `every` is 0 (the whole step stays one graph)."""
+    """Call after each block with its outputs; a no-op when `every` is 0 (the whole step stays one graph).
+    `ahead`: segments the GPU may run ahead of the host: 1 keeps it fed (transformers), 0 waits for each one
+    (the VAE, whose layers' temporaries are large)."""
 
-    def __init__(self, every: int):
-        self.every = every
+    def __init__(self, every: int, ahead: int = 1):
+        self.every, self.ahead = every, ahead
         self.count = 0
         self.pending: tuple[mx.array, ...] | None = None
 
@@ -28,6 +30,9 @@ class Pacer:
             return
         self.count += 1
         if self.count % self.every:
+            return
+        if not self.ahead:
+            mx.eval(*arrays)
             return
         mx.async_eval(*arrays)
         if self.pending is not None:

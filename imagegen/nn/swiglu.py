@@ -45,15 +45,26 @@ def _kernel():
 
 
 def swiglu(x: mx.array, start: int = 0) -> mx.array:
-    """x [..., C] -> [..., (C - start) / 2]: silu(x[..., start : start + M]) * x[..., start + M :]."""
+    """x [..., C] -> [..., (C - start) / 2]: silu(x[..., start : start + M]) * x[..., start + M :]. The fused kernel
+    where it applies, else the reference."""
     width = x.shape[-1]
-    m = (width - start) // 2
-    per = 16 // x.itemsize
+    m, per = (width - start) // 2, 16 // x.itemsize
     if cuda_kernels.available() and x.itemsize in (2, 4) and not (m % per or start % per or width % per):
-        rows = x.size // width
-        return _kernel()(
-            inputs=[x], template=[("T", x.dtype), ("PER", per), ("M", m), ("C", width), ("START", start)],
-            grid=(rows * m // per, 1, 1), threadgroup=(THREADS, 1, 1),
-            output_shapes=[(*x.shape[:-1], m)], output_dtypes=[x.dtype])[0]
+        return swiglu_fused(x, start)
+    return swiglu_reference(x, start)
+
+
+def swiglu_reference(x: mx.array, start: int = 0) -> mx.array:
+    """The plain-MLX definition (the spec the fused kernel is tested against)."""
     gate, value = mx.split(x[..., start:], 2, axis=-1)
     return nn.silu(gate) * value
+
+
+def swiglu_fused(x: mx.array, start: int = 0) -> mx.array:
+    """The CUDA kernel: packed loads of the gate and value halves (row-contiguous x; halves a multiple of 16 bytes)."""
+    width = x.shape[-1]
+    m, per = (width - start) // 2, 16 // x.itemsize
+    return _kernel()(
+        inputs=[x], template=[("T", x.dtype), ("PER", per), ("M", m), ("C", width), ("START", start)],
+        grid=(x.size // width * m // per, 1, 1), threadgroup=(THREADS, 1, 1),
+        output_shapes=[(*x.shape[:-1], m)], output_dtypes=[x.dtype])[0]

@@ -20,12 +20,11 @@ RESNET_EPS = 1e-6  # diffusers' Encoder/Decoder pass resnet_eps=1e-6 to every bl
 QUERY_CHUNK = 4096
 # MLX convolves by unfolding its input (9x the input for a 3x3 kernel), and a lazy graph lets many such workspaces
 # coexist. Convolutions whose unfolded input would pass this many bytes run in strips of rows, each evaluated before
-# the next; the blocks also bound their graphs layer by layer (LAYER_SYNC): "eval" waits for each layer, "paced"
-# keeps two layers in flight (imagegen.nn.pacing), "none" leaves the decode one graph. H100, 1024 px decode in bf16
-# (benchmarks/profile_vae_memory.py; diffusers: 91 ms, 2.6 GB): eval 60 ms / 3.0 GB above the weights, paced 55 ms /
-# 5.2 GB, none 56 ms / 11.1 GB; 2 GB strips instead of 8: 72 ms / 2.4 GB. 2048 px: eval 273 ms / 10.1 GB.
+# the next; the blocks also pace their graphs layer by layer (imagegen.nn.pacing) with LAYER_PACING = (every,
+# ahead): (1, 0) waits for each layer, (1, 1) keeps two in flight, (0, 0) leaves the decode one graph; waiting for
+# each layer had the lowest peak for about the same time (benchmarks/profile_vae_memory.py, results in its docstring).
 CONV_WORKSPACE_BYTES = 1 << 33
-LAYER_SYNC = "eval"
+LAYER_PACING = (1, 0)
 
 
 def _group_norm(x: mx.array, weight: mx.array, bias: mx.array, groups: int, eps: float, silu: bool) -> mx.array:
@@ -169,12 +168,10 @@ class UNetMidBlock2D(nn.Module):
 
 
 def _run_layers(layers, x: mx.array) -> mx.array:
-    """Apply layers in turn, bounding how many layers' temporaries are alive at once (LAYER_SYNC)."""
-    pace = Pacer(1 if LAYER_SYNC == "paced" else 0)
+    """Apply layers in turn, bounding how many layers' temporaries are alive at once (LAYER_PACING)."""
+    pace = Pacer(*LAYER_PACING)
     for layer in layers:
         x = layer(x)
-        if LAYER_SYNC == "eval":
-            mx.eval(x)
         pace(x)
     return x
 

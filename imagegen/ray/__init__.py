@@ -21,7 +21,8 @@ from typing import Any
 
 from ..errors import ImagegenError, install_hint
 
-SHARED_ENV = ("IMAGEGEN_LOAD_PLUGINS", "IMAGEGEN_MODEL", "IMAGEGEN_DEBUG")  # settings workers share with the driver
+# the driver's settings that workers share (IMAGEGEN_FUSED_KERNELS=0 selects the plain-MLX path everywhere)
+SHARED_ENV = ("IMAGEGEN_LOAD_PLUGINS", "IMAGEGEN_MODEL", "IMAGEGEN_DEBUG", "IMAGEGEN_FUSED_KERNELS")
 
 
 def require_ray(serve: bool = False) -> None:

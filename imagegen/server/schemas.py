@@ -31,6 +31,8 @@ class BodyError(InvalidOptionError):
     def __init__(self, message: str, code: str = "invalid_json", param: str | None = None):
         super().__init__(message)
         self.code, self.param = code, param
+# JSON fields: never a server-side path from a client ("file" options need a server-side design of their own)
+FIELDS = [o for o in OPTIONS if "server" in o.fronts and o.kind in _TYPES]
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
@@ -174,7 +176,7 @@ class OpenAIOptions(BaseModel):
 # OpenAI's fields plus one per option declared for the server (imagegen.options)
 ImageOptions = create_model(
     "ImageOptions", __base__=OpenAIOptions, __doc__="Fields shared by generations (JSON) and edits (multipart form).",
-    **{o.name: option_field(o) for o in OPTIONS if "server" in o.fronts and o.name not in UPLOADS},
+    **{o.name: option_field(o) for o in FIELDS},
 )
 
 

@@ -24,7 +24,7 @@ from ..registry import IMAGE_EDIT, ModelSpec
 from .errors import APIError
 from .loras import LoraFolder
 from .residency import Residency
-from .schemas import UPLOADS, ImageOptions, parse_size
+from .schemas import FIELDS, ImageOptions, parse_size
 from .settings import Limits
 from .store import ImageStore
 from .worker import DeviceWorker, Job
@@ -159,11 +159,16 @@ class ImageService:
             raise APIError(400, f"At most {self.limits.max_images_in} images per request, got {len(images)}.",
                            param="image", code="invalid_value")
         family = options.options or {}
-        unknown = sorted(set(family) - {o.name for o in family_options(spec.extra_options)})
+        declared = {o.name: o for o in family_options(spec.extra_options)}
+        unknown = sorted(set(family) - set(declared))
         if unknown:
             raise APIError(400, f"Model '{spec.id}' does not support the option '{unknown[0]}'.", param="options",
                            code="unsupported_option")
-        values = {o.name: getattr(options, o.name) for o in OPTIONS if "server" in o.fronts and o.name not in UPLOADS}
+        paths = sorted(n for n in family if declared[n].kind in ("file", "image"))
+        if paths:  # a client must not name files on the server
+            raise APIError(400, f"The option '{paths[0]}' takes a file, which cannot be given over HTTP.",
+                           param="options", code="unsupported_option")
+        values = {o.name: getattr(options, o.name) for o in FIELDS}
         values["loras"] = self.loras.resolve(options.loras)
         for option in (o for o in OPTIONS if o.name in (files or {})):
             uploaded = files[option.name]

@@ -91,10 +91,9 @@ def files_fingerprint(folder: str | Path) -> str:
 class TextEncoder:
     """A Qwen3 stack and its tokenizer. `encode` returns the hidden states the pipelines condition on."""
 
-    def __init__(self, model: Qwen3Model, tokenizer: ChatTokenizer, identity: str = ""):
+    def __init__(self, model: Qwen3Model, tokenizer: ChatTokenizer):
         self.model = model
         self.tokenizer = tokenizer
-        self.identity = identity
         self._cache: OrderedDict[tuple, PromptFeatures] = OrderedDict()
         self._cache_bytes = 0
         self._lock = threading.Lock()
@@ -165,7 +164,6 @@ def load_text_encoder(text_encoder_dir: str | Path, tokenizer_dir: str | Path, d
             if model is None:
                 model = load_qwen3(text_encoder_dir, dtype=dtype, quantize=quantize, layers=layers)
                 _models[model_key] = model
-            identity = hashlib.sha256(repr(encoder_key).encode()).hexdigest()[:16]
-            encoder = TextEncoder(model, ChatTokenizer(tokenizer_dir), identity)
+            encoder = TextEncoder(model, ChatTokenizer(tokenizer_dir))
             _encoders[encoder_key] = encoder
         return encoder

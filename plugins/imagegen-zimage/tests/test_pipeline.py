@@ -138,7 +138,7 @@ def test_turbo_refuses_cfg_options_and_bad_values(checkpoint, base_checkpoint):
         turbo.generate("x", latents=np.zeros((1, 4, 2, 2), np.float32), width=64, height=48)
 
 
-def test_flux2_and_zimage_share_one_text_encoder(checkpoint, tmp_path):
+def test_flux2_and_zimage_share_one_text_encoder(checkpoint, tmp_path, monkeypatch):
     """Both families condition on Qwen3: folders holding identical encoder weights load it once."""
     import shutil
 
@@ -161,8 +161,17 @@ def test_flux2_and_zimage_share_one_text_encoder(checkpoint, tmp_path):
     zimage = ours(folder, True)
     klein = imagegen.registry.get("flux2-klein-4b").pipeline(weights=flux, dtype="float32")
     assert klein.text_encoder.model is zimage.text_encoder.model
-    # each family still gets its own features: thinking template and layer -2 vs layers 9/18/27
-    assert klein.generate("x", width=64, height=48, steps=1, seed=0).images[0].size == (64, 48)
+    # each family still gets its own features (thinking template and layer -2 vs layers 1/2/3), and sharing changes
+    # nothing: a Klein pipeline with an encoder of its own draws the same image
+    assert klein.embed_prompts(["x"]).shape[-1] == 3 * zimage.embed_prompts(["x"])[0].shape[-1]
+    shared = np.asarray(klein.generate("x", width=64, height=48, steps=1, seed=0).images[0])
+    from imagegen.text import encoder as text_encoder
+
+    monkeypatch.setattr(text_encoder, "_models", type(text_encoder._models)())
+    monkeypatch.setattr(text_encoder, "_encoders", type(text_encoder._encoders)())
+    alone = imagegen.registry.get("flux2-klein-4b").pipeline(weights=flux, dtype="float32")
+    assert alone.text_encoder.model is not zimage.text_encoder.model
+    assert np.array_equal(np.asarray(alone.generate("x", width=64, height=48, steps=1, seed=0).images[0]), shared)
 
 
 def test_cli_model_options_and_reproduction(base_checkpoint, tmp_path):

@@ -11,7 +11,6 @@ from diffusers import ZImageTransformer2DModel
 from imagegen_zimage.config import ZImageTransformerConfig
 from imagegen_zimage.transformer import ZImageTransformer, quant_predicate
 
-from imagegen.rope import apply_rope, apply_rope_tables, rope_tables
 from imagegen.weights import load_module
 
 TINY = dict(
@@ -110,10 +109,3 @@ def test_quant_predicate_keeps_embedders_modulation_and_final_layer(models):
     assert "context_refiner.0.attention.to_out.0" in picked
     assert not any("adaLN" in p or "embedder" in p or "final_layer" in p for p in picked)
 
-
-def test_rope_tables_match_apply_rope_bit_for_bit():
-    angles = mx.array(np.random.default_rng(3).uniform(0, 600, (1, 24, 1, 8)).astype(np.float32))
-    cos, sin = mx.cos(angles), mx.sin(angles)
-    for dtype in (mx.float32, mx.bfloat16):
-        x = mx.random.normal((2, 24, 3, 16), key=mx.random.key(0)).astype(dtype)
-        assert mx.array_equal(apply_rope_tables(x, *rope_tables(cos, sin)), apply_rope(x, cos, sin)).item()
