@@ -139,8 +139,10 @@ def parse_row(text: str, line: int, defaults: Defaults, where: str = "", folder:
         elif ROW_OPTIONS[name].kind in ("image", "file"):  # paths relative to the prompts file, read later
             paths = value if ROW_OPTIONS[name].repeatable else [value]
             if not isinstance(paths, list) or not all(isinstance(v, str) and v for v in paths):
-                many = "a list of paths" if ROW_OPTIONS[name].repeatable else "a path"
-                raise BatchInputError(f"{at}: '{name}' must be {many}, got {json.dumps(value)}.")
+                one, many = ("an image path", "a list of image paths") if ROW_OPTIONS[name].kind == "image" \
+                    else ("a path", "a list of paths")
+                what = many if ROW_OPTIONS[name].repeatable else one
+                raise BatchInputError(f"{at}: '{name}' must be {what}, got {json.dumps(value)}.")
         else:
             try:
                 ROW_OPTIONS[name].check(value)
