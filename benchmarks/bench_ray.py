@@ -203,7 +203,7 @@ def run_child_server(args: argparse.Namespace) -> None:
 def ray_server(args: argparse.Namespace, replicas: int) -> str:
     from ray import serve
 
-    from imagegen.ray.serve import APP_NAME, build_app
+    from imagegen.scaleout.serve import APP_NAME, build_app
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -214,7 +214,7 @@ def ray_server(args: argparse.Namespace, replicas: int) -> str:
 def stop_ray_server() -> None:
     from ray import serve
 
-    from imagegen.ray.serve import shutdown
+    from imagegen.scaleout.serve import shutdown
 
     shutdown(False)
     serve.shutdown()

@@ -525,7 +525,7 @@ def run_batch(prompts: str | Path | Sequence[Row], out: str | Path, defaults: De
               load: LoadOptions = LoadOptions(), ray: str | None = None, workers: int | None = None,
               reporter: Reporter | None = None, max_retries: int = 2) -> Summary:
     """Generate every row not done yet into `out`. `ray`: None runs here; "local" starts a local Ray
-    cluster, "auto" or an address joins one (see imagegen.ray.batch). `workers` overrides one worker per
+    cluster, "auto" or an address joins one (see imagegen.scaleout.batch). `workers` overrides one worker per
     GPU (per CPU slot without GPUs); `max_retries` bounds how often a row is resent after its worker died."""
     rows = read_rows(prompts, defaults) if isinstance(prompts, str | Path) else list(prompts)
     summary = Summary(total=len(rows))
@@ -543,10 +543,10 @@ def run_batch(prompts: str | Path | Sequence[Row], out: str | Path, defaults: De
         if ray is None:
             run_local(todo, outputs, load, rejected)
         else:
-            from .ray import require_ray
+            from .scaleout import require_ray
 
             require_ray()
-            from .ray.batch import run_on_ray
+            from .scaleout.batch import run_on_ray
 
             run_on_ray(todo, outputs, load, ray, workers, max_retries, rejected)
         summary.seconds = time.perf_counter() - start

@@ -234,7 +234,7 @@ def test_cli_batch_errors(prompts, tmp_path):
 def test_missing_ray_is_one_clear_error(monkeypatch):
     import importlib.util
 
-    from imagegen.ray import require_ray
+    from imagegen.scaleout import require_ray
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(imagegen.ImagegenError, match=r'pip install "imagegen-mlx\[ray\]"'):

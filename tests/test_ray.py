@@ -30,7 +30,7 @@ from imagegen import ImagegenError, plugins, registry
 from imagegen.batch import RESULTS, Defaults, read_rows, run_batch
 from imagegen.cli import get_app
 from imagegen.errors import InvalidOptionError
-from imagegen.ray.serve import APP_NAME, build_app, scaling, shutdown
+from imagegen.scaleout.serve import APP_NAME, build_app, scaling, shutdown
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -275,7 +275,7 @@ def test_serve_replica_flags_need_ray():
 
 def test_workers_get_the_drivers_kernel_setting(monkeypatch):
     """IMAGEGEN_FUSED_KERNELS=0 on the driver reaches workers on other hosts (the plain-MLX reference path)."""
-    from imagegen.ray import runtime_env
+    from imagegen.scaleout import runtime_env
 
     monkeypatch.setenv("IMAGEGEN_FUSED_KERNELS", "0")
     assert runtime_env()["env_vars"]["IMAGEGEN_FUSED_KERNELS"] == "0"

@@ -42,10 +42,10 @@ def serve(
     if ray is not None:
         if lora_dir is not None:
             raise InvalidOptionError("--lora-dir is not available with --ray yet: serve without --ray.")
-        from ..ray import require_ray
+        from ..scaleout import require_ray
 
         require_ray(serve=True)
-        from ..ray.serve import run_serve
+        from ..scaleout.serve import run_serve
 
         return run_serve(ray, host=host, port=port, models=model or (), keep_alive=keep_alive, api_key=api_key,
                          replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,

@@ -212,7 +212,7 @@ def build_app(models: Sequence[str] = (), keep_alive: str | float | None = "5m",
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
-    """For Serve config files and KubeRay's RayService: `import_path: imagegen.ray.serve:app_builder`, with
+    """For Serve config files and KubeRay's RayService: `import_path: imagegen.scaleout.serve:app_builder`, with
     `args` the keyword arguments of build_app (models, keep_alive, api_key, replicas, ... and limits)."""
     return build_app(**args)
 
@@ -220,7 +220,7 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
 def run_serve(address: str | None, host: str = "127.0.0.1", port: int = 8000, models: Sequence[str] = (),
               keep_alive: str | float | None = "5m", api_key: str | None = None, replicas: int | None = None,
               min_replicas: int | None = None, max_replicas: int | None = None, **limits: Any) -> None:
-    """Deploy on a Ray cluster (see imagegen.ray.connect for `address`) and serve until Ctrl-C."""
+    """Deploy on a Ray cluster (see imagegen.scaleout.connect for `address`) and serve until Ctrl-C."""
     from .. import registry
     from ..server import require_serve_extra
     from ..server.app import is_loopback

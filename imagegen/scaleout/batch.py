@@ -124,7 +124,7 @@ class Pool:
 
 def run_on_ray(rows: Sequence[Row], outputs: Outputs, load: LoadOptions, address: str | None,
                workers: int | None = None, max_retries: int = 2, rejected: Iterable[Outcome] = ()) -> None:
-    """Generate `rows` on a Ray cluster (see imagegen.ray.connect for `address`)."""
+    """Generate `rows` on a Ray cluster (see imagegen.scaleout.connect for `address`)."""
     started = connect(address, quiet=True)
     pool: Pool | None = None
     try:

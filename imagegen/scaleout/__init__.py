@@ -1,5 +1,5 @@
-"""Scale-out on Ray (the optional extra `imagegen-mlx[ray]`): batch workers (imagegen.ray.batch) and Ray Serve
-replicas (imagegen.ray.serve). Nothing here imports Ray until a cluster is asked for.
+"""Scale-out on Ray (the optional extra `imagegen-mlx[ray]`): batch workers (imagegen.scaleout.batch) and Ray Serve
+replicas (imagegen.scaleout.serve). Nothing here imports Ray until a cluster is asked for.
 
 Workers are separate processes, possibly on other hosts: they find entry-point plugins as usual (install
 imagegen and its plugins on every node), and plugins registered in this process with
