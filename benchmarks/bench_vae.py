@@ -68,7 +68,7 @@ def run_imagegen(args: argparse.Namespace, folder: Path, recorder: Recorder, out
 
     from imagegen.cli.bench import time_mlx
     from imagegen.nn import cuda_kernels
-    from imagegen.nn import vae as blocks
+    from imagegen.nn import vae_blocks as blocks
 
     vae = AutoencoderKLFlux2.from_folder(folder, "bfloat16")
     mx.eval(vae.parameters())

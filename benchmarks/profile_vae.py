@@ -13,7 +13,7 @@ import mlx.nn as nn
 from imagegen_flux2.vae import AutoencoderKLFlux2, Flux2VAEConfig
 from mlx.utils import tree_map
 
-from imagegen.nn import vae as blocks
+from imagegen.nn import vae_blocks as blocks
 
 
 def timed(fn, *args, repeats: int = 3) -> float:

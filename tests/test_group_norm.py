@@ -10,7 +10,7 @@ import torch
 
 from imagegen.nn import cuda_kernels
 from imagegen.nn import group_norm as gn
-from imagegen.nn.vae import GroupNorm
+from imagegen.nn.vae_blocks import GroupNorm
 
 SHAPES = [((1, 16, 16, 128), 32), ((2, 8, 12, 512), 32), ((1, 9, 7, 64), 8)]
 

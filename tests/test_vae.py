@@ -12,7 +12,7 @@ import torch
 from diffusers import AutoencoderKL as RefAutoencoderKL
 
 from imagegen.nn import AutoencoderKL
-from imagegen.nn.vae import GroupNorm
+from imagegen.nn.vae_blocks import GroupNorm
 
 TINY = dict(
     block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
@@ -162,7 +162,7 @@ def test_force_upcast_and_bfloat16(tmp_path, tiled_pair, images):
 
 def test_conv_strips_match_one_convolution_and_bound_memory(monkeypatch):
     """Large 3x3 convolutions run in strips of rows (one unfolded workspace at a time): same result."""
-    from imagegen.nn import vae as blocks
+    from imagegen.nn import vae_blocks as blocks
 
     conv = blocks.Conv3x3(16, 8)
     x = mx.random.normal((2, 37, 20, 16), key=mx.random.key(0))

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..config import HFConfig
 from ..weights import load_module, to_dtype
-from .vae import Decoder, Encoder
+from .vae_blocks import Decoder, Encoder
 
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers DiagonalGaussianDistribution clamps logvar to this range
 
