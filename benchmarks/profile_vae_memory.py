@@ -1,7 +1,8 @@
 """Time and peak memory of the FLUX.2 VAE decode against its memory bounds: the 3x3 convolutions' strip size
-(imagegen.nn.vae_blocks.CONV_WORKSPACE_BYTES) and how layers are paced (LAYER_PACING), bf16, random weights. H100, 1024 px
-in bf16 (diffusers: 91 ms, 2.6 GB): each layer waited for 60 ms / 3.0 GB above the weights, two in flight 55 ms /
-5.2 GB, one graph 56 ms / 11.1 GB; 2 GB strips instead of 8: 72 ms / 2.4 GB. 2048 px, each waited for: 273 ms / 10.1 GB.
+(imagegen.nn.vae_blocks.CONV_WORKSPACE_BYTES) and how layers are paced (LAYER_PACING), bf16, random weights. H100,
+1024 px in bf16 (diffusers: 91 ms, 2.6 GB): each layer waited for 60 ms / 3.0 GB above the weights, two in flight
+55 ms / 5.2 GB, one graph 56 ms / 11.1 GB; 2 GB strips instead of 8: 72 ms / 2.4 GB.
+2048 px, each waited for: 273 ms / 10.1 GB.
 
     python3 benchmarks/profile_vae_memory.py [1024,2048]            # one JSON line per (size, setting)
     python3 benchmarks/profile_vae_memory.py 1024 --layers          # peak and time of each decoder layer"""

@@ -7,8 +7,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from imagegen.nn import cuda_kernels
-from imagegen.nn.attention_inputs import attention_blhd, qk_norm_rope
+from imagegen.nn import attention_blhd, cuda_kernels
+from imagegen.nn.attention_inputs import qk_norm_rope
 from imagegen.rope import rope_cos_sin, rope_tables
 
 HEADS, HEAD_DIM = 3, 64

@@ -1,8 +1,14 @@
-"""Attention over mx.fast.scaled_dot_product_attention, plus the masks the models need."""
+"""Attention over mx.fast.scaled_dot_product_attention, plus the masks the models need and the [B, L, H, D] entry
+the transformers call (sequence-parallel aware, with an optional recording of each call's keys and values)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import mlx.core as mx
+
+from ..distributed import current as sequence_parallel
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = None,
@@ -45,3 +51,37 @@ def repeat_kv(x: mx.array, repeats: int) -> mx.array:
         return x
     b, h, l, d = x.shape
     return mx.broadcast_to(x[:, :, None], (b, h, repeats, l, d)).reshape(b, h * repeats, l, d)
+
+
+def attention_blhd(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = None,
+                   extra: tuple[mx.array, mx.array] | None = None) -> mx.array:
+    """Attention over [B, L, H, D] inputs -> [B, L, H * D]. The fused kernel reads the transposed views as they are
+    and writes its output in the queries' memory order, so neither side copies. `extra`: keys and values [B, L', H, D]
+    every query also attends to (cached reference-image tokens); `recording` collects each call's k and v."""
+    b, length, heads, d = q.shape
+    spread = sequence_parallel()
+    if spread is not None:  # this rank holds a shard of the tokens: attend over every rank's keys and values
+        k, v = spread.keys_values(k, v)
+    if _recorded is not None:
+        kept = (mx.contiguous(k), mx.contiguous(v))  # not views: they would pin whole projections
+        mx.eval(kept)  # layer by layer: the recorded pass never holds more than one layer's temporaries
+        _recorded.append(kept)
+    if extra is not None:  # attention does not depend on the keys' order: appended after this call's own
+        k, v = (mx.concatenate([a, mx.broadcast_to(e, (b, *e.shape[1:]))], axis=1) for a, e in zip((k, v), extra))
+    out = attention(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
+    return out.transpose(0, 2, 1, 3).reshape(b, length, heads * d)
+
+
+_recorded: list[tuple[mx.array, mx.array]] | None = None
+
+
+@contextmanager
+def recording() -> Iterator[list[tuple[mx.array, mx.array]]]:
+    """Collect the keys and values of every attention call made inside, in call order (for a reference-image
+    pass whose K/V later steps reuse). Not for compiled functions: their arrays are placeholders while tracing."""
+    global _recorded
+    previous, _recorded = _recorded, []
+    try:
+        yield _recorded
+    finally:
+        _recorded = previous

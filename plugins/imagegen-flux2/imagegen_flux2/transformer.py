@@ -12,8 +12,8 @@ import numpy as np
 
 from imagegen import block_loop
 from imagegen.errors import InvalidOptionError
-from imagegen.nn import TimestepEmbedding, timestep_embedding
-from imagegen.nn.attention_inputs import attention_blhd, qk_norm_rope, recording
+from imagegen.nn import TimestepEmbedding, attention_blhd, recording, timestep_embedding
+from imagegen.nn.attention_inputs import qk_norm_rope
 from imagegen.nn.pacing import PacedBlocks, Pacer
 from imagegen.nn.swiglu import swiglu
 from imagegen.rope import rope_cos_sin, rope_tables

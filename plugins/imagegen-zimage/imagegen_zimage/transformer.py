@@ -21,8 +21,8 @@ import mlx.nn as nn
 import numpy as np
 
 from imagegen import InvalidOptionError, block_loop
-from imagegen.nn import timestep_embedding
-from imagegen.nn.attention_inputs import attention_blhd, qk_norm_rope
+from imagegen.nn import attention_blhd, timestep_embedding
+from imagegen.nn.attention_inputs import qk_norm_rope
 from imagegen.nn.pacing import PacedBlocks, Pacer
 from imagegen.nn.swiglu import swiglu
 from imagegen.rope import apply_rope_tables, rope_cos_sin, rope_tables
