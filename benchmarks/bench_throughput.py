@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from families import FULL, TINY, family
 
     from imagegen import registry
-    from imagegen.batch import Generator, LoadOptions, Outputs, Row, Summary, run_local
+    from imagegen.batch import LoadOptions, Outputs, Row, RowRunner, Summary, run_local
 
     folder = args.workdir / args.model
     if not (args.reuse and (folder / "model_index.json").is_file()):
@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         recorder.emit({"section": "throughput", "what": "one image end to end", "s": round(one, 4),
                        "images_per_s": round(1 / one, 3), "size": f"{size}x{size}", "steps": steps})
 
-        generator = Generator(LoadOptions(weights=str(folder), dtype="bfloat16"))
-        generator.pipe, generator.model = pipe, spec.id
+        runner = RowRunner(LoadOptions(weights=str(folder), dtype="bfloat16"))
+        runner.pipe, runner.model = pipe, spec.id
         rates = {}
         for overlap in (True, False):
             rows = [Row(id=f"r{i}", line=i + 1, prompt=f"{PROMPTS[i % len(PROMPTS)]} ({overlap})", model=spec.id,
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             outputs = Outputs(out, summary)
             start = time.perf_counter()
             try:
-                run_local(rows, outputs, overlap=overlap, generator=generator)
+                run_local(rows, outputs, overlap=overlap, runner=runner)
             finally:
                 outputs.close()
             seconds = time.perf_counter() - start

@@ -7,7 +7,7 @@ model's own, as `-O`); `Defaults` (the CLI options) fill in what a row leaves ou
 `<id>.png` (with the metadata `imagegen run` writes), `results.jsonl` (one line per PNG: id, file, model, seed,
 seconds, worker) and `failures.jsonl` (this run's failed rows and why).
 
-This process is the only writer: workers (the local Generator, or Ray actors running one) return PNG
+This process is the only writer: workers (the local RowRunner, or Ray actors running one) return PNG
 bytes, so a row is written once however often a worker dies, and a row is done when its PNG exists,
 which is what a re-run skips (resume). In one process, PNG encoding and writing run on a thread of their own
 while the next row generates (`Writer`), in row order.
@@ -230,7 +230,7 @@ def check_row(row: Row) -> Row:
 
 # ---- workers ---------------------------------------------------------------------------------
 @dataclass
-class Outcome:
+class RowOutcome:
     """A row's result from a worker: the PNG file's bytes, or the error that stopped it."""
 
     row: Row
@@ -250,14 +250,14 @@ class Generated:
     metadata: dict[str, Any]
     seconds: float
 
-    def outcome(self) -> Outcome:
+    def outcome(self) -> RowOutcome:
         try:
-            return Outcome(self.row, self.worker, png_bytes(self.image, self.metadata), self.seconds)
+            return RowOutcome(self.row, self.worker, png_bytes(self.image, self.metadata), self.seconds)
         except Exception as e:
-            return Outcome(self.row, self.worker, error=error_text(e))
+            return RowOutcome(self.row, self.worker, error=error_text(e))
 
 
-def encoded(item: Generated | Outcome) -> Outcome:
+def encoded(item: Generated | RowOutcome) -> RowOutcome:
     """A generated row with its PNG made, or an outcome as it is (already encoded, or failed)."""
     return item.outcome() if isinstance(item, Generated) else item
 
@@ -274,7 +274,7 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-class Generator:
+class RowRunner:
     """Runs rows on one device. A model's pipeline is loaded on its first row and kept for the rows
     after it; one model is resident at a time (rows arrive grouped by model)."""
 
@@ -303,12 +303,12 @@ class Generator:
         self.loads += 1
         return pipe
 
-    def run(self, row: Row) -> Outcome:
+    def run(self, row: Row) -> RowOutcome:
         """Generate one row and encode its PNG; its failure is the outcome's error, never an exception."""
         return encoded(self.generate(row))
 
-    def generate(self, row: Row) -> Generated | Outcome:
-        """Generate one row without encoding it; a failure is an Outcome with its error."""
+    def generate(self, row: Row) -> Generated | RowOutcome:
+        """Generate one row without encoding it; a failure is a RowOutcome with its error."""
         try:
             pipe = self.pipeline(row.model)
             start = time.perf_counter()
@@ -318,7 +318,7 @@ class Generator:
             metadata = generation_metadata(pipe, result, source="imagegen batch", batch=batch)
             return Generated(row, self.name, result.images[0], metadata, seconds)
         except Exception as e:
-            return Outcome(row, self.name, error=error_text(e))
+            return RowOutcome(row, self.name, error=error_text(e))
 
 
 # ---- the output folder -----------------------------------------------------------------------
@@ -397,7 +397,7 @@ class Outputs:
         self._results = (self.folder / RESULTS).open("a", encoding="utf-8")
         return todo
 
-    def start(self, workers: int, rejected: Iterable[Outcome] = ()) -> None:
+    def start(self, workers: int, rejected: Iterable[RowOutcome] = ()) -> None:
         """The runner is ready: report the totals, then the rows refused before any worker saw them."""
         self.summary.workers = workers
         if self.reporter is not None:
@@ -414,7 +414,7 @@ class Outputs:
         return {"id": row.id, "file": row.file, "model": metadata.get("model", row.model),
                 "seed": metadata.get("seed", row.seed), "seconds": batch.get("seconds"), "worker": batch.get("worker")}
 
-    def finish(self, outcome: Outcome) -> dict[str, Any]:
+    def finish(self, outcome: RowOutcome) -> dict[str, Any]:
         """Write one row's PNG and results line, or its failures line; report it. A write that fails (a full
         disk) is the row's failure; when even that cannot be recorded, or the disk is full, the batch stops."""
         row = outcome.row
@@ -475,12 +475,12 @@ class Writer:
 
     def __init__(self, outputs: Outputs, depth: int = 2):
         self.outputs = outputs
-        self.queue: queue.Queue[Generated | Outcome | None] = queue.Queue(maxsize=depth)
+        self.queue: queue.Queue[Generated | RowOutcome | None] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._loop, name="imagegen-batch-writer", daemon=True)
         self.thread.start()
 
-    def put(self, item: Generated | Outcome) -> None:
+    def put(self, item: Generated | RowOutcome) -> None:
         self._raise()
         self.queue.put(item)
 
@@ -504,19 +504,19 @@ class Writer:
 
 
 def run_local(rows: Iterable[Row], outputs: Outputs, load: LoadOptions = LoadOptions(),
-              rejected: Iterable[Outcome] = (), overlap: bool = True, generator: Generator | None = None) -> None:
-    """All rows in this process, one after another, on one Generator (a new one unless given); with `overlap`,
+              rejected: Iterable[RowOutcome] = (), overlap: bool = True, runner: RowRunner | None = None) -> None:
+    """All rows in this process, one after another, on one RowRunner (a new one unless given); with `overlap`,
     each PNG is encoded and written while the next row generates."""
-    generator = generator or Generator(load)
+    runner = runner or RowRunner(load)
     outputs.start(1, rejected)
     if not overlap:
         for row in rows:
-            outputs.finish(generator.run(row))
+            outputs.finish(runner.run(row))
         return
     writer = Writer(outputs)
     try:
         for row in rows:
-            writer.put(generator.generate(row))
+            writer.put(runner.generate(row))
     finally:
         writer.close()
 
@@ -532,12 +532,12 @@ def run_batch(prompts: str | Path | Sequence[Row], out: str | Path, defaults: De
     outputs = Outputs(out, summary, reporter)
     try:
         todo: list[Row] = []
-        rejected: list[Outcome] = []
+        rejected: list[RowOutcome] = []
         for row in outputs.resume(rows):
             try:
                 todo.append(check_row(row))
             except ImagegenError as e:
-                rejected.append(Outcome(row, "", error=str(e)))
+                rejected.append(RowOutcome(row, "", error=str(e)))
         todo.sort(key=lambda r: r.model)  # stable: file order within a model; each model loads once
         start = time.perf_counter()
         if ray is None:

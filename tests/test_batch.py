@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 import imagegen
 import imagegen.cli.batch  # noqa: F401  (registers the command until imagegen.cli imports it)
 from imagegen import registry
-from imagegen.batch import FAILURES, RESULTS, BatchInputError, Defaults, Generator, derived_seed, read_rows, run_batch
+from imagegen.batch import FAILURES, RESULTS, BatchInputError, Defaults, RowRunner, derived_seed, read_rows, run_batch
 from imagegen.cli import get_app
 from imagegen.image import read_metadata
 
@@ -189,10 +189,10 @@ def test_each_model_loads_once(tmp_path, hello_plugin, monkeypatch):
     assert sorted(loads) == ["hello-remix", "hello-waves"]
     assert [r["model"] for r in results(tmp_path / "out")] == sorted(models)  # grouped by model
 
-    generator = Generator()  # a model that cannot load fails its rows without reloading for each
+    runner = RowRunner()  # a model that cannot load fails its rows without reloading for each
     rows = read_rows(write_rows(tmp_path / "q.jsonl", [{"prompt": f"q{i}", "model": "hello"} for i in range(2)]))
     monkeypatch.setattr(hello_plugin.HelloPipeline, "__init__", lambda *a, **k: 1 / 0)
-    errors = [generator.run(row).error for row in rows]
+    errors = [runner.run(row).error for row in rows]
     assert errors[0] == errors[1] == "Cannot load 'hello': ZeroDivisionError: division by zero"
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from imagegen import batch
-from imagegen.batch import RESULTS, Defaults, Generated, Outcome, Outputs, Summary, Writer, read_rows, run_local
+from imagegen.batch import RESULTS, Defaults, Generated, Outputs, RowOutcome, Summary, Writer, read_rows, run_local
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:
@@ -64,7 +64,7 @@ def test_writer_keeps_order_and_reports_an_encoding_failure_on_its_row(tmp_path)
         if row.id == "r1":
             writer.put(Generated(row, "w", None, {}, 0.1))  # not an image: PNG encoding fails
         elif row.id == "r2":
-            writer.put(Outcome(row, "w", error="generation failed"))
+            writer.put(RowOutcome(row, "w", error="generation failed"))
         else:
             writer.put(Generated(row, "w", image, {"prompt": row.prompt}, 0.1))
     writer.close()
@@ -104,18 +104,18 @@ def test_a_write_error_stops_the_run_on_the_generating_thread(tmp_path, monkeypa
 def test_an_interrupted_run_keeps_generated_rows_and_resumes_the_rest(tmp_path, hello_plugin, monkeypatch):
     prompts = write_rows(tmp_path / "p.jsonl", [{"id": f"r{i}", "prompt": f"row {i}", "seed": i} for i in range(4)])
     defaults = Defaults(model="hello-waves", width=32, height=32)
-    real = batch.Generator.generate
+    real = batch.RowRunner.generate
 
     def generate(self, row):
         if row.id == "r2":
             raise KeyboardInterrupt
         return real(self, row)
 
-    monkeypatch.setattr(batch.Generator, "generate", generate)
+    monkeypatch.setattr(batch.RowRunner, "generate", generate)
     with pytest.raises(KeyboardInterrupt):
         run(prompts, tmp_path / "out", defaults, overlap=True)
     assert result_ids(tmp_path / "out") == ["r0", "r1"]  # queued rows were written before the interrupt ended it
-    monkeypatch.setattr(batch.Generator, "generate", real)
+    monkeypatch.setattr(batch.RowRunner, "generate", real)
     summary = run(prompts, tmp_path / "out", defaults, overlap=True)
     assert (summary.skipped, summary.done) == (2, 2)
     assert result_ids(tmp_path / "out") == ["r0", "r1", "r2", "r3"]

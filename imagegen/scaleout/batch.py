@@ -1,5 +1,5 @@
 """Batch rows on Ray actors: one worker per GPU (or per CPU share with `workers`), each a
-imagegen.batch.Generator that loads its pipeline once and generates many rows.
+imagegen.batch.RowRunner that loads its pipeline once and generates many rows.
 
 The driver keeps every worker two rows deep (no idle gap between rows) and writes every outcome itself.
 A worker that dies (crash, OOM kill, lost node) is replaced and the rows it held go back to the front
@@ -19,7 +19,7 @@ from typing import Any
 import ray
 from ray.exceptions import ActorUnschedulableError, OutOfMemoryError, RayActorError
 
-from ..batch import Generator, LoadOptions, Outcome, Outputs, Row, error_text
+from ..batch import LoadOptions, Outputs, Row, RowOutcome, RowRunner, error_text
 from ..errors import ImagegenError
 from . import PluginRef, connect, forwarded_plugins, runtime_env, setup_worker
 
@@ -28,14 +28,14 @@ WORKER_LOST = (RayActorError, OutOfMemoryError, ActorUnschedulableError)
 
 
 class BatchWorker:
-    """The Ray actor: the driver's in-process plugins, then a Generator."""
+    """The Ray actor: the driver's in-process plugins, then a RowRunner."""
 
     def __init__(self, load: LoadOptions, plugins: list[PluginRef]):
         setup_worker(plugins)
-        self.generator = Generator(load)
+        self.runner = RowRunner(load)
 
-    def run(self, row: Row) -> Outcome:
-        return self.generator.run(row)
+    def run(self, row: Row) -> RowOutcome:
+        return self.runner.run(row)
 
 
 def _share(total: float, count: int) -> float:
@@ -123,7 +123,7 @@ class Pool:
 
 
 def run_on_ray(rows: Sequence[Row], outputs: Outputs, load: LoadOptions, address: str | None,
-               workers: int | None = None, max_retries: int = 2, rejected: Iterable[Outcome] = ()) -> None:
+               workers: int | None = None, max_retries: int = 2, rejected: Iterable[RowOutcome] = ()) -> None:
     """Generate `rows` on a Ray cluster (see imagegen.scaleout.connect for `address`)."""
     started = connect(address, quiet=True)
     pool: Pool | None = None
@@ -149,14 +149,14 @@ def run_on_ray(rows: Sequence[Row], outputs: Outputs, load: LoadOptions, address
                     outputs.summary.replaced += 1
                     outputs.note(f"worker {task.slot} died ({type(e).__name__}); replaced, its rows go again")
                 if deaths.get(task.row.id, 0) > max_retries:
-                    outputs.finish(Outcome(task.row, "", error=f"its worker died {deaths[task.row.id]} times "
+                    outputs.finish(RowOutcome(task.row, "", error=f"its worker died {deaths[task.row.id]} times "
                                                                f"({error_text(e)})"))
                 else:
                     queue.appendleft(task.row)
                     outputs.summary.retried += 1
                 continue
             except ray.exceptions.RayError as e:  # the row's outcome could not come back (e.g. not picklable)
-                outcome = Outcome(task.row, "", error=error_text(e))
+                outcome = RowOutcome(task.row, "", error=error_text(e))
             outputs.finish(outcome)
     finally:
         if pool is not None:

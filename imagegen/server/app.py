@@ -53,7 +53,7 @@ from .schemas import (
     form_schema,
     json_schema,
 )
-from .service import ImageService, Outcome, Plan
+from .service import ImageService, JobResult, Plan
 from .settings import Limits, parse_duration
 from .worker import Cancelled, Job, QueueFullError, ShuttingDown
 
@@ -278,7 +278,7 @@ def _image_event(size: str, b64: str) -> dict[str, Any]:
             "background": "opaque", "quality": "auto"}
 
 
-def _size(plan: Plan, outcome: Outcome | None = None) -> str:
+def _size(plan: Plan, outcome: JobResult | None = None) -> str:
     if outcome is not None:
         return f"{outcome.width}x{outcome.height}"
     return f"{plan.width}x{plan.height}" if plan.width else "auto"
@@ -304,7 +304,7 @@ class Responder:
             timings={k: round(v, 4) for k, v in outcome.timings.items()},
         ).model_dump(exclude_none=True))
 
-    def _encode(self, outcome: Outcome, base_url: str | None) -> list[ImageData]:
+    def _encode(self, outcome: JobResult, base_url: str | None) -> list[ImageData]:
         data = []
         for i, seed in enumerate(outcome.seeds):
             png = outcome.png(i)
@@ -315,7 +315,7 @@ class Responder:
                 data.append(ImageData(url=f"{base_url.rstrip('/')}/v1/files/images/{image_id}.png", seed=seed))
         return data
 
-    async def _wait(self, request: Request, job: Job) -> Outcome | None:
+    async def _wait(self, request: Request, job: Job) -> JobResult | None:
         """The job's outcome; polls for a disconnect so an abandoned request leaves the queue."""
         future = _watch(job)
         try:
@@ -358,7 +358,7 @@ class Responder:
                         event = {**event, "png": await asyncio.to_thread(png_bytes, event["image"])}
                     yield self._progress(kind, plan, event)
                 try:
-                    outcome: Outcome = future.result()
+                    outcome: JobResult = future.result()
                 except Exception as e:
                     error = self._failure(e)
                     yield _sse("error", error.body())

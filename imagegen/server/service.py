@@ -56,7 +56,7 @@ class Plan:
 
 
 @dataclass
-class Outcome:
+class JobResult:
     images: list[Image.Image]
     seeds: list[int]
     width: int
@@ -188,10 +188,10 @@ class ImageService:
     # ---- running -------------------------------------------------------------------------
     def submit(self, plan: Plan, client: str, user: str = "", emit: Emit | None = None) -> Job:
         """Queue the plan for the device (in `client`'s line, `user`'s turn); the job's future resolves to
-        an Outcome."""
+        a JobResult."""
         return self.worker.submit(client, lambda job: self._run(plan, job, emit or (lambda event: None)), user=user)
 
-    def _run(self, plan: Plan, job: Job, emit: Emit) -> Outcome:
+    def _run(self, plan: Plan, job: Job, emit: Emit) -> JobResult:
         """On the device worker: load if needed, then generate in parts that fit memory. A client that left
         stops the job before the load, after it, and before each part's encoding."""
         job.check()
@@ -217,7 +217,7 @@ class ImageService:
             metadata = generation_metadata(pipe, result, 0, source="imagegen serve",
                                            timings={k: round(v, 4) for k, v in timings.items()})
             slots = [[i, plan.n] for i in range(plan.n)] if request.noise == "torch" and plan.n > 1 else None
-            return Outcome(images, list(request.seeds), request.width, request.height, request.steps,
+            return JobResult(images, list(request.seeds), request.width, request.height, request.steps,
                            request.guidance, metadata, timings, slots)
 
     def _on_step(self, pipe: Pipeline, plan: Plan, part: Request, job: Job, emit: Emit,
