@@ -162,15 +162,15 @@ class Pipeline(ABC):
         """Generate images. Options: width, height, steps, guidance, seed, negative_prompt, images,
         latents, num_images, tile and those in imagegen.options / the spec's extra_options; unsupported
         options raise InvalidOptionError. `prompt` may also be a Request built by ``spec.request``."""
-        run = self.denoise(prompt, **options)
+        run = self.run(prompt, **options)
         for step in run:
             if on_step is not None:
                 on_step(step)
         assert run.result is not None
         return run.result
 
-    def denoise(self, prompt: str | Sequence[str] | Request, **options: Any) -> Run:
-        """Like generate, but iterate the returned Run for per-step progress (and latents)."""
+    def run(self, prompt: str | Sequence[str] | Request, **options: Any) -> Run:
+        """All four stages, like generate, but iterate the returned Run for per-step progress (and latents)."""
         if isinstance(prompt, Request) and options:
             raise InvalidOptionError("Give options either in the Request or as keywords, not both.")
         request = prompt if isinstance(prompt, Request) else self.request(prompt, **options)

@@ -32,7 +32,7 @@ def test_image_i_of_a_batch_equals_a_single_run_with_its_seed(pipe):
 
 
 def test_denoise_yields_steps_then_result(pipe):
-    run = pipe.denoise("x", width=16, height=16, steps=3, seed=0)
+    run = pipe.run("x", width=16, height=16, steps=3, seed=0)
     stages = [(s.stage, s.index, s.total) for s in run]
     assert stages == [("encode", 1, 1), ("denoise", 1, 3), ("denoise", 2, 3), ("denoise", 3, 3), ("decode", 1, 1)]
     assert run.result is not None and run.result.seed == 0
@@ -40,7 +40,7 @@ def test_denoise_yields_steps_then_result(pipe):
 
 def test_latents_given_by_caller_are_used(pipe):
     def first_step(**options):
-        return next(s.latents for s in pipe.denoise("x", width=16, height=16, seed=1, steps=2, **options)
+        return next(s.latents for s in pipe.run("x", width=16, height=16, seed=1, steps=2, **options)
                     if s.stage == "denoise")
 
     latents = mx.zeros((1, 16, 16, 3))

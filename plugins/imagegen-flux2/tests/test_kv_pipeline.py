@@ -51,7 +51,7 @@ def test_editing_matches_diffusers_kv_pipeline(kv_folder):
     assert_images_match(got, want)
 
     def final_latents(**options) -> np.ndarray:
-        steps = ours.denoise("make it blue", latents=latents, steps=3, width=tiny.SIZE[0], height=tiny.SIZE[1],
+        steps = ours.run("make it blue", latents=latents, steps=3, width=tiny.SIZE[0], height=tiny.SIZE[1],
                              **options)
         return np.array([s.latents for s in steps if s.stage == "denoise"][-1])
 

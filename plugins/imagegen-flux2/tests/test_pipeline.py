@@ -326,7 +326,7 @@ def test_latents_stay_float32_between_steps(distilled):
 
     folder, _ = distilled
     pipe = klein("4B", base=False).pipeline(weights=folder, dtype="bfloat16")
-    run = pipe.denoise("a fox", latents=noise(1), steps=3, width=SIZE[0], height=SIZE[1])
+    run = pipe.run("a fox", latents=noise(1), steps=3, width=SIZE[0], height=SIZE[1])
     states = [s.latents for s in run if s.stage == "denoise"]
     assert len(states) == 3 and all(s.dtype == mx.float32 for s in states)
     rounded = [s.astype(mx.bfloat16).astype(mx.float32) for s in states]
@@ -407,14 +407,14 @@ def test_inpaint_matches_diffusers(distilled, with_reference):
     assert got.images[0].size == SIZE and got.request.run_steps == 4  # int(4 - 4 * 0.8) = 0: all four run
     assert_images_match(got.images, want)
     # The tiny model hardly lets a reference change pixels, so compare the latents too, against its effect.
-    run = pipe.denoise("a red door", init_image=picture(), mask=left_mask(), images=refs, steps=4, seed=5,
+    run = pipe.run("a red door", init_image=picture(), mask=left_mask(), images=refs, steps=4, seed=5,
                        noise="torch")
     latents = last_latents(run)
     error = np.abs(latents - steps[-1]).max()
     print(f"latents max difference {error:.2e}")
     assert error < 2e-5
     if with_reference:
-        plain = last_latents(pipe.denoise("a red door", init_image=picture(), mask=left_mask(), steps=4, seed=5,
+        plain = last_latents(pipe.run("a red door", init_image=picture(), mask=left_mask(), steps=4, seed=5,
                                           noise="torch"))
         assert np.abs(plain - latents).max() > 50 * error
 
