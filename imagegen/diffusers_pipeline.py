@@ -14,6 +14,7 @@ from . import distributed, hub, scheduler
 from .config import read_pipeline_index
 from .image import to_pil
 from .memory import pipeline_weight_bytes
+from .nn.compiled import CompileCache
 from .pipeline import Pipeline, Request
 from .registry import ModelSpec
 from .text import load_text_encoder
@@ -37,9 +38,9 @@ class DiffusersPipeline(Pipeline):
 
     def __init__(self, spec: ModelSpec, weights: Path, dtype: str = "bfloat16", quantize: str | None = None,
                  on_load: Callable[[str, float], None] | None = None, pace: int = 1, vae: str | Path | None = None):
-        """`pace`: the transformer's blocks run compiled one by one with the host waiting every `pace` blocks
-        (imagegen.nn.pacing: bounded memory); 0 compiles the whole call as one graph. `vae`: another VAE of the
-        family's class, in diffusers layout (config.json and weights at the folder's root, as
+        """`pace`: the host waits every `pace` transformer blocks (imagegen.nn.pacing: bounded memory), the blocks
+        compiled one by one; 0 never waits, the whole call compiled as one graph (`self.compiled`). `vae`: another
+        VAE of the family's class, in diffusers layout (config.json and weights at the folder's root, as
         black-forest-labs/FLUX.2-small-decoder ships): a folder or a cached repo id (recorded in `components`)."""
         super().__init__(spec, weights, dtype, quantize, on_load)
         root = Path(weights)
@@ -59,6 +60,7 @@ class DiffusersPipeline(Pipeline):
         self.model_dtype = to_dtype(dtype)
         self.latent_channels = self.transformer.config.in_channels
         self.multiple = 2 * self.vae.scale_factor  # the transformer patchifies latents 2x2
+        self.compiled = CompileCache()  # whole transformer calls of unpaced steps, by the step's shape
         self.pace(pace)
 
     text_layers: tuple[int, ...] = ()
@@ -73,12 +75,14 @@ class DiffusersPipeline(Pipeline):
         return hub.resolve_component(vae, "--vae")
 
     def pace(self, every: int) -> None:
-        """every > 0: blocks compiled one by one, the host waiting every `every` blocks; 0: one compiled graph."""
+        """The host waits every `every` transformer blocks; 0: never (the step runs as one compiled graph)."""
         self.paced = every
         self.transformer.pace(every)
 
     def weights_changed(self) -> None:
-        self.pace(self.paced)  # compiled blocks captured the arrays of the layers adapters replaced
+        # compiled functions captured the arrays of the layers adapters replaced
+        self.compiled.clear()
+        self.transformer.compiled_blocks.clear()
 
     # 4. latents -> images, one at a time: the VAE's peak memory stays flat in the batch size
     def vae_latents(self, request: Request, latents: mx.array) -> mx.array:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
-from imagegen.nn.pacing import Pacer
+from imagegen.nn.compiled import CompileCache
+from imagegen.nn.pacing import PacedBlocks, Pacer
 
 
 class Block(nn.Module):
@@ -43,3 +45,66 @@ def test_pacing_bounds_peak_memory_and_changes_nothing():
     assert mx.array_equal(got, want)
     assert whole > 6 * hidden  # unpaced, the graph's temporaries pile up
     assert paced < 3 * hidden  # paced: about two segments' worth, whatever the depth
+
+
+class Stack(PacedBlocks, nn.Module):
+    """The shape of the transformers: a block list run with a Pacer at the pace `pace()` set."""
+
+    paced_lists = ("blocks",)
+
+    def __init__(self, depth: int, dim: int):
+        super().__init__()
+        self.blocks = [Block(dim) for _ in range(depth)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        every, blocks = self.paced_blocks()
+        pace = Pacer(every)
+        for block in blocks:
+            x = block(x)
+            pace(x)
+        return x
+
+
+def peak_of(fn, x: mx.array) -> tuple[int, mx.array]:
+    mx.reset_peak_memory()
+    start = mx.get_active_memory()
+    out = fn(x)
+    mx.eval(out)
+    return mx.get_peak_memory() - start, out
+
+
+def test_paced_model_bounds_memory_against_its_whole_compiled_step():
+    """As the pipelines run it: paced, blocks compiled one by one; unpaced, the whole call compiled (CompileCache)."""
+    mx.random.seed(1)
+    model = Stack(12, 128)
+    mx.eval(model.parameters())
+    x = mx.random.normal((1024, 128))
+    mx.eval(x)
+    hidden = 1024 * 4 * 128 * 4
+    whole_graphs = CompileCache()
+    model.pace(0)
+    peak_of(whole_graphs("step", model), x)  # traced once: the compile's own buffers are not the step's peak
+    whole, want = peak_of(whole_graphs("step", model), x)
+    model.pace(1)
+    peak_of(model, x)
+    paced, got = peak_of(model, x)
+    assert len(whole_graphs) == 1 and len(model.compiled_blocks) == 12
+    assert np.allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
+    assert paced < 3 * hidden < whole  # the paced step holds about two blocks' temporaries, the whole graph more
+
+
+def test_compile_cache_keeps_by_key_until_cleared():
+    """Keys are values: an equal key (built anew) finds the same function; clear() drops functions whose captured
+    weights went stale, as after LoRA adapters replaced layers."""
+    block = Block(8)
+    mx.eval(block.parameters())
+    x = mx.ones((2, 8))
+    cache = CompileCache()
+    first = cache(("step", (3, 4), 16, 16), block)
+    assert cache(("step", (3, 4), 16, 16), block) is first
+    before = first(x)
+    block.down.bias = block.down.bias + 1  # a weight change the compiled function does not see
+    assert mx.array_equal(cache(("step", (3, 4), 16, 16), block)(x), before)
+    del first  # MLX drops a trace when its last compiled function is freed: nothing else may hold one
+    cache.clear()
+    assert mx.allclose(cache(("step", (3, 4), 16, 16), block)(x), before + 1)

@@ -2,17 +2,17 @@
 
 MLX builds a whole transformer step as one lazy graph and the host enqueues it far ahead of the GPU; a temporary is
 released only once the kernels that read it have completed, so a step's peak memory grows with the number of blocks.
-Running the blocks one by one, each compiled on its own, and pacing the host bounds that: every `every` blocks the
-current activations are scheduled and the host waits for the previous segment, so at most two segments'
-temporaries exist while the GPU stays fed. H100, Klein 4B pipeline at 1024x1024 (15.0 GB of weights resident): one
-compiled graph 60.4 ms peaking at 24.2 GB, paced every block 60.8 ms at 15.6 GB.
+Pacing bounds that: every `every` blocks the current activations are scheduled and the host waits for the previous
+segment, so at most two segments' temporaries exist while the GPU stays fed (measured in benchmarks/results/). A
+paced step cannot be one compiled graph (the host waits inside it), so its blocks are compiled one by one
+(imagegen.nn.compiled); an unpaced step is compiled whole by its pipeline.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
 import mlx.core as mx
+
+from .compiled import CompileCache
 
 
 class Pacer:
@@ -40,23 +40,28 @@ class Pacer:
         self.pending = arrays
 
 
-def compile_each(blocks: Sequence[Callable]) -> list[Callable]:
-    """One compiled function per block (its weights are captured as constants, as `mx.compile(model)` does)."""
-    return [mx.compile(block) for block in blocks]
-
-
 class PacedBlocks:
-    """Mixin for a model whose block lists (attribute names in `paced_lists`) can run paced."""
+    """Mixin for a model whose block lists (attribute names in `paced_lists`) can run paced: `pace(every)` sets how
+    often the host waits; `paced_blocks()` gives (every, *block lists) for the call to run with a Pacer(every)."""
 
     paced_lists: tuple[str, ...] = ()
 
     def pace(self, every: int) -> None:
-        """Blocks compiled one by one with the host waiting every `every` blocks; 0 restores the plain blocks (then
-        compile the whole call, as the pipelines do)."""
-        lists = tuple(compile_each(getattr(self, name)) for name in self.paced_lists) if every else ()
-        # a plain attribute, not child modules: the compiled blocks hold the blocks' own weights
-        object.__setattr__(self, "_pacing", (every, *lists) if every else None)
+        """The host waits every `every` blocks; 0 never (then compile the whole call, as the pipelines do)."""
+        object.__setattr__(self, "pace_every", every)  # plain attributes, not child modules
+
+    @property
+    def compiled_blocks(self) -> CompileCache:
+        """The blocks compiled one by one, by (list name, index); clear it when the weights change."""
+        if "_compiled_blocks" not in self.__dict__:
+            object.__setattr__(self, "_compiled_blocks", CompileCache())
+        return self.__dict__["_compiled_blocks"]
 
     def paced_blocks(self) -> tuple:
-        """(every, *block lists) to run: the compiled ones when paced, else the modules themselves."""
-        return self.__dict__.get("_pacing") or (0, *(getattr(self, name) for name in self.paced_lists))
+        """(every, *block lists): each block compiled on its own when paced, else the modules themselves."""
+        every = self.__dict__.get("pace_every", 0)
+        lists = [getattr(self, name) for name in self.paced_lists]
+        if every:
+            lists = [[self.compiled_blocks((name, i), block) for i, block in enumerate(blocks)]
+                     for name, blocks in zip(self.paced_lists, lists)]
+        return (every, *lists)

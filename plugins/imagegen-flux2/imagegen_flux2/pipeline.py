@@ -120,10 +120,6 @@ class Flux2Pipeline(DiffusersPipeline):
             kind = "step-distilled" if self.distilled else "base (CFG)"
             raise WeightsError(f"{root} holds a {kind} FLUX.2 Klein checkpoint, which does not fit '{self.spec.id}'.")
 
-    def pace(self, every: int) -> None:
-        super().pace(every)
-        self._forward = self.transformer if every else mx.compile(self.transformer)
-
     # 1. prompts and reference images (the init image first) -> conditioning
     def encode(self, request: imagegen.Request) -> Conditioning:
         text = self.embed_prompts(request.prompts)
@@ -201,7 +197,7 @@ class Flux2Pipeline(DiffusersPipeline):
         references = None
         if cond.references is not None:
             references = mx.broadcast_to(cond.references, (text.shape[0], *cond.references.shape[1:]))
-        forward = self._forward
+        forward = self.transformer if self.paced else self.compiled("step", self.transformer)
         wrapper = block_loop.start(request)
         if wrapper is not None:  # diffusers runs CFG as two calls, "cond" and "uncond": a wrapper sees both parts
             parts = (("cond", slice(0, b)), ("uncond", slice(b, None))) if cond.negative is not None else ()

@@ -67,22 +67,14 @@ class ZImagePipeline(DiffusersPipeline):
             raise WeightsError(f"{root} holds a {kind} checkpoint (scheduler shift {config.shift}), which does not "
                                f"fit '{self.spec.id}': use --model {other}.")
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        self._compiled: dict[int, Any] = {}  # id(layout) -> (layout, compiled step); layouts are cached per shape
-        super().__init__(*args, **kwargs)
-
-    def weights_changed(self) -> None:
-        self._compiled.clear()  # compiled graphs captured the replaced layers' arrays
-        super().weights_changed()
-
     def forward(self, layout: Layout, wrapper: block_loop.LoopWrapper | None = None):
         """The transformer for one layout: paced, or compiled once per layout (the layout holds no arrays
-        mx.compile could take as inputs, so it is closed over); uncompiled around a plugin's block-loop wrapper."""
+        mx.compile could take as inputs, so it is closed over; its captions and grid are the key); uncompiled around
+        a plugin's block-loop wrapper."""
         if self.paced or wrapper is not None:
             return lambda x, t, c: self.transformer(x, t, c, layout, wrapper)
-        if id(layout) not in self._compiled:
-            self._compiled[id(layout)] = (layout, mx.compile(lambda x, t, c: self.transformer(x, t, c, layout)))
-        return self._compiled[id(layout)][1]
+        return self.compiled(("step", layout.cap_lens, layout.height, layout.width),
+                             lambda x, t, c: self.transformer(x, t, c, layout))
 
     # 1. prompts -> Qwen3 features
     def encode(self, request: imagegen.Request) -> Conditioning:
