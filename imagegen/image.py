@@ -77,7 +77,7 @@ def png_info(metadata: dict[str, Any] | None) -> PngImagePlugin.PngInfo:
 
 
 def png_bytes(image: Image.Image, metadata: dict[str, Any] | None = None) -> bytes:
-    """The PNG file save_png would write, in memory (the server's b64_json and image URLs)."""
+    """A PNG file with the generation metadata, in memory (the server's b64_json and image URLs)."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=png_info(metadata))
     return buffer.getvalue()
@@ -132,11 +132,6 @@ def encode_image(image: Image.Image, metadata: dict[str, Any] | None = None, for
 def save_image(image: Image.Image, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
     """Write a PNG, JPEG or WebP (by the file name's extension) atomically, with the generation metadata."""
     return write_atomic(path, encode_image(image, metadata, image_format(path)))
-
-
-def save_png(image: Image.Image, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
-    """Write a PNG atomically with the generation metadata, whatever the file name's extension."""
-    return write_atomic(path, png_bytes(image, metadata))
 
 
 def generation_metadata(pipe: Pipeline, result: GenerationResult, index: int = 0, **fields: Any) -> dict[str, Any]:

@@ -43,16 +43,6 @@ def combine_masks(*masks: mx.array | None) -> mx.array | None:
     return out
 
 
-def repeat_kv(x: mx.array, repeats: int) -> mx.array:
-    """[B, Hkv, L, D] -> [B, Hkv * repeats, L, D]: each key/value head serves `repeats` query heads.
-
-    mx.fast attention handles grouped heads itself; this is for code that needs the full layout."""
-    if repeats == 1:
-        return x
-    b, h, l, d = x.shape
-    return mx.broadcast_to(x[:, :, None], (b, h, repeats, l, d)).reshape(b, h * repeats, l, d)
-
-
 def attention_blhd(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = None,
                    extra: tuple[mx.array, mx.array] | None = None) -> mx.array:
     """Attention over [B, L, H, D] inputs -> [B, L, H * D]. The fused kernel reads the transposed views as they are
