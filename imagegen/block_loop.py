@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import mlx.core as mx
 
 from .errors import InvalidOptionError
+from .plugins import get_plugin_manager
 
 if TYPE_CHECKING:
     from .options import Option
@@ -67,8 +68,6 @@ def run(wrapper: LoopWrapper | None, loop: BlockLoop, state: State) -> State:
 
 def options() -> dict[str, BlockLoopOption]:
     """Every block-loop option the loaded plugins offer, by name; a plugin that fails to register is a warning."""
-    from .plugins import get_plugin_manager
-
     found: dict[str, BlockLoopOption] = {}
     for impl in get_plugin_manager().hook.register_block_loop_options.get_hookimpls():
         mine: list[BlockLoopOption] = []

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import read_json
 from .errors import ImagegenError, WeightsError, WeightsNotFoundError, install_hint
+from .weights import safetensors_files
 
 SETTINGS_FILE = "imagegen.json"  # optional per-checkpoint settings beside model_index.json (the FLUX.2 plugin's)
 
@@ -106,8 +107,6 @@ def missing_files(path: Path) -> list[str]:
     """What a diffusers-layout folder lacks of the files imagegen reads (empty: complete): model_index.json, and
     for each component it names the config, plus the tokenizer.json of tokenizers and the weights (every shard
     an index names) of models. An interrupted download shows up here, not at load time."""
-    from .weights import safetensors_files
-
     path = Path(path)
     try:
         index = read_json(path / "model_index.json")

@@ -21,6 +21,7 @@ from typing import Any
 from PIL import Image
 
 from .errors import InvalidOptionError
+from .image import load_image
 from .noise import NOISE_KINDS
 
 SEED_MAX = 2**32 - 1  # numpy, torch and MLX all take it, and it is an exact number in any JSON client
@@ -170,18 +171,10 @@ class Option:
         refs = [image_ref(v) if self.kind == "image" else file_ref(v) for v in (value if self.repeatable else [value])]
         return {r["name"]: r["sha256"] for r in refs}
 
-    def parse_text(self, text: str) -> Any:
-        """A value typed as text (`-O NAME=VALUE`): JSON where it parses (numbers, true/false), else the string."""
-        if self.kind in ("str", "image", "choice"):
-            return text
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            return text
 
 
 def _lora():
-    from . import lora  # imported on use: adapter files need MLX, declaring the option does not
+    from . import lora  # imported on use: imagegen.lora finds recorded adapter files through this module
 
     return lora
 
@@ -197,8 +190,6 @@ REF_KEY = "imagegen.ref"  # where an input image keeps {"name", "sha256"} in its
 def image_input(source: Any, name: str | None = None, data: bytes | None = None) -> Image.Image:
     """A reference image as RGB PIL, carrying its file name and the sha256 of its bytes (a path's file, an
     upload's body; a PIL image given in Python is hashed by its pixels)."""
-    from .image import load_image
-
     if isinstance(source, Image.Image) and REF_KEY in source.info:
         return source
     image = load_image(source)

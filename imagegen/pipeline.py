@@ -27,7 +27,7 @@ from .errors import InvalidOptionError
 from .lora import LoraManager, TextPatch, qwen3_targets, text_adapters
 from .noise import seeded_noise
 from .registry import ModelSpec
-from .request import Request, build_request, check_size
+from .request import Request, build_request, check_size, default_size
 from .weights import to_dtype
 
 __all__ = ["GenerationResult", "Pipeline", "Request", "Run", "Step", "check_size", "seeded_noise"]
@@ -152,8 +152,6 @@ class Pipeline(ABC):
     def default_size(self, images: Sequence[Image.Image]) -> tuple[int, int]:
         """(width, height) when the caller gives none: the spec's `reference_size` of the first reference image,
         else its `default_size` (override only for sizes that need the loaded weights)."""
-        from .request import default_size
-
         return default_size(self.spec, images)
 
     # ---- the public API -----------------------------------------------------------------

@@ -76,7 +76,7 @@ def get_plugin_manager() -> pluggy.PluginManager:
 
 def register_plugin(module: object, name: str, distribution: str = "", version: str = "") -> None:
     """Register an in-process plugin (tests, notebooks); the registry is rebuilt on next use."""
-    from . import registry
+    from . import registry  # built from the plugins: rebuilt after one is added
 
     pm = get_plugin_manager()
     if pm.get_plugin(name) is not module:
@@ -86,7 +86,7 @@ def register_plugin(module: object, name: str, distribution: str = "", version: 
 
 
 def unregister_plugin(name: str) -> None:
-    from . import registry
+    from . import registry  # built from the plugins: rebuilt after one is added
 
     pm = get_plugin_manager()
     plugin = pm.get_plugin(name)
@@ -98,7 +98,7 @@ def unregister_plugin(name: str) -> None:
 
 def plugin_infos() -> list[PluginInfo]:
     """Every plugin found (loaded or broken), with the model ids each registered."""
-    from . import registry
+    from . import registry  # built from the plugins: rebuilt after one is added
 
     get_plugin_manager()
     registry.all_specs()  # fills PluginInfo.models
@@ -112,7 +112,7 @@ def plugin_info(name: str) -> PluginInfo | None:
 def reset() -> None:
     """Forget the manager and registry so the next use reloads entry points (tests)."""
     global _manager
-    from . import registry
+    from . import registry  # built from the plugins: rebuilt after one is added
 
     _manager = None
     _infos.clear()

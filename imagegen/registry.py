@@ -10,7 +10,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import block_loop, hub, plugins
 from .errors import InvalidOptionError, UnknownModelError
+from .options import family_options
+from .quantize import normalize_mode
+from .request import build_request
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -71,14 +75,10 @@ class ModelSpec:
 
     def request(self, prompt: str | Sequence[str], **options: Any) -> Request:
         """Check generate() options against this model and fill in its defaults, without loading weights."""
-        from .request import build_request
-
         return build_request(self, prompt, **options)
 
     def check_quantize(self, quantize: str | None) -> str | None:
         """The normalized quantization mode, or InvalidOptionError when this model does not support it."""
-        from .quantize import normalize_mode
-
         if quantize is None:
             return None
         quantize = normalize_mode(quantize)
@@ -97,8 +97,6 @@ class ModelSpec:
         **kwargs: Any,
     ) -> Pipeline:
         """Load this model: resolve weights (folder, HF cache, bundled) and build a resident pipeline."""
-        from . import hub
-
         quantize = self.check_quantize(quantize)
         path = hub.resolve_weights(self, weights)
         return self.load(self, path, dtype=dtype or self.default_dtype, quantize=quantize, **kwargs)
@@ -110,9 +108,6 @@ _families: dict[str, str] = {}
 
 
 def _build() -> dict[str, ModelSpec]:
-    from . import plugins
-    from .options import family_options
-
     pm = plugins.get_plugin_manager()
     specs: dict[str, ModelSpec] = {}
     aliases: dict[str, str] = {}
@@ -156,8 +151,6 @@ def _build() -> dict[str, ModelSpec]:
 
 
 def _block_loop_options() -> tuple[Option, ...]:
-    from . import block_loop
-
     return tuple(offer.option for offer in block_loop.options().values())
 
 

@@ -23,6 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import InvalidOptionError, LoraError
+from ..options import find_saved_file
 from .apply import Patcher, Terms, check_part, module_at
 from .deltas import build_delta
 from .file import AdapterFile, read_adapter
@@ -78,8 +79,6 @@ def lora_metadata(specs: Sequence[LoraSpec]) -> list[dict[str, Any]]:
 def lora_replay(saved: Sequence[dict[str, Any]], folders: Sequence[Path]) -> list[LoraSpec]:
     """The recorded adapters for `imagegen run --from`: each file found by name in `folders` with its recorded
     hash; a missing or changed file is an error that names it."""
-    from ..options import find_saved_file
-
     return [LoraSpec(str(find_saved_file(e["name"], e.get("sha256"), folders)), float(e.get("scale", 1.0)))
             for e in saved]
 
