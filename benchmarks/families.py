@@ -133,15 +133,10 @@ def _kwargs_for(cls: type, config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _randomize_norms(model: Any) -> None:
-    """Norm weights start at one and pad tokens at zero: randomize them, so parity sees them."""
-    import torch
+    """Norm weights start at one and pad tokens at zero: randomize them, so parity sees them (mildly: full size)."""
+    from imagegen.testing import randomize_norms
 
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and p.ndim == 1:
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            elif "pad_token" in name:
-                p.normal_(0.0, 0.5)
+    randomize_norms(model, spread=0.1, biases=False)
 
 
 class Family(ABC):

@@ -112,14 +112,21 @@ def make_tokenizer(folder: Path, template_file: bool = True) -> Path:
     return folder
 
 
-def randomize_norms(model: torch.nn.Module) -> None:
-    """RMSNorm weights start at one: randomize them (and biases) so the test sees them."""
+def randomize_norms(model: torch.nn.Module, spread: float = 0.3, biases: bool = True) -> None:
+    """Norm weights start at one, biases and pad tokens at zero: randomize them (torch's global generator) so a
+    parity test sees them. A norm is a module whose class or own name says so (GroupNorm, RMSNorm, `q_norm`).
+    Full-size models (benchmarks) take a smaller `spread` and keep their biases."""
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif name.endswith(".bias"):
-                p.copy_(0.1 * torch.randn_like(p))
+        for module_name, module in model.named_modules():
+            is_norm = "norm" in type(module).__name__.lower() or "norm" in module_name.rpartition(".")[2]
+            for name, p in module.named_parameters(recurse=False):
+                if name == "bias":
+                    if biases:
+                        p.copy_(0.1 * torch.randn_like(p))
+                elif is_norm:
+                    p.copy_(1 + spread * torch.randn_like(p))
+                elif "pad_token" in name:
+                    p.normal_(0.0, 0.5)
 
 
 def make_qwen3(folder: Path, seed: int = 0, base: bool = False, max_shard_size: str = "50GB",

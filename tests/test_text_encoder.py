@@ -113,3 +113,22 @@ def test_repeated_prompts_do_not_run_the_model(folders, monkeypatch):
     encoder.encode(["z"], layers=[1], max_length=16)
     encoder.encode(["x"], layers=[1], max_length=16)  # evicted (least recently used)
     assert batches == [2, 1, 1, 3, 1] and len(encoder._cache) == 2
+
+
+def test_one_encoder_serves_both_families_as_each_alone(folders, monkeypatch):
+    """FLUX.2 Klein (layers 1, 2, 3, no thinking, every position) and Z-Image (layer -2, thinking) folders holding
+    the same Qwen3 share one encoder; each family's features from it equal those of an encoder of its own."""
+    klein = {"layers": (1, 2, 3), "max_length": MAX_LENGTH, "enable_thinking": False}
+    zimage = {"layers": (-2,), "max_length": MAX_LENGTH, "enable_thinking": True}
+    shared = load_text_encoder(folders.te, folders.tok, dtype="float32")
+    shared.clear_cache()
+    both = [shared.encode(PROMPTS, **klein), shared.encode(PROMPTS, **zimage)]
+    monkeypatch.setattr(encoder_module, "_models", weakref.WeakValueDictionary())
+    monkeypatch.setattr(encoder_module, "_encoders", weakref.WeakValueDictionary())
+    alone = load_text_encoder(folders.te, folders.tok, dtype="float32")
+    assert alone.model is not shared.model
+    for features, options in zip(both, (klein, zimage), strict=True):
+        for got, want in zip(features, alone.encode(PROMPTS, **options), strict=True):
+            assert got.length == want.length and np.array_equal(np.array(got.hidden), np.array(want.hidden))
+    assert both[0][0].hidden.shape[0] == 3 and both[1][0].hidden.shape[0] == 1
+    assert any(k.length != z.length for k, z in zip(*both))  # the thinking switch: each family its own tokens

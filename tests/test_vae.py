@@ -13,6 +13,7 @@ from diffusers import AutoencoderKL as RefAutoencoderKL
 
 from imagegen.nn import AutoencoderKL
 from imagegen.nn.vae_blocks import GroupNorm
+from imagegen.testing import randomize_norms
 
 TINY = dict(
     block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
@@ -27,15 +28,6 @@ def nhwc(t: torch.Tensor) -> mx.array:
 def max_err(ours: mx.array, ref: torch.Tensor) -> float:
     """Max abs difference, ours NHWC vs reference NCHW."""
     return float(np.abs(np.array(ours.astype(mx.float32)).transpose(0, 3, 1, 2) - ref.float().numpy()).max())
-
-
-def randomize_norms(model: torch.nn.Module) -> None:
-    """GroupNorm initializes to weight 1, bias 0; random values make the parity test prove the affine part."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.GroupNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0.0, 0.2)
 
 
 def make_reference(folder, seed: int = 0, **overrides) -> RefAutoencoderKL:

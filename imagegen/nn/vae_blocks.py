@@ -176,28 +176,21 @@ def _run_layers(layers, x: mx.array) -> mx.array:
     return x
 
 
-class DownEncoderBlock2D(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, add_downsample: bool):
+class ResnetStage(nn.Module):
+    """diffusers' DownEncoderBlock2D (`downsample`) and UpDecoderBlock2D (`upsample`): resnets, then at most one
+    resampler under the checkpoint's name for it."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, downsample: bool = False,
+                 upsample: bool = False):
         super().__init__()
         self.resnets = [
             ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(num_layers)
         ]
-        self.downsamplers = [Downsample2D(out_channels)] if add_downsample else []
+        self.downsamplers = [Downsample2D(out_channels)] if downsample else []
+        self.upsamplers = [Upsample2D(out_channels)] if upsample else []
 
     def __call__(self, x: mx.array) -> mx.array:
-        return _run_layers((*self.resnets, *self.downsamplers), x)
-
-
-class UpDecoderBlock2D(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, add_upsample: bool):
-        super().__init__()
-        self.resnets = [
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(num_layers)
-        ]
-        self.upsamplers = [Upsample2D(out_channels)] if add_upsample else []
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return _run_layers((*self.resnets, *self.upsamplers), x)
+        return _run_layers((*self.resnets, *self.downsamplers, *self.upsamplers), x)
 
 
 class Encoder(nn.Module):
@@ -209,8 +202,8 @@ class Encoder(nn.Module):
         channels = block_out_channels
         self.conv_in = Conv3x3(in_channels, channels[0])
         self.down_blocks = [
-            DownEncoderBlock2D(channels[max(i - 1, 0)], c, layers_per_block, norm_num_groups,
-                               add_downsample=i < len(channels) - 1)
+            ResnetStage(channels[max(i - 1, 0)], c, layers_per_block, norm_num_groups,
+                        downsample=i < len(channels) - 1)
             for i, c in enumerate(channels)
         ]
         self.mid_block = UNetMidBlock2D(channels[-1], norm_num_groups, mid_block_add_attention)
@@ -235,8 +228,8 @@ class Decoder(nn.Module):
         self.conv_in = Conv3x3(in_channels, channels[0])
         self.mid_block = UNetMidBlock2D(channels[0], norm_num_groups, mid_block_add_attention)
         self.up_blocks = [
-            UpDecoderBlock2D(channels[max(i - 1, 0)], c, layers_per_block + 1, norm_num_groups,
-                             add_upsample=i < len(channels) - 1)
+            ResnetStage(channels[max(i - 1, 0)], c, layers_per_block + 1, norm_num_groups,
+                        upsample=i < len(channels) - 1)
             for i, c in enumerate(channels)
         ]
         self.conv_norm_out = GroupNorm(norm_num_groups, channels[-1])

@@ -3,7 +3,6 @@ the same reference images and `latents=`, float32; and the reference K/V cache a
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -15,18 +14,16 @@ from imagegen_flux2.plugin import klein, klein_kv
 from PIL import Image
 
 import imagegen
-from imagegen.testing import assert_images_match
+from imagegen.testing import assert_images_match, sibling_module
 
-HERE = Path(__file__).parent
-_spec = importlib.util.spec_from_file_location("flux2_pipeline_tests", HERE / "test_pipeline.py")
-tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny)  # the tiny Klein checkpoint the pipeline tests build
+tiny = sibling_module(__file__, "tiny")
 
 
 @pytest.fixture(scope="module")
-def kv_folder(tmp_path_factory) -> tuple[Path, Flux2KleinKVPipeline]:
+def kv_folder(tmp_path_factory, tiny_klein) -> tuple[Path, Flux2KleinKVPipeline]:
+    """The session's tiny Klein saved again as a KV checkpoint (folder/"kv")."""
     folder = tmp_path_factory.mktemp("klein-kv")
-    plain = tiny.build(folder / "plain", distilled=True, layers=28)
+    plain = tiny_klein[1]
     pipe = Flux2KleinKVPipeline(scheduler=plain.scheduler, vae=plain.vae, text_encoder=plain.text_encoder,
                                 tokenizer=plain.tokenizer, transformer=plain.transformer)
     pipe.save_pretrained(folder / "kv")
@@ -86,9 +83,9 @@ def test_reference_kv_is_reused_across_requests(kv_folder):
     np.testing.assert_array_equal(np.asarray(repeat.images[0]), np.asarray(first.images[0]))
 
 
-def test_kv_and_plain_folders_are_told_apart(kv_folder):
+def test_kv_and_plain_folders_are_told_apart(kv_folder, tiny_klein):
     folder, _ = kv_folder
     with pytest.raises(imagegen.WeightsError, match="flux2-klein-9b-kv"):
         klein("9B", base=False).pipeline(weights=folder / "kv", dtype="float32")
     with pytest.raises(imagegen.WeightsError, match="not a FLUX.2 Klein KV checkpoint"):
-        klein_kv().pipeline(weights=folder / "plain", dtype="float32")
+        klein_kv().pipeline(weights=tiny_klein[0], dtype="float32")

@@ -17,10 +17,8 @@ from imagegen import LoraError
 from imagegen.lora import text_adapters
 from imagegen.testing import assert_images_match, linear_shapes, random_lora, save_adapter, sibling_module
 
-pipeline_tests = sibling_module(__file__, "test_pipeline")  # the tiny checkpoint of the pipeline parity tests
-SIZE = pipeline_tests.SIZE
-build = pipeline_tests.build
-noise = pipeline_tests.noise
+tiny = sibling_module(__file__, "tiny")
+SIZE, noise = tiny.SIZE, tiny.noise
 
 PROMPT = "a red fox in the snow"
 # BFL name -> diffusers name of the double-block layers that are not fused q/k/v (diffusers' converter)
@@ -37,9 +35,8 @@ QKV = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("klein_lora")
-    reference = build(folder, distilled=True, layers=28)
+def checkpoint(tiny_klein):
+    folder, reference = tiny_klein
     shapes = linear_shapes(reference.transformer)
     pipe = klein("4B", base=False).pipeline(weights=folder, dtype="float32")
     return folder, shapes, pipe

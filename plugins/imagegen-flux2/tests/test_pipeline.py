@@ -10,105 +10,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+from diffusers import Flux2KleinPipeline
 from imagegen_flux2.pipeline import Flux2Pipeline
 from imagegen_flux2.plugin import klein
 from PIL import Image
-from transformers import AutoTokenizer, Qwen3ForCausalLM
 
 import imagegen
-from imagegen.testing import assert_images_match, make_qwen3, make_tokenizer, smooth_picture
+from imagegen.testing import assert_images_match, sibling_module, smooth_picture
 
-VOCAB = 416  # the test tokenizer's vocabulary with its added tokens
-SIZE = (64, 48)  # width, height: a 4x3 grid of latent tokens
-# Klein's scheduler_config.json
-SCHEDULER = {
-    "base_image_seq_len": 256,
-    "base_shift": 0.5,
-    "max_image_seq_len": 4096,
-    "max_shift": 1.15,
-    "num_train_timesteps": 1000,
-    "shift": 3.0,
-    "use_dynamic_shifting": True,
-}
-
-
-def randomize_norms(model: torch.nn.Module) -> None:
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and p.ndim == 1:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-
-
-def build(folder: Path, distilled: bool, layers: int) -> Flux2KleinPipeline:
-    """A tiny Klein checkpoint saved by diffusers; the Qwen3 has `layers` layers (28 reaches Klein's 9/18/27)."""
-    make_tokenizer(folder / "tokenizer")
-    make_qwen3(
-        folder / "text_encoder",
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=8,
-    )
-    torch.manual_seed(2)
-    transformer = Flux2Transformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=48,
-        timestep_guidance_channels=32,
-        axes_dims_rope=[2, 2, 2, 2],
-        guidance_embeds=False,
-    )
-    vae = AutoencoderKLFlux2(
-        block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, latent_channels=4, sample_size=32
-    )
-    for model in (transformer, vae):
-        randomize_norms(model)
-    with torch.no_grad():
-        vae.bn.running_mean.normal_(0, 0.3)
-        vae.bn.running_var.uniform_(0.5, 2.0)
-    pipe = Flux2KleinPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER),
-        vae=vae.eval(),
-        text_encoder=Qwen3ForCausalLM.from_pretrained(folder / "text_encoder").eval(),
-        tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"),
-        transformer=transformer.eval(),
-        is_distilled=distilled,
-    )
-    pipe.save_pretrained(folder)
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def distilled(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("klein")
-    return folder, build(folder, distilled=True, layers=28)
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("klein_base")
-    return folder, build(folder, distilled=False, layers=28)
+tiny = sibling_module(__file__, "tiny")
+SIZE, noise = tiny.SIZE, tiny.noise
 
 
 def ours(folder: Path, is_base: bool) -> Flux2Pipeline:
     return klein("4B", base=is_base).pipeline(weights=folder, dtype="float32")
 
 
-def noise(batch: int, seed: int = 0) -> np.ndarray:
-    w, h = SIZE
-    return np.random.default_rng(seed).standard_normal((batch, 16, h // 16, w // 16)).astype(np.float32)
+def diffusers_images(reference: Flux2KleinPipeline, latents: np.ndarray, steps: int, **kw) -> list[Image.Image]:
+    return reference(latents=torch.from_numpy(latents), num_inference_steps=steps, width=SIZE[0], height=SIZE[1],
+                     **kw).images
 
 
-def test_text_to_image_matches_diffusers(distilled):
-    folder, reference = distilled
+def test_text_to_image_matches_diffusers(tiny_klein):
+    folder, reference = tiny_klein
     latents = noise(2)
     prompts = ["a red fox in the snow", "Café 🦊 at night"]
     want = reference(
@@ -118,19 +42,12 @@ def test_text_to_image_matches_diffusers(distilled):
     assert_images_match(got, want)
 
 
-def test_two_reference_images_match_diffusers(distilled):
-    folder, reference = distilled
+def test_two_reference_images_match_diffusers(tiny_klein):
+    folder, reference = tiny_klein
     rng = np.random.default_rng(5)
     refs = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in ((80, 64), (64, 72))]
     latents = noise(1, seed=3)
-    want = reference(
-        image=refs,
-        prompt="make it blue",
-        latents=torch.from_numpy(latents),
-        num_inference_steps=2,
-        width=SIZE[0],
-        height=SIZE[1],
-    ).images
+    want = diffusers_images(reference, latents, 2, image=refs, prompt="make it blue")
     got = (
         ours(folder, False)
         .generate("make it blue", images=refs, latents=latents, steps=2, width=SIZE[0], height=SIZE[1])
@@ -146,19 +63,12 @@ def test_reference_image_sets_default_size():
     assert pipe_size(fake, []) == (1024, 1024)
 
 
-def test_base_with_cfg_and_negative_prompt_matches_diffusers(base):
-    folder, reference = base
+def test_base_with_cfg_and_negative_prompt_matches_diffusers(tiny_klein_base):
+    folder, reference = tiny_klein_base
     latents = noise(1, seed=7)
     negative_embeds, _ = reference.encode_prompt("blurry, dark")
-    want = reference(
-        prompt="a lighthouse",
-        latents=torch.from_numpy(latents),
-        num_inference_steps=3,
-        guidance_scale=4.0,
-        negative_prompt_embeds=negative_embeds,
-        width=SIZE[0],
-        height=SIZE[1],
-    ).images
+    want = diffusers_images(reference, latents, 3, prompt="a lighthouse", guidance_scale=4.0,
+                            negative_prompt_embeds=negative_embeds)
     got = (
         ours(folder, True)
         .generate(
@@ -174,14 +84,7 @@ def test_base_with_cfg_and_negative_prompt_matches_diffusers(base):
     )
     assert_images_match(got, want)
     # diffusers' default negative is the empty prompt
-    want = reference(
-        prompt="a lighthouse",
-        latents=torch.from_numpy(latents),
-        num_inference_steps=2,
-        guidance_scale=2.5,
-        width=SIZE[0],
-        height=SIZE[1],
-    ).images
+    want = diffusers_images(reference, latents, 2, prompt="a lighthouse", guidance_scale=2.5)
     got = (
         ours(folder, True)
         .generate("a lighthouse", guidance=2.5, latents=latents, steps=2, width=SIZE[0], height=SIZE[1])
@@ -190,9 +93,9 @@ def test_base_with_cfg_and_negative_prompt_matches_diffusers(base):
     assert_images_match(got, want)
 
 
-def test_checkpoint_settings_short_prompts(distilled, tmp_path):
+def test_checkpoint_settings_short_prompts(tiny_klein, tmp_path):
     """imagegen.json: shorter prompts and other text layers (what the demo model uses) = diffusers' call args."""
-    folder, reference = distilled
+    folder, reference = tiny_klein
     settings = {"max_sequence_length": 40, "text_encoder_out_layers": [1, 2, 3]}
     copy = tmp_path / "short"
     shutil.copytree(folder, copy)
@@ -213,9 +116,9 @@ def test_checkpoint_settings_short_prompts(distilled, tmp_path):
     assert_images_match(got, want)
 
 
-def test_seeded_noise_is_diffusers_latents_layout(distilled):
+def test_seeded_noise_is_diffusers_latents_layout(tiny_klein):
     """Our seeded noise, exported as `latents=`, gives diffusers the same image: reproducible across runtimes."""
-    folder, reference = distilled
+    folder, reference = tiny_klein
     pipe = ours(folder, False)
     request = pipe.request("x", width=SIZE[0], height=SIZE[1], seed=42, steps=2)
     latents = np.array(imagegen.seeded_noise(pipe.latent_shape(request), request.seeds))
@@ -225,19 +128,19 @@ def test_seeded_noise_is_diffusers_latents_layout(distilled):
     assert_images_match(pipe.generate("x", width=SIZE[0], height=SIZE[1], seed=42, steps=2).images, want)
 
 
-def test_rejects_wrong_latents_variant_mismatch_and_negative_on_distilled(distilled, base):
-    pipe = ours(distilled[0], False)
+def test_rejects_wrong_latents_variant_mismatch_and_negative_on_distilled(tiny_klein, tiny_klein_base):
+    pipe = ours(tiny_klein[0], False)
     with pytest.raises(imagegen.InvalidOptionError, match="latents must have shape"):
         pipe.generate("x", latents=np.zeros((1, 16, 2, 2), np.float32), width=64, height=48)
     with pytest.raises(imagegen.InvalidOptionError, match="negative_prompt"):
         pipe.generate("x", negative_prompt="no", width=64, height=48)
     with pytest.raises(imagegen.WeightsError, match="does not fit 'flux2-klein-base-4b'"):
-        ours(distilled[0], True)
+        ours(tiny_klein[0], True)
     with pytest.raises(imagegen.InvalidImageError, match="too small"):
         pipe.generate("x", images=[Image.new("RGB", (32, 32))])
 
 
-def test_cli_runs_on_a_diffusers_folder(distilled, tmp_path):
+def test_cli_runs_on_a_diffusers_folder(tiny_klein, tmp_path):
     from typer.testing import CliRunner
 
     from imagegen.cli import get_app
@@ -251,7 +154,7 @@ def test_cli_runs_on_a_diffusers_folder(distilled, tmp_path):
             "--model",
             "flux2-klein-4b",
             "--weights",
-            str(distilled[0]),
+            str(tiny_klein[0]),
             "a fox",
             "--size",
             "64x48",
@@ -267,9 +170,9 @@ def test_cli_runs_on_a_diffusers_folder(distilled, tmp_path):
     )
     assert result.exit_code == 0, result.output
     meta = read_metadata(out)
-    assert meta["weights"]["source"] == str(distilled[0]) and meta["steps"] == 2 and meta["dtype"] == "float32"
+    assert meta["weights"]["source"] == str(tiny_klein[0]) and meta["steps"] == 2 and meta["dtype"] == "float32"
     bad = CliRunner().invoke(
-        get_app(), ["run", "--model", "flux2-klein-4b", "--weights", str(distilled[0]), "x", "--negative", "no"]
+        get_app(), ["run", "--model", "flux2-klein-4b", "--weights", str(tiny_klein[0]), "x", "--negative", "no"]
     )
     assert bad.exit_code == 1 and "does not support --negative" in bad.output
 
@@ -279,13 +182,13 @@ def test_cli_runs_on_a_diffusers_folder(distilled, tmp_path):
     ("config", "do not fit Flux2Transformer: "),
     ("index", "model_index.json is missing"),
 ])
-def test_damaged_folders_are_one_line_errors(distilled, tmp_path, damage, message):
+def test_damaged_folders_are_one_line_errors(tiny_klein, tmp_path, damage, message):
     from typer.testing import CliRunner
 
     from imagegen.cli import get_app
 
     folder = tmp_path / "damaged"
-    shutil.copytree(distilled[0], folder)
+    shutil.copytree(tiny_klein[0], folder)
     if damage == "truncate":
         weights = next((folder / "transformer").glob("*.safetensors"))
         weights.write_bytes(weights.read_bytes()[:1000])
@@ -301,7 +204,7 @@ def test_damaged_folders_are_one_line_errors(distilled, tmp_path, damage, messag
     assert not (tmp_path / "x.png").exists()
 
 
-def test_cli_quantize_tile_and_count(distilled, tmp_path):
+def test_cli_quantize_tile_and_count(tiny_klein, tmp_path):
     """--quantize, --tile, --count and --json through the real pipeline (tiny layers stay unquantized where their
     width is not a multiple of the group size; the option still travels to the loader and the metadata)."""
     from typer.testing import CliRunner
@@ -309,7 +212,7 @@ def test_cli_quantize_tile_and_count(distilled, tmp_path):
     from imagegen.cli import get_app
     from imagegen.image import read_metadata
 
-    result = CliRunner().invoke(get_app(), ["run", "-m", "flux2-klein-4b", "--weights", str(distilled[0]), "a fox",
+    result = CliRunner().invoke(get_app(), ["run", "-m", "flux2-klein-4b", "--weights", str(tiny_klein[0]), "a fox",
                                             "--size", "64x48", "--steps", "1", "--seed", "9", "--quantize", "8",
                                             "--tile", "-n", "2", "--json", "-o", str(tmp_path / "q.png")])
     assert result.exit_code == 0, result.output
@@ -319,12 +222,12 @@ def test_cli_quantize_tile_and_count(distilled, tmp_path):
     assert meta["quantize"] == "8" and meta["seed"] == 10
 
 
-def test_latents_stay_float32_between_steps(distilled):
+def test_latents_stay_float32_between_steps(tiny_klein):
     """A bfloat16 pipeline keeps its latents float32 between steps, as the comment and docs/architecture.md say:
     the state is not merely bfloat16 values stored in float32."""
     import mlx.core as mx
 
-    folder, _ = distilled
+    folder, _ = tiny_klein
     pipe = klein("4B", base=False).pipeline(weights=folder, dtype="bfloat16")
     run = pipe.run("a fox", latents=noise(1), steps=3, width=SIZE[0], height=SIZE[1])
     states = [s.latents for s in run if s.stage == "denoise"]
@@ -333,7 +236,7 @@ def test_latents_stay_float32_between_steps(distilled):
     assert not all(bool(mx.array_equal(s, r)) for s, r in zip(states, rounded))
 
 
-def test_cli_reference_image_sets_the_size_as_python_does(distilled, tmp_path):
+def test_cli_reference_image_sets_the_size_as_python_does(tiny_klein, tmp_path):
     """`imagegen run --image ref.png` without --size draws at the reference's size (issue 18 item 20), the size
     `generate(images=[ref])` picks; --tile is recorded and replayed by --from."""
     from typer.testing import CliRunner
@@ -341,7 +244,7 @@ def test_cli_reference_image_sets_the_size_as_python_does(distilled, tmp_path):
     from imagegen.cli import get_app
     from imagegen.image import read_metadata
 
-    folder, _ = distilled
+    folder, _ = tiny_klein
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (70, 100, 3), dtype=np.uint8)).save(tmp_path / "r.png")
     python = ours(folder, False).request("x", images=[tmp_path / "r.png"], seed=1)
     out = tmp_path / "edit.png"
@@ -371,14 +274,14 @@ def left_mask() -> Image.Image:
     return Image.fromarray(mask)
 
 
-def test_torch_noise_matches_diffusers_generator(distilled, base):
-    folder, reference = distilled
+def test_torch_noise_matches_diffusers_generator(tiny_klein, tiny_klein_base):
+    folder, reference = tiny_klein
     prompts = ["a red fox in the snow", "a boat"]
     want = reference(prompt=prompts, num_inference_steps=2, width=SIZE[0], height=SIZE[1],
                      generator=generator(21)).images
     got = ours(folder, False).generate(prompts, steps=2, width=SIZE[0], height=SIZE[1], seed=21, noise="torch")
     assert_images_match(got.images, want)
-    folder, reference = base  # CFG, two images per prompt from one generator
+    folder, reference = tiny_klein_base  # CFG, two images per prompt from one generator
     want = reference(prompt="a lighthouse", num_inference_steps=2, guidance_scale=3.0, num_images_per_prompt=2,
                      width=SIZE[0], height=SIZE[1], generator=generator(22)).images
     got = ours(folder, True).generate("a lighthouse", steps=2, guidance=3.0, num_images=2, width=SIZE[0],
@@ -391,10 +294,10 @@ def last_latents(run: imagegen.Run) -> np.ndarray:
 
 
 @pytest.mark.parametrize("with_reference", [False, True])
-def test_inpaint_matches_diffusers(distilled, with_reference):
+def test_inpaint_matches_diffusers(tiny_klein, with_reference):
     from diffusers import Flux2KleinInpaintPipeline
 
-    folder, reference = distilled
+    folder, reference = tiny_klein
     inpaint = Flux2KleinInpaintPipeline(**reference.components, is_distilled=True)
     refs = [picture(7, (64, 80))] if with_reference else []
     steps = []  # diffusers' packed latents after each step's blend
@@ -419,10 +322,10 @@ def test_inpaint_matches_diffusers(distilled, with_reference):
         assert np.abs(plain - latents).max() > 50 * error
 
 
-def test_img2img_is_inpainting_with_nothing_kept(distilled):
+def test_img2img_is_inpainting_with_nothing_kept(tiny_klein):
     from diffusers import Flux2KleinInpaintPipeline
 
-    folder, reference = distilled
+    folder, reference = tiny_klein
     inpaint = Flux2KleinInpaintPipeline(**reference.components, is_distilled=True)
     want = inpaint(prompt="a red door", image=picture(3), mask_image=Image.new("L", SIZE, 255), strength=0.5,
                    num_inference_steps=4, generator=generator(6)).images

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 import imagegen
 from imagegen.cli import get_app
 from imagegen.image import read_metadata
-from imagegen.testing import assert_images_match
+from imagegen.testing import assert_images_match, randomize_norms
 
 # config.json of black-forest-labs/FLUX.2-small-decoder: the FLUX.2 VAE with a narrower decoder (diffusers PR 13428)
 SMALL_DECODER_CONFIG = {
@@ -54,11 +54,7 @@ def small_decoder(tmp_path_factory):
     config["decoder_block_out_channels"] = (8, 16, 32, 32)
     torch.manual_seed(4)
     small = RefAutoencoderKLFlux2(**config).eval()
-    with torch.no_grad():
-        for m in small.decoder.modules():
-            if isinstance(m, torch.nn.GroupNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0.0, 0.2)
+    randomize_norms(small.decoder)
     kept = {k: v for k, v in demo.state_dict().items() if not k.startswith(("decoder.", "post_quant_conv."))}
     small.load_state_dict(kept, strict=False)
     folder = tmp_path_factory.mktemp("small_decoder")

@@ -25,6 +25,7 @@ from safetensors.numpy import load_file, save_file
 
 from imagegen.errors import WeightsError
 from imagegen.quantize import quantize_model
+from imagegen.testing import randomize_norms
 from imagegen.weights import load_module
 
 TINY = {
@@ -47,10 +48,7 @@ TEXT_LEN, GRID, REF_GRIDS = 5, (3, 4), [(2, 3), (2, 2)]
 def save_reference(folder, guidance_embeds: bool) -> Flux2Transformer2DModel:
     torch.manual_seed(0)
     model = Flux2Transformer2DModel(**TINY, guidance_embeds=guidance_embeds).eval()
-    with torch.no_grad():  # norms start at ones; randomize so the test sees them
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
+    randomize_norms(model)
     model.save_pretrained(folder, safe_serialization=True)
     return model
 

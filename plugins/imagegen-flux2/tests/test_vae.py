@@ -12,6 +12,8 @@ from diffusers import AutoencoderKLFlux2 as RefAutoencoderKLFlux2
 from diffusers import Flux2KleinPipeline
 from imagegen_flux2.vae import AutoencoderKLFlux2, Flux2VAEConfig, patchify_latents, unpatchify_latents
 
+from imagegen.testing import randomize_norms
+
 TINY = dict(
     block_out_channels=(32, 64), decoder_block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
     up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8, latent_channels=8,
@@ -40,11 +42,8 @@ def pair(tmp_path_factory):
     """A tiny reference with random group norms and BatchNorm statistics, and ours loaded from its folder."""
     torch.manual_seed(0)
     ref = RefAutoencoderKLFlux2(**TINY).eval()
+    randomize_norms(ref)
     with torch.no_grad():
-        for m in ref.modules():
-            if isinstance(m, torch.nn.GroupNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0.0, 0.2)
         ref.bn.running_mean.normal_(0.0, 0.5)
         ref.bn.running_var.uniform_(0.5, 2.0)
         ref.bn.num_batches_tracked.fill_(1234)

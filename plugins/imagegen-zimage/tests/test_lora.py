@@ -13,20 +13,16 @@ from imagegen_zimage.plugin import variant
 from imagegen.lora import LoraSpec
 from imagegen.testing import assert_images_match, linear_shapes, random_lora, save_adapter, sibling_module
 
-pipeline_tests = sibling_module(__file__, "test_pipeline")  # the tiny checkpoint of the pipeline parity tests
-SCHEDULER = pipeline_tests.SCHEDULER
-SIZE = pipeline_tests.SIZE
-build = pipeline_tests.build
-noise = pipeline_tests.noise
+tiny = sibling_module(__file__, "tiny")
+SIZE, noise = tiny.SIZE, tiny.noise
 
 PROMPT = "a red fox in the snow"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("zimage_lora")
-    shapes = linear_shapes(build(folder, SCHEDULER).transformer)
-    return folder, shapes, variant(turbo=True).pipeline(weights=folder, dtype="float32")
+def checkpoint(tiny_zimage):
+    folder, reference = tiny_zimage
+    return folder, linear_shapes(reference.transformer), variant(turbo=True).pipeline(weights=folder, dtype="float32")
 
 
 def ours(pipe, adapters, latents: np.ndarray) -> list:

@@ -9,70 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
 from imagegen_zimage.plugin import variant
 from PIL import Image
-from transformers import AutoTokenizer, Qwen3ForCausalLM
 
 import imagegen
-from imagegen.testing import assert_images_match, make_qwen3, make_tokenizer, smooth_picture
+from imagegen.testing import assert_images_match, sibling_module, smooth_picture
 
-VOCAB = 416
-SIZE = (64, 48)  # width, height: latents 8x6, transformer tokens 4x3
-SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False}  # Z-Image-Turbo's
-BASE_SCHEDULER = {**SCHEDULER, "shift": 6.0}  # Z-Image (base)'s
-
-
-def randomize(model: torch.nn.Module) -> None:
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and p.ndim == 1:
-                p.uniform_(0.5, 1.5)
-            elif "pad_token" in name:
-                p.normal_(0.0, 0.5)
-
-
-def build(folder: Path, scheduler: dict) -> ZImagePipeline:
-    make_tokenizer(folder / "tokenizer")
-    make_qwen3(folder / "text_encoder", vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
-               num_attention_heads=2, num_key_value_heads=1, head_dim=8)
-    torch.manual_seed(3)
-    transformer = ZImageTransformer2DModel(
-        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1,
-        n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[8, 4, 4], axes_lens=[1024, 32, 32])
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-                        norm_num_groups=4, latent_channels=4, sample_size=32, scaling_factor=0.3611,
-                        shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
-    for model in (transformer, vae):
-        randomize(model)
-    pipe = ZImagePipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**scheduler), vae=vae.eval(),
-        text_encoder=Qwen3ForCausalLM.from_pretrained(folder / "text_encoder").eval(),
-        tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"), transformer=transformer.eval())
-    pipe.save_pretrained(folder)
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("zimage")
-    return folder, build(folder, SCHEDULER)
-
-
-@pytest.fixture(scope="module")
-def base_checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("zimage-base")
-    return folder, build(folder, BASE_SCHEDULER)
+tiny = sibling_module(__file__, "tiny")
+SIZE, build, noise = tiny.SIZE, tiny.build, tiny.noise
 
 
 def ours(folder: Path, turbo: bool) -> imagegen.Pipeline:
     return variant(turbo=turbo).pipeline(weights=folder, dtype="float32")
-
-
-def noise(batch: int, seed: int = 0) -> np.ndarray:
-    w, h = SIZE
-    return np.random.default_rng(seed).standard_normal((batch, 4, h // 8, w // 8)).astype(np.float32)
 
 
 def reference(pipe, prompt, latents, steps, **kw) -> list[Image.Image]:
@@ -81,8 +29,8 @@ def reference(pipe, prompt, latents, steps, **kw) -> list[Image.Image]:
                 height=SIZE[1], **kw).images
 
 
-def test_turbo_matches_diffusers(checkpoint):
-    folder, pipe = checkpoint
+def test_turbo_matches_diffusers(tiny_zimage):
+    folder, pipe = tiny_zimage
     latents = noise(2)
     prompts = ["a red fox in the snow", "Café 🦊"]  # different caption lengths in one batch
     want = reference(pipe, prompts, latents, 3, guidance_scale=0.0)
@@ -95,8 +43,8 @@ def test_turbo_matches_diffusers(checkpoint):
     {"cfg_normalization": 1.0},
     {"cfg_truncation": 0.1},  # normalized times are 0, 0.14, 0.4: CFG only on the first step
 ])
-def test_base_cfg_matches_diffusers(base_checkpoint, options):
-    folder, pipe = base_checkpoint
+def test_base_cfg_matches_diffusers(tiny_zimage_base, options):
+    folder, pipe = tiny_zimage_base
     latents = noise(1, seed=5)
     want = reference(pipe, "a lighthouse at dusk", latents, 3, guidance_scale=4.0, negative_prompt="blurry",
                      **options)
@@ -108,8 +56,8 @@ def test_base_cfg_matches_diffusers(base_checkpoint, options):
         assert np.abs(np.asarray(plain[0], np.int16) - np.asarray(got[0], np.int16)).max() > 5
 
 
-def test_base_default_negative_and_batch(base_checkpoint):
-    folder, pipe = base_checkpoint
+def test_base_default_negative_and_batch(tiny_zimage_base):
+    folder, pipe = tiny_zimage_base
     latents = noise(2, seed=6)
     want = reference(pipe, ["a cat", "two dogs on a sofa"], latents, 2, guidance_scale=3.0)
     got = ours(folder, False).generate(["a cat", "two dogs on a sofa"], guidance=3.0, latents=latents, steps=2,
@@ -126,8 +74,8 @@ def test_dynamic_shift_scheduler(tmp_path):
     assert_images_match(got, reference(pipe, "x", latents, 2, guidance_scale=0.0))
 
 
-def test_turbo_refuses_cfg_options_and_bad_values(checkpoint, base_checkpoint):
-    turbo, base = ours(checkpoint[0], True), ours(base_checkpoint[0], False)
+def test_turbo_refuses_cfg_options_and_bad_values(tiny_zimage, tiny_zimage_base):
+    turbo, base = ours(tiny_zimage[0], True), ours(tiny_zimage_base[0], False)
     with pytest.raises(imagegen.InvalidOptionError, match="negative_prompt"):
         turbo.generate("x", negative_prompt="no", width=64, height=48)
     with pytest.raises(imagegen.InvalidOptionError, match="cfg_truncation"):
@@ -138,57 +86,21 @@ def test_turbo_refuses_cfg_options_and_bad_values(checkpoint, base_checkpoint):
         turbo.generate("x", latents=np.zeros((1, 4, 2, 2), np.float32), width=64, height=48)
 
 
-def test_flux2_and_zimage_share_one_text_encoder(checkpoint, tmp_path, monkeypatch):
-    """Both families condition on Qwen3: folders holding identical encoder weights load it once."""
-    import shutil
-
-    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
-
-    folder, pipe = checkpoint
-    flux = tmp_path / "klein"
-    Flux2KleinPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), tokenizer=pipe.tokenizer,
-        text_encoder=pipe.text_encoder, is_distilled=True,
-        vae=AutoencoderKLFlux2(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
-                               latent_channels=4),
-        transformer=Flux2Transformer2DModel(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
-                                            num_attention_heads=2, joint_attention_dim=48,
-                                            axes_dims_rope=[2, 2, 2, 2], guidance_embeds=False),
-    ).save_pretrained(flux)
-    shutil.rmtree(flux / "text_encoder")
-    shutil.copytree(folder / "text_encoder", flux / "text_encoder")  # a separate copy of the same files
-    (flux / "imagegen.json").write_text('{"text_encoder_out_layers": [1, 2, 3], "max_sequence_length": 64}')
-    zimage = ours(folder, True)
-    klein = imagegen.registry.get("flux2-klein-4b").pipeline(weights=flux, dtype="float32")
-    assert klein.text_encoder.model is zimage.text_encoder.model
-    # each family still gets its own features (thinking template and layer -2 vs layers 1/2/3), and sharing changes
-    # nothing: a Klein pipeline with an encoder of its own draws the same image
-    assert klein.embed_prompts(["x"]).shape[-1] == 3 * zimage.embed_prompts(["x"])[0].shape[-1]
-    shared = np.asarray(klein.generate("x", width=64, height=48, steps=1, seed=0).images[0])
-    from imagegen.text import encoder as text_encoder
-
-    monkeypatch.setattr(text_encoder, "_models", type(text_encoder._models)())
-    monkeypatch.setattr(text_encoder, "_encoders", type(text_encoder._encoders)())
-    alone = imagegen.registry.get("flux2-klein-4b").pipeline(weights=flux, dtype="float32")
-    assert alone.text_encoder.model is not zimage.text_encoder.model
-    assert np.array_equal(np.asarray(alone.generate("x", width=64, height=48, steps=1, seed=0).images[0]), shared)
-
-
-def test_cli_model_options_and_reproduction(base_checkpoint, tmp_path):
+def test_cli_model_options_and_reproduction(tiny_zimage_base, tmp_path):
     from typer.testing import CliRunner
 
     from imagegen.cli import get_app
     from imagegen.image import read_metadata
 
     out = tmp_path / "z.png"
-    args = ["run", "-m", "zimage", "--weights", str(base_checkpoint[0]), "a cat", "--size", "64x48", "--steps", "2",
+    args = ["run", "-m", "zimage", "--weights", str(tiny_zimage_base[0]), "a cat", "--size", "64x48", "--steps", "2",
             "--seed", "1", "--dtype", "float32", "-o", str(out)]
     result = CliRunner().invoke(get_app(), [*args, "--option", "cfg_truncation=0.1", "-O", "cfg_normalization=true",
                                             "--negative", "dark", "--guidance", "3"])
     assert result.exit_code == 0, result.output
     meta = read_metadata(out)
     assert meta["options"] == {"cfg_truncation": 0.1, "cfg_normalization": True}
-    again = CliRunner().invoke(get_app(), ["run", "--from", str(out), "--weights", str(base_checkpoint[0]),
+    again = CliRunner().invoke(get_app(), ["run", "--from", str(out), "--weights", str(tiny_zimage_base[0]),
                                            "-o", str(tmp_path / "again.png")])
     assert again.exit_code == 0, again.output
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "again.png")))
@@ -209,8 +121,8 @@ def square_mask() -> Image.Image:
     return Image.fromarray(mask)
 
 
-def test_turbo_torch_noise_matches_diffusers_generator(checkpoint):
-    folder, pipe = checkpoint
+def test_turbo_torch_noise_matches_diffusers_generator(tiny_zimage):
+    folder, pipe = tiny_zimage
     prompts = ["a red fox in the snow", "a boat"]
     want = pipe(prompt=list(prompts), num_inference_steps=2, width=SIZE[0], height=SIZE[1], guidance_scale=0.0,
                 num_images_per_prompt=2, generator=torch.Generator("cpu").manual_seed(11)).images
@@ -223,10 +135,10 @@ def test_turbo_torch_noise_matches_diffusers_generator(checkpoint):
     assert_images_match(third.images, want[2:3])
 
 
-def test_img2img_matches_diffusers(checkpoint):
+def test_img2img_matches_diffusers(tiny_zimage):
     from diffusers import ZImageImg2ImgPipeline
 
-    folder, pipe = checkpoint
+    folder, pipe = tiny_zimage
     reference_pipe = ZImageImg2ImgPipeline(**pipe.components)
     want = reference_pipe(prompt="a red fox", image=picture(), num_inference_steps=4, guidance_scale=0.0,
                           generator=torch.Generator("cpu").manual_seed(4)).images  # strength: default 0.6
@@ -235,10 +147,10 @@ def test_img2img_matches_diffusers(checkpoint):
     assert_images_match(got.images, want)
 
 
-def test_base_inpaint_with_cfg_and_negative_matches_diffusers(base_checkpoint):
+def test_base_inpaint_with_cfg_and_negative_matches_diffusers(tiny_zimage_base):
     from diffusers import ZImageInpaintPipeline
 
-    folder, pipe = base_checkpoint
+    folder, pipe = tiny_zimage_base
     reference_pipe = ZImageInpaintPipeline(**pipe.components)
     want = reference_pipe(prompt="a lighthouse", negative_prompt="blurry", image=picture(1), mask_image=square_mask(),
                           strength=0.8, num_inference_steps=4, guidance_scale=4.0,
@@ -249,8 +161,8 @@ def test_base_inpaint_with_cfg_and_negative_matches_diffusers(base_checkpoint):
     assert_images_match(got.images, want)
 
 
-def test_img2img_refuses_bad_input(checkpoint, tmp_path):
-    turbo = ours(checkpoint[0], True)
+def test_img2img_refuses_bad_input(tiny_zimage, tmp_path):
+    turbo = ours(tiny_zimage[0], True)
     with pytest.raises(imagegen.InvalidOptionError, match=r"strength must be within \(0, 1\]"):
         turbo.generate("x", init_image=picture(), strength=0)
     with pytest.raises(imagegen.InvalidOptionError, match="mask needs an init image"):
@@ -264,7 +176,7 @@ def test_img2img_refuses_bad_input(checkpoint, tmp_path):
         turbo.generate("x", noise="numpy", width=64, height=48)
 
 
-def test_cli_inpaint_matches_diffusers_and_replays(base_checkpoint, tmp_path, monkeypatch):
+def test_cli_inpaint_matches_diffusers_and_replays(tiny_zimage_base, tmp_path, monkeypatch):
     import shutil
 
     from diffusers import ZImageInpaintPipeline
@@ -273,7 +185,7 @@ def test_cli_inpaint_matches_diffusers_and_replays(base_checkpoint, tmp_path, mo
     from imagegen.cli import get_app
     from imagegen.image import read_metadata
 
-    folder, pipe = base_checkpoint
+    folder, pipe = tiny_zimage_base
     monkeypatch.chdir(tmp_path)
     picture(2).save("photo.png")
     square_mask().save("mask.png")
@@ -305,18 +217,18 @@ def test_cli_inpaint_matches_diffusers_and_replays(base_checkpoint, tmp_path, mo
     assert changed.exit_code == 1 and "'photo.png' (sha256" in changed.output and "pass it again" in changed.output
 
 
-def test_turbo_and_base_folders_are_told_apart(checkpoint, base_checkpoint):
+def test_turbo_and_base_folders_are_told_apart(tiny_zimage, tiny_zimage_base):
     """Their scheduler configs differ (shift 3.0 vs 6.0), as is_distilled tells FLUX.2 Klein variants apart."""
     with pytest.raises(imagegen.WeightsError, match="Z-Image Turbo checkpoint .* use --model zimage-turbo"):
-        ours(checkpoint[0], False)
+        ours(tiny_zimage[0], False)
     with pytest.raises(imagegen.WeightsError, match="Z-Image base checkpoint .* use --model zimage"):
-        ours(base_checkpoint[0], True)
+        ours(tiny_zimage_base[0], True)
 
 
-def test_a_flux2_folder_is_refused_by_name(tmp_path, checkpoint):
+def test_a_flux2_folder_is_refused_by_name(tmp_path, tiny_zimage):
     import shutil
 
-    shutil.copytree(checkpoint[0], tmp_path / "w")
+    shutil.copytree(tiny_zimage[0], tmp_path / "w")
     index = tmp_path / "w" / "model_index.json"
     index.write_text(index.read_text().replace("ZImagePipeline", "Flux2KleinPipeline"))
     with pytest.raises(imagegen.WeightsError, match="holds a Flux2KleinPipeline checkpoint, not Z-Image"):

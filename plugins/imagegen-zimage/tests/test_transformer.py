@@ -11,6 +11,7 @@ from diffusers import ZImageTransformer2DModel
 from imagegen_zimage.config import ZImageTransformerConfig
 from imagegen_zimage.transformer import ZImageTransformer, quant_predicate
 
+from imagegen.testing import randomize_norms
 from imagegen.weights import load_module
 
 TINY = dict(
@@ -26,12 +27,7 @@ GRID = (8, 10)  # latent H x W: 20 image tokens, padded to 32 with x_pad_token
 def models(tmp_path_factory):
     torch.manual_seed(0)
     ref = ZImageTransformer2DModel(**TINY).eval()
-    with torch.no_grad():  # constant-initialised norms and pad tokens would prove less than they seem
-        for name, p in ref.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            elif "pad_token" in name or name.endswith("bias"):
-                p.normal_(0.0, 0.5)
+    randomize_norms(ref)  # constant-initialised norms and pad tokens would prove less than they seem
     folder = tmp_path_factory.mktemp("zimage") / "transformer"
     ref.save_pretrained(folder, safe_serialization=True)
     model = ZImageTransformer(ZImageTransformerConfig.from_file(folder / "config.json"))
