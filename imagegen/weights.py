@@ -147,12 +147,11 @@ def load_module(
     dtype: str | mx.Dtype = "bfloat16",
     quantize: str | None = None,
     predicate: Predicate | None = None,
-    sanitize: Callable[[dict[str, mx.array]], dict[str, mx.array]] | None = None,
     defer: Callable[[str], bool] | None = None,
 ) -> dict[str, Any] | None:
     """Load a component folder into `module` (in place). Returns the quantization record, if any.
 
-    Order: read -> sanitize (module.sanitize unless given; not for our own quantized saves) -> cast
+    Order: read -> module.sanitize (not for our own quantized saves) -> cast
     -> rebuild saved quantization -> strict check -> assign -> quantize on load (if asked) -> evaluate.
     Parameters whose name `defer` accepts are not evaluated: they stay on disk until first used."""
     folder = Path(folder)
@@ -167,7 +166,7 @@ def load_module(
     sources: dict[str, Path] = {}
     weights = read_safetensors(folder, sources)
     if record is None:  # a checkpoint in the reference layout; our own saves are already MLX layout
-        sanitize = sanitize or getattr(module, "sanitize", None)
+        sanitize = getattr(module, "sanitize", None)
         if sanitize is not None:
             weights = sanitize(weights)
     weights = cast(weights, to_dtype(dtype))
