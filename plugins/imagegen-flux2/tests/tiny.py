@@ -8,22 +8,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+from imagegen_flux2.plugin import DEMO
 from transformers import AutoTokenizer, Qwen3ForCausalLM
 
 from imagegen.testing import make_qwen3, make_tokenizer, randomize_norms
 
 VOCAB = 416  # the test tokenizer's vocabulary with its added tokens
 SIZE = (64, 48)  # width, height: a 4x3 grid of latent tokens
-# Klein's scheduler_config.json
-SCHEDULER = {
-    "base_image_seq_len": 256,
-    "base_shift": 0.5,
-    "max_image_seq_len": 4096,
-    "max_shift": 1.15,
-    "num_train_timesteps": 1000,
-    "shift": 3.0,
-    "use_dynamic_shifting": True,
-}
+SCHEDULER = DEMO / "scheduler"  # Klein's scheduler_config.json, as the bundled demo ships it
 
 
 def build(folder: Path, distilled: bool, layers: int = 28) -> Flux2KleinPipeline:
@@ -43,7 +35,7 @@ def build(folder: Path, distilled: bool, layers: int = 28) -> Flux2KleinPipeline
         vae.bn.running_mean.normal_(0, 0.3)
         vae.bn.running_var.uniform_(0.5, 2.0)
     pipe = Flux2KleinPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(SCHEDULER),
         vae=vae.eval(),
         text_encoder=Qwen3ForCausalLM.from_pretrained(folder / "text_encoder").eval(),
         tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"),
