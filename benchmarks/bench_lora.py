@@ -104,6 +104,7 @@ def measure(recorder, family, config: dict, inputs: dict, folder: Path, quantize
     first, second = (write_lora(transformer, folder, args.rank, seed) for seed in (1, 2))
 
     def forward():  # the pipeline's forward: blocks compiled again whenever adapters change (weights_changed)
+        transformer.compiled_blocks.clear()
         return family.imagegen_step(transformer, inputs, compiled=True, pace=args.pace)
 
     bare = time_mlx(forward(), warmup, repeats)
