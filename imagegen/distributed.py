@@ -152,15 +152,21 @@ def rank_environments(count: int, folder: Path) -> list[dict[str, str]]:
 
 
 @contextlib.contextmanager
-def _forwarding_signals(leader: subprocess.Popen) -> Iterator[None]:
-    """While the ranks run, SIGTERM and SIGINT sent to this process go to rank 0 instead of ending this one."""
+def _forwarding_signals(leader: subprocess.Popen) -> Iterator[set[int]]:
+    """While the ranks run, SIGTERM and SIGINT sent to this process go to rank 0 instead of ending this one;
+    yields the set of signals forwarded so far."""
+    forwarded: set[int] = set()
     if threading.current_thread() is not threading.main_thread():  # signal handlers live on the main thread
-        yield
+        yield forwarded
         return
-    previous = {s: signal.signal(s, lambda number, frame: leader.send_signal(number))
-                for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def forward(number: int, frame: object) -> None:
+        forwarded.add(number)
+        leader.send_signal(number)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield
+        yield forwarded
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
@@ -176,10 +182,14 @@ def launch(argv: Sequence[str], count: int) -> int:
         envs = rank_environments(count, Path(folder))
         logs = [None] + [open(Path(folder) / f"rank{r}.log", "w+") for r in range(1, count)]
         ranks = [subprocess.Popen(list(argv), env=env, stdout=log, stderr=log) for env, log in zip(envs, logs)]
-        with _forwarding_signals(ranks[0]):
+        with _forwarding_signals(ranks[0]) as forwarded:
+
+            def first_failure() -> int:
+                return next((p.returncode for p in ranks if _failed(p, forwarded if p is ranks[0] else set())), 0)
+
             failure, leader_ended = 0, None
             while None in [p.poll() for p in ranks]:  # a list: every rank polled each round
-                failure = failure or next((p.returncode for p in ranks if p.returncode), 0)
+                failure = failure or first_failure()
                 if ranks[0].returncode is not None and leader_ended is None:
                     leader_ended = time.monotonic()
                 late = leader_ended is not None and time.monotonic() - leader_ended > FOLLOWERS_GRACE
@@ -194,4 +204,12 @@ def launch(argv: Sequence[str], count: int) -> int:
             if code:
                 sys.stderr.write(log.read())
             log.close()
-    return failure or next((c for c in codes if c), 0)
+    return failure or first_failure()
+
+
+def _failed(rank: subprocess.Popen, expected: set[int]) -> bool:
+    """A rank that ended badly: a non-zero exit other than by one of the `expected` signals (those forwarded to
+    rank 0, which uvicorn re-raises after its graceful shutdown)."""
+    code = rank.returncode
+    return bool(code) and -code not in expected
+

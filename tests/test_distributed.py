@@ -3,9 +3,12 @@ same transformer output and the same image as one process."""
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +118,63 @@ def test_failing_rank_stops_the_others_and_reports(tmp_path):
     script.write_text("import os, sys, time\nif os.environ['MLX_RANK'] == '1': sys.exit('rank 1 broke')\n"
                       "time.sleep(600)\n")
     assert distributed.launch([sys.executable, str(script)], 2) == 1
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is pid (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_serve_gpus_two_answers_as_one_process_and_stops_every_rank(tmp_path):
+    import httpx
+
+    from imagegen.server.embedded import serve_in_thread
+
+    body = {"model": "flux2-demo", "prompt": "a red circle", "size": "64x64", "seed": 3, "steps": 2}
+
+    def pixels(answer: dict) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["data"][0]["b64_json"]))), dtype=np.int16)
+
+    with serve_in_thread(models=["flux2-demo"]) as (url, _):
+        one = pixels(httpx.post(f"{url}/v1/images/generations", json=body, timeout=120).json())
+    (port,) = distributed._free_ports(1)
+    server = subprocess.Popen([sys.executable, "-m", "imagegen", "serve", "--gpus", "2", "--model", "flux2-demo",
+                               "--port", str(port)], env=env_with_tree(), stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=5).json()["loaded"]:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and server.poll() is None, "serve --gpus 2 did not start"
+            time.sleep(0.5)
+        two = pixels(httpx.post(f"{url}/v1/images/generations", json=body, timeout=120).json())
+        # a streamed preview is decoded on every rank at the same step (a split decode pairs up)
+        events = httpx.post(f"{url}/v1/images/generations", json={**body, "stream": True, "partial_images": 1},
+                            timeout=120).text
+        assert "image_generation.partial_image" in events and "image_generation.completed" in events
+        refused = httpx.post(f"{url}/v1/images/generations", json={**body, "model": "zimage-turbo"}, timeout=30)
+        assert refused.status_code == 400 and "serve --gpus" in refused.json()["error"]["message"]
+        ranks = children(server.pid)
+        assert len(ranks) == 2
+    finally:
+        server.terminate()  # SIGTERM to the launcher: rank 0 drains and ends the other rank
+        server.wait(60)
+    assert server.returncode == 0, server.stderr.read()
+    assert not [pid for pid in ranks if Path(f"/proc/{pid}").exists()]
+    assert one.shape == two.shape == (64, 64, 3)
+    assert np.abs(one - two).max() <= 1
 
 
 @pytest.mark.parametrize("gpus", ["0", "-1"])
