@@ -131,13 +131,13 @@ def _free_ports(count: int) -> list[int]:
             s.close()
 
 
-def rank_environments(count: int, folder: Path) -> list[dict[str, str]]:
+def rank_environments(count: int, folder: Path, extra: dict[str, str] | None = None) -> list[dict[str, str]]:
     """The environment of each rank: MLX's NCCL variables and one GPU each on CUDA, a ring hostfile elsewhere; and
     the control connection of imagegen.ranks (rank 0 listens, the others connect)."""
     from .ranks import CONTROL_ENV, CONTROL_KEY_ENV
 
     (control,) = _free_ports(1)
-    base = {**os.environ, WORLD_ENV: str(count), "MLX_WORLD_SIZE": str(count),
+    base = {**os.environ, **(extra or {}), WORLD_ENV: str(count), "MLX_WORLD_SIZE": str(count),
             CONTROL_ENV: f"127.0.0.1:{control}", CONTROL_KEY_ENV: secrets.token_hex(16)}
     if _on_cuda():
         check_count(count)
@@ -172,14 +172,15 @@ def _forwarding_signals(leader: subprocess.Popen) -> Iterator[set[int]]:
             signal.signal(number, handler)
 
 
-def launch(argv: Sequence[str], count: int) -> int:
-    """Run `argv` (a Python command line, e.g. this CLI's) as `count` ranks and wait for all of them. Rank 0's
+def launch(argv: Sequence[str], count: int, env: dict[str, str] | None = None) -> int:
+    """Run `argv` (a Python command line, e.g. this CLI's) as `count` ranks, with `env` added to this process's
+    environment, and wait for all of them. Rank 0's
     output passes through; the others' only when they fail. SIGTERM and SIGINT go to rank 0 (a server drains,
     then ends the others through imagegen.ranks). Returns the exit code of the first rank that failed (the others
     are stopped then), else 0."""
     check_count(count)
     with tempfile.TemporaryDirectory(prefix="imagegen-ranks-") as folder:
-        envs = rank_environments(count, Path(folder))
+        envs = rank_environments(count, Path(folder), env)
         logs = [None] + [open(Path(folder) / f"rank{r}.log", "w+") for r in range(1, count)]
         ranks = [subprocess.Popen(list(argv), env=env, stdout=log, stderr=log) for env, log in zip(envs, logs)]
         with _forwarding_signals(ranks[0]) as forwarded:

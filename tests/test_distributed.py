@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 from PIL import Image
 
 from imagegen import distributed
+from imagegen.batch import FAILURES, RESULTS, Defaults, run_batch
 
 # Runs in each rank: a tiny random FLUX.2 transformer on image-token counts that do and do not split evenly,
 # sharded over the group, against the same call unsharded; rank 0 writes the largest difference.
@@ -23,6 +25,7 @@ RANK_SCRIPT = """
 import sys
 import mlx.core as mx
 from imagegen import distributed
+from imagegen.batch import FAILURES, RESULTS, Defaults, run_batch
 from imagegen_flux2.config import Flux2TransformerConfig
 from imagegen_flux2.transformer import Flux2Transformer
 
@@ -55,6 +58,7 @@ import sys
 import mlx.core as mx
 from mlx.utils import tree_flatten
 from imagegen import distributed
+from imagegen.batch import FAILURES, RESULTS, Defaults, run_batch
 from imagegen.nn import AutoencoderKL, AutoencoderKLConfig
 
 spread = distributed.from_environment()
@@ -177,10 +181,56 @@ def test_serve_gpus_two_answers_as_one_process_and_stops_every_rank(tmp_path):
     assert np.abs(one - two).max() <= 1
 
 
-@pytest.mark.parametrize("gpus", ["0", "-1"])
-def test_cli_refuses_bad_gpu_counts(gpus, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "imagegen", "run", "a circle", "--model", "flux2-demo", "-o",
-                           str(tmp_path / "x.png"), "--gpus", gpus], env=env_with_tree(), capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode != 0 and "--gpus must be >= 1" in done.stderr
-    assert not (tmp_path / "x.png").exists()
+def demo_prompts(path: Path, count: int) -> Path:
+    shapes = ["a red circle on a blue background", "a yellow square on a green background"]
+    rows = [{"id": f"d{i}", "prompt": shapes[i % 2], "seed": i} for i in range(count)]
+    rows.append({"id": "other", "prompt": "x", "model": "zimage-turbo"})  # cannot split: fails alone
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def assert_same_batch(a: Path, b: Path, ids: list[str]) -> None:
+    for i in ids:
+        one, two = (np.asarray(Image.open(folder / f"{i}.png"), dtype=np.int16) for folder in (a, b))
+        assert np.abs(one - two).max() <= 1, i
+    assert sorted(json.loads(line)["id"] for line in (b / RESULTS).read_text().splitlines()) == sorted(ids)
+
+
+def test_batch_gpus_per_worker_two_draws_every_row_once_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "environ", env_with_tree())
+    prompts = demo_prompts(tmp_path / "demo.jsonl", 3)
+    defaults = Defaults(model="flux2-demo", width=64, height=48, steps=2)
+    run_batch(prompts, tmp_path / "one", defaults)
+    summary = run_batch(prompts, tmp_path / "two", defaults, gpus_per_worker=2)
+    assert (summary.done, summary.failed) == (3, 1)
+    failure = json.loads((tmp_path / "two" / FAILURES).read_text())
+    assert failure["id"] == "other" and "--gpus-per-worker" in failure["error"]
+    assert_same_batch(tmp_path / "one", tmp_path / "two", ["d0", "d1", "d2"])
+    (tmp_path / "two" / "d1.png").unlink()  # as if the batch had stopped before this row
+    again = run_batch(prompts, tmp_path / "two", defaults, gpus_per_worker=2)
+    assert (again.skipped, again.done) == (2, 1)
+    assert_same_batch(tmp_path / "one", tmp_path / "two", ["d0", "d1", "d2"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (("run", "a circle", "--model", "flux2-demo", "--gpus", "0"), "--gpus must be >= 1, got 0."),
+    (("run", "a circle", "--model", "flux2-demo", "--gpus", "-1"), "--gpus must be >= 1, got -1."),
+    (("run", "a circle", "--model", "zimage-turbo", "--gpus", "2"), "cannot spread one image over several GPUs"),
+    (("serve", "--gpus", "0"), "--gpus must be >= 1, got 0."),
+    (("serve", "--gpus", "2", "--ray", "local"), "--gpus does not combine with --ray"),
+    (("serve", "--gpus", "2", "--model", "zimage-turbo"), "Model 'zimage-turbo' cannot spread one image"),
+    (("batch", "p.jsonl", "-o", "out", "--gpus-per-worker", "0"), "--gpus-per-worker must be >= 1, got 0."),
+    (("batch", "p.jsonl", "-o", "out", "--gpus-per-worker", "2", "--model", "zimage-turbo"),
+     "Model 'zimage-turbo' cannot spread one image over several GPUs (--gpus-per-worker)."),
+])
+def test_cli_refuses_bad_gpu_options(args, message, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from imagegen.cli import get_app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.jsonl").write_text('{"prompt": "x"}\n')
+    result = CliRunner().invoke(get_app(), list(args))
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and message in lines[0], result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl"]  # nothing written, nothing launched

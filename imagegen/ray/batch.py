@@ -11,6 +11,7 @@ cannot even start (a plugin that fails to import) stop the batch with that error
 from __future__ import annotations
 
 import math
+import os
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import ray
 from ray.exceptions import ActorUnschedulableError, OutOfMemoryError, RayActorError
 
 from ..batch import Generator, LoadOptions, Outcome, Outputs, Row, error_text
+from ..batch_ranks import RankedGenerator, RanksEnded
 from ..errors import ImagegenError
 from . import PluginRef, connect, forwarded_plugins, runtime_env, setup_worker
 
@@ -28,14 +30,18 @@ WORKER_LOST = (RayActorError, OutOfMemoryError, ActorUnschedulableError)
 
 
 class BatchWorker:
-    """The Ray actor: the driver's in-process plugins, then a Generator."""
+    """The Ray actor: the driver's in-process plugins, then a Generator (over `gpus` ranks it launches when
+    `gpus` > 1: imagegen.batch_ranks)."""
 
-    def __init__(self, load: LoadOptions, plugins: list[PluginRef]):
+    def __init__(self, load: LoadOptions, plugins: list[PluginRef], gpus: int = 1):
         setup_worker(plugins)
-        self.generator = Generator(load)
+        self.generator = RankedGenerator(load, gpus) if gpus > 1 else Generator(load)
 
     def run(self, row: Row) -> Outcome:
-        return self.generator.run(row)
+        try:
+            return self.generator.run(row)
+        except RanksEnded:  # this actor cannot generate any more: end it, so the pool replaces it
+            os._exit(1)
 
 
 def _share(total: float, count: int) -> float:
@@ -44,13 +50,18 @@ def _share(total: float, count: int) -> float:
     return float(int(share)) if share >= 1 else math.floor(share * 10000) / 10000
 
 
-def worker_resources(workers: int | None) -> tuple[int, dict[str, float]]:
-    """How many workers and what each reserves: one GPU each by default; without GPUs, `workers`
-    (default 1) equal shares of the CPUs."""
+def worker_resources(workers: int | None, gpus_per_worker: int = 1) -> tuple[int, dict[str, float]]:
+    """How many workers and what each reserves: one GPU each by default (`gpus_per_worker` each when more,
+    Ray's num_gpus); without GPUs, `workers` (default 1) equal shares of the CPUs."""
     resources = ray.cluster_resources()
     gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if gpus_per_worker > 1 and gpus >= 1:
+        if gpus < gpus_per_worker:
+            raise ImagegenError(f"--gpus-per-worker {gpus_per_worker}: the Ray cluster has {gpus:g} GPU(s).")
+        count = workers or int(gpus // gpus_per_worker)
+        return count, {"num_gpus": float(gpus_per_worker), "num_cpus": min(1.0, _share(cpus, count))}
     if gpus >= 1:
         count = workers or int(gpus)
         return count, {"num_gpus": min(1.0, _share(gpus, count)), "num_cpus": min(1.0, _share(cpus, count))}
@@ -73,11 +84,11 @@ class Pool:
     counts up); of the rows a dead actor held, only the one it was running (the oldest: an actor runs its
     rows in order) counts a death, so rows queued behind a row that kills workers are not failed with it."""
 
-    def __init__(self, count: int, options: dict[str, Any], load: LoadOptions):
+    def __init__(self, count: int, options: dict[str, Any], load: LoadOptions, gpus_per_worker: int = 1):
         env = runtime_env()
         self.actor_class = ray.remote(BatchWorker).options(max_restarts=0, max_task_retries=0, **options,
                                                            **({"runtime_env": env} if env else {}))
-        self.load, self.plugins = load, forwarded_plugins()
+        self.load, self.plugins, self.gpus_per_worker = load, forwarded_plugins(), gpus_per_worker
         self.actors = [self._new() for _ in range(count)]
         self.generations = [0] * count
         self.in_flight: dict[Any, Task] = {}  # ObjectRef -> Task, in the order sent
@@ -85,7 +96,7 @@ class Pool:
         self.sent = 0
 
     def _new(self) -> Any:
-        return self.actor_class.remote(self.load, self.plugins)
+        return self.actor_class.remote(self.load, self.plugins, self.gpus_per_worker)
 
     def held(self, slot: int) -> list[Task]:
         return [t for t in self.in_flight.values() if (t.slot, t.generation) == (slot, self.generations[slot])]
@@ -123,13 +134,15 @@ class Pool:
 
 
 def run_on_ray(rows: Sequence[Row], outputs: Outputs, load: LoadOptions, address: str | None,
-               workers: int | None = None, max_retries: int = 2, rejected: Iterable[Outcome] = ()) -> None:
-    """Generate `rows` on a Ray cluster (see imagegen.ray.connect for `address`)."""
+               workers: int | None = None, max_retries: int = 2, rejected: Iterable[Outcome] = (),
+               gpus_per_worker: int = 1) -> None:
+    """Generate `rows` on a Ray cluster (see imagegen.ray.connect for `address`), each worker over
+    `gpus_per_worker` GPUs."""
     started = connect(address, quiet=True)
     pool: Pool | None = None
     try:
-        count, options = worker_resources(workers)
-        pool = Pool(count, options, load)
+        count, options = worker_resources(workers, gpus_per_worker)
+        pool = Pool(count, options, load, gpus_per_worker)
         outputs.start(count, rejected)
         queue = deque(rows)
         deaths: dict[str, int] = {}  # row id -> workers that died running it
