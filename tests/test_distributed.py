@@ -234,3 +234,14 @@ def test_cli_refuses_bad_gpu_options(args, message, tmp_path, monkeypatch):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 1 and len(lines) == 1 and message in lines[0], result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl"]  # nothing written, nothing launched
+
+
+def test_benchmark_smoke_runs_generate_and_serve_sections(tmp_path):
+    """benchmarks/bench_multi_gpu.py --tiny: both sections run and report 1 vs 2 ranks (the code paths, not speed)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_multi_gpu.py"
+    done = subprocess.run([sys.executable, str(script), "--tiny", "--models", "flux2-klein-4b", "--repeats", "1",
+                           "--work", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = {r["section"]: r for r in map(json.loads, done.stdout.splitlines()) if r["section"] != "header"}
+    assert records["multi-gpu"]["speedup_decode"] > 0 and records["multi-gpu"]["image_goal_met"]
+    assert records["serve"]["many"]["latency_s"] > 0 and records["serve"]["image_goal_met"]
