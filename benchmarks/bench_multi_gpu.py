@@ -24,7 +24,6 @@ import base64
 import contextlib
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_ray import free_port, wait_ready
 from common import REPO, Recorder, ensure_imports, header, image_difference, round_floats
 from families import FULL, TINY, family, torch_device
 
@@ -114,24 +114,14 @@ def time_serve(args: argparse.Namespace, size: int, gpus: int, work: Path) -> di
     """Start a server on `gpus` GPUs, time sequential requests from a client, stop it (SIGTERM, as a user)."""
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     command = [sys.executable, __file__, "--serve-child", str(port), "--gpus", str(gpus), "--serve-model",
                args.serve_model]
     server = subprocess.Popen(command)
     body = {"model": args.serve_model, "prompt": PROMPT, "size": f"{size}x{size}", "seed": 7, "steps": args.steps}
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 1800
-        while True:
-            try:
-                httpx.get(f"{url}/health", timeout=5)
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError(f"serve on {gpus} GPU(s) did not start") from None
-                time.sleep(1)
+        wait_ready(url)
 
         def request() -> tuple[float, bytes]:
             start = time.perf_counter()

@@ -153,40 +153,45 @@ def rank_environments(count: int, folder: Path, extra: dict[str, str] | None = N
 
 @contextlib.contextmanager
 def _forwarding_signals(leader: subprocess.Popen) -> Iterator[set[int]]:
-    """While the ranks run, SIGTERM and SIGINT sent to this process go to rank 0 instead of ending this one;
-    yields the set of signals forwarded so far."""
-    forwarded: set[int] = set()
+    """While the ranks run, SIGTERM sent to this process goes to rank 0 instead of ending this one, and SIGINT is
+    left to the ranks (Ctrl-C reaches every process of the terminal's group by itself); yields the signals that
+    rank 0 got, which it may end by (uvicorn re-raises them after its graceful shutdown)."""
+    expected: set[int] = set()
     if threading.current_thread() is not threading.main_thread():  # signal handlers live on the main thread
-        yield forwarded
+        yield expected
         return
 
     def forward(number: int, frame: object) -> None:
-        forwarded.add(number)
+        expected.add(number)
         leader.send_signal(number)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    def interrupted(number: int, frame: object) -> None:
+        expected.add(number)
+
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
+                signal.SIGINT: signal.signal(signal.SIGINT, interrupted)}
     try:
-        yield forwarded
+        yield expected
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
 
 
-def launch(argv: Sequence[str], count: int, env: dict[str, str] | None = None) -> int:
-    """Run `argv` (a Python command line, e.g. this CLI's) as `count` ranks, with `env` added to this process's
-    environment, and wait for all of them. Rank 0's
-    output passes through; the others' only when they fail. SIGTERM and SIGINT go to rank 0 (a server drains,
-    then ends the others through imagegen.ranks). Returns the exit code of the first rank that failed (the others
-    are stopped then), else 0."""
+def launch(argv: Sequence[str], count: int, extra_env: dict[str, str] | None = None) -> int:
+    """Run `argv` (a Python command line, e.g. this CLI's) as `count` ranks, with `extra_env` added to this
+    process's environment, and wait for all of them. Rank 0's output passes through; the others' only when they
+    fail. SIGTERM goes to rank 0 (a server drains, then ends the others through imagegen.ranks); Ctrl-C reaches
+    every rank from the terminal. Returns the exit code of the first rank that failed (the others are stopped
+    then), else 0."""
     check_count(count)
     with tempfile.TemporaryDirectory(prefix="imagegen-ranks-") as folder:
-        envs = rank_environments(count, Path(folder), env)
+        envs = rank_environments(count, Path(folder), extra_env)
         logs = [None] + [open(Path(folder) / f"rank{r}.log", "w+") for r in range(1, count)]
         ranks = [subprocess.Popen(list(argv), env=env, stdout=log, stderr=log) for env, log in zip(envs, logs)]
-        with _forwarding_signals(ranks[0]) as forwarded:
+        with _forwarding_signals(ranks[0]) as expected:
 
             def first_failure() -> int:
-                return next((p.returncode for p in ranks if _failed(p, forwarded if p is ranks[0] else set())), 0)
+                return next((p.returncode for p in ranks if _failed(p, expected if p is ranks[0] else set())), 0)
 
             failure, leader_ended = 0, None
             while None in [p.poll() for p in ranks]:  # a list: every rank polled each round

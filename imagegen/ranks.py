@@ -20,6 +20,7 @@ import contextlib
 import gc
 import logging
 import os
+import signal
 import threading
 import time
 import weakref
@@ -210,12 +211,12 @@ def lead(count: int) -> Iterator[Leader]:
         if accepted.is_alive():
             raise ImagegenError(f"Only {sum(f is not None for f in followers) + 1} of {count} ranks started "
                                 f"within {CONNECT_WAIT:.0f}s.")
-    _leader = Leader(followers)  # type: ignore[arg-type]
+    _leader = mirror = Leader(followers)  # type: ignore[arg-type]
     try:
-        yield _leader
+        yield mirror
     finally:
         _leader = None
-        Leader(followers).close()  # type: ignore[arg-type]
+        mirror.close()
 
 
 def _accept(listener: Listener, followers: list[Connection | None]) -> None:
@@ -226,6 +227,7 @@ def _accept(listener: Listener, followers: list[Connection | None]) -> None:
 # ---- the other ranks -------------------------------------------------------------------------
 def follow() -> None:
     """In a rank other than 0: run rank 0's calls until it closes the connection."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every rank: this one ends when rank 0 has drained
     address, key = _address()
     deadline = time.monotonic() + CONNECT_WAIT
     while True:
