@@ -79,11 +79,11 @@ class GroupNorm(nn.Module):
         self.bias = mx.zeros((num_channels,))
 
     def __call__(self, x: mx.array, silu: bool = False) -> mx.array:
-        split = row_split.current()
-        if split is not None:  # one band of the map's rows: statistics over every band
-            return _split_group_norm(x, self.weight, self.bias, self.num_groups, self.eps, silu, split)
+        split = row_split.current()  # set: x is one band of the map's rows, statistics are over every band
         if cuda_group_norm.supported(x, self.num_groups):
-            return cuda_group_norm.group_norm(x, self.weight, self.bias, self.num_groups, self.eps, silu)
+            return cuda_group_norm.group_norm(x, self.weight, self.bias, self.num_groups, self.eps, silu, split)
+        if split is not None:
+            return _split_group_norm(x, self.weight, self.bias, self.num_groups, self.eps, silu, split)
         return _group_norm(x, self.weight, self.bias, self.num_groups, self.eps, silu)
 
 
