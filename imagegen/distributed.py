@@ -7,8 +7,10 @@ part of k and v is all-gathered (the approach of diffusers' context parallel "al
 "ring-free" variant; one all_gather of k and v per attention). The output tokens are gathered at the end, so each
 rank holds the full velocity and the scheduler runs unchanged.
 
-Processes are launched by `launch` (what `imagegen run --gpus N` uses): on CUDA one process per GPU over MLX's
-NCCL backend (NVLink multicast kept off), elsewhere local processes over MLX's ring backend (the CPU test path).
+Processes are launched by `launch` (what `imagegen run --gpus N`, `serve --gpus N` and `batch --gpus-per-worker N`
+use): on CUDA one process per GPU over MLX's NCCL backend (NVLink multicast kept off: NCCL_NVLS_ENABLE=0 in every
+rank), elsewhere local processes over MLX's ring backend (the CPU test path). The VAE decode splits over the same
+group (imagegen.nn.row_split); long-running commands keep their ranks in step with imagegen.ranks.
 """
 
 from __future__ import annotations
