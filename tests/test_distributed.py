@@ -138,6 +138,8 @@ def children(pid: int) -> list[int]:
 
 
 def test_serve_gpus_two_answers_as_one_process_and_stops_every_rank(tmp_path):
+    """serve --gpus 2 (two local ring processes): the image of a one-process server, previews, a request whose
+    client left, a model that cannot split refused, and SIGTERM ends every rank."""
     import httpx
 
     from imagegen.server.embedded import serve_in_thread
@@ -168,6 +170,12 @@ def test_serve_gpus_two_answers_as_one_process_and_stops_every_rank(tmp_path):
         events = httpx.post(f"{url}/v1/images/generations", json={**body, "stream": True, "partial_images": 1},
                             timeout=120).text
         assert "image_generation.partial_image" in events and "image_generation.completed" in events
+        # a client that leaves mid-generation: every rank stops at the same step, and the next request is answered
+        with httpx.stream("POST", f"{url}/v1/images/generations", json={**body, "steps": 200, "stream": True},
+                          timeout=120) as stream:
+            next(line for line in stream.iter_lines() if '"stage": "denoise"' in line)
+        assert pixels(httpx.post(f"{url}/v1/images/generations", json=body, timeout=120).json()).shape == (64, 64, 3)
+        assert httpx.get(f"{url}/health", timeout=5).json()["queue"]["cancelled"] == 1
         refused = httpx.post(f"{url}/v1/images/generations", json={**body, "model": "zimage-turbo"}, timeout=30)
         assert refused.status_code == 400 and "serve --gpus" in refused.json()["error"]["message"]
         ranks = children(server.pid)
