@@ -14,34 +14,39 @@ import math
 import os
 from collections import deque
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import ray
 from ray.exceptions import ActorUnschedulableError, OutOfMemoryError, RayActorError
 
-from ..batch import Generator, LoadOptions, Outcome, Outputs, Row, error_text
+from ..batch import Generator, LoadOptions, Outcome, Outputs, Row, encoded, error_text
 from ..batch_ranks import RankedGenerator, RanksEnded
 from ..errors import ImagegenError
 from . import PluginRef, connect, forwarded_plugins, runtime_env, setup_worker
 
-ROWS_IN_FLIGHT = 2  # per worker: the next row waits in the actor's queue while one runs
+ROWS_IN_FLIGHT = 2  # per worker: one row generates while the one before it is encoded (or waits its turn)
 WORKER_LOST = (RayActorError, OutOfMemoryError, ActorUnschedulableError)
 
 
 class BatchWorker:
     """The Ray actor: the driver's in-process plugins, then a Generator (over `gpus` ranks it launches when
-    `gpus` > 1: imagegen.batch_ranks)."""
+    `gpus` > 1: imagegen.batch_ranks). It takes ROWS_IN_FLIGHT calls at once (a threaded actor) so a row's PNG
+    is encoded while the next row generates, as the local Writer does; the generations themselves run one after
+    another on one thread of their own (MLX work, or the ranks' connection, stays on one thread)."""
 
     def __init__(self, load: LoadOptions, plugins: list[PluginRef], gpus: int = 1):
         setup_worker(plugins)
         self.generator = RankedGenerator(load, gpus) if gpus > 1 else Generator(load)
+        self.device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imagegen-device")
 
     def run(self, row: Row) -> Outcome:
         try:
-            return self.generator.run(row)
+            generated = self.device.submit(self.generator.generate, row).result()
         except RanksEnded:  # this actor cannot generate any more: end it, so the pool replaces it
             os._exit(1)
+        return encoded(generated)
 
 
 def _share(total: float, count: int) -> float:
@@ -86,7 +91,8 @@ class Pool:
 
     def __init__(self, count: int, options: dict[str, Any], load: LoadOptions, gpus_per_worker: int = 1):
         env = runtime_env()
-        self.actor_class = ray.remote(BatchWorker).options(max_restarts=0, max_task_retries=0, **options,
+        self.actor_class = ray.remote(BatchWorker).options(max_restarts=0, max_task_retries=0,
+                                                           max_concurrency=ROWS_IN_FLIGHT, **options,
                                                            **({"runtime_env": env} if env else {}))
         self.load, self.plugins, self.gpus_per_worker = load, forwarded_plugins(), gpus_per_worker
         self.actors = [self._new() for _ in range(count)]
