@@ -33,7 +33,7 @@ from typing import IO, Any, Protocol
 import mlx.core as mx
 from PIL import Image
 
-from . import registry
+from . import ranks, registry
 from .errors import ImagegenError, InvalidOptionError, LoraError
 from .image import generation_metadata, png_bytes, read_metadata, write_atomic
 from .options import OPTIONS, Option, OptionError, parse_size
@@ -293,9 +293,11 @@ class RowRunner:
         self.pipe = self.model = None
         gc.collect()  # free the previous model before the next one loads
         mx.clear_cache()
-        try:
-            pipe = registry.get(model).pipeline(weights=self.load.weights, dtype=self.load.dtype,
-                                                quantize=self.load.quantize)
+        if ranks.leader() is not None and not registry.get(model).extra.get("sequence_parallel"):
+            raise ImagegenError(f"Model '{model}' cannot spread one image over several GPUs (--gpus-per-worker).")
+        try:  # on every rank under --gpus-per-worker N (imagegen.batch_ranks)
+            pipe = ranks.load(registry.get(model), weights=self.load.weights, dtype=self.load.dtype,
+                              quantize=self.load.quantize)
         except Exception as e:
             self.load_errors[model] = f"Cannot load '{model}': {error_text(e)}"
             raise ImagegenError(self.load_errors[model]) from None
@@ -523,10 +525,11 @@ def run_local(rows: Iterable[Row], outputs: Outputs, load: LoadOptions = LoadOpt
 
 def run_batch(prompts: str | Path | Sequence[Row], out: str | Path, defaults: Defaults = Defaults(),
               load: LoadOptions = LoadOptions(), ray: str | None = None, workers: int | None = None,
-              reporter: Reporter | None = None, max_retries: int = 2) -> Summary:
+              reporter: Reporter | None = None, max_retries: int = 2, gpus_per_worker: int = 1) -> Summary:
     """Generate every row not done yet into `out`. `ray`: None runs here; "local" starts a local Ray
     cluster, "auto" or an address joins one (see imagegen.scaleout.batch). `workers` overrides one worker per
-    GPU (per CPU slot without GPUs); `max_retries` bounds how often a row is resent after its worker died."""
+    GPU (per CPU slot without GPUs); `max_retries` bounds how often a row is resent after its worker died.
+    `gpus_per_worker` > 1 splits each image over that many GPUs (ranks) of the worker (imagegen.batch_ranks)."""
     rows = read_rows(prompts, defaults) if isinstance(prompts, str | Path) else list(prompts)
     summary = Summary(total=len(rows))
     outputs = Outputs(out, summary, reporter)
@@ -540,7 +543,15 @@ def run_batch(prompts: str | Path | Sequence[Row], out: str | Path, defaults: De
                 rejected.append(RowOutcome(row, "", error=str(e)))
         todo.sort(key=lambda r: r.model)  # stable: file order within a model; each model loads once
         start = time.perf_counter()
-        if ray is None:
+        if ray is None and gpus_per_worker > 1 and todo:
+            from .batch_ranks import RankedRowRunner
+
+            runner = RankedRowRunner(load, gpus_per_worker)
+            try:
+                run_local(todo, outputs, load, rejected, runner=runner)
+            finally:
+                runner.close()
+        elif ray is None:
             run_local(todo, outputs, load, rejected)
         else:
             from .scaleout import require_ray
@@ -548,7 +559,7 @@ def run_batch(prompts: str | Path | Sequence[Row], out: str | Path, defaults: De
             require_ray()
             from .scaleout.batch import run_on_ray
 
-            run_on_ray(todo, outputs, load, ray, workers, max_retries, rejected)
+            run_on_ray(todo, outputs, load, ray, workers, max_retries, rejected, gpus_per_worker)
         summary.seconds = time.perf_counter() - start
     finally:
         outputs.close()

@@ -24,6 +24,7 @@ LAZY = {
     ("imagegen.options", "imagegen.lora"): "imagegen.lora finds recorded adapter files through options",
     ("imagegen.quantize", "imagegen.nn"): "imagegen.nn imports weights, which imports quantize",
     ("imagegen.quantize", "imagegen.nn.quantized_linear"): "imagegen.nn imports weights, which imports quantize",
+    ("imagegen.batch", "imagegen.batch_ranks"): "an image over GPUs: batch_ranks runs batch's rows on ranks",
     ("imagegen.batch", "imagegen.scaleout"): "the optional Ray extra",
     ("imagegen.batch", "imagegen.scaleout.batch"): "the optional Ray extra",
     ("imagegen.testing", "imagegen.cli"): "test helpers: the CLI only for the tests that invoke it",
