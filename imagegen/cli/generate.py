@@ -77,13 +77,16 @@ def replay_weights(path: Path, saved: dict[str, Any], spec: Any, weights: str | 
                     "(pass --weights to choose).", err=True)
 
 
-def replay_vae(path: Path, saved: dict[str, Any], vae: str | None) -> None:
-    """A VAE folder or repo a PNG names is not loaded either: say so, the user passes --vae to use it."""
-    named = (saved.get("components") or {}).get("vae") if isinstance(saved.get("components"), dict) else None
-    if vae is None and isinstance(named, str):
-        shown = "".join(c if c.isprintable() else "?" for c in named)[:200]
-        typer.secho(f"Note: {path} was made with --vae '{shown}'; using the model's own VAE (pass --vae to "
-                    "choose).", err=True)
+def replay_components(path: Path, saved: dict[str, Any], given: dict[str, str | None]) -> None:
+    """A VAE or ControlNet folder or repo a PNG names is not loaded either: say so, the user passes --vae /
+    --controlnet to use one."""
+    named = saved.get("components") if isinstance(saved.get("components"), dict) else {}
+    for name, source in named.items():
+        if name in given and given[name] is None and isinstance(source, str):
+            shown = "".join(c if c.isprintable() else "?" for c in source)[:200]
+            instead = "using the model's own VAE" if name == "vae" else "loading none"
+            typer.secho(f"Note: {path} was made with --{name} '{shown}'; {instead} (pass --{name} to choose).",
+                        err=True)
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
@@ -143,6 +146,8 @@ def run(
                               "first-block[:THRESHOLD], mag[:THRESHOLD],ratios=FILE, or off."),
     vae: str = typer.Option(None, "--vae", help="Another VAE: a diffusers folder or cached repo id, e.g. "
                             "black-forest-labs/FLUX.2-small-decoder for FLUX.2 models."),
+    controlnet: str = typer.Option(None, "--controlnet", help="A ControlNet (diffusers folder or cached repo id) "
+                                   "steering the model with --control-image (Z-Image)."),
     from_image: Path = typer.Option(None, "--from", help="Reuse the settings saved in an imagegen PNG."),
     force: bool = typer.Option(False, "--force", help="Run even if the memory estimate says it will not fit."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -178,9 +183,10 @@ def run(
     dtype = dtype or saved.get("dtype")
     if from_image is not None:
         replay_weights(from_image, saved, spec, weights)
-        replay_vae(from_image, saved, vae)
-    if vae is not None and "vae" not in spec.components:
-        raise InvalidOptionError(f"Model '{spec.id}' does not support --vae.")
+    components = {"vae": vae, "controlnet": controlnet}
+    if from_image is not None:
+        replay_components(from_image, saved, components)
+    spec.check_components(components)
     to_stdout = output is not None and str(output) == "-"
     if to_stdout and request.batch_size != 1:
         raise InvalidOptionError("-o - writes one PNG to standard output: use it with --count 1.")
@@ -205,8 +211,8 @@ def run(
         preflight(needed, spec.id, force)
 
     with RunProgress(quiet or as_json) as progress:
-        components = {"vae": vae} if vae is not None else {}
-        pipe = spec.pipeline(weights=path, dtype=dtype, quantize=quantize, on_load=progress.on_load, **components)
+        loaded = {name: source for name, source in components.items() if source is not None}
+        pipe = spec.pipeline(weights=path, dtype=dtype, quantize=quantize, on_load=progress.on_load, **loaded)
         result = pipe.generate(request, on_step=progress.on_step)
 
     for i, (img, path_out) in enumerate(zip(result.images, paths)):

@@ -28,8 +28,8 @@ OPTIONS = (
     imagegen.Option("control_scale", "float", f"How strongly the ControlNet steers (default {CONTROL_SCALE}).",
                     minimum=0, flag="--control-scale"),
     imagegen.Option("canny", "any", "Steer with the canny edges of the control image: LOW,HIGH thresholds, or "
-                    "'default' (100,200); needs imagegen-zimage[canny].", convert=canny_thresholds, dump=list,
-                    load=lambda value, folders: canny_thresholds(value), flag="--canny"),
+                    "'default' (100,200); needs OpenCV (the zimage plugin's canny extra).", convert=canny_thresholds,
+                    dump=list, load=lambda value, folders: canny_thresholds(value), flag="--canny"),
 )
 NAMES = tuple(o.name for o in OPTIONS)
 
