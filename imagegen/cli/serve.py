@@ -35,13 +35,16 @@ def serve(
     max_replicas: int = typer.Option(None, "--max-replicas", help="With --ray: autoscale up to this many replicas."),
     lora_dir: Path = typer.Option(None, "--lora-dir", help="Folder of LoRA .safetensors files requests may name "
                                   "(field 'loras'); GET /v1/loras lists them."),
+    controlnet: str = typer.Option(None, "--controlnet", help="A ControlNet (diffusers folder or cached repo id) "
+                                   "loaded with the models that take one (Z-Image); edits upload 'control_image'."),
 ) -> None:
     """Serve models over HTTP: POST /v1/images/generations and /v1/images/edits, GET /v1/models."""
     from ..server import run_server
 
     if ray is not None:
-        if lora_dir is not None:
-            raise InvalidOptionError("--lora-dir is not available with --ray yet: serve without --ray.")
+        if lora_dir is not None or controlnet is not None:
+            flag = "--lora-dir" if lora_dir is not None else "--controlnet"
+            raise InvalidOptionError(f"{flag} is not available with --ray yet: serve without --ray.")
         from ..ray import require_ray
 
         require_ray(serve=True)
@@ -54,4 +57,5 @@ def serve(
         raise InvalidOptionError("--replicas, --min-replicas and --max-replicas need --ray.")
 
     run_server(host=host, port=port, models=model or (), keep_alive=keep_alive, api_key=api_key,
-               max_memory=max_memory, max_queue=max_queue, shutdown_grace=grace, lora_dir=lora_dir)
+               max_memory=max_memory, max_queue=max_queue, shutdown_grace=grace, lora_dir=lora_dir,
+               controlnet=controlnet)
