@@ -14,7 +14,7 @@ that diffusers adds, times the conditioning scale, after the transformer layer a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from imagegen.errors import WeightsError
-from imagegen.nn.pacing import Pacer
+from imagegen.nn.pacing import PacedBlocks, Pacer
 from imagegen.weights import fuse_projections, load_module
 
 from .config import ZImageControlNetConfig
@@ -57,7 +57,7 @@ class ZImageControlBlock(ZImageTransformerBlock):
         return c, self.after_proj(c)
 
 
-def run_control(blocks: Sequence[ZImageControlBlock], c: mx.array, x: mx.array, rope: Rope, adaln: mx.array,
+def run_control(blocks: Sequence[Callable], c: mx.array, x: mx.array, rope: Rope, adaln: mx.array,
                 pace: Pacer) -> tuple[mx.array, list[mx.array]]:
     """The control stream through `blocks`: (its final state, one hint per block)."""
     hints = []
@@ -68,7 +68,7 @@ def run_control(blocks: Sequence[ZImageControlBlock], c: mx.array, x: mx.array, 
     return c, hints
 
 
-class ZImageControlNet(nn.Module):
+class ZImageControlNet(PacedBlocks, nn.Module):
     """ZImageControlNetModel's own layers; module names are the checkpoint's keys (q/k/v and w1/w3 fused at load,
     as in the transformer). `add_control_noise_refiner`: None (1.0) runs a plain noise refiner of its own over the
     control tokens; "control_layers" (2.0) and "control_noise_refiner" (2.1) first run those control blocks beside
@@ -89,7 +89,7 @@ class ZImageControlNet(nn.Module):
             self.control_noise_refiner = [ZImageControlBlock(config, block_id=i) for i in range(count)]
 
     @property
-    def block_lists(self) -> tuple[str, ...]:
+    def paced_lists(self) -> tuple[str, ...]:  # type: ignore[override]  (which lists exist depends on the layout)
         return ("control_layers", "control_noise_refiner") if "control_noise_refiner" in self else ("control_layers",)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
@@ -97,7 +97,7 @@ class ZImageControlNet(nn.Module):
         single-file conversion drops ("control_layers" mode does not use it): drop it too."""
         if self.config.add_control_noise_refiner == "control_layers":
             weights = {k: v for k, v in weights.items() if not k.startswith("control_noise_refiner.")}
-        prefixes = (f"{name}.{i}." for name in self.block_lists for i in range(len(getattr(self, name))))
+        prefixes = (f"{name}.{i}." for name in self.paced_lists for i in range(len(getattr(self, name))))
         return fuse_projections(weights, prefixes, FUSIONS)
 
     def check_fits(self, transformer: ZImageTransformer, where: str) -> None:
@@ -124,16 +124,16 @@ class ZImageControlNet(nn.Module):
               pace: Pacer) -> dict[int, mx.array]:
         """{transformer layer: hint} for one layout group; `context` [Bg, H, W, control_in_dim] in NHWC latents."""
         config, dtype = self.config, start.image.dtype
+        _, control_layers, *refiner = self.paced_blocks()  # compiled one by one when the pipeline paces
         c = self.control_all_x_embedder[transformer.patch_key](patchify(context.astype(dtype), transformer.patch_size))
         c = pad_tokens(c, start.image.shape[1], transformer.x_pad_token)  # diffusers puts x_pad_token there too
         image = start.image
         if config.add_control_noise_refiner is None:
-            for block in self.control_noise_refiner:
+            for block in refiner[0]:
                 c = block(c, group.image_rope, start.adaln)
                 pace(c)
         else:
-            blocks = self.control_layers if config.add_control_noise_refiner == "control_layers" else \
-                self.control_noise_refiner
+            blocks = control_layers if config.add_control_noise_refiner == "control_layers" else refiner[0]
             c, found = run_control(blocks, c, start.embedded, group.image_rope, start.adaln, pace)
             steer = {place: hint * scale for place, hint in zip(config.control_refiner_layers_places, found)}
             image = start.embedded  # the ControlNet's own pass of the transformer's noise refiner, steered
@@ -143,7 +143,7 @@ class ZImageControlNet(nn.Module):
                     image = image + steer[index]
                 pace(image)
         unified = mx.concatenate([image, start.cap], axis=1)
-        _, found = run_control(self.control_layers, mx.concatenate([c, start.cap], axis=1), unified, group.rope,
+        _, found = run_control(control_layers, mx.concatenate([c, start.cap], axis=1), unified, group.rope,
                                start.adaln, pace)
         return {place: hint * scale for place, hint in zip(config.control_layers_places, found)}
 

@@ -82,10 +82,16 @@ class ZImagePipeline(DiffusersPipeline):
             with self.loading("controlnet"):
                 self.controlnet = load_controlnet(hub.resolve_component(controlnet, "--controlnet"), self.transformer,
                                                   self.dtype, self.quantize)
+            self.controlnet.pace(self.paced)
 
     def weights_changed(self) -> None:
         self._compiled.clear()  # compiled graphs captured the replaced layers' arrays
         super().weights_changed()
+
+    def pace(self, every: int) -> None:
+        super().pace(every)
+        if getattr(self, "controlnet", None) is not None:  # its blocks are paced like the transformer's
+            self.controlnet.pace(every)
 
     def forward(self, layout: Layout, wrapper: block_loop.LoopWrapper | None = None,
                 control: mx.array | None = None, scale: float = 1.0):

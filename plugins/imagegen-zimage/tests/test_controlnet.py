@@ -100,8 +100,10 @@ def test_hints_match_diffusers(transformer, tmp_path, kind):
             np.testing.assert_allclose(np.array(hint), expected, rtol=0, atol=2e-5 * scale)
 
 
-def test_transformer_with_hints_matches_diffusers(transformer, tmp_path):
-    """The transformer adds each hint after its layer, as diffusers' controlnet_block_samples."""
+@pytest.mark.parametrize("pace", [0, 1])
+def test_transformer_with_hints_matches_diffusers(transformer, tmp_path, pace):
+    """The transformer adds each hint after its layer, as diffusers' controlnet_block_samples; pace 1: both models'
+    blocks compiled one by one, as the pipelines run them."""
     ref_transformer, model = transformer
     net_ref = ZImageControlNetModel.from_transformer(build_controlnet(tmp_path, "2.1"), ref_transformer)
     net = load_controlnet(tmp_path, model, "float32", None)
@@ -117,8 +119,11 @@ def test_transformer_with_hints_matches_diffusers(transformer, tmp_path):
     for i, c in enumerate(caps):
         padded[i, : len(c)] = c
     control = ControlInput(net, mx.array(context), mx.array(0.75))
+    model.pace(pace)
+    net.pace(pace)
     got = np.array(model(mx.array(latents), mx.array(t), mx.array(padded), model.layout(CAP_LENS, *GRID),
                          control=control))
+    model.pace(0)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
 
 
