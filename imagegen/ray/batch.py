@@ -13,29 +13,33 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import ray
 from ray.exceptions import ActorUnschedulableError, OutOfMemoryError, RayActorError
 
-from ..batch import Generator, LoadOptions, Outcome, Outputs, Row, error_text
+from ..batch import Generator, LoadOptions, Outcome, Outputs, Row, encoded, error_text
 from ..errors import ImagegenError
 from . import PluginRef, connect, forwarded_plugins, runtime_env, setup_worker
 
-ROWS_IN_FLIGHT = 2  # per worker: the next row waits in the actor's queue while one runs
+ROWS_IN_FLIGHT = 2  # per worker: one row generates while the one before it is encoded (or waits its turn)
 WORKER_LOST = (RayActorError, OutOfMemoryError, ActorUnschedulableError)
 
 
 class BatchWorker:
-    """The Ray actor: the driver's in-process plugins, then a Generator."""
+    """The Ray actor: the driver's in-process plugins, then a Generator. It takes ROWS_IN_FLIGHT calls at once
+    (a threaded actor) so a row's PNG is encoded while the next row generates, as the local Writer does; the
+    generations themselves run one after another on one thread of their own (MLX work stays on one thread)."""
 
     def __init__(self, load: LoadOptions, plugins: list[PluginRef]):
         setup_worker(plugins)
         self.generator = Generator(load)
+        self.device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imagegen-device")
 
     def run(self, row: Row) -> Outcome:
-        return self.generator.run(row)
+        return encoded(self.device.submit(self.generator.generate, row).result())
 
 
 def _share(total: float, count: int) -> float:
@@ -75,7 +79,8 @@ class Pool:
 
     def __init__(self, count: int, options: dict[str, Any], load: LoadOptions):
         env = runtime_env()
-        self.actor_class = ray.remote(BatchWorker).options(max_restarts=0, max_task_retries=0, **options,
+        self.actor_class = ray.remote(BatchWorker).options(max_restarts=0, max_task_retries=0,
+                                                           max_concurrency=ROWS_IN_FLIGHT, **options,
                                                            **({"runtime_env": env} if env else {}))
         self.load, self.plugins = load, forwarded_plugins()
         self.actors = [self._new() for _ in range(count)]
