@@ -15,10 +15,10 @@ from .. import distributed, hub, registry
 from ..errors import InvalidImageError, InvalidOptionError
 from ..image import encode_image, generation_metadata, image_format, read_metadata, save_image
 from ..memory import preflight
-from ..options import family_options, parse_size
+from ..options import BY_NAME, family_options, parse_size
 from ..request import given, replayed
 from . import app, handle_errors
-from .options import cli_options, flag_errors, with_flags
+from .options import cli_options, flag_errors, label, with_flags
 from .progress import RunProgress
 
 
@@ -171,9 +171,13 @@ def run(
         if "cache" not in {o.name for o in family_options(spec.extra_options)}:
             raise InvalidOptionError(f"Model '{spec.id}' does not support --cache (is imagegen-cache installed?).")
         family["cache"] = cache
-    unknown = sorted(set(family) - {o.name for o in family_options(spec.extra_options)})
+    own = {o.name for o in family_options(spec.extra_options)}
+    unknown = sorted(set(family) - own)
     if unknown:
         raise InvalidOptionError(f"Model '{spec.id}' does not support --option {unknown[0]}.")
+    foreign = sorted(name for name in given_flags if name not in BY_NAME and name not in own)
+    if foreign:  # another family's flag (e.g. Z-Image's --control-image)
+        raise InvalidOptionError(f"Model '{spec.id}' does not support {label(foreign[0])}.")
     with flag_errors():
         # input images a PNG names are found by file name beside it or here, and only with the same content
         kept = {k: v for k, v in saved.items() if k not in given_flags}  # a flag replaces the saved value outright

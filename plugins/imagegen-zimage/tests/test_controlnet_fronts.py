@@ -78,7 +78,8 @@ def test_cli_refusals_are_one_line(folders, tmp_path, monkeypatch):
     cases = [
         (["run", "-m", "flux2-klein-4b", "x", "--controlnet", str(net)], "Model 'flux2-klein-4b' does not support "
                                                                           "--controlnet"),
-        (["run", "-m", "flux2-klein-4b", "x", "--control-image", "pose.png"], "control_image"),
+        (["run", "-m", "flux2-klein-4b", "x", "--control-image", "pose.png"], "Model 'flux2-klein-4b' does not "
+                                                                            "support --control-image."),
         (run_args(model, "--control-scale", "-1", "--control-image", "pose.png"), "--control-scale must be >= 0"),
         (run_args(model, "--controlnet", str(tmp_path / "nowhere")), "--controlnet"),
         (run_args(model, "--control-scale", "0.5"), "control_scale needs a control image"),
