@@ -14,7 +14,7 @@ import typer
 from .. import distributed, hub, registry
 from ..errors import InvalidImageError, InvalidOptionError
 from ..image import encode_image, generation_metadata, image_format, read_metadata, save_image
-from ..memory import preflight
+from ..memory import preflight, weight_bytes
 from ..options import BY_NAME, family_options, parse_size
 from ..request import given, replayed
 from . import app, handle_errors
@@ -212,6 +212,9 @@ def run(
     if spec.estimate_memory is not None:
         needed = spec.estimate_memory(spec, path, dtype or spec.default_dtype, quantize, request.width,
                                       request.height, request.batch_size)
+        if needed and controlnet is not None:  # its weights come on top of the model's
+            needed += weight_bytes(hub.resolve_component(controlnet, "--controlnet"), dtype or spec.default_dtype,
+                                   quantize, quantized=True)
         preflight(needed, spec.id, force)
 
     with RunProgress(quiet or as_json) as progress:

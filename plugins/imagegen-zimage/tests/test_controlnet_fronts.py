@@ -188,3 +188,16 @@ def test_canny_steers_with_the_edges_and_replays(folders, tmp_path, monkeypatch)
     again = invoke("run", "--from", "edges.png", "--weights", str(model), "--controlnet", str(net), "-o", "again.png")
     assert again.exit_code == 0, again.output
     same("again.png", by_hand)
+
+
+def test_cli_memory_estimate_counts_the_controlnet(folders, tmp_path, monkeypatch):
+    from imagegen.cli import generate
+    from imagegen.memory import weight_bytes
+
+    model, net = folders
+    monkeypatch.chdir(tmp_path)
+    estimates = []
+    monkeypatch.setattr(generate, "preflight", lambda needed, *rest: estimates.append(needed))
+    for extra in ([], ["--controlnet", str(net)]):
+        assert invoke(*run_args(model, "--steps", "1", *extra)).exit_code == 0
+    assert estimates[1] - estimates[0] == weight_bytes(net, "float32", None, quantized=True) > 0
