@@ -121,3 +121,17 @@ def test_control_requests_that_cannot_run_are_refused(turbo):
         union1.generate("x", control_image=control_picture(), control_scale=-1, **size)
     with pytest.raises(imagegen.InvalidOptionError, match="does not support --controlnet"):
         imagegen.registry.get("flux2-klein-4b").pipeline(weights=folder, controlnet=nets["union1"][0])
+
+
+def test_controlnet_inpaint_torch_noise_matches_diffusers_generator(turbo):
+    """noise="torch": the seed's float32 draw of ZImageControlNetInpaintPipeline (the VAE means take no draws)."""
+    folder, pipe, nets = turbo
+    reference = ZImageControlNetInpaintPipeline(**pipe.components, controlnet=nets["union2"][1])
+    want = reference(prompt="a boat", image=base.picture(2), mask_image=base.square_mask(),
+                     control_image=control_picture(3), num_inference_steps=2, guidance_scale=0.0, width=SIZE[0],
+                     height=SIZE[1], controlnet_conditioning_scale=1.0,
+                     generator=torch.Generator("cpu").manual_seed(21)).images
+    got = ours(folder, nets["union2"][0]).generate("a boat", init_image=base.picture(2), mask=base.square_mask(),
+                                                   control_image=control_picture(3), control_scale=1.0, steps=2,
+                                                   seed=21, noise="torch", width=SIZE[0], height=SIZE[1])
+    assert_images_match(got.images, want)
