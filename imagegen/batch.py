@@ -33,7 +33,7 @@ from typing import IO, Any, Protocol
 import mlx.core as mx
 from PIL import Image
 
-from . import registry
+from . import ranks, registry
 from .errors import ImagegenError, InvalidOptionError, LoraError
 from .image import generation_metadata, png_bytes, read_metadata, write_atomic
 from .options import OPTIONS, Option, OptionError, family_options, parse_size
@@ -304,11 +304,13 @@ class Generator:
         self.pipe = self.model = None
         gc.collect()  # free the previous model before the next one loads
         mx.clear_cache()
-        try:
-            spec = registry.get(model)
-            parts = {"controlnet": self.load.controlnet} if "controlnet" in spec.components else {}
-            pipe = spec.pipeline(weights=self.load.weights, dtype=self.load.dtype, quantize=self.load.quantize,
-                                 **{k: v for k, v in parts.items() if v is not None})
+        spec = registry.get(model)
+        if ranks.leader() is not None and not spec.extra.get("sequence_parallel"):
+            raise ImagegenError(f"Model '{model}' cannot spread one image over several GPUs (--gpus-per-worker).")
+        parts = {"controlnet": self.load.controlnet} if "controlnet" in spec.components else {}
+        try:  # on every rank under --gpus-per-worker N (imagegen.batch_ranks)
+            pipe = ranks.load(spec, weights=self.load.weights, dtype=self.load.dtype, quantize=self.load.quantize,
+                              **{k: v for k, v in parts.items() if v is not None})
         except Exception as e:
             self.load_errors[model] = f"Cannot load '{model}': {error_text(e)}"
             raise ImagegenError(self.load_errors[model]) from None
@@ -536,10 +538,11 @@ def run_local(rows: Iterable[Row], outputs: Outputs, load: LoadOptions = LoadOpt
 
 def run_batch(prompts: str | Path | Sequence[Row], out: str | Path, defaults: Defaults = Defaults(),
               load: LoadOptions = LoadOptions(), ray: str | None = None, workers: int | None = None,
-              reporter: Reporter | None = None, max_retries: int = 2) -> Summary:
+              reporter: Reporter | None = None, max_retries: int = 2, gpus_per_worker: int = 1) -> Summary:
     """Generate every row not done yet into `out`. `ray`: None runs here; "local" starts a local Ray
     cluster, "auto" or an address joins one (see imagegen.ray.batch). `workers` overrides one worker per
-    GPU (per CPU slot without GPUs); `max_retries` bounds how often a row is resent after its worker died."""
+    GPU (per CPU slot without GPUs); `max_retries` bounds how often a row is resent after its worker died.
+    `gpus_per_worker` > 1 splits each image over that many GPUs (ranks) of the worker (imagegen.batch_ranks)."""
     rows = read_rows(prompts, defaults) if isinstance(prompts, str | Path) else list(prompts)
     summary = Summary(total=len(rows))
     outputs = Outputs(out, summary, reporter)
@@ -553,7 +556,15 @@ def run_batch(prompts: str | Path | Sequence[Row], out: str | Path, defaults: De
                 rejected.append(Outcome(row, "", error=str(e)))
         todo.sort(key=lambda r: r.model)  # stable: file order within a model; each model loads once
         start = time.perf_counter()
-        if ray is None:
+        if ray is None and gpus_per_worker > 1 and todo:
+            from .batch_ranks import RankedGenerator
+
+            generator = RankedGenerator(load, gpus_per_worker)
+            try:
+                run_local(todo, outputs, load, rejected, generator=generator)
+            finally:
+                generator.close()
+        elif ray is None:
             run_local(todo, outputs, load, rejected)
         else:
             from .ray import require_ray
@@ -561,7 +572,7 @@ def run_batch(prompts: str | Path | Sequence[Row], out: str | Path, defaults: De
             require_ray()
             from .ray.batch import run_on_ray
 
-            run_on_ray(todo, outputs, load, ray, workers, max_retries, rejected)
+            run_on_ray(todo, outputs, load, ray, workers, max_retries, rejected, gpus_per_worker)
         summary.seconds = time.perf_counter() - start
     finally:
         outputs.close()

@@ -86,12 +86,17 @@ class DiffusersPipeline(Pipeline):
         return latents
 
     def decode(self, request: Request, latents: mx.array) -> list[Image.Image]:
+        """Over several ranks (imagegen.distributed), every rank decodes a band of rows and rank 0 alone returns
+        the images (a tiled decode runs on rank 0 alone)."""
         spread = getattr(self.transformer, "sequence_parallel", None)
-        if spread is not None and spread.rank:  # every rank holds the same latents: rank 0 decodes
+        if spread is not None and spread.rank and request.tile:
             return []
         images = []
         for one in self.vae_latents(request, latents).astype(self.vae.dtype):
-            images.extend(to_pil(self.vae.decode_latents(one[None], tile=bool(request.tile))))
+            image = self.vae.decode_latents(one[None], tile=bool(request.tile),
+                                            group=spread.group if spread is not None else None)
+            mx.eval(image)  # on every rank: each takes part in the decode's collectives
+            images.extend(to_pil(image) if spread is None or spread.rank == 0 else [])
         return images
 
 

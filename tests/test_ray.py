@@ -206,6 +206,21 @@ def test_demo_model_on_two_workers(tmp_path):
     assert_same_images(tmp_path / "local", tmp_path / "ray", [f"d{i:02d}" for i in range(20)])
 
 
+def test_demo_model_on_a_worker_of_two_ranks(tmp_path):
+    """--gpus-per-worker 2 on Ray: the worker launches two ranks (local ring processes here) for each image."""
+    prompts = tmp_path / "demo.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"d{i}", "prompt": "a red circle on a blue background", "seed": i})
+                               + "\n" for i in range(3)))
+    defaults = Defaults(model="flux2-demo", width=64, height=48, steps=2)
+    run_batch(prompts, tmp_path / "local", defaults)
+    summary = run_batch(prompts, tmp_path / "ray", defaults, ray="local", workers=1, gpus_per_worker=2)
+    assert (summary.done, summary.failed, summary.workers) == (3, 0, 1)
+    for i in range(3):
+        one, two = (pixels(tmp_path / run / f"d{i}.png").astype(np.int16) for run in ("local", "ray"))
+        assert np.abs(one - two).max() <= 1
+    assert sorted(r["id"] for r in results(tmp_path / "ray")) == ["d0", "d1", "d2"]
+
+
 # ---- serve --ray ---------------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from .. import distributed, registry
 from ..batch import FAILURES, MAX_STEPS, ROW_OPTIONS, Defaults, LoadOptions, Summary, run_batch
 from ..errors import InvalidOptionError
 from ..options import parse_size
@@ -95,7 +96,11 @@ def batch(
     ray: str = typer.Option(None, "--ray", help="Run on Ray: 'local' starts a cluster on this machine, 'auto' joins "
                             "the one `ray start` runs, or a cluster address (needs the ray extra: "
                             "pip install 'imagegen-mlx\\[ray]')."),
-    workers: int = typer.Option(None, "--workers", help="Ray workers (default: one per GPU; 1 without GPUs)."),
+    workers: int = typer.Option(None, "--workers", help="Ray workers (default: one per GPU, or per --gpus-per-worker "
+                                "GPUs; 1 without GPUs)."),
+    gpus_per_worker: int = typer.Option(1, "--gpus-per-worker", help="Spread each image over N GPUs of a worker, "
+                                        "one process each (FLUX.2 models): without --ray the batch's own worker, "
+                                        "with --ray each Ray worker holds N GPUs."),
     model: str = typer.Option(None, "--model", "-m", help="Model for rows that name none (default: $IMAGEGEN_MODEL "
                               "or the bundled demo model)."),
     size: str = typer.Option(None, "--size", help="WIDTHxHEIGHT for rows without 'size' (default: the model's)."),
@@ -114,6 +119,11 @@ def batch(
         raise InvalidOptionError("--workers needs --ray (without it the batch runs in this process).")
     if workers is not None and workers < 1:
         raise InvalidOptionError(f"--workers must be >= 1, got {workers}.")
+    if gpus_per_worker < 1 or ray is None:  # Ray checks the cluster's GPUs; here, the ones this host shows
+        distributed.check_count(gpus_per_worker, "--gpus-per-worker")
+    if gpus_per_worker > 1 and model is not None and not registry.get(model).extra.get("sequence_parallel"):
+        raise InvalidOptionError(f"Model '{registry.get(model).id}' cannot spread one image over several GPUs "
+                                 "(--gpus-per-worker).")
     values = {name: value for name, value in (flags or {}).items() if given(value)}
     with flag_errors():  # the same type and range checks as a row's, worded with the flags
         values = {name: ROW_OPTIONS[name].check(value) for name, value in values.items()}
@@ -124,7 +134,7 @@ def batch(
     defaults = Defaults(model=model, width=width, height=height, options=values, **named)
     with BatchProgress(quiet or as_json) as progress:
         summary = run_batch(prompts, output, defaults, LoadOptions(weights, dtype, quantize, controlnet), ray=ray,
-                            workers=workers, reporter=progress)
+                            workers=workers, reporter=progress, gpus_per_worker=gpus_per_worker)
     if as_json:
         fields = ("total", "skipped", "done", "failed", "retried", "replaced", "workers")
         typer.echo(json.dumps({**{k: getattr(summary, k) for k in fields}, "seconds": round(summary.seconds, 3),

@@ -200,8 +200,7 @@ def run(
     if not to_stdout:
         check_writable(paths[0].parent)
     if gpus != 1 and distributed.WORLD_ENV not in os.environ:
-        if gpus < 1:
-            raise InvalidOptionError(f"--gpus must be >= 1, got {gpus}.")
+        distributed.check_count(gpus)
         if not spec.extra.get("sequence_parallel"):
             raise InvalidOptionError(f"Model '{spec.id}' cannot spread one image over several GPUs (--gpus).")
         # every rank runs this command with the seed fixed here, so all draw the same noise

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from pathlib import Path
 
 import typer
 
+from .. import distributed, ranks, registry
 from ..errors import InvalidOptionError
 from . import app, handle_errors
 
@@ -37,10 +41,23 @@ def serve(
                                   "(field 'loras'); GET /v1/loras lists them."),
     controlnet: str = typer.Option(None, "--controlnet", help="A ControlNet (diffusers folder or cached repo id) "
                                    "loaded with the models that take one (Z-Image); edits upload 'control_image'."),
+    gpus: int = typer.Option(1, "--gpus", help="Spread each image over N GPUs of this host, one process each, "
+                             "every model held on all of them (FLUX.2 models; not with --ray)."),
 ) -> None:
     """Serve models over HTTP: POST /v1/images/generations and /v1/images/edits, GET /v1/models."""
     from ..server import run_server
 
+    if gpus != 1 and distributed.WORLD_ENV not in os.environ:
+        distributed.check_count(gpus)
+        if ray is not None:
+            raise InvalidOptionError("--gpus does not combine with --ray: a Ray replica holds one GPU.")
+        for name in model or ():
+            spec = registry.get(name)
+            if not spec.extra.get("sequence_parallel"):
+                raise InvalidOptionError(f"Model '{spec.id}' cannot spread one image over several GPUs (--gpus).")
+        raise typer.Exit(distributed.launch([sys.executable, "-m", "imagegen", *sys.argv[1:]], gpus))
+    if gpus != 1 and ranks.rank() != 0:  # a rank that mirrors rank 0's pipelines
+        return ranks.follow()
     if ray is not None:
         if lora_dir is not None or controlnet is not None:
             flag = "--lora-dir" if lora_dir is not None else "--controlnet"
@@ -56,6 +73,7 @@ def serve(
     if (replicas, min_replicas, max_replicas) != (None, None, None):
         raise InvalidOptionError("--replicas, --min-replicas and --max-replicas need --ray.")
 
-    run_server(host=host, port=port, models=model or (), keep_alive=keep_alive, api_key=api_key,
-               max_memory=max_memory, max_queue=max_queue, shutdown_grace=grace, lora_dir=lora_dir,
-               controlnet=controlnet)
+    with ranks.lead(gpus) if gpus != 1 else contextlib.nullcontext():
+        run_server(host=host, port=port, models=model or (), keep_alive=keep_alive, api_key=api_key,
+                   max_memory=max_memory, max_queue=max_queue, shutdown_grace=grace, lora_dir=lora_dir,
+                   controlnet=controlnet)

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..config import HFConfig
 from ..weights import load_module, to_dtype
+from . import row_split
 from .vae import Decoder, Encoder
 
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers DiagonalGaussianDistribution clamps logvar to this range
@@ -175,15 +176,18 @@ class AutoencoderKL(nn.Module):
         return mean + mx.exp(0.5 * logvar) * mx.random.normal(mean.shape, dtype=mean.dtype, key=key)
 
     def decode(self, latents: mx.array, tile: bool | None = False, tile_size: int | None = None,
-               tile_overlap: float = 0.25) -> mx.array:
+               tile_overlap: float = 0.25, group: mx.distributed.Group | None = None) -> mx.array:
         """latents [B, h, w, latent_channels] -> images [B, h*f, w*f, out_channels], about [-1, 1], not clipped.
 
         tile: True / False, or None to tile only latents larger than a tile; tile_size is in image pixels
-        (default: sample_size, as diffusers' enable_tiling()), tile_overlap the overlapping fraction."""
+        (default: sample_size, as diffusers' enable_tiling()), tile_overlap the overlapping fraction. group: ranks
+        (imagegen.distributed) that split an untiled decode in bands of rows; each returns the whole image."""
         z = latents.astype(self.dtype)
         pixels, side = self._tile_sizes(tile_size)
         if (max(z.shape[1], z.shape[2]) > side) if tile is None else tile:
             return tiled(z, self._decode_tile, side, pixels, tile_overlap)
+        if row_split.can_split(z.shape[1], group):
+            return row_split.decode(self._decode_tile, z, group)
         return self._decode_tile(z)
 
     def normalize_latents(self, latents: mx.array) -> mx.array:
@@ -200,6 +204,6 @@ class AutoencoderKL(nn.Module):
         return self.normalize_latents(self.encode(images, key, tile, tile_size, tile_overlap))
 
     def decode_latents(self, latents: mx.array, tile: bool | None = False, tile_size: int | None = None,
-                       tile_overlap: float = 0.25) -> mx.array:
+                       tile_overlap: float = 0.25, group: mx.distributed.Group | None = None) -> mx.array:
         """Normalized diffusion latents -> images (what the pipelines do before vae.decode)."""
-        return self.decode(self.denormalize_latents(latents), tile, tile_size, tile_overlap)
+        return self.decode(self.denormalize_latents(latents), tile, tile_size, tile_overlap, group)

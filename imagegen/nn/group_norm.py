@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from functools import cache
+from typing import Any
 
 import mlx.core as mx
 
@@ -129,20 +130,27 @@ def _scale_shift(sums: mx.array, first: mx.array, weight: mx.array, bias: mx.arr
     return scale, bias.astype(mx.float32) - mean * scale
 
 
-def group_norm(x: mx.array, weight: mx.array, bias: mx.array, groups: int, eps: float, silu: bool) -> mx.array:
-    """torch.nn.GroupNorm (then SiLU) of x [B, H, W, C] on CUDA; check `supported` first."""
+def group_norm(x: mx.array, weight: mx.array, bias: mx.array, groups: int, eps: float, silu: bool,
+               split: Any = None) -> mx.array:
+    """torch.nn.GroupNorm (then SiLU) of x [B, H, W, C] on CUDA; check `supported` first. `split`: x is one band of
+    a map's rows (an imagegen.nn.row_split.RowSplit), whose statistics are summed over every band."""
     b, h, w, c = x.shape
     rows = x.reshape(b, h * w, c)
     pack = _pack(x, groups)
     blocks = min(BLOCKS, max(1, h * w // (THREADS // (c // pack))))
     first = x[:, 0, 0, :: c // groups].astype(mx.float32)  # each group's shift: one of its own values
+    if split is not None:  # one shift for all bands: the mean of theirs
+        first = split.sum(first) / split.size
     partial = _stats_kernel()(
         inputs=[rows, first], template=[("T", x.dtype), ("P", pack), ("THREADS", THREADS)],
         grid=(blocks * THREADS, b, 1), threadgroup=(THREADS, 1, 1),
         output_shapes=[(b, blocks, c // pack, 2)], output_dtypes=[mx.float32])[0]
     sums = partial.reshape(b, blocks, groups, c // groups // pack, 2).sum(axis=(1, 3))
+    height = h
+    if split is not None:
+        sums, height = split.sum(sums), split.total_rows(x)
     scale, shift = _scale_shift(sums, first, weight, bias, mx.array(eps, mx.float32),
-                                mx.array(h * w * (c // groups), mx.float32))
+                                mx.array(height * w * (c // groups), mx.float32))
     per = 16 // x.itemsize
     out = _apply_kernel()(
         inputs=[rows, scale, shift], template=[("T", x.dtype), ("P", per), ("SILU", silu)],

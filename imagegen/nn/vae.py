@@ -12,6 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import group_norm as cuda_group_norm
+from . import row_split
 from .pacing import Pacer
 
 RESNET_EPS = 1e-6  # diffusers' Encoder/Decoder pass resnet_eps=1e-6 to every block and norm
@@ -27,13 +28,32 @@ CONV_WORKSPACE_BYTES = 1 << 33
 LAYER_PACING = (1, 0)
 
 
+def _group_rows(x: mx.array, groups: int) -> mx.array:
+    """x [B, H, W, C] -> [B, groups, H * W * C / groups]: each group's positions and channels one row."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h * w, groups, c // groups).transpose(0, 2, 1, 3).reshape(b, groups, h * w * (c // groups))
+
+
 def _group_norm(x: mx.array, weight: mx.array, bias: mx.array, groups: int, eps: float, silu: bool) -> mx.array:
     # Each group's positions and channels made one contiguous row, normalized by mx.fast.layer_norm (float32
     # statistics inside the kernel, no float32 copy of the tensor), then the channel affine (and SiLU) fused with
     # the transpose back. H100, 1024x1024x256 bf16: the float32 formulation peaked at 9x the input (4.8 GB).
-    b, h, w, c = x.shape
-    rows = x.reshape(b, h * w, groups, c // groups).transpose(0, 2, 1, 3).reshape(b, groups, h * w * (c // groups))
-    return _affine(mx.fast.layer_norm(rows, None, None, eps), weight, bias, (b, h, w, c), silu)
+    rows = _group_rows(x, groups)
+    return _affine(mx.fast.layer_norm(rows, None, None, eps), weight, bias, x.shape, silu)
+
+
+def _split_group_norm(x: mx.array, weight: mx.array, bias: mx.array, groups: int, eps: float, silu: bool,
+                      split: row_split.RowSplit) -> mx.array:
+    """_group_norm of a band of rows, its statistics summed over every band (imagegen.nn.row_split). The sums are
+    of x minus a shift common to all ranks (near the data), so float32 keeps their precision."""
+    rows = _group_rows(x, groups).astype(mx.float32)
+    shift = split.sum(rows[..., :1]) / split.size
+    count = split.total_rows(x) * x.shape[2] * (x.shape[3] // groups)
+    centred = rows - shift
+    sums = split.sum(mx.stack([centred.sum(axis=-1, keepdims=True), mx.square(centred).sum(axis=-1, keepdims=True)]))
+    mean = sums[0] / count
+    rstd = mx.rsqrt(mx.maximum(sums[1] / count - mean * mean, 0.0) + eps)
+    return _affine(((centred - mean) * rstd).astype(x.dtype), weight, bias, x.shape, silu)
 
 
 @partial(mx.compile, shapeless=False)
@@ -59,8 +79,11 @@ class GroupNorm(nn.Module):
         self.bias = mx.zeros((num_channels,))
 
     def __call__(self, x: mx.array, silu: bool = False) -> mx.array:
+        split = row_split.current()  # set: x is one band of the map's rows, statistics are over every band
         if cuda_group_norm.supported(x, self.num_groups):
-            return cuda_group_norm.group_norm(x, self.weight, self.bias, self.num_groups, self.eps, silu)
+            return cuda_group_norm.group_norm(x, self.weight, self.bias, self.num_groups, self.eps, silu, split)
+        if split is not None:
+            return _split_group_norm(x, self.weight, self.bias, self.num_groups, self.eps, silu, split)
         return _group_norm(x, self.weight, self.bias, self.num_groups, self.eps, silu)
 
 
@@ -73,9 +96,11 @@ class Conv3x3(nn.Conv2d):
     def __call__(self, x: mx.array) -> mx.array:
         b, h, w, c = x.shape
         rows = max(1, CONV_WORKSPACE_BYTES // (b * w * 9 * c * x.itemsize))
-        if rows >= h:
+        split = row_split.current()
+        if rows >= h and split is None:
             return mx.conv2d(x, self.weight, padding=1) + self.bias
-        x = mx.pad(x, [(0, 0), (1, 1), (0, 0), (0, 0)])  # the top and bottom halo; columns pad in the conv
+        # the top and bottom halo (the neighbouring bands' rows when split over ranks); columns pad in the conv
+        x = split.with_halo(x) if split is not None else mx.pad(x, [(0, 0), (1, 1), (0, 0), (0, 0)])
         strips = []
         for i in range(0, h, rows):
             strips.append(mx.conv2d(x[:, i : i + rows + 2], self.weight, padding=(0, 1)) + self.bias)
@@ -118,6 +143,9 @@ class Attention(nn.Module):
         b, h, w, c = x.shape
         t = self.group_norm(x).reshape(b, 1, h * w, c)  # [B, heads=1, L, C]: a free reshape of NHWC
         q, k, v = self.to_q(t), self.to_k(t), self.to_v(t)
+        split = row_split.current()
+        if split is not None:  # this band's queries attend over every band's positions
+            k, v = (split.gather(a.reshape(b, h, w, c)).reshape(b, 1, -1, c) for a in (k, v))
         chunks = [
             mx.fast.scaled_dot_product_attention(q[:, :, i : i + QUERY_CHUNK], k, v, scale=c**-0.5)
             for i in range(0, h * w, QUERY_CHUNK)

@@ -11,6 +11,7 @@ cannot even start (a plugin that fails to import) stop the batch with that error
 from __future__ import annotations
 
 import math
+import os
 from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,7 @@ import ray
 from ray.exceptions import ActorUnschedulableError, OutOfMemoryError, RayActorError
 
 from ..batch import Generator, LoadOptions, Outcome, Outputs, Row, encoded, error_text
+from ..batch_ranks import RankedGenerator, RanksEnded
 from ..errors import ImagegenError
 from . import PluginRef, connect, forwarded_plugins, runtime_env, setup_worker
 
@@ -29,17 +31,22 @@ WORKER_LOST = (RayActorError, OutOfMemoryError, ActorUnschedulableError)
 
 
 class BatchWorker:
-    """The Ray actor: the driver's in-process plugins, then a Generator. It takes ROWS_IN_FLIGHT calls at once
-    (a threaded actor) so a row's PNG is encoded while the next row generates, as the local Writer does; the
-    generations themselves run one after another on one thread of their own (MLX work stays on one thread)."""
+    """The Ray actor: the driver's in-process plugins, then a Generator (over `gpus` ranks it launches when
+    `gpus` > 1: imagegen.batch_ranks). It takes ROWS_IN_FLIGHT calls at once (a threaded actor) so a row's PNG
+    is encoded while the next row generates, as the local Writer does; the generations themselves run one after
+    another on one thread of their own (MLX work, or the ranks' connection, stays on one thread)."""
 
-    def __init__(self, load: LoadOptions, plugins: list[PluginRef]):
+    def __init__(self, load: LoadOptions, plugins: list[PluginRef], gpus: int = 1):
         setup_worker(plugins)
-        self.generator = Generator(load)
+        self.generator = RankedGenerator(load, gpus) if gpus > 1 else Generator(load)
         self.device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imagegen-device")
 
     def run(self, row: Row) -> Outcome:
-        return encoded(self.device.submit(self.generator.generate, row).result())
+        try:
+            generated = self.device.submit(self.generator.generate, row).result()
+        except RanksEnded:  # this actor cannot generate any more: end it, so the pool replaces it
+            os._exit(1)
+        return encoded(generated)
 
 
 def _share(total: float, count: int) -> float:
@@ -48,13 +55,18 @@ def _share(total: float, count: int) -> float:
     return float(int(share)) if share >= 1 else math.floor(share * 10000) / 10000
 
 
-def worker_resources(workers: int | None) -> tuple[int, dict[str, float]]:
-    """How many workers and what each reserves: one GPU each by default; without GPUs, `workers`
-    (default 1) equal shares of the CPUs."""
+def worker_resources(workers: int | None, gpus_per_worker: int = 1) -> tuple[int, dict[str, float]]:
+    """How many workers and what each reserves: one GPU each by default (`gpus_per_worker` each when more,
+    Ray's num_gpus); without GPUs, `workers` (default 1) equal shares of the CPUs."""
     resources = ray.cluster_resources()
     gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if gpus_per_worker > 1 and gpus >= 1:
+        if gpus < gpus_per_worker:
+            raise ImagegenError(f"--gpus-per-worker {gpus_per_worker}: the Ray cluster has {gpus:g} GPU(s).")
+        count = workers or int(gpus // gpus_per_worker)
+        return count, {"num_gpus": float(gpus_per_worker), "num_cpus": min(1.0, _share(cpus, count))}
     if gpus >= 1:
         count = workers or int(gpus)
         return count, {"num_gpus": min(1.0, _share(gpus, count)), "num_cpus": min(1.0, _share(cpus, count))}
@@ -77,12 +89,12 @@ class Pool:
     counts up); of the rows a dead actor held, only the one it was running (the oldest: an actor runs its
     rows in order) counts a death, so rows queued behind a row that kills workers are not failed with it."""
 
-    def __init__(self, count: int, options: dict[str, Any], load: LoadOptions):
+    def __init__(self, count: int, options: dict[str, Any], load: LoadOptions, gpus_per_worker: int = 1):
         env = runtime_env()
         self.actor_class = ray.remote(BatchWorker).options(max_restarts=0, max_task_retries=0,
                                                            max_concurrency=ROWS_IN_FLIGHT, **options,
                                                            **({"runtime_env": env} if env else {}))
-        self.load, self.plugins = load, forwarded_plugins()
+        self.load, self.plugins, self.gpus_per_worker = load, forwarded_plugins(), gpus_per_worker
         self.actors = [self._new() for _ in range(count)]
         self.generations = [0] * count
         self.in_flight: dict[Any, Task] = {}  # ObjectRef -> Task, in the order sent
@@ -90,7 +102,7 @@ class Pool:
         self.sent = 0
 
     def _new(self) -> Any:
-        return self.actor_class.remote(self.load, self.plugins)
+        return self.actor_class.remote(self.load, self.plugins, self.gpus_per_worker)
 
     def held(self, slot: int) -> list[Task]:
         return [t for t in self.in_flight.values() if (t.slot, t.generation) == (slot, self.generations[slot])]
@@ -128,13 +140,15 @@ class Pool:
 
 
 def run_on_ray(rows: Sequence[Row], outputs: Outputs, load: LoadOptions, address: str | None,
-               workers: int | None = None, max_retries: int = 2, rejected: Iterable[Outcome] = ()) -> None:
-    """Generate `rows` on a Ray cluster (see imagegen.ray.connect for `address`)."""
+               workers: int | None = None, max_retries: int = 2, rejected: Iterable[Outcome] = (),
+               gpus_per_worker: int = 1) -> None:
+    """Generate `rows` on a Ray cluster (see imagegen.ray.connect for `address`), each worker over
+    `gpus_per_worker` GPUs."""
     started = connect(address, quiet=True)
     pool: Pool | None = None
     try:
-        count, options = worker_resources(workers)
-        pool = Pool(count, options, load)
+        count, options = worker_resources(workers, gpus_per_worker)
+        pool = Pool(count, options, load, gpus_per_worker)
         outputs.start(count, rejected)
         queue = deque(rows)
         deaths: dict[str, int] = {}  # row id -> workers that died running it

@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .. import hub
+from .. import hub, ranks
 from ..errors import ImagegenError
 from ..pipeline import Pipeline
 from ..registry import ModelSpec
@@ -147,7 +147,7 @@ class Residency:
         width, height = spec.default_size
         self.make_room(self.estimate(spec, quantize, width, height), keep=(spec.id, quantize))
         parts = {name: source for name, source in self.components.items() if name in spec.components}
-        pipe = spec.pipeline(quantize=quantize, **parts)
+        pipe = ranks.load(spec, quantize=quantize, **parts)  # on every rank under `serve --gpus N`
         size = pipeline_bytes(pipe)
         if not size and pipe.weights:
             size = hub.folder_size(pipe.weights)

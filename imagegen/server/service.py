@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from .. import __version__, hub, memory, registry
+from .. import __version__, hub, memory, ranks, registry
 from ..errors import ImagegenError, InvalidOptionError
 from ..image import generation_metadata, png_bytes
 from ..options import OPTIONS, OptionError, UnsupportedOptionError, family_options, image_input
@@ -98,7 +98,7 @@ class ImageService:
         self.residency = Residency(keep_alive, budget, strict=limits.max_memory is not None, components=components)
         for spec in specs:
             self.residency.check_fits(spec)
-        self.worker = DeviceWorker(limits.max_queue, between=self.residency.expire,  # unloads on the device thread
+        self.worker = DeviceWorker(limits.max_queue, between=self._housekeeping,  # unloads on the device thread
                                    max_per_client=limits.max_queue_per_client)
         self.store = ImageStore(limits.url_ttl, limits.max_stored_bytes)
         self.started = time.time()
@@ -117,6 +117,12 @@ class ImageService:
     def stop(self) -> None:
         self.worker.stop()
         self.residency.unload_all()
+
+    def _housekeeping(self) -> None:
+        self.residency.expire()
+        leader = ranks.leader()
+        if leader is not None:  # the other ranks (serve --gpus N) free what rank 0 unloaded
+            leader.sync()
 
     def _warm(self, spec: ModelSpec) -> None:
         try:
@@ -138,6 +144,9 @@ class ImageService:
         (uploads of declared image options by field name, one each unless the option is repeatable) carry
         their file name and sha256 (imagegen.options.image_input), which the metadata records."""
         spec = registry.get(options.model or self.default_model())
+        if ranks.leader() is not None and not spec.extra.get("sequence_parallel"):
+            raise APIError(400, f"Model '{spec.id}' cannot spread one image over several GPUs, as this server does "
+                           "(serve --gpus).", param="model", code="model_not_supported")
         if task not in spec.tasks:
             able = [s.id for s in registry.all_specs() if task in s.tasks]
             what = "image edits" if task == IMAGE_EDIT else "text-to-image generation"
