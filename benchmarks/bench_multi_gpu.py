@@ -112,7 +112,7 @@ def serve_child(args: argparse.Namespace) -> None:
 
 def time_serve(args: argparse.Namespace, size: int, gpus: int, work: Path) -> dict:
     """Start a server on `gpus` GPUs, time sequential requests from a client, stop it (SIGTERM, as a user)."""
-    import httpx
+    import urllib.request  # the standard library's client: the GPU machine need not carry another one
 
     port = free_port()
     command = [sys.executable, __file__, "--serve-child", str(port), "--gpus", str(gpus), "--serve-model",
@@ -125,9 +125,11 @@ def time_serve(args: argparse.Namespace, size: int, gpus: int, work: Path) -> di
 
         def request() -> tuple[float, bytes]:
             start = time.perf_counter()
-            answer = httpx.post(f"{url}/v1/images/generations", json=body, timeout=1800)
-            answer.raise_for_status()
-            return time.perf_counter() - start, base64.b64decode(answer.json()["data"][0]["b64_json"])
+            post = urllib.request.Request(f"{url}/v1/images/generations", data=json.dumps(body).encode(),
+                                          headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(post, timeout=1800) as answer:  # raises on an HTTP error status
+                data = json.loads(answer.read())
+            return time.perf_counter() - start, base64.b64decode(data["data"][0]["b64_json"])
 
         for _ in range(2):  # warm-up: the load, kernel compilation
             request()

@@ -33,6 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/imagegen-bench"))
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--tiny", action="store_true")
+    p.add_argument("--sweep", action="store_true", help="also every layer pacing x conv-strip size")
     args = p.parse_args(argv)
     args.sizes = [int(s) for s in (args.sizes or ("32,64" if args.tiny else "1024,2048")).split(",")]
     args.impls = {s.strip() for s in args.impls.split(",")}
@@ -54,12 +55,16 @@ def latents(size: int, channels: int) -> np.ndarray:
     return np.random.default_rng(0).standard_normal((1, channels, size // 8, size // 8)).astype(np.float32)
 
 
-def imagegen_variants(size: int, tiny: bool) -> list[tuple[str, dict[str, Any]]]:
+def imagegen_variants(size: int, tiny: bool, sweep: bool = False) -> list[tuple[str, dict[str, Any]]]:
     """(name, settings) of imagegen's decode: the default, then one change at a time."""
     variants = [("imagegen", {}), ("imagegen-portable-group-norm", {"fused": False}),
                 ("imagegen-paced", {"pacing": (1, 1)}), ("imagegen-one-graph", {"pacing": (0, 0)})]
     if size >= 2048 or tiny:
         variants.append(("imagegen-no-conv-strips", {"workspace": 1 << 50}))
+    if sweep:  # every pacing with three conv-strip sizes: which one meets the time goal within diffusers' memory
+        variants += [(f"imagegen-pacing-{every}-{ahead}-strips-{name}", {"pacing": (every, ahead), "workspace": bytes_})
+                     for every, ahead in ((1, 0), (1, 1), (2, 0), (2, 1), (3, 0), (4, 0))
+                     for name, bytes_ in (("2gb", 1 << 31), ("4gb", 1 << 32), ("none", 1 << 50))]
     return variants
 
 
@@ -77,7 +82,7 @@ def run_imagegen(args: argparse.Namespace, folder: Path, recorder: Recorder, out
     defaults = (cuda_kernels.ENABLED, blocks.LAYER_PACING, blocks.CONV_WORKSPACE_BYTES)
     for size in args.sizes:
         z = mx.array(latents(size, channels)).transpose(0, 2, 3, 1).astype(mx.bfloat16)
-        for name, settings in imagegen_variants(size, args.tiny):
+        for name, settings in imagegen_variants(size, args.tiny, args.sweep):
             cuda_kernels.ENABLED = settings.get("fused", defaults[0])
             blocks.LAYER_PACING = settings.get("pacing", defaults[1])
             blocks.CONV_WORKSPACE_BYTES = settings.get("workspace", defaults[2])

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Issue 22 on the GPU machine, one part after another; JSON lines under $OUT, then one GOAL line per goal.
+# Issues 22, 23 and 25 on the GPU machine, one part after another; JSON lines under $OUT, then one GOAL line per goal.
 #
-#   bash benchmarks/gpu_session.sh [PART ...]     # PARTS: tests quant vae throughput cold (default: all, in order)
+#   bash benchmarks/gpu_session.sh [PART ...]     # PARTS: tests quant vae throughput cold (default: all, in order);
+#   also vae-sweep kv lora cache controlnet, and on two GPUs distributed ray
 #
 # Needs the wheels installed (/tmp/site: see /work/shared/gpu/install.sh; pytest among them for `tests`). imagegen
 # need not be installed: the source tree and its plugins go on PYTHONPATH. Each part has a time limit (seconds,
@@ -41,8 +42,10 @@ for part in "${parts[@]}"; do
   case $part in
     tests)
       if $PY -c "import pytest" 2>/dev/null; then
+        # only the files that hold GPU tests: collecting the whole suite (torch, diffusers imports) takes minutes
+        mapfile -t files < <(grep -rl "mark.cuda" tests plugins --include="test_*.py")
         run tests "$(limit tests 240)" $PY -m pytest -m cuda -q -p no:cacheprovider --continue-on-collection-errors \
-          --junitxml "$OUT/cuda-tests.xml" tests plugins
+          --junitxml "$OUT/cuda-tests.xml" "${files[@]}"
         tail -3 "$OUT/tests.log"
       else
         echo "== tests: pytest is not installed here (add pytest, iniconfig, pluggy, packaging to the wheels)"
@@ -70,8 +73,26 @@ for part in "${parts[@]}"; do
     cache)  # issue 23: step caching at 50 steps, Klein base 4B (speed-up, PSNR/SSIM vs uncached)
       run cache "$(limit cache 300)" $PY benchmarks/bench_cache.py --models flux2-klein-base-4b --sections cache \
         --out "$OUT/cache.jsonl" "${T[@]}" ;;
+    vae-sweep)  # issue 22: every layer pacing x conv-strip size at 1024 px (which meets 30 ms within diffusers' memory)
+      run vae-sweep "$(limit vae_sweep 150)" $PY benchmarks/bench_vae.py --sizes 1024 --sweep --workdir "$WORK" \
+        --out "$OUT/vae-sweep.jsonl" "${T[@]}" ;;
+    controlnet)  # issue 23: a Z-Image step with vs without a ControlNet (Union 2.1 layout), imagegen vs diffusers
+      run controlnet "$(limit controlnet 240)" $PY benchmarks/bench_controlnet.py --layouts 2.1 \
+        --out "$OUT/controlnet.jsonl" "${T[@]}" ;;
+    distributed)  # issue 25, two GPUs: the sharded transformer and split VAE decode over NCCL, then 1 vs 2 GPUs
+      export NCCL_NVLS_ENABLE=0
+      run distributed-tests "$(limit distributed_tests 120)" $PY -m pytest -q -p no:cacheprovider \
+        tests/test_distributed.py -k "vae or transformer_sharded"
+      tail -3 "$OUT/distributed-tests.log"
+      run multi-gpu "$(limit multi_gpu 300)" $PY benchmarks/bench_multi_gpu.py --models flux2-klein-4b \
+        --sizes 2048,1024 --sections generate,serve --work "$WORK/multi" --out "$OUT/multi-gpu.jsonl" "${T[@]}" ;;
+    ray)  # issue 25, two GPUs: batch workers and Serve replicas, 1 vs 2 (48 images each)
+      export NCCL_NVLS_ENABLE=0
+      run ray "$(limit ray 300)" $PY benchmarks/bench_ray.py --sections scaling --scale 1,2 --images 48 \
+        --work "$WORK/ray" --out "$OUT/ray.jsonl" "${T[@]}" ;;
     *)
-      echo "unknown part '$part' (parts: tests quant vae throughput cold kv lora cache)" >&2 ;;
+      echo "unknown part '$part' (parts: tests quant vae vae-sweep throughput cold kv lora cache controlnet" \
+        "distributed ray)" >&2 ;;
   esac
 done
 

@@ -36,7 +36,7 @@ from PIL import Image
 from . import ranks, registry
 from .errors import ImagegenError, InvalidOptionError, LoraError
 from .image import generation_metadata, png_bytes, read_metadata, write_atomic
-from .options import OPTIONS, Option, OptionError, parse_size
+from .options import OPTIONS, Option, OptionError, family_options, parse_size
 from .pipeline import Pipeline
 from .request import check_size
 from .server.settings import Limits
@@ -79,6 +79,7 @@ class LoadOptions:
     weights: str | None = None
     dtype: str | None = None
     quantize: str | None = None
+    controlnet: str | None = None  # loaded with the models that take one (ModelSpec.components)
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,10 @@ def parse_row(text: str, line: int, defaults: Defaults, where: str = "", folder:
     def pick(name: str) -> Any:
         return obj[name] if obj.get(name) is not None else getattr(defaults, name)
 
-    other = {**defaults.options, **(obj.get("options") or {})}
+    files = family_files()
+    family = {name: relative_to(folder, files[name], value) if name in files and isinstance(value, str) else value
+              for name, value in (obj.get("options") or {}).items()}
+    other = {**defaults.options, **family}
     for name in set(ROW_OPTIONS) - {"seed", "steps", "guidance", "negative_prompt"}:
         if obj.get(name) is not None:
             other[name] = relative_to(folder, ROW_OPTIONS[name], obj[name])
@@ -178,6 +182,13 @@ def parse_row(text: str, line: int, defaults: Defaults, where: str = "", folder:
         seed=derived_seed(row_id) if seed is None else seed, width=width, height=height, steps=steps,
         guidance=pick("guidance"), negative_prompt=pick("negative_prompt"), other_options=other,
     )
+
+
+def family_files() -> dict[str, Option]:
+    """The installed families' single image and file options by name: their paths in a row's "options" are
+    relative to the prompts file too."""
+    return {o.name: o for spec in registry.all_specs() for o in family_options(spec.extra_options)
+            if o.kind in ("image", "file") and not o.repeatable}
 
 
 def relative_to(folder: Path, option: Option, value: Any) -> Any:
@@ -293,11 +304,13 @@ class RowRunner:
         self.pipe = self.model = None
         gc.collect()  # free the previous model before the next one loads
         mx.clear_cache()
-        if ranks.leader() is not None and not registry.get(model).extra.get("sequence_parallel"):
+        spec = registry.get(model)
+        if ranks.leader() is not None and not spec.extra.get("sequence_parallel"):
             raise ImagegenError(f"Model '{model}' cannot spread one image over several GPUs (--gpus-per-worker).")
+        parts = {"controlnet": self.load.controlnet} if "controlnet" in spec.components else {}
         try:  # on every rank under --gpus-per-worker N (imagegen.batch_ranks)
-            pipe = ranks.load(registry.get(model), weights=self.load.weights, dtype=self.load.dtype,
-                              quantize=self.load.quantize)
+            pipe = ranks.load(spec, weights=self.load.weights, dtype=self.load.dtype, quantize=self.load.quantize,
+                              **{k: v for k, v in parts.items() if v is not None})
         except Exception as e:
             self.load_errors[model] = f"Cannot load '{model}': {error_text(e)}"
             raise ImagegenError(self.load_errors[model]) from None

@@ -181,8 +181,8 @@ class MirroredPipeline:
         self.leader.send(("decode", request))
         return self.inner.decode(request, latents)
 
-    def denoise(self, *args: Any, **options: Any) -> Any:
-        raise ImagegenError("Over several GPUs a pipeline runs through generate(), not denoise().")
+    def run(self, *args: Any, **options: Any) -> Any:
+        raise ImagegenError("Over several GPUs a pipeline runs through generate(), not run().")
 
 
 _leader: Leader | None = None

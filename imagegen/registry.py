@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 TEXT_TO_IMAGE, IMAGE_EDIT = "text-to-image", "image-edit"
 LORA_OPTIONS = ("loras", "lora_partial")  # accepted by every model that gives lora_targets
+COMPONENTS = ("vae", "controlnet")  # parts a pipeline may load from elsewhere: spec.pipeline(NAME=DIR), --NAME DIR
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,13 @@ class ModelSpec:
         """Check generate() options against this model and fill in its defaults, without loading weights."""
         return build_request(self, prompt, **options)
 
+    def check_components(self, components: dict[str, Any]) -> None:
+        """Refuse a part loaded from elsewhere (COMPONENTS: vae=, controlnet=) that this model does not take."""
+        other = next((name for name, value in components.items() if value is not None and name not in self.components),
+                     None)
+        if other is not None:
+            raise InvalidOptionError(f"Model '{self.id}' does not support --{other}.")
+
     def check_quantize(self, quantize: str | None) -> str | None:
         """The normalized quantization mode, or InvalidOptionError when this model does not support it."""
         if quantize is None:
@@ -98,6 +106,7 @@ class ModelSpec:
     ) -> Pipeline:
         """Load this model: resolve weights (folder, HF cache, bundled) and build a resident pipeline."""
         quantize = self.check_quantize(quantize)
+        self.check_components({k: v for k, v in kwargs.items() if k in COMPONENTS})
         path = hub.resolve_weights(self, weights)
         return self.load(self, path, dtype=dtype or self.default_dtype, quantize=quantize, **kwargs)
 

@@ -170,3 +170,17 @@ def test_imagegen_bench_table_and_errors(klein):
         "load", "encode", "step", "decode", "e2e"]
     result = invoke("bench", "-m", "flux2-klein-4b", "--weights", str(folder), "--size", "30x30")
     assert result.exit_code == 1 and result.output.startswith("Error:") and "multiple of 16" in result.output
+
+
+def test_controlnet_benchmark_compares_with_diffusers_on_shared_weights(tmp_path):
+    """benchmarks/bench_controlnet.py: a step bare and steered (1.0 and 2.1 layouts) in both frameworks, on the same
+    weights: the controlled outputs agree (float32 on the CPU)."""
+    out = tmp_path / "controlnet.jsonl"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_controlnet.py"), "--tiny", "--out",
+                           str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    steps = [(r["layout"], r["step"]) for r in records if "step" in r]
+    assert steps == [(layout, step) for layout in ("1.0", "2.1") for step in ("bare", "controlnet", "overhead")]
+    for record in (r for r in records if r.get("step") == "overhead"):
+        assert record["controlled_output_rel_err"] < 1e-4 and record["imagegen"] > 0 and record["diffusers"] > 0

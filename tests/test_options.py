@@ -205,6 +205,8 @@ def test_every_option_walks_through_every_front_end(option):
             got = from_row.option(option.name)
             names = [image_ref(i)["name"] for i in got] if option.repeatable else image_ref(got)["name"]
             assert names == expected(option, value)
+        elif option.kind == "file":  # taken relative to the prompts file's folder (here the current one)
+            assert from_row.option(option.name) == Path.cwd() / request.option(option.name)
         else:
             assert from_row.option(option.name) == request.option(option.name)
 

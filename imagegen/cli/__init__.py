@@ -99,7 +99,9 @@ def get_app() -> typer.Typer:
         _registered = True
         from .. import plugins
         from . import batch, bench, generate, lora, manage, serve  # noqa: F401  (their @app.command decorators register them)
+        from .options import add_flags, family_flag_options
 
+        add_flags(generate.run, family_flag_options(), help_prefix="(models that take it) ")
         for impl in plugins.get_plugin_manager().hook.register_commands.get_hookimpls():
             try:
                 impl.function(cli=app)

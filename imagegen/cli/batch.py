@@ -108,6 +108,8 @@ def batch(
     quantize: str = typer.Option(None, "--quantize", "-q", help="Quantize weights: 4, 8, mxfp8, mxfp4, nvfp4, ..."),
     dtype: str = typer.Option(None, "--dtype", help="bfloat16, float16 or float32 (default: the model's; "
                               "float32 for flux2-demo)."),
+    controlnet: str = typer.Option(None, "--controlnet", help="A ControlNet (diffusers folder or cached repo id) for "
+                                   "the models that take one (Z-Image); rows give 'control_image' in 'options'."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
     flags: dict[str, Any] | None = None,
@@ -131,7 +133,7 @@ def batch(
     named = {k: values.pop(k, None) for k in ("steps", "guidance", "seed", "negative_prompt")}
     defaults = Defaults(model=model, width=width, height=height, options=values, **named)
     with BatchProgress(quiet or as_json) as progress:
-        summary = run_batch(prompts, output, defaults, LoadOptions(weights, dtype, quantize), ray=ray,
+        summary = run_batch(prompts, output, defaults, LoadOptions(weights, dtype, quantize, controlnet), ray=ray,
                             workers=workers, reporter=progress, gpus_per_worker=gpus_per_worker)
     if as_json:
         fields = ("total", "skipped", "done", "failed", "retried", "replaced", "workers")

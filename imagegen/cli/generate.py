@@ -14,11 +14,11 @@ import typer
 from .. import distributed, hub, registry
 from ..errors import InvalidImageError, InvalidOptionError
 from ..image import encode_image, generation_metadata, image_format, read_metadata, save_image
-from ..memory import preflight
-from ..options import family_options, parse_size
+from ..memory import preflight, weight_bytes
+from ..options import BY_NAME, family_options, parse_size
 from ..request import given, replayed
 from . import app, handle_errors
-from .options import cli_options, flag_errors, with_flags
+from .options import cli_options, flag_errors, label, with_flags
 from .progress import RunProgress
 
 
@@ -77,13 +77,16 @@ def replay_weights(path: Path, saved: dict[str, Any], spec: Any, weights: str | 
                     "(pass --weights to choose).", err=True)
 
 
-def replay_vae(path: Path, saved: dict[str, Any], vae: str | None) -> None:
-    """A VAE folder or repo a PNG names is not loaded either: say so, the user passes --vae to use it."""
-    named = (saved.get("components") or {}).get("vae") if isinstance(saved.get("components"), dict) else None
-    if vae is None and isinstance(named, str):
-        shown = "".join(c if c.isprintable() else "?" for c in named)[:200]
-        typer.secho(f"Note: {path} was made with --vae '{shown}'; using the model's own VAE (pass --vae to "
-                    "choose).", err=True)
+def replay_components(path: Path, saved: dict[str, Any], given: dict[str, str | None]) -> None:
+    """A VAE or ControlNet folder or repo a PNG names is not loaded either: say so, the user passes --vae /
+    --controlnet to use one."""
+    named = saved.get("components") if isinstance(saved.get("components"), dict) else {}
+    for name, source in named.items():
+        if name in given and given[name] is None and isinstance(source, str):
+            shown = "".join(c if c.isprintable() else "?" for c in source)[:200]
+            instead = "using the model's own VAE" if name == "vae" else "loading none"
+            typer.secho(f"Note: {path} was made with --{name} '{shown}'; {instead} (pass --{name} to choose).",
+                        err=True)
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
@@ -143,6 +146,8 @@ def run(
                               "first-block[:THRESHOLD], mag[:THRESHOLD],ratios=FILE, or off."),
     vae: str = typer.Option(None, "--vae", help="Another VAE: a diffusers folder or cached repo id, e.g. "
                             "black-forest-labs/FLUX.2-small-decoder for FLUX.2 models."),
+    controlnet: str = typer.Option(None, "--controlnet", help="A ControlNet (diffusers folder or cached repo id) "
+                                   "steering the model with --control-image (Z-Image)."),
     from_image: Path = typer.Option(None, "--from", help="Reuse the settings saved in an imagegen PNG."),
     force: bool = typer.Option(False, "--force", help="Run even if the memory estimate says it will not fit."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -166,9 +171,13 @@ def run(
         if "cache" not in {o.name for o in family_options(spec.extra_options)}:
             raise InvalidOptionError(f"Model '{spec.id}' does not support --cache (is imagegen-cache installed?).")
         family["cache"] = cache
-    unknown = sorted(set(family) - {o.name for o in family_options(spec.extra_options)})
+    own = {o.name for o in family_options(spec.extra_options)}
+    unknown = sorted(set(family) - own)
     if unknown:
         raise InvalidOptionError(f"Model '{spec.id}' does not support --option {unknown[0]}.")
+    foreign = sorted(name for name in given_flags if name not in BY_NAME and name not in own)
+    if foreign:  # another family's flag (e.g. Z-Image's --control-image)
+        raise InvalidOptionError(f"Model '{spec.id}' does not support {label(foreign[0])}.")
     with flag_errors():
         # input images a PNG names are found by file name beside it or here, and only with the same content
         kept = {k: v for k, v in saved.items() if k not in given_flags}  # a flag replaces the saved value outright
@@ -178,9 +187,10 @@ def run(
     dtype = dtype or saved.get("dtype")
     if from_image is not None:
         replay_weights(from_image, saved, spec, weights)
-        replay_vae(from_image, saved, vae)
-    if vae is not None and "vae" not in spec.components:
-        raise InvalidOptionError(f"Model '{spec.id}' does not support --vae.")
+    components = {"vae": vae, "controlnet": controlnet}
+    if from_image is not None:
+        replay_components(from_image, saved, components)
+    spec.check_components(components)
     to_stdout = output is not None and str(output) == "-"
     if to_stdout and request.batch_size != 1:
         raise InvalidOptionError("-o - writes one PNG to standard output: use it with --count 1.")
@@ -201,11 +211,14 @@ def run(
     if spec.estimate_memory is not None:
         needed = spec.estimate_memory(spec, path, dtype or spec.default_dtype, quantize, request.width,
                                       request.height, request.batch_size)
+        if needed and controlnet is not None:  # its weights come on top of the model's
+            needed += weight_bytes(hub.resolve_component(controlnet, "--controlnet"), dtype or spec.default_dtype,
+                                   quantize, quantized=True)
         preflight(needed, spec.id, force)
 
     with RunProgress(quiet or as_json) as progress:
-        components = {"vae": vae} if vae is not None else {}
-        pipe = spec.pipeline(weights=path, dtype=dtype, quantize=quantize, on_load=progress.on_load, **components)
+        loaded = {name: source for name, source in components.items() if source is not None}
+        pipe = spec.pipeline(weights=path, dtype=dtype, quantize=quantize, on_load=progress.on_load, **loaded)
         result = pipe.generate(request, on_step=progress.on_step)
 
     for i, (img, path_out) in enumerate(zip(result.images, paths)):

@@ -39,6 +39,8 @@ def serve(
     max_replicas: int = typer.Option(None, "--max-replicas", help="With --ray: autoscale up to this many replicas."),
     lora_dir: Path = typer.Option(None, "--lora-dir", help="Folder of LoRA .safetensors files requests may name "
                                   "(field 'loras'); GET /v1/loras lists them."),
+    controlnet: str = typer.Option(None, "--controlnet", help="A ControlNet (diffusers folder or cached repo id) "
+                                   "loaded with the models that take one (Z-Image); edits upload 'control_image'."),
     gpus: int = typer.Option(1, "--gpus", help="Spread each image over N GPUs of this host, one process each, "
                              "every model held on all of them (FLUX.2 models; not with --ray)."),
 ) -> None:
@@ -57,8 +59,9 @@ def serve(
     if gpus != 1 and ranks.rank() != 0:  # a rank that mirrors rank 0's pipelines
         return ranks.follow()
     if ray is not None:
-        if lora_dir is not None:
-            raise InvalidOptionError("--lora-dir is not available with --ray yet: serve without --ray.")
+        if lora_dir is not None or controlnet is not None:
+            flag = "--lora-dir" if lora_dir is not None else "--controlnet"
+            raise InvalidOptionError(f"{flag} is not available with --ray yet: serve without --ray.")
         from ..scaleout import require_ray
 
         require_ray(serve=True)
@@ -72,4 +75,5 @@ def serve(
 
     with ranks.lead(gpus) if gpus != 1 else contextlib.nullcontext():
         run_server(host=host, port=port, models=model or (), keep_alive=keep_alive, api_key=api_key,
-                   max_memory=max_memory, max_queue=max_queue, shutdown_grace=grace, lora_dir=lora_dir)
+                   max_memory=max_memory, max_queue=max_queue, shutdown_grace=grace, lora_dir=lora_dir,
+                   controlnet=controlnet)

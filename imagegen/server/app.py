@@ -50,6 +50,7 @@ from .schemas import (
     ModelCard,
     ModelList,
     OptionCard,
+    family_uploads,
     form_schema,
     json_schema,
 )
@@ -216,8 +217,9 @@ async def _read_edit_form(request: Request, service: ImageService) -> tuple[Edit
         async with request.form(max_files=limits.max_images_in, max_fields=64) as form:
             fields: dict[str, Any] = {}
             files: list[tuple[str, UploadFile]] = []  # (field, file); field "" for the images to edit
+            uploadable = UPLOADS | family_uploads() | {"mask"}
             for name, value in form.multi_items():
-                if (name in UPLOADS or name == "mask") and isinstance(value, UploadFile):
+                if name in uploadable and isinstance(value, UploadFile):
                     files.append((name, value))
                 elif name in IMAGE_FIELDS:
                     if not isinstance(value, UploadFile):
@@ -415,14 +417,14 @@ def _default_id(service: ImageService) -> str | None:
 
 
 def create_app(models: Sequence[str] = (), keep_alive: str | float | None = "5m", api_key: str | None = None,
-               lora_dir: str | Path | None = None, **limits: Any) -> FastAPI:
+               lora_dir: str | Path | None = None, controlnet: str | None = None, **limits: Any) -> FastAPI:
     """The server app. `models` are loaded at start (the first is the default); `keep_alive` ("5m",
     "30s", 0 = unload after each request, -1 = never) keeps idle models warm; `lora_dir` holds the adapters
-    requests may name; `limits` are Limits fields."""
+    requests may name; `controlnet` is loaded with the models that take one; `limits` are Limits fields."""
     settings = Limits.from_options(**limits)
     if lora_dir is not None and not Path(lora_dir).is_dir():
         raise InvalidOptionError(f"--lora-dir {lora_dir} is not a folder.")
-    service = ImageService(settings, parse_duration(keep_alive), models, lora_dir)
+    service = ImageService(settings, parse_duration(keep_alive), models, lora_dir, controlnet)
     responder = Responder(service)
 
     @asynccontextmanager
@@ -528,14 +530,14 @@ class DrainingServer(uvicorn.Server):
 
 def run_server(host: str = "127.0.0.1", port: int = 8000, models: Sequence[str] = (),
                keep_alive: str | float | None = "5m", api_key: str | None = None, log_level: str = "info",
-               lora_dir: str | Path | None = None, **limits: Any) -> None:
+               lora_dir: str | Path | None = None, controlnet: str | None = None, **limits: Any) -> None:
     """Serve until SIGTERM or Ctrl-C (then drain for `shutdown_grace`). The key falls back to
     $IMAGEGEN_API_KEY; bad settings, a bad port or one in use raise ImagegenError before a model loads."""
     api_key = api_key or os.environ.get("IMAGEGEN_API_KEY") or None
     Limits.from_options(**limits)  # bad limits are reported before the port is taken
     listener = listen(host, port)
     try:
-        app = create_app(models, keep_alive, api_key, lora_dir, **limits)
+        app = create_app(models, keep_alive, api_key, lora_dir, controlnet, **limits)
         if not is_loopback(host) and not api_key:
             log.warning("imagegen serve: listening on %s without an API key; anyone who can reach it can use it",
                         host)

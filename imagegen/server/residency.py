@@ -59,10 +59,12 @@ class Residency:
     other threads only read (sizes, snapshots)."""
 
     def __init__(self, keep_alive: float | None, budget: int, clock: Callable[[], float] = time.monotonic,
-                 strict: bool = False):
+                 strict: bool = False, components: dict[str, str] | None = None):
         """`strict`: the budget was set by the user (--max-memory), so a model over it is refused rather
-        than loaded anyway."""
+        than loaded anyway. `components`: parts loaded from elsewhere (serve --controlnet) for the models that
+        take them (ModelSpec.components)."""
         self.keep_alive, self.budget, self.clock, self.strict = keep_alive, budget, clock, strict
+        self.components = components or {}
         self.loads = self.unloads = 0
         self._residents: dict[Key, Resident] = {}  # insertion order = least recently used first
         self._lock = threading.RLock()
@@ -144,7 +146,8 @@ class Residency:
         self.check_fits(spec, quantize)
         width, height = spec.default_size
         self.make_room(self.estimate(spec, quantize, width, height), keep=(spec.id, quantize))
-        pipe = ranks.load(spec, quantize=quantize)  # on every rank under `serve --gpus N`
+        parts = {name: source for name, source in self.components.items() if name in spec.components}
+        pipe = ranks.load(spec, quantize=quantize, **parts)  # on every rank under `serve --gpus N`
         size = pipeline_bytes(pipe)
         if not size and pipe.weights:
             size = hub.folder_size(pipe.weights)

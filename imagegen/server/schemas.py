@@ -15,11 +15,20 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
 
 from ..errors import InvalidOptionError
-from ..options import OPTIONS, Option
+from ..options import OPTIONS, Option, family_options
 from ..options import parse_size as parse_text_size
 
 _TYPES: dict[str, Any] = {"int": int, "float": float, "bool": bool, "str": str, "choice": str, "any": Any}
 UPLOADS = {o.name for o in OPTIONS if "server" in o.fronts and o.kind == "image"}  # multipart file fields
+
+
+def family_uploads() -> set[str]:
+    """The installed families' image options that travel to the server: multipart file fields of an edit too."""
+    from .. import registry
+
+    return {o.name for spec in registry.all_specs() for o in family_options(spec.extra_options)
+            if "server" in o.fronts and o.kind == "image"}
+
 _FORM_INT = re.compile(r"^-?[0-9]+$", re.ASCII)
 _FORM_FLOAT = re.compile(r"^-?[0-9]+(\.[0-9]*)?([eE][-+]?[0-9]+)?$", re.ASCII)
 _JSON_TYPES = ("application/json",)

@@ -16,7 +16,7 @@ from typing import Any
 from PIL import Image
 
 from .. import __version__, hub, memory, ranks, registry
-from ..errors import ImagegenError
+from ..errors import ImagegenError, InvalidOptionError
 from ..image import generation_metadata, png_bytes
 from ..options import OPTIONS, OptionError, UnsupportedOptionError, family_options, image_input
 from ..pipeline import Pipeline, Request, Step, check_size
@@ -81,15 +81,21 @@ class ImageService:
     """Owns the residency, the device worker and the URL image store."""
 
     def __init__(self, limits: Limits, keep_alive: float | None, models: Sequence[str] = (),
-                 lora_dir: str | Path | None = None):
+                 lora_dir: str | Path | None = None, controlnet: str | None = None):
         self.limits = limits
         self.loras = LoraFolder(lora_dir)
         specs = [registry.get(m) for m in models]  # unknown names and missing weights fail at start
         for spec in specs:
             hub.resolve_weights(spec)
         self.models = [s.id for s in specs]
+        components = {"controlnet": controlnet} if controlnet is not None else {}
+        if controlnet is not None:  # a missing folder, or models none of which take it, fail at start
+            hub.resolve_component(controlnet, "--controlnet")
+            if specs and not any("controlnet" in s.components for s in specs):
+                raise InvalidOptionError(f"--controlnet: none of the served models ({', '.join(self.models)}) "
+                                         "takes a ControlNet.")
         budget = limits.max_memory if limits.max_memory is not None else memory.available_memory()
-        self.residency = Residency(keep_alive, budget, strict=limits.max_memory is not None)
+        self.residency = Residency(keep_alive, budget, strict=limits.max_memory is not None, components=components)
         for spec in specs:
             self.residency.check_fits(spec)
         self.worker = DeviceWorker(limits.max_queue, between=self._housekeeping,  # unloads on the device thread
@@ -161,7 +167,8 @@ class ImageService:
         if options.steps is not None and options.steps > self.limits.max_steps:
             raise APIError(400, f"steps must be at most {self.limits.max_steps}, got {options.steps}.",
                            param="steps", code="invalid_value")
-        if task == IMAGE_EDIT and not images:
+        family_files = {o.name: o for o in family_options(spec.extra_options) if o.name in (files or {})}
+        if task == IMAGE_EDIT and not images and not family_files:  # a control image alone steers a new picture
             raise APIError(400, "Give at least one image to edit (multipart field 'image' or 'image[]').",
                            param="image", code="missing_image")
         if len(images) > self.limits.max_images_in:
@@ -179,13 +186,17 @@ class ImageService:
                            param="options", code="unsupported_option")
         values = {o.name: getattr(options, o.name) for o in FIELDS}
         values["loras"] = self.loras.resolve(options.loras)
-        for option in (o for o in OPTIONS if o.name in (files or {})):
+        unknown = sorted(set(files or {}) - {o.name for o in OPTIONS} - set(family_files))
+        if unknown:  # another model's image option
+            raise APIError(400, f"Model '{spec.id}' does not support the option '{unknown[0]}'.", param=unknown[0],
+                           code="unsupported_option")
+        for option in (o for o in [*OPTIONS, *family_files.values()] if o.name in (files or {})):
             uploaded = files[option.name]
             if len(uploaded) > 1 and not option.repeatable:
                 raise APIError(400, f"Give one '{option.name}' file.", param=option.name, code="invalid_value")
             values[option.name] = uploaded if option.repeatable else uploaded[0]
         images = [image_input(i) for i in images]  # uploads are recorded by base name and sha256, never as a path
-        if task == IMAGE_EDIT and repaints(spec, values):  # img2img / inpainting: the first image is repainted
+        if task == IMAGE_EDIT and images and repaints(spec, values):  # img2img / inpainting: the first is repainted
             values["init_image"], images = images[0], images[1:]
         with request_errors():
             request = spec.request(options.prompt, width=width, height=height, num_images=n, images=list(images),

@@ -1,8 +1,9 @@
-"""Z-Image configs: the transformer's `transformer/config.json` (diffusers' ZImageTransformer2DModel)."""
+"""Z-Image configs: the transformer's `transformer/config.json` (diffusers' ZImageTransformer2DModel) and a
+ControlNet's `config.json` (diffusers' ZImageControlNetModel)."""
 
 from __future__ import annotations
 
-from typing import Self
+from typing import Literal, Self
 
 from pydantic import model_validator
 
@@ -11,7 +12,23 @@ from imagegen import HFConfig
 ADALN_EMBED_DIM = 256  # diffusers' ADALN_EMBED_DIM: the timestep embedding width is min(dim, 256)
 
 
-class ZImageTransformerConfig(HFConfig):
+class BlockShape:
+    """The sizes a Z-Image block derives from `dim` and `n_heads` (the transformer's and a ControlNet's blocks)."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        return int(self.dim / 3 * 8)  # diffusers' FeedForward hidden size, float math included
+
+    @property
+    def adaln_dim(self) -> int:
+        return min(self.dim, ADALN_EMBED_DIM)
+
+
+class ZImageTransformerConfig(BlockShape, HFConfig):
     """Defaults are diffusers' constructor defaults (the 6B Z-Image shapes)."""
 
     required = ("in_channels", "dim", "n_layers", "n_heads", "cap_feat_dim")
@@ -43,14 +60,31 @@ class ZImageTransformerConfig(HFConfig):
             raise ValueError("axes_dims/axes_lens and all_patch_size/all_f_patch_size must pair up")
         return self
 
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
 
-    @property
-    def ffn_dim(self) -> int:
-        return int(self.dim / 3 * 8)  # diffusers' FeedForward hidden size, float math included
+class ZImageControlNetConfig(BlockShape, HFConfig):
+    """diffusers' ZImageControlNetModel: alibaba-pai's Z-Image-Turbo-Fun-Controlnet-Union 1.0 (6 control layers,
+    control_in_dim 16, its own plain noise refiner), 2.0 (15 layers, control_in_dim 33 for inpainting, the control
+    layers also steer the noise refiner) and 2.1 (a control noise refiner of its own steers it)."""
 
-    @property
-    def adaln_dim(self) -> int:
-        return min(self.dim, ADALN_EMBED_DIM)
+    required = ("control_layers_places", "control_in_dim")
+
+    control_layers_places: tuple[int, ...]  # the transformer layers each control layer's hint is added after
+    control_refiner_layers_places: tuple[int, ...] | None = None  # the noise-refiner layers steered (2.x)
+    control_in_dim: int  # latent channels of the control context: C, or 2C + 1 (control, mask, masked image)
+    add_control_noise_refiner: Literal["control_layers", "control_noise_refiner"] | None = None
+    all_patch_size: tuple[int, ...] = (2,)
+    all_f_patch_size: tuple[int, ...] = (1,)
+    dim: int = 3840
+    n_refiner_layers: int = 2
+    n_heads: int = 30
+    n_kv_heads: int = 30  # recorded only, as for the transformer
+    norm_eps: float = 1e-5
+    qk_norm: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if not self.control_layers_places or self.control_layers_places[0] != 0:
+            raise ValueError("control_layers_places must start with 0 (its block adds the control to the stream)")
+        if self.add_control_noise_refiner is not None and not self.control_refiner_layers_places:
+            raise ValueError("add_control_noise_refiner needs control_refiner_layers_places")
+        return self

@@ -1,6 +1,7 @@
 """Z-Image pipeline: Qwen3 features (thinking template, valid tokens only) -> flow-match Euler over the
 transformer (CFG with normalization and truncation for the base model) -> AutoencoderKL; img2img and inpainting
-from an init image. Follows diffusers 0.42.1 ZImagePipeline, ZImageImg2ImgPipeline and ZImageInpaintPipeline
+from an init image; a ControlNet steering the transformer. Follows diffusers 0.42.1 ZImagePipeline,
+ZImageImg2ImgPipeline, ZImageInpaintPipeline, ZImageControlNetPipeline and ZImageControlNetInpaintPipeline
 (pipelines/z_image/)."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 
 import imagegen
-from imagegen import block_loop, scheduler
+from imagegen import block_loop, hub, scheduler
 from imagegen.diffusers_pipeline import DiffusersPipeline
 from imagegen.diffusers_pipeline import estimate_memory as diffusers_estimate
 from imagegen.errors import InvalidOptionError, WeightsError
@@ -22,6 +23,8 @@ from imagegen.img2img import Start, downsample_mask, image_pixels, mask_pixels
 from imagegen.nn import AutoencoderKL
 
 from .config import ZImageTransformerConfig
+from .control import CONTROL_SCALE, check_control, control_context
+from .controlnet import ControlInput, ZImageControlNet, load_controlnet
 from .transformer import Layout, ZImageTransformer, quant_predicate
 
 TEXT_LAYERS = (-2,)  # the second-to-last hidden state of the Qwen3 encoder
@@ -35,6 +38,7 @@ class Conditioning:
     lengths: tuple[int, ...]
     negative: mx.array | None
     negative_lengths: tuple[int, ...] = ()
+    control: mx.array | None = None  # the ControlNet's context [B, h, w, control_in_dim] (imagegen_zimage.control)
 
 
 def _off_or_number(value: Any) -> Any:
@@ -67,22 +71,66 @@ class ZImagePipeline(DiffusersPipeline):
             raise WeightsError(f"{root} holds a {kind} checkpoint (scheduler shift {config.shift}), which does not "
                                f"fit '{self.spec.id}': use --model {other}.")
 
-    def forward(self, layout: Layout, wrapper: block_loop.LoopWrapper | None = None):
+    def __init__(self, *args: Any, controlnet: str | Path | None = None, **kwargs: Any):
+        """`controlnet`: a ZImageControlNetModel folder in diffusers' layout, or a cached repo id (recorded in
+        `components`); requests then take control_image, control_scale and canny."""
+        super().__init__(*args, **kwargs)
+        self.controlnet: ZImageControlNet | None = None
+        if controlnet is not None:
+            self.components["controlnet"] = str(controlnet)
+            with self.loading("controlnet"):
+                self.controlnet = load_controlnet(hub.resolve_component(controlnet, "--controlnet"), self.transformer,
+                                                  self.dtype, self.quantize)
+            self.controlnet.pace(self.paced)
+
+    def weights_changed(self) -> None:
+        super().weights_changed()
+        if self.controlnet is not None:  # its compiled blocks captured the transformer's borrowed layers too
+            self.controlnet.compiled_blocks.clear()
+
+    def pace(self, every: int) -> None:
+        super().pace(every)
+        if getattr(self, "controlnet", None) is not None:  # its blocks are paced like the transformer's
+            self.controlnet.pace(every)
+
+    def forward(self, layout: Layout, wrapper: block_loop.LoopWrapper | None = None,
+                control: mx.array | None = None, scale: float = 1.0):
         """The transformer for one layout: paced, or compiled once per layout (the layout holds no arrays
         mx.compile could take as inputs, so it is closed over; its captions and grid are the key); uncompiled around
-        a plugin's block-loop wrapper."""
+        a plugin's block-loop wrapper. `control`: the ControlNet's context for these rows, steering with `scale`."""
+        net = self.controlnet
+
+        def step(x: mx.array, t: mx.array, c: mx.array, context: mx.array | None, s: mx.array | None) -> mx.array:
+            steer = None if context is None else ControlInput(net, context, s)
+            return self.transformer(x, t, c, layout, wrapper, steer)
+
+        inputs = () if control is None else (control, mx.array(scale, dtype=self.model_dtype))
         if self.paced or wrapper is not None:
-            return lambda x, t, c: self.transformer(x, t, c, layout, wrapper)
-        return self.compiled(("step", layout.cap_lens, layout.height, layout.width),
-                             lambda x, t, c: self.transformer(x, t, c, layout))
+            return lambda x, t, c: step(x, t, c, *(inputs or (None, None)))
+        run = step if control is not None else (lambda x, t, c: step(x, t, c, None, None))
+        compiled = self.compiled(("step", layout.cap_lens, layout.height, layout.width, control is not None), run)
+        return lambda x, t, c: compiled(x, t, c, *inputs)
+
+    def run(self, prompt: str | Sequence[str] | imagegen.Request, **options: Any) -> imagegen.Run:
+        """Checks a request's control options against the loaded ControlNet before any work."""
+        if not isinstance(prompt, imagegen.Request):
+            prompt, options = self.request(prompt, **options), {}
+        check_control(prompt, self.controlnet, self.latent_channels)
+        return super().run(prompt, **options)
 
     # 1. prompts -> Qwen3 features
     def encode(self, request: imagegen.Request) -> Conditioning:
         text, lengths = self.embed_prompts(request.prompts)
+        control = None
+        if self.controlled(request):  # the control image (and the masked init image) through the VAE encoder
+            control = control_context(request, self.vae, self.controlnet.config.control_in_dim)
         if not self.uses_cfg(request):
-            return Conditioning(text, lengths, None)
+            return Conditioning(text, lengths, None, control=control)
         negative, negative_lengths = self.embed_prompts(request.negative_prompts or ("",) * request.batch_size)
-        return Conditioning(text, lengths, negative, negative_lengths)
+        return Conditioning(text, lengths, negative, negative_lengths, control)
+
+    def controlled(self, request: imagegen.Request) -> bool:
+        return check_control(request, self.controlnet, self.latent_channels)
 
     def uses_cfg(self, request: imagegen.Request) -> bool:
         return request.guidance is not None and request.guidance > 0  # diffusers: guidance_scale > 0
@@ -99,14 +147,16 @@ class ZImagePipeline(DiffusersPipeline):
         return (request.batch_size, self.latent_channels, request.height // f, request.width // f)
 
     def noise_dtype(self, request: imagegen.Request) -> str:
-        # diffusers draws text-to-image noise in float32, img2img / inpainting noise at the prompt embeddings' dtype
-        return "float32" if request.init is None else self.dtype
+        # diffusers draws text-to-image (and ControlNet inpainting) noise in float32, img2img / inpainting noise at
+        # the prompt embeddings' dtype
+        return "float32" if request.init is None or self.controlled(request) else self.dtype
 
     def default_strength(self, masked: bool) -> float:
         return 1.0 if masked else 0.6  # ZImageInpaintPipeline / ZImageImg2ImgPipeline
 
     def prepare_latents(self, request: imagegen.Request) -> mx.array | Start:
-        if request.init is not None:
+        # ControlNet inpainting starts from noise: the init image and the mask reach the ControlNet only
+        if request.init is not None and not self.controlled(request):
             return self.start(request)
         latents = self.initial_latents(request, self.latent_shape(request), "(B, C, H/8, W/8)")
         return latents.transpose(0, 2, 3, 1)  # NHWC, float32 as diffusers keeps them
@@ -149,12 +199,15 @@ class ZImagePipeline(DiffusersPipeline):
         sigmas, t_norms = self.schedule(request, h, w)
         latents = start.begin(sigmas) if start else latents
         wrapper = block_loop.start(request)
-        forward = self.forward(self.transformer.layout(cond.lengths, h, w), wrapper)
+        scale = request.option("control_scale", CONTROL_SCALE)
+        forward = self.forward(self.transformer.layout(cond.lengths, h, w), wrapper, cond.control, scale)
         if cond.negative is not None:
             width = max(cond.text.shape[1], cond.negative.shape[1])
             pad = [mx.pad(t, [(0, 0), (0, width - t.shape[1]), (0, 0)]) for t in (cond.text, cond.negative)]
             both = mx.concatenate(pad)
-            forward_cfg = self.forward(self.transformer.layout(cond.lengths + cond.negative_lengths, h, w), wrapper)
+            control = None if cond.control is None else mx.concatenate([cond.control, cond.control])
+            forward_cfg = self.forward(self.transformer.layout(cond.lengths + cond.negative_lengths, h, w), wrapper,
+                                       control, scale)
         truncation = request.option("cfg_truncation", 1.0)
         normalization = request.option("cfg_normalization", 0.0)
         for i in range(request.first_step, request.steps):

@@ -7,6 +7,7 @@ from pathlib import Path
 import imagegen
 from imagegen.quantize import ALL_MODES
 
+from .control import OPTIONS as CONTROL_OPTIONS
 from .lora import lora_targets
 from .pipeline import OPTIONS, ZImagePipeline, estimate_memory
 
@@ -28,13 +29,13 @@ def variant(turbo: bool) -> imagegen.ModelSpec:
         tasks=(imagegen.TEXT_TO_IMAGE, imagegen.IMAGE_EDIT),  # edits repaint the image (img2img, inpainting)
         options=frozenset({"latents", "tile", "init_image", "mask", "strength", "outpaint"}
                           | (set() if turbo else {"guidance", "negative_prompt"})),
-        extra_options=() if turbo else OPTIONS,
+        extra_options=CONTROL_OPTIONS if turbo else OPTIONS + CONTROL_OPTIONS,
         default_strength=(0.6, 1.0),  # ZImageImg2ImgPipeline / ZImageInpaintPipeline
         quantize_modes=ALL_MODES,
         family_default=turbo,
         estimate_memory=estimate_memory,
         block_loop=True,
-        components=frozenset({"vae"}),
+        components=frozenset({"vae", "controlnet"}),  # spec.pipeline(controlnet=DIR): ZImageControlNetModel
         lora_targets=lora_targets,
     )
 

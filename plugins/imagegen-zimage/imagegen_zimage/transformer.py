@@ -12,7 +12,7 @@ the caption's padded length. Samples whose captions pad to different lengths run
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -28,7 +28,7 @@ from imagegen.nn.swiglu import swiglu
 from imagegen.rope import apply_rope_tables, rope_cos_sin, rope_tables
 from imagegen.weights import fuse_projections
 
-from .config import ZImageTransformerConfig
+from .config import BlockShape, ZImageTransformerConfig
 
 SEQ_MULTI_OF = 32  # diffusers pads the image and the caption token runs to multiples of this
 FREQ_EMBED_DIM = 256  # TimestepEmbedder's frequency_embedding_size
@@ -42,6 +42,21 @@ FUSIONS = {"attention.to_qkv": ("attention.to_q", "attention.to_k", "attention.t
 
 def _round_up(n: int, multiple: int = SEQ_MULTI_OF) -> int:
     return -(-n // multiple) * multiple
+
+
+def patchify(latents: mx.array, p: int) -> mx.array:
+    """[B, H, W, C] -> [B, (H/p)(W/p), p*p*C], features ordered (ph, pw, c) as diffusers'."""
+    b, h, w, c = latents.shape
+    x = latents.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, -1, p * p * c)
+
+
+def pad_tokens(x: mx.array, length: int, token: mx.array) -> mx.array:
+    """Append copies of `token` [1, D] up to `length` tokens (the image run's padding)."""
+    b, n, dim = x.shape
+    if length <= n:
+        return x
+    return mx.concatenate([x, mx.broadcast_to(token.astype(x.dtype), (b, length - n, dim))], axis=1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,6 +85,21 @@ class Layout:
     image_tokens: int  # image run: (height / p) * (width / p) rounded up to SEQ_MULTI_OF
     groups: tuple[Group, ...]
     order: mx.array | None  # puts the groups' concatenated outputs back in batch order (None: already)
+
+
+@dataclass(frozen=True)
+class Prologue:
+    """One group's state before the main layers (ZImageTransformer.prologue); a ControlNet reads all of it."""
+
+    embedded: mx.array  # image tokens as embedded, before the noise refiner [Bg, image_tokens, dim]
+    adaln: mx.array  # timestep embedding [Bg, adaln_dim]
+    image: mx.array  # image tokens after the noise refiner
+    cap: mx.array  # caption tokens after the context refiner [Bg, cap_tokens, dim]
+    noise_refiner: Sequence[Callable]  # the noise-refiner blocks as this run calls them (paced or not)
+
+
+# control(transformer, group, prologue, pacer) -> {main layer index: hint added after it} (imagegen_zimage.controlnet)
+Control = Callable[["ZImageTransformer", Group, Prologue, Pacer], dict[int, mx.array]]
 
 
 def _group(cap_lens: Sequence[int], index: Sequence[int] | None, run: int, ht: int, wt: int, image_tokens: int,
@@ -183,7 +213,7 @@ def _scaled_norm(norm: nn.RMSNorm, x: mx.array, scale: mx.array) -> mx.array:
 class ZImageTransformerBlock(nn.Module):
     """Sandwich-normed attention + SwiGLU; with modulation, adaLN scales the inputs and tanh gates the outputs."""
 
-    def __init__(self, config: ZImageTransformerConfig, modulation: bool = True):
+    def __init__(self, config: BlockShape, modulation: bool = True):
         super().__init__()
         dim, eps = config.dim, config.norm_eps
         self.attention = Attention(dim, config.n_heads, config.qk_norm)
@@ -261,37 +291,34 @@ class ZImageTransformer(PacedBlocks, nn.Module):
                             tuple(cfg.axes_dims), tuple(cfg.axes_lens), float(cfg.rope_theta))
 
     def __call__(self, latents: mx.array, t: mx.array, cap_feats: mx.array, layout: Layout,
-                 wrapper: block_loop.LoopWrapper | None = None) -> mx.array:
+                 wrapper: block_loop.LoopWrapper | None = None, control: Control | None = None) -> mx.array:
         """latents [B, H, W, C]; t [B] = 1 - sigma (diffusers' (1000 - timestep) / 1000); cap_feats
         [B, L, cap_feat_dim] with sample i's layout.cap_lens[i] valid tokens first (L >= the longest); `wrapper`: a
-        plugin's block-loop wrapper for this run (imagegen.block_loop), applied to the main layers.
+        plugin's block-loop wrapper for this run (imagegen.block_loop), applied to the main layers; `control`: a
+        ControlNet's hints for the main layers (imagegen_zimage.controlnet).
 
         Returns the transformer's output [B, H, W, C] in the latents' dtype; the pipeline negates it
         to get the flow-matching velocity, as diffusers' pipeline does."""
         t = mx.broadcast_to(t, latents.shape[:1])
         outs = [
             self._forward(*(a if g.index is None else a[g.index] for a in (latents, t, cap_feats)), layout, g, i,
-                          wrapper)
+                          wrapper, control)
             for i, g in enumerate(layout.groups)
         ]
         out = outs[0] if len(outs) == 1 else mx.concatenate(outs)
         return out if layout.order is None else out[layout.order]
 
-    def _forward(self, latents: mx.array, t: mx.array, cap_feats: mx.array, layout: Layout, group: Group,
-                 group_index: int = 0, wrapper: block_loop.LoopWrapper | None = None) -> mx.array:
-        b, h, w, c = latents.shape
-        p, dtype, dim = self.patch_size, self.x_pad_token.dtype, self.config.dim
-
-        # Patchify: [B, H, W, C] -> [B, (H/p)(W/p), p*p*C], features ordered (ph, pw, c) as diffusers'
-        x = latents.astype(dtype).reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-        x = self.all_x_embedder[self.patch_key](x.reshape(b, -1, p * p * c))
-        n = x.shape[1]
-        if layout.image_tokens > n:
-            pad = mx.broadcast_to(self.x_pad_token, (b, layout.image_tokens - n, dim))
-            x = mx.concatenate([x, pad], axis=1)
+    def prologue(self, latents: mx.array, t: mx.array, cap_feats: mx.array, layout: Layout, group: Group,
+                 pace: Pacer | None = None) -> Prologue:
+        """Everything before the main layers for one group: the embedded image tokens (padded with x_pad_token),
+        the timestep embedding, the image tokens after the noise refiner and the caption after the context one."""
+        dtype = self.x_pad_token.dtype
+        pace = pace or Pacer(0)
+        _, noise_refiner, context_refiner, _ = self.paced_blocks()
+        embedded = self.all_x_embedder[self.patch_key](patchify(latents.astype(dtype), self.patch_size))
+        embedded = pad_tokens(embedded, layout.image_tokens, self.x_pad_token)
         adaln = self.t_embedder(t * self.config.t_scale, dtype)
-        every, noise_refiner, context_refiner, layers = self.paced_blocks()
-        pace = Pacer(every)
+        x = embedded
         for block in noise_refiner:
             x = block(x, group.image_rope, adaln)
             pace(x)
@@ -305,24 +332,40 @@ class ZImageTransformer(PacedBlocks, nn.Module):
         for block in context_refiner:
             cap = block(cap, group.cap_rope)
             pace(cap)
+        return Prologue(embedded, adaln, x, cap, noise_refiner)
+
+    def _forward(self, latents: mx.array, t: mx.array, cap_feats: mx.array, layout: Layout, group: Group,
+                 group_index: int = 0, wrapper: block_loop.LoopWrapper | None = None,
+                 control: Control | None = None) -> mx.array:
+        b, h, w, c = latents.shape
+        p = self.patch_size
+        every, _, _, layers = self.paced_blocks()
+        pace = Pacer(every)
+        start = self.prologue(latents, t, cap_feats, layout, group, pace)
+        adaln, n = start.adaln, (h // p) * (w // p)
+        hints = control(self, group, start, pace) if control is not None else {}
+
+        def run(x: mx.array, index: int) -> mx.array:
+            x = layers[index](x, group.rope, adaln)
+            if index in hints:  # diffusers adds a ControlNet's hint after its layer
+                x = x + hints[index]
+            pace(x)
+            return x
 
         def first_block(state: block_loop.State) -> block_loop.State:
-            x = layers[0](state[0], group.rope, adaln)
-            pace(x)
-            return (x,)
+            return (run(state[0], 0),)
 
         def later_blocks(state: block_loop.State) -> block_loop.State:
             (x,) = state
-            for block in layers[1:]:
-                x = block(x, group.rope, adaln)
-                pace(x)
+            for index in range(1, len(layers)):
+                x = run(x, index)
             return (x,)
 
         # diffusers runs the whole batch (CFG included) as one call, one cache context; imagegen runs each layout group
         # as its own call, so each group is its own context
         context = "cond" if group_index == 0 else f"group{group_index}"
         loop = block_loop.BlockLoop(first_block, later_blocks, ((context, slice(None)),))
-        (x,) = block_loop.run(wrapper, loop, (mx.concatenate([x, cap], axis=1),))
+        (x,) = block_loop.run(wrapper, loop, (mx.concatenate([start.image, start.cap], axis=1),))
 
         # Only the image tokens are decoded; unpatchify back to NHWC
         x = self.all_final_layer[self.patch_key](x[:, :n], adaln)
