@@ -11,13 +11,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from PIL import Image
 
 from imagegen import distributed
 from imagegen.batch import FAILURES, RESULTS, Defaults, run_batch
+from imagegen.nn import row_split
 
 # Runs in each rank: a tiny random FLUX.2 transformer on image-token counts that do and do not split evenly,
 # sharded over the group, against the same call unsharded; rank 0 writes the largest difference.
@@ -59,8 +62,9 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from imagegen import distributed
 from imagegen.batch import FAILURES, RESULTS, Defaults, run_batch
-from imagegen.nn import AutoencoderKL, AutoencoderKLConfig
+from imagegen.nn import AutoencoderKL, AutoencoderKLConfig, row_split
 
+row_split.MIN_POSITIONS = 0  # a tiny latent splits too
 spread = distributed.from_environment()
 mx.random.seed(0)
 config = AutoencoderKLConfig(block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
@@ -100,7 +104,17 @@ def test_vae_decode_split_in_row_bands_matches_one_process(tmp_path, monkeypatch
     script.write_text(VAE_RANK_SCRIPT)
     monkeypatch.setattr(os, "environ", env_with_tree())
     assert distributed.launch([sys.executable, str(script), str(result)], 2) == 0
-    assert float(result.read_text()) < 1e-5  # relative to the image's largest value, float32
+    # relative to the image's largest value, float32; CUDA convolves float32 in TF32 (10-bit mantissa) with
+    # algorithms chosen per shape, so bands differ from the whole more there (9.6e-4 measured on two H200s)
+    assert float(result.read_text()) < (2e-3 if mx.cuda.is_available() else 1e-5)
+
+
+def test_small_latents_decode_whole_on_each_rank():
+    """Splitting a small decode costs more than it saves (row_split.MIN_POSITIONS)."""
+    group = SimpleNamespace(size=lambda: 2)
+    assert not row_split.can_split((1, 128, 128, 32), group)  # 1024 px
+    assert row_split.can_split((1, 256, 256, 32), group)  # 2048 px
+    assert not row_split.can_split((1, 256, 256, 32), None)
 
 
 def test_cli_gpus_two_draws_the_same_image(tmp_path):

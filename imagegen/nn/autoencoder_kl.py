@@ -186,7 +186,7 @@ class AutoencoderKL(nn.Module):
         pixels, side = self._tile_sizes(tile_size)
         if (max(z.shape[1], z.shape[2]) > side) if tile is None else tile:
             return tiled(z, self._decode_tile, side, pixels, tile_overlap)
-        if row_split.can_split(z.shape[1], group):
+        if row_split.can_split(z.shape, group):
             return row_split.decode(self._decode_tile, z, group)
         return self._decode_tile(z)
 

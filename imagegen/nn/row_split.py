@@ -77,9 +77,17 @@ def current() -> RowSplit | None:
     return _current.get()
 
 
-def can_split(rows: int, group: mx.distributed.Group | None) -> bool:
-    """Whether a latent of `rows` rows splits over the group: more than one rank, at least one row each."""
-    return group is not None and group.size() > 1 and rows >= group.size()
+# Latent positions (rows x columns) from which splitting pays: the halo exchanges and the gather cost about what a
+# small decode takes. Two H200s (benchmarks/results/2026-11-29-h200x2-notes.md): a 1024 px image (128x128 latent)
+# decoded 0.94x as fast split, a 2048 px one (256x256) 1.55x; the threshold sits between, at 1536 px.
+MIN_POSITIONS = 192 * 192
+
+
+def can_split(latent_shape: tuple[int, ...], group: mx.distributed.Group | None) -> bool:
+    """Whether a [B, rows, columns, C] latent splits over the group: more than one rank, at least one row each,
+    and large enough to gain (MIN_POSITIONS)."""
+    _, rows, columns, _ = latent_shape
+    return group is not None and group.size() > 1 and rows >= group.size() and rows * columns >= MIN_POSITIONS
 
 
 def decode(decode_band: Callable[[mx.array], mx.array], latents: mx.array, group: mx.distributed.Group) -> mx.array:
