@@ -53,8 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
-    p.add_argument("--fbc", default="auto", help="First-Block Cache thresholds; auto: the quartiles of the first "
-                   "block's step-to-step changes in an uncached run (random weights change more than trained ones)")
+    p.add_argument(
+        "--fbc",
+        default="auto",
+        help="First-Block Cache thresholds; auto: the quartiles of the first "
+        "block's step-to-step changes in an uncached run (random weights change more than trained ones)",
+    )
     p.add_argument("--mag", default="0.06,0.12,0.24", help="MagCache thresholds")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; quick 6)")
     p.add_argument("--repeats", type=int, default=None, help="timed decodes, median reported (default 5; quick 1)")
@@ -134,9 +138,15 @@ def cache_section(model: str, args: argparse.Namespace) -> Any:
         for cache in caches:
             image, seconds, skipped = run(cache)
             difference = image_difference(image, plain)
-            yield {**fields, "cache": cache.split(",ratios=")[0], "denoise_s": round(seconds, 3),
-                   "speedup": round(plain_s / seconds, 3), "steps_skipped": skipped,
-                   "psnr_db": round(difference["psnr_db"], 2), "ssim": round(ssim(image, plain), 4)}
+            yield {
+                **fields,
+                "cache": cache.split(",ratios=")[0],
+                "denoise_s": round(seconds, 3),
+                "speedup": round(plain_s / seconds, 3),
+                "steps_skipped": skipped,
+                "psnr_db": round(difference["psnr_db"], 2),
+                "ssim": round(ssim(image, plain), 4),
+            }
         shutil.rmtree(folder, ignore_errors=True)
 
     return body
@@ -160,8 +170,13 @@ def decode_section(args: argparse.Namespace) -> Any:
             latents = mx.array(z.astype(np.float32)).transpose(0, 2, 3, 1).astype(vae.dtype)
             t = time_mlx(partial(vae.decode, latents), 2, args.repeats)
             times[f"imagegen-{name}"] = t.ms
-            yield {"impl": "imagegen", "decoder": name, "channels": decoder or base["block_out_channels"],
-                   "size": f"{size}x{size}", **t.record()}
+            yield {
+                "impl": "imagegen",
+                "decoder": name,
+                "channels": decoder or base["block_out_channels"],
+                "size": f"{size}x{size}",
+                **t.record(),
+            }
             free_memory()
         torch = need("torch")
         from diffusers import AutoencoderKLFlux2 as Reference
@@ -175,10 +190,12 @@ def decode_section(args: argparse.Namespace) -> Any:
             times[f"diffusers-{name}"] = t.ms
             yield {"impl": "diffusers", "decoder": name, "size": f"{size}x{size}", **t.record()}
             free_memory()
-        yield {"impl": "ratios", "small_over_standard_imagegen": round(times["imagegen-small"] /
-                                                                      times["imagegen-standard"], 3),
-               "small_over_standard_diffusers": round(times["diffusers-small"] / times["diffusers-standard"], 3),
-               "imagegen_over_diffusers_small": round(times["imagegen-small"] / times["diffusers-small"], 3)}
+        yield {
+            "impl": "ratios",
+            "small_over_standard_imagegen": round(times["imagegen-small"] / times["imagegen-standard"], 3),
+            "small_over_standard_diffusers": round(times["diffusers-small"] / times["diffusers-standard"], 3),
+            "imagegen_over_diffusers_small": round(times["imagegen-small"] / times["diffusers-small"], 3),
+        }
 
     return body
 

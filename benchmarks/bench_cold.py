@@ -84,6 +84,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         def generate(seed: int) -> Any:
             with torch.no_grad():
                 return fam.diffusers_generate(pipe, PROMPT, size, steps, seed=seed)[0]
+
     for name, seed in (("first_s", 0), ("second_s", 1)):
         t = time.perf_counter()
         generate(seed)
@@ -131,8 +132,15 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         fam = family(args.model, TINY if args.tiny else FULL)
         fam.write_folder(folder, "cpu" if args.tiny else "cuda")
-        recorder.emit({"section": "cold", "what": "setup", "s": round(time.perf_counter() - start, 1),
-                       "folder": str(folder), **folder_size(folder)})
+        recorder.emit(
+            {
+                "section": "cold",
+                "what": "setup",
+                "s": round(time.perf_counter() - start, 1),
+                "folder": str(folder),
+                **folder_size(folder),
+            }
+        )
     caches = Path(tempfile.mkdtemp(prefix="imagegen-cold-"))
     env = dict(os.environ, MLX_PTX_CACHE_DIR=str(caches / "mlx"), CUDA_CACHE_PATH=str(caches / "cuda"))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
@@ -142,22 +150,60 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for impl in [i for i in impls if i in ("imagegen", "diffusers")]:
             for run in range(1, args.runs + 1):
-                wall, record = run_child([__file__, "--child", impl, "--model", args.model, "--folder", str(folder),
-                                          *tiny], env, args.timeout_s)
-                record = {"section": "cold", "impl": impl, "run": run, "wall_s": round(wall, 2), **record,
-                          "kernel_cache": folder_size(caches)}
+                wall, record = run_child(
+                    [__file__, "--child", impl, "--model", args.model, "--folder", str(folder), *tiny],
+                    env,
+                    args.timeout_s,
+                )
+                record = {
+                    "section": "cold",
+                    "impl": impl,
+                    "run": run,
+                    "wall_s": round(wall, 2),
+                    **record,
+                    "kernel_cache": folder_size(caches),
+                }
                 results.setdefault(impl, []).append(recorder.emit(record))
         if "cli" in impls:  # `imagegen run` itself, kernels cached by the runs above
             size = "32x32" if args.tiny else "1024x1024"
-            code = ("import sys; sys.path.insert(0, sys.argv.pop(1)); from common import ensure_imports; "
-                    "ensure_imports(); from imagegen.cli import main; sys.argv[0] = 'imagegen'; main()")
+            code = (
+                "import sys; sys.path.insert(0, sys.argv.pop(1)); from common import ensure_imports; "
+                "ensure_imports(); from imagegen.cli import main; sys.argv[0] = 'imagegen'; main()"
+            )
             out_png = caches / "cli.png"
-            wall, record = run_child(["-c", code, str(HERE), "run", PROMPT, "--model", args.model, "--weights",
-                                      str(folder), "--size", size, "--seed", "0", "--output", str(out_png),
-                                      "--quiet", "--force"] + (["--steps", "2"] if args.tiny else []),
-                                     env, args.timeout_s)
-            recorder.emit({"section": "cold", "impl": "imagegen run (CLI)", "wall_s": round(wall, 2),
-                           "png": out_png.is_file(), **record})
+            wall, record = run_child(
+                [
+                    "-c",
+                    code,
+                    str(HERE),
+                    "run",
+                    PROMPT,
+                    "--model",
+                    args.model,
+                    "--weights",
+                    str(folder),
+                    "--size",
+                    size,
+                    "--seed",
+                    "0",
+                    "--output",
+                    str(out_png),
+                    "--quiet",
+                    "--force",
+                ]
+                + (["--steps", "2"] if args.tiny else []),
+                env,
+                args.timeout_s,
+            )
+            recorder.emit(
+                {
+                    "section": "cold",
+                    "impl": "imagegen run (CLI)",
+                    "wall_s": round(wall, 2),
+                    "png": out_png.is_file(),
+                    **record,
+                }
+            )
         recorder.emit(goals(results))
     finally:
         shutil.rmtree(caches, ignore_errors=True)
@@ -177,8 +223,11 @@ def goals(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     if len(ours) > 1 and "error" not in ours[1]:
         second = ours[1]
         bound = second["load_s"] + 2 * second["second_s"]
-        record.update(second_cold_s=second["wall_s"], load_plus_2x_warm_s=round(bound, 2),
-                      second_cold_met=second["wall_s"] <= bound)
+        record.update(
+            second_cold_s=second["wall_s"],
+            load_plus_2x_warm_s=round(bound, 2),
+            second_cold_met=second["wall_s"] <= bound,
+        )
     return record
 
 

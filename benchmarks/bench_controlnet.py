@@ -23,8 +23,12 @@ from families import FULL, TINY, ZImage, to_numpy, to_torch
 
 LAYOUTS = {  # alibaba-pai Z-Image-Turbo-Fun-Controlnet-Union releases (as hlky's diffusers conversions configure them)
     "1.0": dict(control_layers_places=list(range(0, 30, 5)), control_in_dim=16),
-    "2.1": dict(control_layers_places=list(range(0, 30, 2)), control_refiner_layers_places=[0, 1],
-                add_control_noise_refiner="control_noise_refiner", control_in_dim=33),
+    "2.1": dict(
+        control_layers_places=list(range(0, 30, 2)),
+        control_refiner_layers_places=[0, 1],
+        add_control_noise_refiner="control_noise_refiner",
+        control_in_dim=33,
+    ),
 }
 
 
@@ -47,8 +51,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def controlnet_config(family: ZImage, layout: str) -> dict[str, Any]:
     c = family.transformer_config
-    config = {**LAYOUTS[layout], "dim": c["dim"], "n_heads": c["n_heads"], "n_kv_heads": c["n_kv_heads"],
-              "n_refiner_layers": c["n_refiner_layers"], "all_patch_size": [2], "all_f_patch_size": [1]}
+    config = {
+        **LAYOUTS[layout],
+        "dim": c["dim"],
+        "n_heads": c["n_heads"],
+        "n_kv_heads": c["n_kv_heads"],
+        "n_refiner_layers": c["n_refiner_layers"],
+        "all_patch_size": [2],
+        "all_f_patch_size": [1],
+    }
     if family.scale.tiny:  # the tiny transformer's layers and latent channels
         n, channels = c["n_layers"], c["in_channels"]
         config["control_layers_places"] = list(range(n))
@@ -91,8 +102,9 @@ def to_mlx(module: Any, model: Any, dtype: Any) -> Any:
     return model
 
 
-def imagegen_steps(family: ZImage, transformer: Any, net: Any, inputs: dict[str, Any], dtype: Any,
-                   pace: int) -> dict[str, Any]:
+def imagegen_steps(
+    family: ZImage, transformer: Any, net: Any, inputs: dict[str, Any], dtype: Any, pace: int
+) -> dict[str, Any]:
     from imagegen_zimage.controlnet import ControlInput
 
     latents, caps, context = (mx.array(inputs[k]).astype(dtype) for k in ("latents", "caps", "context"))
@@ -117,8 +129,10 @@ def diffusers_steps(transformer: Any, net: Any, inputs: dict[str, Any], device: 
     import torch
 
     net = type(net).from_transformer(net, transformer)
-    xs, ctx = (list(to_torch(inputs[k], device, dtype).permute(0, 3, 1, 2)[:, :, None].unbind(0))
-               for k in ("latents", "context"))
+    xs, ctx = (
+        list(to_torch(inputs[k], device, dtype).permute(0, 3, 1, 2)[:, :, None].unbind(0))
+        for k in ("latents", "context")
+    )
     caps = list(to_torch(inputs["caps"], device, dtype).unbind(0))
     t = to_torch(inputs["t"], device)
 
@@ -157,13 +171,16 @@ def main(argv: list[str] | None = None) -> None:
     for layout in args.layouts:
         inputs = family.step_inputs(size)
         channels = controlnet_config(family, layout)["control_in_dim"]
-        inputs["context"] = np.random.default_rng(1).standard_normal(
-            (*inputs["latents"].shape[:3], channels)).astype(np.float32)
+        inputs["context"] = (
+            np.random.default_rng(1).standard_normal((*inputs["latents"].shape[:3], channels)).astype(np.float32)
+        )
         ref_transformer, ref_net = torch_models(family, layout, device, torch_dtype)
-        transformer = to_mlx(ref_transformer, ZImageTransformer(ZImageTransformerConfig.from_dict(
-            family.transformer_config)), mlx_dtype)
-        net = to_mlx(ref_net, ZImageControlNet(ZImageControlNetConfig.from_dict(controlnet_config(family, layout))),
-                     mlx_dtype)
+        transformer = to_mlx(
+            ref_transformer, ZImageTransformer(ZImageTransformerConfig.from_dict(family.transformer_config)), mlx_dtype
+        )
+        net = to_mlx(
+            ref_net, ZImageControlNet(ZImageControlNetConfig.from_dict(controlnet_config(family, layout))), mlx_dtype
+        )
         record = {**base, "layout": layout, "control_layers": len(net.control_layers)}
 
         ours, outputs = {}, {}
@@ -184,14 +201,30 @@ def main(argv: list[str] | None = None) -> None:
         free_memory()
 
         for name in ("bare", "controlnet"):
-            recorder.emit(round_floats({**record, "step": name, "imagegen_ms": ours[name].ms,
-                                        "diffusers_ms": theirs[name].ms, "ratio": ours[name].ms / theirs[name].ms,
-                                        "imagegen_peak_gb": ours[name].peak_gb,
-                                        "diffusers_peak_gb": theirs[name].peak_gb}))
-        recorder.emit(round_floats({**record, "step": "overhead",
-                                    "imagegen": ours["controlnet"].ms / ours["bare"].ms,
-                                    "diffusers": theirs["controlnet"].ms / theirs["bare"].ms,
-                                    **{f"controlled_output_{k}": v for k, v in difference.items()}}))
+            recorder.emit(
+                round_floats(
+                    {
+                        **record,
+                        "step": name,
+                        "imagegen_ms": ours[name].ms,
+                        "diffusers_ms": theirs[name].ms,
+                        "ratio": ours[name].ms / theirs[name].ms,
+                        "imagegen_peak_gb": ours[name].peak_gb,
+                        "diffusers_peak_gb": theirs[name].peak_gb,
+                    }
+                )
+            )
+        recorder.emit(
+            round_floats(
+                {
+                    **record,
+                    "step": "overhead",
+                    "imagegen": ours["controlnet"].ms / ours["bare"].ms,
+                    "diffusers": theirs["controlnet"].ms / theirs["bare"].ms,
+                    **{f"controlled_output_{k}": v for k, v in difference.items()},
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

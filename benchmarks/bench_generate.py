@@ -37,16 +37,43 @@ from common import (
 )
 from families import COST, FAMILIES, FULL, TINY, Family, family, to_numpy, to_torch, torch_device
 
-SECTIONS = ("floor", "load", "encode", "step", "scaling", "batch", "refs", "decode", "e2e", "parity", "quant",
-            "compile")
+SECTIONS = (
+    "floor",
+    "load",
+    "encode",
+    "step",
+    "scaling",
+    "batch",
+    "refs",
+    "decode",
+    "e2e",
+    "parity",
+    "quant",
+    "compile",
+)
 IMPLS = ("imagegen", "mflux", "diffusers")
 QUANT_MODES = ("8", "4", "mxfp8", "nvfp4")
 COMPILED_BY_DEFAULT = ("flux2-klein-4b",)  # torch.compile takes minutes: only where the issue quotes a number
-PROMPT = ("A red fox sitting in fresh snow at dawn, photographed with a telephoto lens: soft golden light, "
-          "detailed fur, frost on the whiskers, pine trees far behind, shallow depth of field.")
+PROMPT = (
+    "A red fox sitting in fresh snow at dawn, photographed with a telephoto lens: soft golden light, "
+    "detailed fur, frost on the whiskers, pine trees far behind, shallow depth of field."
+)
 # Seconds a section takes at Klein 4B full size (families.COST scales them), for the time budget
-ESTIMATE = {"floor": 3, "setup": 45, "load": 20, "encode": 3, "step": 6, "scaling": 12, "batch": 6, "refs": 8,
-            "decode": 4, "e2e": 10, "parity": 4, "quant": 25, "compile": 180}
+ESTIMATE = {
+    "floor": 3,
+    "setup": 45,
+    "load": 20,
+    "encode": 3,
+    "step": 6,
+    "scaling": 12,
+    "batch": 6,
+    "refs": 8,
+    "decode": 4,
+    "e2e": 10,
+    "parity": 4,
+    "quant": 25,
+    "compile": 180,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,15 +83,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip", default="", help="comma list of sections to leave out")
     p.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {', '.join(IMPLS)}")
     p.add_argument("--quant-modes", default=",".join(QUANT_MODES), help="imagegen quantization modes to time")
-    p.add_argument("--pace", default="1,4", help="imagegen paced variants to time: host waits every N blocks "
-                   "(imagegen.nn.pacing); empty for none")
-    p.add_argument("--pipeline-pace", type=int, default=None,
-                   help="pace of the imagegen pipelines (e2e, quant); default: the pipeline's own")
-    p.add_argument("--torch-compile", choices=("auto", "on", "off"), default="auto",
-                   help=f"torch.compile the diffusers transformer (auto: {', '.join(COMPILED_BY_DEFAULT)} only)")
+    p.add_argument(
+        "--pace",
+        default="1,4",
+        help="imagegen paced variants to time: host waits every N blocks (imagegen.nn.pacing); empty for none",
+    )
+    p.add_argument(
+        "--pipeline-pace",
+        type=int,
+        default=None,
+        help="pace of the imagegen pipelines (e2e, quant); default: the pipeline's own",
+    )
+    p.add_argument(
+        "--torch-compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help=f"torch.compile the diffusers transformer (auto: {', '.join(COMPILED_BY_DEFAULT)} only)",
+    )
     p.add_argument("--compile-mode", default="default", help="torch.compile mode (default, max-autotune, ...)")
-    p.add_argument("--budget-s", type=float, default=570.0,
-                   help="skip sections that would not finish within this many seconds of the start (0: no limit)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=570.0,
+        help="skip sections that would not finish within this many seconds of the start (0: no limit)",
+    )
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 2; tiny 1)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs, median reported (default 5; tiny 1)")
     p.add_argument("--e2e-repeats", type=int, default=None, help="timed end-to-end runs (default 5; tiny 1)")
@@ -90,8 +132,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def shape_fields(fam: Family, size: int, batch: int = 1, refs: int = 0) -> dict[str, Any]:
-    return {"size": f"{size}x{size}", "batch": batch, "refs": refs,
-            "tokens": f"{fam.tokens(size, refs)}+{fam.scale.text_len}"}
+    return {
+        "size": f"{size}x{size}",
+        "batch": batch,
+        "refs": refs,
+        "tokens": f"{fam.tokens(size, refs)}+{fam.scale.text_len}",
+    }
 
 
 class ModelBench:
@@ -110,8 +156,9 @@ class ModelBench:
         self.reference: dict[str, Any] = {}  # imagegen outputs kept for parity and quantization comparisons
 
     # -- helpers ----------------------------------------------------------------------------------
-    def section(self, name: str, impl: str, body, estimate: str | None = None, required: bool = False,
-                **fields: Any) -> bool:
+    def section(
+        self, name: str, impl: str, body, estimate: str | None = None, required: bool = False, **fields: Any
+    ) -> bool:
         runner = self.runner
         if required and name not in runner.sections:  # a prerequisite of selected sections
             runner = Runner(runner.recorder, runner.budget, runner.sections | {name}, runner.cost)
@@ -173,11 +220,25 @@ class ModelBench:
             start = time.perf_counter()
             self.fam.write_folder(self.folder, self.device)
             size = sum(p.stat().st_size for p in self.folder.rglob("*") if p.is_file())
-            yield {"s": round(time.perf_counter() - start, 2), "folder_gb": round(size / 1e9, 2),
-                   "folder": str(self.folder)}
+            yield {
+                "s": round(time.perf_counter() - start, 2),
+                "folder_gb": round(size / 1e9, 2),
+                "folder": str(self.folder),
+            }
 
-        needs_folder = {"load", "encode", "step", "scaling", "batch", "refs", "decode", "e2e", "parity", "quant",
-                        "compile"}
+        needs_folder = {
+            "load",
+            "encode",
+            "step",
+            "scaling",
+            "batch",
+            "refs",
+            "decode",
+            "e2e",
+            "parity",
+            "quant",
+            "compile",
+        }
         if self.wants(*needs_folder) and self.args.impls & {"imagegen", "diffusers"}:
             self.ready = self.section("setup", "torch", body, required=True)
 
@@ -245,8 +306,14 @@ class ModelBench:
             request = self.pipe.request(PROMPT, width=size, height=size, seed=0)
             t, _ = time_step(self.pipe, request, w, r)
             tokens = self.prompt_tokens()
-            yield {**t.record(), "size": f"{size}x{size}", "batch": 1, "refs": 0,
-                   "tokens": f"{self.fam.tokens(size)}+{tokens}", "note": "one iteration of the pipeline's own loop"}
+            yield {
+                **t.record(),
+                "size": f"{size}x{size}",
+                "batch": 1,
+                "refs": 0,
+                "tokens": f"{self.fam.tokens(size)}+{tokens}",
+                "note": "one iteration of the pipeline's own loop",
+            }
 
         self.section("step", "imagegen", lambda: step([("step", size, 1, 0)]))
         if self.pipe is not None:
@@ -297,8 +364,12 @@ class ModelBench:
             images["last"], images["timings"] = result.images[0], result.timings
             return result.images
 
-        fields = {"size": f"{size}x{size}", "steps": steps, "prompt_tokens": self.prompt_tokens(),
-                  "pace": getattr(pipe, "paced", None)}
+        fields = {
+            "size": f"{size}x{size}",
+            "steps": steps,
+            "prompt_tokens": self.prompt_tokens(),
+            "pace": getattr(pipe, "paced", None),
+        }
         t = time_mlx(generate, 1, self.args.e2e_repeats)
         self.reference["image"] = images["last"]
         stages = {k: round(v * 1e3, 2) for k, v in images["timings"].items()}
@@ -313,8 +384,9 @@ class ModelBench:
         self.restore_pace(pipe.transformer)
         if "parity" in self.runner.sections:
             latents = self.fam.noise(size)
-            self.reference["latents_image"] = pipe.generate(PROMPT, width=size, height=size, steps=steps,
-                                                            latents=latents).images[0]
+            self.reference["latents_image"] = pipe.generate(
+                PROMPT, width=size, height=size, steps=steps, latents=latents
+            ).images[0]
 
     def prompt_tokens(self) -> int:
         """Text tokens the pipeline feeds the transformer for PROMPT: all max_length (Klein) or the prompt's own."""
@@ -340,16 +412,20 @@ class ModelBench:
             mx.reset_peak_memory()
             start = time.perf_counter()
             try:
-                pipe = registry.get(self.id).pipeline(weights=self.folder, dtype="bfloat16", quantize=mode,
-                                                      **self.pipeline_options())
+                pipe = registry.get(self.id).pipeline(
+                    weights=self.folder, dtype="bfloat16", quantize=mode, **self.pipeline_options()
+                )
                 transformer = pipe.transformer
             except UnknownModelError as e:  # no pipeline for this family: the transformer alone
                 pipe, note = None, f"transformer only ({e})"
                 transformer = self.fam.imagegen_transformer(self.folder, quantize=mode)
             load_s = time.perf_counter() - start
             yield {"what": "load", "s": round(load_s, 2), "peak_gb": round(mx.get_peak_memory() / 1e9, 3)}
-            t = time_mlx(self.fam.imagegen_step(transformer, inputs, True, pipe.paced if pipe else 0),
-                         self.args.warmup, self.args.repeats)
+            t = time_mlx(
+                self.fam.imagegen_step(transformer, inputs, True, pipe.paced if pipe else 0),
+                self.args.warmup,
+                self.args.repeats,
+            )
             yield {"what": "step", **self.timing(t, shape_fields(self.fam, size), flops)}
             if pipe is None:
                 yield {"what": "e2e", "skipped": note}
@@ -364,13 +440,23 @@ class ModelBench:
             repeats = min(self.args.e2e_repeats, 3)
             t = time_mlx(generate, 1, repeats)
             diff = image_difference(last["image"], self.reference["image"]) if "image" in self.reference else {}
-            yield {"what": "e2e", "size": f"{size}x{size}", "steps": steps, **t.record(),
-                   **round_floats(diff), "vs": "bfloat16 image, same seed",
-                   "note": "fewer end-to-end repeats" if repeats < 5 else None}
+            yield {
+                "what": "e2e",
+                "size": f"{size}x{size}",
+                "steps": steps,
+                **t.record(),
+                **round_floats(diff),
+                "vs": "bfloat16 image, same seed",
+                "note": "fewer end-to-end repeats" if repeats < 5 else None,
+            }
 
         for mode in self.args.quant_modes:
-            self.section("quant", f"imagegen-{mode}" + ("bit" if mode.isdigit() else ""),
-                         lambda mode=mode: body(mode), quantize=mode)
+            self.section(
+                "quant",
+                f"imagegen-{mode}" + ("bit" if mode.isdigit() else ""),
+                lambda mode=mode: body(mode),
+                quantize=mode,
+            )
 
     # -- mflux -------------------------------------------------------------------------------------
     def mflux_phase(self) -> None:
@@ -416,13 +502,20 @@ class ModelBench:
             vae = self.fam.mflux_vae()
             z = mx.array(self.fam.mflux_latents(size)).astype(mx.bfloat16)
             side = z.shape[-1] * 8
-            variants = (("mflux", VAEBlockDecoder.LOW_MEMORY, False), ("mflux-legacy", VAEBlockDecoder.LEGACY, False),
-                        ("mflux-legacy-compile", VAEBlockDecoder.LEGACY, True))
+            variants = (
+                ("mflux", VAEBlockDecoder.LOW_MEMORY, False),
+                ("mflux-legacy", VAEBlockDecoder.LEGACY, False),
+                ("mflux-legacy-compile", VAEBlockDecoder.LEGACY, True),
+            )
             for impl, mode, compiled in variants:
                 vae.decode_mode = mode
                 fn = mx.compile(vae.decode) if compiled else vae.decode
-                yield {"impl": impl, "size": f"{side}x{side}", "decode_mode": mode,
-                       **time_mlx(lambda fn=fn: fn(z), w, r).record()}
+                yield {
+                    "impl": impl,
+                    "size": f"{side}x{side}",
+                    "decode_mode": mode,
+                    **time_mlx(lambda fn=fn: fn(z), w, r).record(),
+                }
 
         self.section("decode", "mflux", decode)
 
@@ -496,8 +589,11 @@ class ModelBench:
         size = self.scale.size
         with torch.inference_mode():
             want = to_numpy(self.fam.diffusers_step(pipe.transformer, self.fam.step_inputs(size), device)())
-            yield {"what": "transformer step", **shape_fields(self.fam, size),
-                   **round_floats(errors(self.reference["transformer"], want))}
+            yield {
+                "what": "transformer step",
+                **shape_fields(self.fam, size),
+                **round_floats(errors(self.reference["transformer"], want)),
+            }
             ids, mask = (to_torch(a, device) for a in self.reference["tokens"])
             out = pipe.text_encoder(input_ids=ids.long(), attention_mask=mask.long(), output_hidden_states=True)
             for layer, got in self.reference["text"].items():
@@ -509,8 +605,11 @@ class ModelBench:
         if "latents_image" in self.reference:
             latents = to_torch(self.fam.noise(size), device, torch.bfloat16)
             image = self.fam.diffusers_generate(pipe, PROMPT, size, self.fam.default_steps, latents=latents)[0]
-            yield {"what": "image, same latents", "size": f"{size}x{size}",
-                   **round_floats(image_difference(self.reference["latents_image"], image))}
+            yield {
+                "what": "image, same latents",
+                "size": f"{size}x{size}",
+                **round_floats(image_difference(self.reference["latents_image"], image)),
+            }
 
     def torch_compile(self, pipe: Any, device: str):
         import torch
@@ -518,8 +617,9 @@ class ModelBench:
         size = self.scale.size
         backend = "eager" if self.scale.tiny else "inductor"  # tiny runs prove the path; inductor takes minutes
         eager = pipe.transformer
-        pipe.transformer = torch.compile(eager, mode=None if self.args.compile_mode == "default"
-                                         else self.args.compile_mode, backend=backend)
+        pipe.transformer = torch.compile(
+            eager, mode=None if self.args.compile_mode == "default" else self.args.compile_mode, backend=backend
+        )
         fn = self.fam.diffusers_step(pipe.transformer, self.fam.step_inputs(size), device)
         start = time.perf_counter()
         with torch.no_grad():
@@ -529,16 +629,26 @@ class ModelBench:
         compile_s = time.perf_counter() - start
         t = time_torch(fn, self.args.warmup, self.args.repeats)
         flops = self.fam.flops(size, self.scale.text_len)
-        yield {"what": "step", "compile_s": round(compile_s, 1), "backend": backend, "mode": self.args.compile_mode,
-               **self.timing(t, shape_fields(self.fam, size), flops)}
+        yield {
+            "what": "step",
+            "compile_s": round(compile_s, 1),
+            "backend": backend,
+            "mode": self.args.compile_mode,
+            **self.timing(t, shape_fields(self.fam, size), flops),
+        }
         if "e2e" in self.runner.sections:
             steps = self.fam.default_steps
             start = time.perf_counter()
             self.fam.diffusers_generate(pipe, PROMPT, size, steps)  # a recompile would show here
             first_s = time.perf_counter() - start
             t = time_torch(lambda: self.fam.diffusers_generate(pipe, PROMPT, size, steps), 0, self.args.e2e_repeats)
-            yield {"what": "e2e", "size": f"{size}x{size}", "steps": steps, "first_run_s": round(first_s, 2),
-                   **t.record()}
+            yield {
+                "what": "e2e",
+                "size": f"{size}x{size}",
+                "steps": steps,
+                "first_run_s": round(first_s, 2),
+                **t.record(),
+            }
         pipe.transformer = eager
 
 
@@ -587,9 +697,14 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # a bug outside any section: record it and go on to the next model
             recorder.emit({"section": "run", "model": model_id, "error": f"{type(e).__name__}: {e}"})
         free_memory()
-    recorder.emit({"section": "done", "elapsed_s": round(time.perf_counter() - start, 1),
-                   "error_count": sum(1 for r in recorder.records if "error" in r),
-                   "skipped_count": sum(1 for r in recorder.records if "skipped" in r)})
+    recorder.emit(
+        {
+            "section": "done",
+            "elapsed_s": round(time.perf_counter() - start, 1),
+            "error_count": sum(1 for r in recorder.records if "error" in r),
+            "skipped_count": sum(1 for r in recorder.records if "skipped" in r),
+        }
+    )
     return 0
 
 

@@ -84,15 +84,21 @@ def time_imagegen(args: argparse.Namespace, model: str, folder: Path, refs: int)
     for label in ("first_request", "second_request"):  # new references, then the same again
         marks: list[float] = []
         start = time.perf_counter()
-        result = pipe.generate(PROMPT, on_step=lambda s, marks=marks: marks.append(time.perf_counter())
-                               if s.stage != "decode" else None, **options)
+        result = pipe.generate(
+            PROMPT,
+            on_step=lambda s, marks=marks: marks.append(time.perf_counter()) if s.stage != "decode" else None,
+            **options,
+        )
         record[f"{label}_ms"] = (time.perf_counter() - start) * 1e3
         record[f"{label}_encode_ms"] = result.timings["encode"] * 1e3
     runs = []
     for _ in range(args.repeats):
         marks = []
-        pipe.generate(PROMPT, on_step=lambda s, marks=marks: marks.append(time.perf_counter())
-                      if s.stage != "decode" else None, **options)
+        pipe.generate(
+            PROMPT,
+            on_step=lambda s, marks=marks: marks.append(time.perf_counter()) if s.stage != "decode" else None,
+            **options,
+        )
         runs.append(step_times(marks))  # marks[0]: the end of encode
     record["first_step_ms"] = statistics.median(r["first_step_ms"] for r in runs)
     record["step_ms"] = statistics.median(r["step_ms"] for r in runs)
@@ -120,15 +126,25 @@ def time_diffusers(args: argparse.Namespace, folder: Path, refs: int) -> dict[st
             return kwargs
 
         with torch.no_grad():
-            out = pipe(image=images, prompt=PROMPT, height=args.size, width=args.size, num_inference_steps=args.steps,
-                       generator=torch.Generator("cpu").manual_seed(1), callback_on_step_end=mark)
+            out = pipe(
+                image=images,
+                prompt=PROMPT,
+                height=args.size,
+                width=args.size,
+                num_inference_steps=args.steps,
+                generator=torch.Generator("cpu").manual_seed(1),
+                callback_on_step_end=mark,
+            )
         return (marks[-1] - marks[0]) * 1e3, marks[1:], out.images[0]
 
     for _ in range(2):
         run()
     runs = [run() for _ in range(args.repeats)]
-    record = {"request_ms": statistics.median(r[0] for r in runs), **step_times(runs[-1][1]),
-              "step_ms": statistics.median(step_times(r[1])["step_ms"] for r in runs)}
+    record = {
+        "request_ms": statistics.median(r[0] for r in runs),
+        **step_times(runs[-1][1]),
+        "step_ms": statistics.median(step_times(r[1])["step_ms"] for r in runs),
+    }
     pipe.to("cpu")  # its GPU memory goes back before the next pipeline loads
     pipe = None  # `run` closes over it: drop the reference so the model can be freed
     free_memory()
@@ -147,12 +163,23 @@ def main(argv: list[str] | None = None) -> None:
         ours = time_imagegen(args, "flux2-klein-9b-kv", kv, refs)
         editing = time_imagegen(args, MODEL, plain, refs)
         theirs = time_diffusers(args, kv, refs)
-        recorder.emit(round_floats({
-            "section": "kv", "model": "flux2-klein-9b-kv", "size": args.size, "refs": refs, "steps": args.steps,
-            "imagegen_kv": ours, "imagegen_plain_editing": editing, "diffusers_kv": theirs,
-            "step_vs_plain_editing": ours["step_ms"] / editing["step_ms"],
-            "step_vs_diffusers_kv": ours["step_ms"] / theirs["step_ms"],
-            "second_request_vs_first": ours["second_request_ms"] / ours["first_request_ms"]}))
+        recorder.emit(
+            round_floats(
+                {
+                    "section": "kv",
+                    "model": "flux2-klein-9b-kv",
+                    "size": args.size,
+                    "refs": refs,
+                    "steps": args.steps,
+                    "imagegen_kv": ours,
+                    "imagegen_plain_editing": editing,
+                    "diffusers_kv": theirs,
+                    "step_vs_plain_editing": ours["step_ms"] / editing["step_ms"],
+                    "step_vs_diffusers_kv": ours["step_ms"] / theirs["step_ms"],
+                    "second_request_vs_first": ours["second_request_ms"] / ours["first_request_ms"],
+                }
+            )
+        )
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
 

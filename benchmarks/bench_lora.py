@@ -42,7 +42,8 @@ def write_lora(transformer, folder: Path, rank: int, seed: int) -> Path:
     tensors = {}
     for name, parts in lora_targets(transformer)["diffusers"].items():
         if not name.startswith(("transformer_blocks.", "single_transformer_blocks.")) or name.endswith(
-                ("to_qkv", "to_added_qkv")):
+            ("to_qkv", "to_added_qkv")
+        ):
             continue
         out = sum(p.rows[1] - p.rows[0] if p.rows else _shape(transformer, p.path)[0] for p in parts[:1])
         inp = parts[-1].cols[1] if parts[-1].cols else _shape(transformer, parts[0].path)[1]
@@ -90,8 +91,17 @@ def main(argv: list[str] | None = None) -> None:
         mx.clear_cache()
 
 
-def measure(recorder, family, config: dict, inputs: dict, folder: Path, quantize: str | None,
-            args: argparse.Namespace, warmup: int, repeats: int) -> None:
+def measure(
+    recorder,
+    family,
+    config: dict,
+    inputs: dict,
+    folder: Path,
+    quantize: str | None,
+    args: argparse.Namespace,
+    warmup: int,
+    repeats: int,
+) -> None:
     """Bare step, step with one LoRA, and a switch to another LoRA, on weights in bf16 or quantized."""
     from imagegen_flux2.lora import lora_targets
 
@@ -112,17 +122,34 @@ def measure(recorder, family, config: dict, inputs: dict, folder: Path, quantize
     manager.use([LoraSpec(str(first))])
     with_lora = time_mlx(forward(), warmup, repeats)
     ratio = with_lora.ms / bare.ms
-    recorder.emit({"model": "flux2-klein-4b", "weights": label, "lora": f"rank {args.rank}", **with_lora.record(),
-                   "ratio": round(ratio, 4), "goal": GOALS[label], "met": ratio <= GOALS[label]})
+    recorder.emit(
+        {
+            "model": "flux2-klein-4b",
+            "weights": label,
+            "lora": f"rank {args.rank}",
+            **with_lora.record(),
+            "ratio": round(ratio, 4),
+            "goal": GOALS[label],
+            "met": ratio <= GOALS[label],
+        }
+    )
     start = time.perf_counter()  # a request naming another adapter: patch, rebuild compiled blocks, first step
     manager.use([LoraSpec(str(second))])
     step = forward()
     mx.synchronize()
     switch = time.perf_counter() - start
     first_step = time_mlx(step, 0, 1).ms
-    recorder.emit({"model": "flux2-klein-4b", "weights": label, "switch_s": round(switch, 4),
-                   "first_step_after_switch_ms": round(first_step, 3), "step_ms": round(with_lora.ms, 3),
-                   "goal_s": 1.0, "met": switch + max(first_step - with_lora.ms, 0) / 1e3 < 1.0})
+    recorder.emit(
+        {
+            "model": "flux2-klein-4b",
+            "weights": label,
+            "switch_s": round(switch, 4),
+            "first_step_after_switch_ms": round(first_step, 3),
+            "step_ms": round(with_lora.ms, 3),
+            "goal_s": 1.0,
+            "met": switch + max(first_step - with_lora.ms, 0) / 1e3 < 1.0,
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -82,16 +82,26 @@ def measure(args: argparse.Namespace, model: str, weights: Path, size: int, gpus
 
     job = work / f"{model}-{size}-{gpus}.json"
     result, image = job.with_suffix(".result"), job.with_suffix(".png")
-    job.write_text(json.dumps({"model": model, "weights": str(weights), "size": size, "steps": args.steps,
-                               "repeats": args.repeats, "result": str(result), "image": str(image)}))
+    job.write_text(
+        json.dumps(
+            {
+                "model": model,
+                "weights": str(weights),
+                "size": size,
+                "steps": args.steps,
+                "repeats": args.repeats,
+                "result": str(result),
+                "image": str(image),
+            }
+        )
+    )
     command = [sys.executable, __file__, "--rank-run", str(job)]
     start = time.perf_counter()
     code = distributed.launch(command, gpus) if gpus > 1 else os.spawnv(os.P_WAIT, sys.executable, command)
     if code:
         raise RuntimeError(f"{model} {size}px on {gpus} GPU(s) failed with exit code {code}")
     timings = json.loads(result.read_text())
-    return {**timings, "step": timings["denoise"] / args.steps, "wall_s": time.perf_counter() - start,
-            "image": image}
+    return {**timings, "step": timings["denoise"] / args.steps, "wall_s": time.perf_counter() - start, "image": image}
 
 
 # ---- serve --------------------------------------------------------------------------------------------
@@ -115,8 +125,16 @@ def time_serve(args: argparse.Namespace, size: int, gpus: int, work: Path) -> di
     import urllib.request  # the standard library's client: the GPU machine need not carry another one
 
     port = free_port()
-    command = [sys.executable, __file__, "--serve-child", str(port), "--gpus", str(gpus), "--serve-model",
-               args.serve_model]
+    command = [
+        sys.executable,
+        __file__,
+        "--serve-child",
+        str(port),
+        "--gpus",
+        str(gpus),
+        "--serve-model",
+        args.serve_model,
+    ]
     server = subprocess.Popen(command)
     body = {"model": args.serve_model, "prompt": PROMPT, "size": f"{size}x{size}", "seed": 7, "steps": args.steps}
     try:
@@ -125,8 +143,11 @@ def time_serve(args: argparse.Namespace, size: int, gpus: int, work: Path) -> di
 
         def request() -> tuple[float, bytes]:
             start = time.perf_counter()
-            post = urllib.request.Request(f"{url}/v1/images/generations", data=json.dumps(body).encode(),
-                                          headers={"Content-Type": "application/json"})
+            post = urllib.request.Request(
+                f"{url}/v1/images/generations",
+                data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+            )
             with urllib.request.urlopen(post, timeout=1800) as answer:  # raises on an HTTP error status
                 data = json.loads(answer.read())
             return time.perf_counter() - start, base64.b64decode(data["data"][0]["b64_json"])
@@ -149,10 +170,22 @@ def serve_section(args: argparse.Namespace, recorder: Recorder, work: Path) -> N
     one = time_serve(args, size, 1, work)
     many = time_serve(args, size, args.gpus, work)
     difference = image_difference(Image.open(many.pop("image")), Image.open(one.pop("image")))
-    recorder.emit(round_floats({"section": "serve", "model": args.serve_model, "size": size, "steps": args.steps,
-                                "gpus": args.gpus, "one": one, "many": many,
-                                "speedup": one["latency_s"] / many["latency_s"], **difference,
-                                "image_goal_met": bool(difference["psnr_db"] >= 40)}))
+    recorder.emit(
+        round_floats(
+            {
+                "section": "serve",
+                "model": args.serve_model,
+                "size": size,
+                "steps": args.steps,
+                "gpus": args.gpus,
+                "one": one,
+                "many": many,
+                "speedup": one["latency_s"] / many["latency_s"],
+                **difference,
+                "image_goal_met": bool(difference["psnr_db"] >= 40),
+            }
+        )
+    )
 
 
 # ---- the run ------------------------------------------------------------------------------------------
@@ -198,16 +231,26 @@ def main(argv: list[str] | None = None) -> None:
             from PIL import Image
 
             difference = image_difference(Image.open(many.pop("image")), Image.open(one.pop("image")))
-            record = {"section": "multi-gpu", "model": model, "size": size, "steps": args.steps, "gpus": args.gpus,
-                      "one": one, "many": many, "speedup_step": one["step"] / many["step"],
-                      "speedup_decode": one["decode"] / many["decode"],
-                      "speedup_total": one["total"] / many["total"], **difference,
-                      "image_goal_met": bool(difference["psnr_db"] >= 40)}
+            record = {
+                "section": "multi-gpu",
+                "model": model,
+                "size": size,
+                "steps": args.steps,
+                "gpus": args.gpus,
+                "one": one,
+                "many": many,
+                "speedup_step": one["step"] / many["step"],
+                "speedup_decode": one["decode"] / many["decode"],
+                "speedup_total": one["total"] / many["total"],
+                **difference,
+                "image_goal_met": bool(difference["psnr_db"] >= 40),
+            }
             goal = GOALS.get(size)
             if goal and not args.tiny:
                 record["goal"] = goal
-                record["goal_met"] = bool(record["speedup_step"] >= goal["step"]
-                                          and record["speedup_total"] >= goal["total"])
+                record["goal_met"] = bool(
+                    record["speedup_step"] >= goal["step"] and record["speedup_total"] >= goal["total"]
+                )
             recorder.emit(round_floats(record))
 
 

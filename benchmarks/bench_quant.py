@@ -75,15 +75,29 @@ def main(argv: list[str] | None = None) -> int:
                 dequantized = median_ms(repeats, through_dense, layer, x)
                 dense = median_ms(repeats, linear, x)
                 faster[tokens] = faster.get(tokens, True) and dequantized <= quantized
-                recorder.emit({"section": "quant-matmul", "mode": mode, "shape": f"{tokens}x{d_in}x{d_out}",
-                               "tokens": tokens, "quantized_ms": round(quantized, 4),
-                               "dequantized_ms": round(dequantized, 4), "dense_ms": round(dense, 4),
-                               "dequantized_vs_dense": round(dequantized / dense, 3),
-                               "quantized_vs_dense": round(quantized / dense, 3)})
+                recorder.emit(
+                    {
+                        "section": "quant-matmul",
+                        "mode": mode,
+                        "shape": f"{tokens}x{d_in}x{d_out}",
+                        "tokens": tokens,
+                        "quantized_ms": round(quantized, 4),
+                        "dequantized_ms": round(dequantized, 4),
+                        "dense_ms": round(dense, 4),
+                        "dequantized_vs_dense": round(dequantized / dense, 3),
+                        "quantized_vs_dense": round(quantized / dense, 3),
+                    }
+                )
         counts = sorted(faster)
         crossover = next((t for i, t in enumerate(counts) if all(faster[u] for u in counts[i:])), None)
-        recorder.emit({"section": "quant-crossover", "mode": mode, "crossover_tokens": crossover,
-                       "current_threshold": int(os.environ.get("IMAGEGEN_DEQUANTIZE_TOKENS", "256"))})
+        recorder.emit(
+            {
+                "section": "quant-crossover",
+                "mode": mode,
+                "crossover_tokens": crossover,
+                "current_threshold": int(os.environ.get("IMAGEGEN_DEQUANTIZE_TOKENS", "256")),
+            }
+        )
     return 0
 
 

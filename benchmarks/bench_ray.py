@@ -44,11 +44,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="flux2-klein-4b", help="flux2-klein-4b, flux2-klein-9b or zimage-turbo")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default 1024; --tiny: 32)")
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--images", type=int, default=None, help="images per measurement, at least 4 (default 16; "
-                   "--tiny: 6)")
+    p.add_argument(
+        "--images", type=int, default=None, help="images per measurement, at least 4 (default 16; --tiny: 6)"
+    )
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
-    p.add_argument("--scale", default=None, help="worker / replica counts for 'scaling', e.g. 1,2 (default: 1..GPUs "
-                   "when there are several GPUs; --tiny: 1,2 on the CPU)")
+    p.add_argument(
+        "--scale",
+        default=None,
+        help="worker / replica counts for 'scaling', e.g. 1,2 (default: 1..GPUs "
+        "when there are several GPUs; --tiny: 1,2 on the CPU)",
+    )
     p.add_argument("--clients", type=int, default=8, help="concurrent clients against a server (default 8)")
     p.add_argument("--tiny", action="store_true", help="tiny random weights on the CPU (a smoke test, not a timing)")
     p.add_argument("--budget-s", type=float, default=None, help="seconds for the whole run; later sections skip")
@@ -111,8 +116,11 @@ def prompts_file(args: argparse.Namespace, work: Path) -> Path:
     import json
 
     path = work / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"id": f"b{i:03d}", "prompt": PROMPT.format(i=i), "seed": i}) + "\n"
-                            for i in range(args.images)))
+    path.write_text(
+        "".join(
+            json.dumps({"id": f"b{i:03d}", "prompt": PROMPT.format(i=i), "seed": i}) + "\n" for i in range(args.images)
+        )
+    )
     return path
 
 
@@ -122,15 +130,27 @@ def time_batch(args: argparse.Namespace, work: Path, ray: str | None, workers: i
     out = work / f"batch-{'ray' if ray else 'local'}-{workers or 1}"
     shutil.rmtree(out, ignore_errors=True)
     clock = Clock()
-    summary = run_batch(prompts_file(args, work), out, Defaults(model=args.model, width=args.size, height=args.size,
-                                                                 steps=args.steps), ray=ray, workers=workers,
-                        reporter=clock)
+    summary = run_batch(
+        prompts_file(args, work),
+        out,
+        Defaults(model=args.model, width=args.size, height=args.size, steps=args.steps),
+        ray=ray,
+        workers=workers,
+        reporter=clock,
+    )
     warm = WARMUP_ROWS - 1  # the rate counts from the end of the last warm-up row
     steady = (len(clock.times) - 1 - warm) / (clock.times[-1] - clock.times[warm])
     generate = statistics.median(clock.seconds[WARMUP_ROWS:])
-    return {"images": summary.done, "workers": summary.workers, "images_per_s": steady, "s_per_image": 1 / steady,
-            "generate_s": generate, "outside_generate_s": 1 / steady - generate / summary.workers,
-            "first_row_s": clock.times[0] - clock.t0, "wall_s": summary.seconds}
+    return {
+        "images": summary.done,
+        "workers": summary.workers,
+        "images_per_s": steady,
+        "s_per_image": 1 / steady,
+        "generate_s": generate,
+        "outside_generate_s": 1 / steady - generate / summary.workers,
+        "first_row_s": clock.times[0] - clock.t0,
+        "wall_s": summary.seconds,
+    }
 
 
 # ---- serve ----------------------------------------------------------------------------------------------
@@ -162,8 +182,12 @@ def time_server(args: argparse.Namespace, base: str, replicas: int = 1) -> dict[
     def request(i: int) -> float:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=600)
         start = time.perf_counter()
-        result = client.images.generate(model=args.model, prompt=PROMPT.format(i=i), size=f"{args.size}x{args.size}",
-                                        extra_body={"seed": i, "steps": args.steps})
+        result = client.images.generate(
+            model=args.model,
+            prompt=PROMPT.format(i=i),
+            size=f"{args.size}x{args.size}",
+            extra_body={"seed": i, "steps": args.steps},
+        )
         if not result.data or not result.data[0].b64_json:
             raise RuntimeError(f"request {i}: no image in the answer")
         return time.perf_counter() - start
@@ -175,10 +199,15 @@ def time_server(args: argparse.Namespace, base: str, replicas: int = 1) -> dict[
     with ThreadPoolExecutor(args.clients) as pool:
         latencies = sorted(pool.map(request, range(args.images)))
     wall = time.perf_counter() - start
-    record = {"images": args.images, "replicas": replicas, "clients": args.clients,
-              "images_per_s": args.images / wall, "s_per_image": wall / args.images,
-              "p50_s": statistics.median(latencies),
-              "p95_s": latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))]}
+    record = {
+        "images": args.images,
+        "replicas": replicas,
+        "clients": args.clients,
+        "images_per_s": args.images / wall,
+        "s_per_image": wall / args.images,
+        "p50_s": statistics.median(latencies),
+        "p95_s": latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))],
+    }
     if sequential:
         record["latency_s"] = statistics.median(sequential)
     return record
@@ -186,8 +215,9 @@ def time_server(args: argparse.Namespace, base: str, replicas: int = 1) -> dict[
 
 def plain_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    child = subprocess.Popen([sys.executable, __file__, "--child-serve", str(port), "--model", args.model],
-                             env=child_env())
+    child = subprocess.Popen(
+        [sys.executable, __file__, "--child-serve", str(port), "--model", args.model], env=child_env()
+    )
     base = f"http://127.0.0.1:{port}"
     wait_ready(base)
     return child, base
@@ -222,8 +252,13 @@ def stop_ray_server() -> None:
 
 # ---- the run --------------------------------------------------------------------------------------------
 def overhead(ray: dict[str, Any], plain: dict[str, Any], key: str = "s_per_image") -> dict[str, Any]:
-    return {"ray_s": ray[key], "plain_s": plain[key], "overhead_s": ray[key] - plain[key],
-            "overhead_pct": 100 * (ray[key] / plain[key] - 1), "goal_pct": 5.0}
+    return {
+        "ray_s": ray[key],
+        "plain_s": plain[key],
+        "overhead_s": ray[key] - plain[key],
+        "overhead_pct": 100 * (ray[key] / plain[key] - 1),
+        "goal_pct": 5.0,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -265,10 +300,17 @@ def main(argv: list[str] | None = None) -> None:
     runner.run("serve", args.model, "plain", serve_plain)
     ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    recorder.emit({"section": "cluster", "resources": {k: v for k, v in ray.cluster_resources().items()
-                                                       if k in ("CPU", "GPU", "memory")}})
-    counts = [int(c) for c in args.scale.split(",")] if args.scale else ([1, 2] if args.tiny else
-                                                                         list(range(1, gpus + 1)) if gpus > 1 else [])
+    recorder.emit(
+        {
+            "section": "cluster",
+            "resources": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")},
+        }
+    )
+    counts = (
+        [int(c) for c in args.scale.split(",")]
+        if args.scale
+        else ([1, 2] if args.tiny else list(range(1, gpus + 1)) if gpus > 1 else [])
+    )
     if args.tiny and not gpus:
         counts = [c for c in counts if c <= int(ray.cluster_resources().get("CPU", 1))]
 

@@ -20,10 +20,16 @@ from pathlib import Path
 import mlx.core as mx
 from common import free_memory, start_run
 
-PROMPTS = ("A red fox in fresh snow at dawn", "A lighthouse on a rocky coast at dusk", "A bowl of ramen, steam rising",
-           "An old library with tall shelves and a ladder", "A hot air balloon over green hills",
-           "A cat asleep on a sunny windowsill", "A city street in the rain at night, neon signs",
-           "A sailing boat on a calm lake at sunrise")
+PROMPTS = (
+    "A red fox in fresh snow at dawn",
+    "A lighthouse on a rocky coast at dusk",
+    "A bowl of ramen, steam rising",
+    "An old library with tall shelves and a ladder",
+    "A hot air balloon over green hills",
+    "A cat asleep on a sunny windowsill",
+    "A city street in the rain at night, neon signs",
+    "A sailing boat on a calm lake at sunrise",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,15 +72,34 @@ def main(argv: list[str] | None = None) -> int:
             pipe.generate(PROMPTS[i % len(PROMPTS)] + f" #{i}", seed=i, **options)
             runs.append(time.perf_counter() - start)
         one = statistics.median(runs[1:])
-        recorder.emit({"section": "throughput", "what": "one image end to end", "s": round(one, 4),
-                       "images_per_s": round(1 / one, 3), "size": f"{size}x{size}", "steps": steps})
+        recorder.emit(
+            {
+                "section": "throughput",
+                "what": "one image end to end",
+                "s": round(one, 4),
+                "images_per_s": round(1 / one, 3),
+                "size": f"{size}x{size}",
+                "steps": steps,
+            }
+        )
 
         runner = RowRunner(LoadOptions(weights=str(folder), dtype="bfloat16"))
         runner.pipe, runner.model = pipe, spec.id
         rates = {}
         for overlap in (True, False):
-            rows = [Row(id=f"r{i}", line=i + 1, prompt=f"{PROMPTS[i % len(PROMPTS)]} ({overlap})", model=spec.id,
-                        seed=i, width=size, height=size, steps=steps) for i in range(args.rows)]
+            rows = [
+                Row(
+                    id=f"r{i}",
+                    line=i + 1,
+                    prompt=f"{PROMPTS[i % len(PROMPTS)]} ({overlap})",
+                    model=spec.id,
+                    seed=i,
+                    width=size,
+                    height=size,
+                    steps=steps,
+                )
+                for i in range(args.rows)
+            ]
             out = Path(tempfile.mkdtemp(prefix="imagegen-throughput-"))
             summary = Summary(total=len(rows))
             outputs = Outputs(out, summary)
@@ -85,10 +110,19 @@ def main(argv: list[str] | None = None) -> int:
                 outputs.close()
             seconds = time.perf_counter() - start
             rates[overlap] = summary.done / seconds
-            recorder.emit({"section": "throughput", "what": "imagegen batch", "overlap": overlap,
-                           "rows": len(rows), "done": summary.done, "failed": summary.failed,
-                           "s": round(seconds, 3), "images_per_s": round(rates[overlap], 3),
-                           "vs_one_image": round(rates[overlap] * one, 3)})
+            recorder.emit(
+                {
+                    "section": "throughput",
+                    "what": "imagegen batch",
+                    "overlap": overlap,
+                    "rows": len(rows),
+                    "done": summary.done,
+                    "failed": summary.failed,
+                    "s": round(seconds, 3),
+                    "images_per_s": round(rates[overlap], 3),
+                    "vs_one_image": round(rates[overlap] * one, 3),
+                }
+            )
             shutil.rmtree(out, ignore_errors=True)
 
         for n in args.batches:
@@ -100,16 +134,36 @@ def main(argv: list[str] | None = None) -> int:
                 for r in range(repeats):
                     pipe.generate([f"{p} {r}" for p in prompts], seed=r, **options)
                 seconds = (time.perf_counter() - start) / repeats
-                recorder.emit({"section": "throughput", "what": "images per generate call", "batch": n,
-                               "s": round(seconds, 3), "images_per_s": round(n / seconds, 3),
-                               "peak_gb": round(mx.get_peak_memory() / 1e9, 2)})
+                recorder.emit(
+                    {
+                        "section": "throughput",
+                        "what": "images per generate call",
+                        "batch": n,
+                        "s": round(seconds, 3),
+                        "images_per_s": round(n / seconds, 3),
+                        "peak_gb": round(mx.get_peak_memory() / 1e9, 2),
+                    }
+                )
             except Exception as e:  # a batch that does not fit must not end the run
-                recorder.emit({"section": "throughput", "what": "images per generate call", "batch": n,
-                               "error": f"{type(e).__name__}: {e}"})
+                recorder.emit(
+                    {
+                        "section": "throughput",
+                        "what": "images per generate call",
+                        "batch": n,
+                        "error": f"{type(e).__name__}: {e}",
+                    }
+                )
             free_memory()
-        recorder.emit({"section": "goal", "goal": "batch throughput", "images_per_s": round(rates[True], 3),
-                       "bound": round(0.95 / one, 3), "met": rates[True] >= 0.95 / one,
-                       "without_overlap_images_per_s": round(rates[False], 3)})
+        recorder.emit(
+            {
+                "section": "goal",
+                "goal": "batch throughput",
+                "images_per_s": round(rates[True], 3),
+                "bound": round(0.95 / one, 3),
+                "met": rates[True] >= 0.95 / one,
+                "without_overlap_images_per_s": round(rates[False], 3),
+            }
+        )
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)

@@ -57,14 +57,20 @@ def latents(size: int, channels: int) -> np.ndarray:
 
 def imagegen_variants(size: int, tiny: bool, sweep: bool = False) -> list[tuple[str, dict[str, Any]]]:
     """(name, settings) of imagegen's decode: the default, then one change at a time."""
-    variants = [("imagegen", {}), ("imagegen-portable-group-norm", {"fused": False}),
-                ("imagegen-paced", {"pacing": (1, 1)}), ("imagegen-one-graph", {"pacing": (0, 0)})]
+    variants = [
+        ("imagegen", {}),
+        ("imagegen-portable-group-norm", {"fused": False}),
+        ("imagegen-paced", {"pacing": (1, 1)}),
+        ("imagegen-one-graph", {"pacing": (0, 0)}),
+    ]
     if size >= 2048 or tiny:
         variants.append(("imagegen-no-conv-strips", {"workspace": 1 << 50}))
     if sweep:  # every pacing with three conv-strip sizes: which one meets the time goal within diffusers' memory
-        variants += [(f"imagegen-pacing-{every}-{ahead}-strips-{name}", {"pacing": (every, ahead), "workspace": bytes_})
-                     for every, ahead in ((1, 0), (1, 1), (2, 0), (2, 1), (3, 0), (4, 0))
-                     for name, bytes_ in (("2gb", 1 << 31), ("4gb", 1 << 32), ("none", 1 << 50))]
+        variants += [
+            (f"imagegen-pacing-{every}-{ahead}-strips-{name}", {"pacing": (every, ahead), "workspace": bytes_})
+            for every, ahead in ((1, 0), (1, 1), (2, 0), (2, 1), (3, 0), (4, 0))
+            for name, bytes_ in (("2gb", 1 << 31), ("4gb", 1 << 32), ("none", 1 << 50))
+        ]
     return variants
 
 
@@ -88,21 +94,32 @@ def run_imagegen(args: argparse.Namespace, folder: Path, recorder: Recorder, out
             blocks.CONV_WORKSPACE_BYTES = settings.get("workspace", defaults[2])
             try:
                 t = time_mlx(lambda z=z: vae.decode(z), args.warmup, args.repeats)
-                record = {"section": "vae", "impl": name, "size": f"{size}x{size}", **t.record(),
-                          "above_weights_gb": round(t.peak_gb - weights_gb, 3)}
+                record = {
+                    "section": "vae",
+                    "impl": name,
+                    "size": f"{size}x{size}",
+                    **t.record(),
+                    "above_weights_gb": round(t.peak_gb - weights_gb, 3),
+                }
                 if name == "imagegen":
                     outputs[size] = np.array(vae.decode(z).astype(mx.float32)).transpose(0, 3, 1, 2)
                 recorder.emit(record)
             except Exception as e:  # one variant failing (memory) must not end the section
-                recorder.emit({"section": "vae", "impl": name, "size": f"{size}x{size}",
-                               "error": f"{type(e).__name__}: {e}"})
+                recorder.emit(
+                    {"section": "vae", "impl": name, "size": f"{size}x{size}", "error": f"{type(e).__name__}: {e}"}
+                )
             finally:
                 cuda_kernels.ENABLED, blocks.LAYER_PACING, blocks.CONV_WORKSPACE_BYTES = defaults
                 free_memory()
 
 
-def run_diffusers(args: argparse.Namespace, folder: Path, recorder: Recorder, outputs: dict[int, np.ndarray],
-                  results: dict[tuple[str, int], dict[str, Any]]) -> None:
+def run_diffusers(
+    args: argparse.Namespace,
+    folder: Path,
+    recorder: Recorder,
+    outputs: dict[int, np.ndarray],
+    results: dict[tuple[str, int], dict[str, Any]],
+) -> None:
     torch = need("torch")
     from diffusers import AutoencoderKLFlux2
 
@@ -114,17 +131,29 @@ def run_diffusers(args: argparse.Namespace, folder: Path, recorder: Recorder, ou
         z = torch.from_numpy(latents(size, vae.config.latent_channels)).to(device, torch.bfloat16)
         try:
             t = time_torch(lambda z=z: vae.decode(z, return_dict=False)[0], args.warmup, args.repeats)
-            record = {"section": "vae", "impl": "diffusers", "size": f"{size}x{size}", **t.record(),
-                      "above_weights_gb": round(t.peak_gb - weights_gb, 3) if t.peak_gb is not None else None}
+            record = {
+                "section": "vae",
+                "impl": "diffusers",
+                "size": f"{size}x{size}",
+                **t.record(),
+                "above_weights_gb": round(t.peak_gb - weights_gb, 3) if t.peak_gb is not None else None,
+            }
             results[("diffusers", size)] = recorder.emit(record)
             if size in outputs:
                 with torch.no_grad():
                     want = vae.decode(z, return_dict=False)[0].float().cpu().numpy()
-                recorder.emit({"section": "vae", "impl": "imagegen-vs-diffusers", "size": f"{size}x{size}",
-                               **round_floats(errors(outputs[size], want))})
+                recorder.emit(
+                    {
+                        "section": "vae",
+                        "impl": "imagegen-vs-diffusers",
+                        "size": f"{size}x{size}",
+                        **round_floats(errors(outputs[size], want)),
+                    }
+                )
         except Exception as e:
-            recorder.emit({"section": "vae", "impl": "diffusers", "size": f"{size}x{size}",
-                           "error": f"{type(e).__name__}: {e}"})
+            recorder.emit(
+                {"section": "vae", "impl": "diffusers", "size": f"{size}x{size}", "error": f"{type(e).__name__}: {e}"}
+            )
         free_memory()
 
 
@@ -136,11 +165,19 @@ def goals(records: list[dict[str, Any]], sizes: list[int]) -> list[dict[str, Any
         ours, theirs = found.get(("imagegen", f"{size}x{size}")), found.get(("diffusers", f"{size}x{size}"))
         if ours is None:
             continue
-        line = {"section": "goal", "goal": f"VAE decode {size}x{size}", "ms": ours["ms"],
-                "goal_ms": GOAL_MS.get(size), "above_weights_gb": ours["above_weights_gb"]}
+        line = {
+            "section": "goal",
+            "goal": f"VAE decode {size}x{size}",
+            "ms": ours["ms"],
+            "goal_ms": GOAL_MS.get(size),
+            "above_weights_gb": ours["above_weights_gb"],
+        }
         if theirs is not None:
-            line.update(diffusers_ms=theirs["ms"], diffusers_above_weights_gb=theirs["above_weights_gb"],
-                        vs_diffusers=round(ours["ms"] / theirs["ms"], 3))
+            line.update(
+                diffusers_ms=theirs["ms"],
+                diffusers_above_weights_gb=theirs["above_weights_gb"],
+                vs_diffusers=round(ours["ms"] / theirs["ms"], 3),
+            )
         met = size not in GOAL_MS or ours["ms"] <= GOAL_MS[size]
         if size == 1024 and theirs is not None and theirs["above_weights_gb"] is not None:
             met = met and ours["above_weights_gb"] <= theirs["above_weights_gb"]

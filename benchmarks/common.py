@@ -21,8 +21,18 @@ import numpy as np
 from imagegen.errors import DISTRIBUTION
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("mlx", "mlx-cuda-13", "torch", "diffusers", "transformers", "mflux", "imagegen", "imagegen-flux2",
-            "imagegen-zimage", "imagegen-cache")
+PACKAGES = (
+    "mlx",
+    "mlx-cuda-13",
+    "torch",
+    "diffusers",
+    "transformers",
+    "mflux",
+    "imagegen",
+    "imagegen-flux2",
+    "imagegen-zimage",
+    "imagegen-cache",
+)
 
 
 def ensure_imports() -> None:
@@ -92,17 +102,28 @@ class Runner:
     def wants(self, section: str) -> bool:
         return section in self.sections
 
-    def run(self, section: str, model: str, impl: str, body: Callable[[], Iterable[dict[str, Any]]],
-            estimate_s: float = 0.0, **fields: Any) -> bool:
+    def run(
+        self,
+        section: str,
+        model: str,
+        impl: str,
+        body: Callable[[], Iterable[dict[str, Any]]],
+        estimate_s: float = 0.0,
+        **fields: Any,
+    ) -> bool:
         """Run one section; True when it finished without an error."""
         if section not in self.sections:
             return False
         base = {"section": section, "model": model, "impl": impl, **fields}
         estimate = estimate_s * self.cost
         if not self.budget.allows(estimate):
-            self.recorder.emit({**base, "skipped": f"time budget: ~{estimate:.0f} s needed, "
-                                                  f"{max(self.budget.remaining(), 0):.0f} s left",
-                                "t_s": round(self.budget.elapsed(), 1)})
+            self.recorder.emit(
+                {
+                    **base,
+                    "skipped": f"time budget: ~{estimate:.0f} s needed, {max(self.budget.remaining(), 0):.0f} s left",
+                    "t_s": round(self.budget.elapsed(), 1),
+                }
+            )
             return False
         start = time.perf_counter()
         try:
@@ -113,9 +134,15 @@ class Runner:
             self.recorder.emit({**base, "skipped": str(e), "t_s": round(self.budget.elapsed(), 1)})
         except Exception as e:  # one failing section must not end the run
             tail = traceback.format_exc().strip().splitlines()[-6:]
-            self.recorder.emit({**base, "error": f"{type(e).__name__}: {e}", "traceback": tail,
-                                "after_s": round(time.perf_counter() - start, 1),
-                                "t_s": round(self.budget.elapsed(), 1)})
+            self.recorder.emit(
+                {
+                    **base,
+                    "error": f"{type(e).__name__}: {e}",
+                    "traceback": tail,
+                    "after_s": round(time.perf_counter() - start, 1),
+                    "t_s": round(self.budget.elapsed(), 1),
+                }
+            )
         finally:
             free_memory()
         return False
@@ -181,9 +208,12 @@ def errors(got: np.ndarray, want: np.ndarray) -> dict[str, float]:
         raise ValueError(f"shapes differ: {got.shape} vs reference {want.shape}")
     diff = np.abs(got - want)
     finite = bool(np.isfinite(got).all() and np.isfinite(want).all())
-    return {"rel_err": float(diff.max() / max(np.abs(want).max(), 1e-30)),
-            "mean_rel_err": float(diff.mean() / max(np.abs(want).mean(), 1e-30)),
-            "max_abs_err": float(diff.max()), "finite": finite}
+    return {
+        "rel_err": float(diff.max() / max(np.abs(want).max(), 1e-30)),
+        "mean_rel_err": float(diff.mean() / max(np.abs(want).mean(), 1e-30)),
+        "max_abs_err": float(diff.max()),
+        "finite": finite,
+    }
 
 
 def image_difference(got: Any, want: Any) -> dict[str, float]:
@@ -191,8 +221,11 @@ def image_difference(got: Any, want: Any) -> dict[str, float]:
     a, b = np.asarray(got, np.float64), np.asarray(want, np.float64)
     diff = np.abs(a - b)
     mse = float((diff**2).mean())
-    return {"pixel_mean_abs": float(diff.mean()), "pixel_max_abs": float(diff.max()),
-            "psnr_db": float("inf") if mse == 0 else float(10 * np.log10(255**2 / mse))}
+    return {
+        "pixel_mean_abs": float(diff.mean()),
+        "pixel_max_abs": float(diff.max()),
+        "psnr_db": float("inf") if mse == 0 else float(10 * np.log10(255**2 / mse)),
+    }
 
 
 def ssim(got: Any, want: Any, window: int = 7) -> float:
@@ -249,9 +282,16 @@ def device_name() -> str:
 def header(args: dict[str, Any]) -> dict[str, Any]:
     import mlx.core as mx
 
-    return {"section": "header", "device": device_name(), "mlx_device": str(mx.default_device()),
-            "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "python": platform.python_version(),
-            "host": platform.node(), "versions": versions(), "args": args}
+    return {
+        "section": "header",
+        "device": device_name(),
+        "mlx_device": str(mx.default_device()),
+        "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "versions": versions(),
+        "args": args,
+    }
 
 
 def start_run(args: Any) -> Recorder:

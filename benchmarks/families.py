@@ -37,59 +37,174 @@ TINY = Scale(size=32, sizes=(16, 64), text_len=32, batch=2, tiny=True)
 
 # Qwen/Qwen3-4B and Qwen/Qwen3-8B config.json (the FLUX.2 Klein and Z-Image text encoders)
 QWEN3_4B = dict(
-    architectures=["Qwen3ForCausalLM"], attention_bias=False, attention_dropout=0.0, bos_token_id=151643,
-    eos_token_id=151645, head_dim=128, hidden_act="silu", hidden_size=2560, initializer_range=0.02,
-    intermediate_size=9728, max_position_embeddings=40960, max_window_layers=36, model_type="qwen3",
-    num_attention_heads=32, num_hidden_layers=36, num_key_value_heads=8, rms_norm_eps=1e-6, rope_scaling=None,
-    rope_theta=1000000, sliding_window=None, tie_word_embeddings=True, use_cache=True, use_sliding_window=False,
+    architectures=["Qwen3ForCausalLM"],
+    attention_bias=False,
+    attention_dropout=0.0,
+    bos_token_id=151643,
+    eos_token_id=151645,
+    head_dim=128,
+    hidden_act="silu",
+    hidden_size=2560,
+    initializer_range=0.02,
+    intermediate_size=9728,
+    max_position_embeddings=40960,
+    max_window_layers=36,
+    model_type="qwen3",
+    num_attention_heads=32,
+    num_hidden_layers=36,
+    num_key_value_heads=8,
+    rms_norm_eps=1e-6,
+    rope_scaling=None,
+    rope_theta=1000000,
+    sliding_window=None,
+    tie_word_embeddings=True,
+    use_cache=True,
+    use_sliding_window=False,
     vocab_size=151936,
 )
 QWEN3_8B = {**QWEN3_4B, "hidden_size": 4096, "intermediate_size": 12288, "tie_word_embeddings": False}
 # Tiny Qwen3 with 28 layers: Klein reads hidden states 9, 18 and 27
-QWEN3_TINY = dict(QWEN3_4B, hidden_size=32, intermediate_size=64, num_hidden_layers=28, num_attention_heads=2,
-                  num_key_value_heads=1, head_dim=16, vocab_size=416, max_window_layers=28, bos_token_id=None,
-                  eos_token_id=None)
+QWEN3_TINY = dict(
+    QWEN3_4B,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=28,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    vocab_size=416,
+    max_window_layers=28,
+    bos_token_id=None,
+    eos_token_id=None,
+)
 
 # black-forest-labs/FLUX.2-klein-4B / -9B transformer/config.json
 KLEIN_4B = dict(
-    attention_head_dim=128, axes_dims_rope=[32, 32, 32, 32], eps=1e-6, guidance_embeds=False, in_channels=128,
-    joint_attention_dim=7680, mlp_ratio=3.0, num_attention_heads=24, num_layers=5, num_single_layers=20,
-    out_channels=None, patch_size=1, rope_theta=2000, timestep_guidance_channels=256,
+    attention_head_dim=128,
+    axes_dims_rope=[32, 32, 32, 32],
+    eps=1e-6,
+    guidance_embeds=False,
+    in_channels=128,
+    joint_attention_dim=7680,
+    mlp_ratio=3.0,
+    num_attention_heads=24,
+    num_layers=5,
+    num_single_layers=20,
+    out_channels=None,
+    patch_size=1,
+    rope_theta=2000,
+    timestep_guidance_channels=256,
 )
-KLEIN_9B = {**KLEIN_4B, "joint_attention_dim": 12288, "num_attention_heads": 32, "num_layers": 8,
-            "num_single_layers": 24}
-KLEIN_TINY = {**KLEIN_4B, "attention_head_dim": 8, "axes_dims_rope": [2, 2, 2, 2], "in_channels": 16,
-              "joint_attention_dim": 96, "num_attention_heads": 2, "num_layers": 1, "num_single_layers": 2,
-              "timestep_guidance_channels": 32}
+KLEIN_9B = {
+    **KLEIN_4B,
+    "joint_attention_dim": 12288,
+    "num_attention_heads": 32,
+    "num_layers": 8,
+    "num_single_layers": 24,
+}
+KLEIN_TINY = {
+    **KLEIN_4B,
+    "attention_head_dim": 8,
+    "axes_dims_rope": [2, 2, 2, 2],
+    "in_channels": 16,
+    "joint_attention_dim": 96,
+    "num_attention_heads": 2,
+    "num_layers": 1,
+    "num_single_layers": 2,
+    "timestep_guidance_channels": 32,
+}
 # vae/config.json (AutoencoderKLFlux2); the tiny one has 4 latent channels, so 16 transformer channels
 FLUX2_VAE = dict(
-    act_fn="silu", batch_norm_eps=1e-4, batch_norm_momentum=0.1, block_out_channels=[128, 256, 512, 512],
-    down_block_types=["DownEncoderBlock2D"] * 4, in_channels=3, latent_channels=32, layers_per_block=2,
-    mid_block_add_attention=True, norm_num_groups=32, out_channels=3, patch_size=[2, 2], sample_size=1024,
-    up_block_types=["UpDecoderBlock2D"] * 4, use_post_quant_conv=True, use_quant_conv=True,
+    act_fn="silu",
+    batch_norm_eps=1e-4,
+    batch_norm_momentum=0.1,
+    block_out_channels=[128, 256, 512, 512],
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    in_channels=3,
+    latent_channels=32,
+    layers_per_block=2,
+    mid_block_add_attention=True,
+    norm_num_groups=32,
+    out_channels=3,
+    patch_size=[2, 2],
+    sample_size=1024,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    use_post_quant_conv=True,
+    use_quant_conv=True,
 )
-FLUX2_VAE_TINY = {**FLUX2_VAE, "block_out_channels": [8, 8, 8, 8], "latent_channels": 4, "layers_per_block": 1,
-                  "norm_num_groups": 4, "sample_size": 64}
+FLUX2_VAE_TINY = {
+    **FLUX2_VAE,
+    "block_out_channels": [8, 8, 8, 8],
+    "latent_channels": 4,
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "sample_size": 64,
+}
 # scheduler/scheduler_config.json of Klein
-KLEIN_SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15,
-                       num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+KLEIN_SCHEDULER = dict(
+    base_image_seq_len=256,
+    base_shift=0.5,
+    max_image_seq_len=4096,
+    max_shift=1.15,
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+)
 
 # Tongyi-MAI/Z-Image-Turbo transformer/config.json, vae/config.json (the FLUX.1 VAE), scheduler_config.json
 ZIMAGE = dict(
-    all_f_patch_size=[1], all_patch_size=[2], axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512], cap_feat_dim=2560,
-    dim=3840, in_channels=16, n_heads=30, n_kv_heads=30, n_layers=30, n_refiner_layers=2, norm_eps=1e-5,
-    qk_norm=True, rope_theta=256.0, t_scale=1000.0,
+    all_f_patch_size=[1],
+    all_patch_size=[2],
+    axes_dims=[32, 48, 48],
+    axes_lens=[1536, 512, 512],
+    cap_feat_dim=2560,
+    dim=3840,
+    in_channels=16,
+    n_heads=30,
+    n_kv_heads=30,
+    n_layers=30,
+    n_refiner_layers=2,
+    norm_eps=1e-5,
+    qk_norm=True,
+    rope_theta=256.0,
+    t_scale=1000.0,
 )
-ZIMAGE_TINY = {**ZIMAGE, "axes_dims": [8, 4, 4], "axes_lens": [256, 64, 64], "cap_feat_dim": 32, "dim": 32,
-               "n_heads": 2, "n_kv_heads": 2, "n_layers": 2, "n_refiner_layers": 1}
+ZIMAGE_TINY = {
+    **ZIMAGE,
+    "axes_dims": [8, 4, 4],
+    "axes_lens": [256, 64, 64],
+    "cap_feat_dim": 32,
+    "dim": 32,
+    "n_heads": 2,
+    "n_kv_heads": 2,
+    "n_layers": 2,
+    "n_refiner_layers": 1,
+}
 ZIMAGE_VAE = dict(
-    act_fn="silu", block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
-    force_upcast=True, in_channels=3, latent_channels=16, layers_per_block=2, mid_block_add_attention=True,
-    norm_num_groups=32, out_channels=3, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
-    up_block_types=["UpDecoderBlock2D"] * 4, use_post_quant_conv=False, use_quant_conv=False,
+    act_fn="silu",
+    block_out_channels=[128, 256, 512, 512],
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    force_upcast=True,
+    in_channels=3,
+    latent_channels=16,
+    layers_per_block=2,
+    mid_block_add_attention=True,
+    norm_num_groups=32,
+    out_channels=3,
+    sample_size=1024,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    use_post_quant_conv=False,
+    use_quant_conv=False,
 )
-ZIMAGE_VAE_TINY = {**ZIMAGE_VAE, "block_out_channels": [8, 8, 8, 8], "layers_per_block": 1, "norm_num_groups": 4,
-                   "sample_size": 64}
+ZIMAGE_VAE_TINY = {
+    **ZIMAGE_VAE,
+    "block_out_channels": [8, 8, 8, 8],
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "sample_size": 64,
+}
 ZIMAGE_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
 
 
@@ -259,8 +374,11 @@ class Flux2(Family):
         _randomize_norms(transformer)
         vae = AutoencoderKLFlux2(**self.vae_config).eval()
         return self.pipeline_class()(
-            scheduler=FlowMatchEulerDiscreteScheduler(**KLEIN_SCHEDULER), vae=vae,
-            text_encoder=self.qwen3_torch(base=False), tokenizer=tokenizer, transformer=transformer,
+            scheduler=FlowMatchEulerDiscreteScheduler(**KLEIN_SCHEDULER),
+            vae=vae,
+            text_encoder=self.qwen3_torch(base=False),
+            tokenizer=tokenizer,
+            transformer=transformer,
             is_distilled=True,
         )
 
@@ -292,8 +410,11 @@ class Flux2(Family):
         return {
             "x": rng.standard_normal((batch, n, c["in_channels"])).astype(np.float32),
             "text": rng.standard_normal((batch, length, c["joint_attention_dim"])).astype(np.float32),
-            "t": np.full((batch,), 0.7, np.float32), "grid": grid, "ref_grids": ref_grids,
-            "img_ids": ids, "txt_ids": text_ids(length),
+            "t": np.full((batch,), 0.7, np.float32),
+            "grid": grid,
+            "ref_grids": ref_grids,
+            "img_ids": ids,
+            "txt_ids": text_ids(length),
         }
 
     def imagegen_step(self, transformer: Any, inputs: dict[str, Any], compiled: bool, pace: int = 0) -> Any:
@@ -314,9 +435,16 @@ class Flux2(Family):
         b = x.shape[0]
         img_ids = torch.from_numpy(inputs["img_ids"]).unsqueeze(0).expand(b, -1, -1).to(device)
         txt_ids = torch.from_numpy(np.stack([inputs["txt_ids"]] * b)).to(device)
-        return lambda: transformer(hidden_states=x, timestep=t, guidance=None, encoder_hidden_states=text,
-                                   txt_ids=txt_ids, img_ids=img_ids, joint_attention_kwargs=None,
-                                   return_dict=False)[0]
+        return lambda: transformer(
+            hidden_states=x,
+            timestep=t,
+            guidance=None,
+            encoder_hidden_states=text,
+            txt_ids=txt_ids,
+            img_ids=img_ids,
+            joint_attention_kwargs=None,
+            return_dict=False,
+        )[0]
 
     def mflux_transformer(self) -> Any:
         from mflux.models.flux2.model.flux2_transformer.transformer import Flux2Transformer
@@ -348,8 +476,7 @@ class Flux2(Family):
     def imagegen_components(self, pipe: Any, folder: Path) -> dict[str, Any]:
         if pipe is not None:
             return {"transformer": pipe.transformer, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
-        return _load_components(folder, self.imagegen_transformer(folder), "imagegen_flux2.vae",
-                                "AutoencoderKLFlux2")
+        return _load_components(folder, self.imagegen_transformer(folder), "imagegen_flux2.vae", "AutoencoderKLFlux2")
 
     def imagegen_transformer(self, folder: Path, quantize: str | None = None) -> Any:
         from imagegen_flux2.config import Flux2TransformerConfig
@@ -364,13 +491,22 @@ class Flux2(Family):
     def diffusers_encode(self, pipe: Any, prompt: str, device: str) -> Any:
         return pipe.encode_prompt(prompt, device=device, max_sequence_length=self.max_length)[0]
 
-    def diffusers_generate(self, pipe: Any, prompt: str, size: int, steps: int, latents: Any = None,
-                           seed: int = 0) -> list:
+    def diffusers_generate(
+        self, pipe: Any, prompt: str, size: int, steps: int, latents: Any = None, seed: int = 0
+    ) -> list:
         import torch
 
         generator = torch.Generator(pipe.device).manual_seed(seed)
-        return pipe(prompt=prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=1.0,
-                    generator=generator, latents=latents, max_sequence_length=self.max_length).images
+        return pipe(
+            prompt=prompt,
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            guidance_scale=1.0,
+            generator=generator,
+            latents=latents,
+            max_sequence_length=self.max_length,
+        ).images
 
     def noise(self, size: int, seed: int = 0) -> np.ndarray:
         """diffusers' `latents=` for one image: [1, 4 * latent_channels, size/16, size/16]."""
@@ -408,8 +544,11 @@ class ZImage(Family):
         _randomize_norms(transformer)
         vae = AutoencoderKL(**self.vae_config).eval()
         return self.pipeline_class()(
-            scheduler=FlowMatchEulerDiscreteScheduler(**ZIMAGE_SCHEDULER), vae=vae,
-            text_encoder=self.qwen3_torch(base=True), tokenizer=tokenizer, transformer=transformer,
+            scheduler=FlowMatchEulerDiscreteScheduler(**ZIMAGE_SCHEDULER),
+            vae=vae,
+            text_encoder=self.qwen3_torch(base=True),
+            tokenizer=tokenizer,
+            transformer=transformer,
         )
 
     def tokens(self, size: int, refs: int = 0) -> int:
@@ -513,17 +652,27 @@ class ZImage(Family):
         return model
 
     def diffusers_encode(self, pipe: Any, prompt: str, device: str) -> Any:
-        embeds, _ = pipe.encode_prompt(prompt, device=device, do_classifier_free_guidance=False,
-                                       max_sequence_length=self.max_length)
+        embeds, _ = pipe.encode_prompt(
+            prompt, device=device, do_classifier_free_guidance=False, max_sequence_length=self.max_length
+        )
         return embeds[0]
 
-    def diffusers_generate(self, pipe: Any, prompt: str, size: int, steps: int, latents: Any = None,
-                           seed: int = 0) -> list:
+    def diffusers_generate(
+        self, pipe: Any, prompt: str, size: int, steps: int, latents: Any = None, seed: int = 0
+    ) -> list:
         import torch
 
         generator = torch.Generator(pipe.device).manual_seed(seed)
-        return pipe(prompt=prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=0.0,
-                    generator=generator, latents=latents, max_sequence_length=self.max_length).images
+        return pipe(
+            prompt=prompt,
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            guidance_scale=0.0,
+            generator=generator,
+            latents=latents,
+            max_sequence_length=self.max_length,
+        ).images
 
     def noise(self, size: int, seed: int = 0) -> np.ndarray:
         """diffusers' `latents=` for one image: [1, latent_channels, size/8, size/8]."""

@@ -39,16 +39,30 @@ def quant_goals(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     lines = []
     for model, r in bf16.items():
         if model in E2E_MS:
-            lines.append({"goal": f"{model} end to end (bf16)", "ms": r["ms"], "goal_ms": E2E_MS[model],
-                          "peak_gb": r.get("peak_gb"), "met": r["ms"] <= E2E_MS[model]})
+            lines.append(
+                {
+                    "goal": f"{model} end to end (bf16)",
+                    "ms": r["ms"],
+                    "goal_ms": E2E_MS[model],
+                    "peak_gb": r.get("peak_gb"),
+                    "met": r["ms"] <= E2E_MS[model],
+                }
+            )
     for r in records:
         if r.get("section") != "quant" or r.get("what") != "e2e" or "ms" not in r or r.get("model") not in bf16:
             continue
         base = bf16[r["model"]]
         ratio = r["ms"] / base["ms"]
-        line = {"goal": f"{r['model']} {r['impl']} end to end vs bf16", "ms": r["ms"], "bf16_ms": base["ms"],
-                "ratio": round(ratio, 3), "goal_ratio": QUANT_RATIO, "peak_gb": r.get("peak_gb"),
-                "bf16_peak_gb": base.get("peak_gb"), "met": ratio <= QUANT_RATIO}
+        line = {
+            "goal": f"{r['model']} {r['impl']} end to end vs bf16",
+            "ms": r["ms"],
+            "bf16_ms": base["ms"],
+            "ratio": round(ratio, 3),
+            "goal_ratio": QUANT_RATIO,
+            "peak_gb": r.get("peak_gb"),
+            "bf16_peak_gb": base.get("peak_gb"),
+            "met": ratio <= QUANT_RATIO,
+        }
         if r["model"] == "flux2-klein-4b" and r.get("quantize") == "4":
             line["goal_peak_gb"] = KLEIN_4BIT_GB
             line["met"] = line["met"] and r.get("peak_gb") is not None and r["peak_gb"] < KLEIN_4BIT_GB
@@ -82,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     records = read_records([f for f in args.files if f.is_file() and f != args.out])
     lines = [test_goal(args.junit)] if args.junit else []
     lines += quant_goals(records)
-    lines += [{k: v for k, v in r.items() if k not in ("section", "t_s")}
-              for r in records if r.get("section") == "goal"]
+    lines += [
+        {k: v for k, v in r.items() if k not in ("section", "t_s")} for r in records if r.get("section") == "goal"
+    ]
     for line in lines:
         verdict = "met" if line.get("met") else "NOT met"
         details = ", ".join(f"{k}={v}" for k, v in line.items() if k not in ("goal", "met"))

@@ -22,14 +22,27 @@ KLEIN = {
     "flux2-klein-4b": dict(num_attention_heads=24, attention_head_dim=128, joint_attention_dim=7680),
     "flux2-klein-9b": dict(num_attention_heads=32, attention_head_dim=128, joint_attention_dim=12288),
 }
-ZIMAGE = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=1, n_refiner_layers=1,
-              n_heads=30, n_kv_heads=30, cap_feat_dim=2560, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512])
+ZIMAGE = dict(
+    all_patch_size=(2,),
+    all_f_patch_size=(1,),
+    in_channels=16,
+    dim=3840,
+    n_layers=1,
+    n_refiner_layers=1,
+    n_heads=30,
+    n_kv_heads=30,
+    cap_feat_dim=2560,
+    axes_dims=[32, 48, 48],
+    axes_lens=[1536, 512, 512],
+)
 
 
 def relative(got: np.ndarray, want: np.ndarray) -> dict[str, float]:
     err = np.abs(got - want)
-    return {"max_rel_err": float(err.max() / np.abs(want).max()),
-            "mean_rel_err": float(err.mean() / np.abs(want).mean())}
+    return {
+        "max_rel_err": float(err.max() / np.abs(want).max()),
+        "mean_rel_err": float(err.mean() / np.abs(want).mean()),
+    }
 
 
 def klein(model: str, folder: Path) -> dict:
@@ -40,9 +53,18 @@ def klein(model: str, folder: Path) -> dict:
     from imagegen.weights import load_module
 
     torch.manual_seed(0)
-    ref = Flux2Transformer2DModel(patch_size=1, in_channels=128, num_layers=1, num_single_layers=1, mlp_ratio=3.0,
-                                  timestep_guidance_channels=256, axes_dims_rope=[32, 32, 32, 32], rope_theta=2000,
-                                  guidance_embeds=False, **KLEIN[model]).eval()
+    ref = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=128,
+        num_layers=1,
+        num_single_layers=1,
+        mlp_ratio=3.0,
+        timestep_guidance_channels=256,
+        axes_dims_rope=[32, 32, 32, 32],
+        rope_theta=2000,
+        guidance_embeds=False,
+        **KLEIN[model],
+    ).eval()
     ref.save_pretrained(folder)
     ours = Flux2Transformer(Flux2TransformerConfig.from_file(folder / "config.json"))
     load_module(ours, folder, dtype="float32")
@@ -52,10 +74,15 @@ def klein(model: str, folder: Path) -> dict:
     c = rng.standard_normal((1, text, KLEIN[model]["joint_attention_dim"])).astype(np.float32)
     t = np.array([0.7], dtype=np.float32)
     with torch.no_grad():
-        want = ref(hidden_states=torch.from_numpy(x), encoder_hidden_states=torch.from_numpy(c),
-                   timestep=torch.from_numpy(t), guidance=None,
-                   txt_ids=Flux2KleinPipeline._prepare_text_ids(torch.zeros(1, text, 1)),
-                   img_ids=Flux2KleinPipeline._prepare_latent_ids(torch.zeros(1, 1, *grid)), return_dict=False)[0]
+        want = ref(
+            hidden_states=torch.from_numpy(x),
+            encoder_hidden_states=torch.from_numpy(c),
+            timestep=torch.from_numpy(t),
+            guidance=None,
+            txt_ids=Flux2KleinPipeline._prepare_text_ids(torch.zeros(1, text, 1)),
+            img_ids=Flux2KleinPipeline._prepare_latent_ids(torch.zeros(1, 1, *grid)),
+            return_dict=False,
+        )[0]
     got = ours(mx.array(x), mx.array(c), mx.array(t), ours.rope(text, grid))
     return relative(np.array(got), want.numpy())
 
@@ -77,8 +104,16 @@ def zimage(folder: Path) -> dict:
     caption = rng.standard_normal((40, ZIMAGE["cap_feat_dim"])).astype(np.float32)
     t = np.array([0.3], dtype=np.float32)
     with torch.no_grad():
-        want = ref([torch.from_numpy(latents[0]).permute(2, 0, 1)[:, None]], torch.from_numpy(t),
-                   [torch.from_numpy(caption)], return_dict=False)[0][0][:, 0].permute(1, 2, 0).numpy()
+        want = (
+            ref(
+                [torch.from_numpy(latents[0]).permute(2, 0, 1)[:, None]],
+                torch.from_numpy(t),
+                [torch.from_numpy(caption)],
+                return_dict=False,
+            )[0][0][:, 0]
+            .permute(1, 2, 0)
+            .numpy()
+        )
     got = ours(mx.array(latents), mx.array(t), mx.array(caption)[None], ours.layout([40], 16, 16))
     return relative(np.array(got)[0], want)
 
@@ -94,8 +129,15 @@ def main(argv: list[str] | None = None) -> int:
         start = time.time()
         with tempfile.TemporaryDirectory() as tmp:
             errors = zimage(Path(tmp)) if model == "zimage-turbo" else klein(model, Path(tmp))
-        record = {"section": "parity-fullwidth", "model": model, "dtype": "float32", "device": "cpu",
-                  "blocks": "1 of each kind at full width", **errors, "s": round(time.time() - start, 1)}
+        record = {
+            "section": "parity-fullwidth",
+            "model": model,
+            "dtype": "float32",
+            "device": "cpu",
+            "blocks": "1 of each kind at full width",
+            **errors,
+            "s": round(time.time() - start, 1),
+        }
         print(json.dumps(record), flush=True)
         records.append(record)
     if args.out:

@@ -21,9 +21,15 @@ from imagegen.cli.bench import time_mlx
 from imagegen.nn import cuda_kernels
 
 # Kernel families by name (cuBLAS / CUTLASS GEMMs, cuDNN attention, MLX's own kernels).
-GROUPS = [("gemm", r"gemm|cutlass|sm90_xmma|nvjet|cublas"), ("attention", r"sdpa|fmha|flash|cudnn|attn"),
-          ("imagegen_kernels", r"imagegen_"), ("norm", r"norm"), ("copy", r"copy|concat|gather|scatter"),
-          ("compiled", r"compiled|fused"), ("other", r".")]
+GROUPS = [
+    ("gemm", r"gemm|cutlass|sm90_xmma|nvjet|cublas"),
+    ("attention", r"sdpa|fmha|flash|cudnn|attn"),
+    ("imagegen_kernels", r"imagegen_"),
+    ("norm", r"norm"),
+    ("copy", r"copy|concat|gather|scatter"),
+    ("compiled", r"compiled|fused"),
+    ("other", r"."),
+]
 
 
 def group(name: str) -> str:
@@ -64,9 +70,20 @@ def main() -> None:
             fn = fam.imagegen_step(transformer, inputs, True, pace)
             t = time_mlx(fn, 2, 7)
             outputs[fused] = np.array(fn().astype(mx.float32))
-            print(json.dumps({"model": model_id, "fused_kernels": fused, "pace": pace, "ms": round(t.ms, 2),
-                              "runs_ms": [round(r, 2) for r in t.runs], "peak_gb": round(t.peak_gb, 3),
-                              "tflops": round(flops / t.ms / 1e9, 1)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "model": model_id,
+                        "fused_kernels": fused,
+                        "pace": pace,
+                        "ms": round(t.ms, 2),
+                        "runs_ms": [round(r, 2) for r in t.runs],
+                        "peak_gb": round(t.peak_gb, 3),
+                        "tflops": round(flops / t.ms / 1e9, 1),
+                    }
+                ),
+                flush=True,
+            )
         if "--no-kernels" in sys.argv:
             continue
         try:
@@ -79,12 +96,29 @@ def main() -> None:
             groups[group(name)] += us
         top = sorted(times.items(), key=lambda kv: -kv[1])[:25]
         by_group = {g: round(v / 1e3, 2) for g, v in sorted(groups.items(), key=lambda kv: -kv[1])}
-        print(json.dumps({"model": model_id, "fused_kernels": fused, "by_group_ms": by_group,
-                          "gpu_ms_per_step": round(sum(times.values()) / 1e3, 2),
-                          "top_kernels_ms": [[n[:120], round(v / 1e3, 3)] for n, v in top]}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "model": model_id,
+                    "fused_kernels": fused,
+                    "by_group_ms": by_group,
+                    "gpu_ms_per_step": round(sum(times.values()) / 1e3, 2),
+                    "top_kernels_ms": [[n[:120], round(v / 1e3, 3)] for n, v in top],
+                }
+            ),
+            flush=True,
+        )
     a, b = outputs[True], outputs[False]
-    print(json.dumps({"model": model_id, "fused_vs_plain_max_rel": float(np.abs(a - b).max() / np.abs(b).max()),
-                      "mean_abs": float(np.abs(a - b).mean())}), flush=True)
+    print(
+        json.dumps(
+            {
+                "model": model_id,
+                "fused_vs_plain_max_rel": float(np.abs(a - b).max() / np.abs(b).max()),
+                "mean_abs": float(np.abs(a - b).mean()),
+            }
+        ),
+        flush=True,
+    )
     cuda_kernels.ENABLED = True
 
 

@@ -38,8 +38,9 @@ def main() -> None:
     vae = AutoencoderKLFlux2(Flux2VAEConfig())
     vae.set_dtype(mx.bfloat16)
     if "--as-loaded" in sys.argv:  # conv weights as views of a transposed layout, as sanitize leaves them
-        vae.update(tree_map(lambda w: w.transpose(0, 3, 1, 2).transpose(0, 2, 3, 1) if w.ndim == 4 else w,
-                            vae.parameters()))
+        vae.update(
+            tree_map(lambda w: w.transpose(0, 3, 1, 2).transpose(0, 2, 3, 1) if w.ndim == 4 else w, vae.parameters())
+        )
     mx.eval(vae.parameters())
     dec = vae.decoder
     z = mx.random.normal((1, size // 8, size // 8, 32)).astype(mx.bfloat16)
@@ -67,19 +68,34 @@ def main() -> None:
     emit(what="conv3x3 strided weight", ms=timed(lambda x: mx.conv2d(x, view, padding=1), x))
     packed = mx.contiguous(view)
     emit(what="conv3x3 contiguous weight", ms=timed(lambda x: mx.conv2d(x, packed, padding=1), x))
-    emit(what="conv3x3 float32", ms=timed(lambda x: mx.conv2d(x, packed.astype(mx.float32), padding=1),
-                                          x.astype(mx.float32)))
+    emit(
+        what="conv3x3 float32",
+        ms=timed(lambda x: mx.conv2d(x, packed.astype(mx.float32), padding=1), x.astype(mx.float32)),
+    )
     up = blocks.Upsample2D(c)
     up.set_dtype(mx.bfloat16)
     emit(what="upsample", ms=timed(up, x[:, : size // 2, : size // 2]))
     n = (size // 8) ** 2
     q = mx.random.normal((1, 1, n, 512)).astype(mx.bfloat16)
-    emit(what="sdpa chunked", tokens=n, ms=timed(lambda q: mx.concatenate(
-        [mx.fast.scaled_dot_product_attention(q[:, :, i:i + 4096], q, q, scale=512**-0.5) for i in range(0, n, 4096)],
-        axis=2), q))
+    emit(
+        what="sdpa chunked",
+        tokens=n,
+        ms=timed(
+            lambda q: mx.concatenate(
+                [
+                    mx.fast.scaled_dot_product_attention(q[:, :, i : i + 4096], q, q, scale=512**-0.5)
+                    for i in range(0, n, 4096)
+                ],
+                axis=2,
+            ),
+            q,
+        ),
+    )
     emit(what="sdpa whole", ms=timed(lambda q: mx.fast.scaled_dot_product_attention(q, q, q, scale=512**-0.5), q))
-    emit(what="attention matmul-softmax", ms=timed(
-        lambda q: mx.softmax((q @ q.swapaxes(-1, -2)) * 512**-0.5, axis=-1, precise=True) @ q, q))
+    emit(
+        what="attention matmul-softmax",
+        ms=timed(lambda q: mx.softmax((q @ q.swapaxes(-1, -2)) * 512**-0.5, axis=-1, precise=True) @ q, q),
+    )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,11 @@ from imagegen.nn import vae_blocks as blocks
 
 MB = 1 << 20
 SETTINGS = [  # (workspace bytes, layer pacing (every, ahead))
-    (2048 * MB, (1, 0)), (8192 * MB, (1, 0)), (8192 * MB, (1, 1)), (1 << 40, (1, 1)), (1 << 40, (0, 0)),
+    (2048 * MB, (1, 0)),
+    (8192 * MB, (1, 0)),
+    (8192 * MB, (1, 1)),
+    (1 << 40, (1, 1)),
+    (1 << 40, (0, 0)),
 ]
 
 
@@ -39,9 +43,19 @@ def layers(vae: AutoencoderKLFlux2, size: int) -> None:
         y = fn(x)
         mx.eval(y)
         mx.synchronize()
-        print(json.dumps({"size": size, "layer": name, "input": list(x.shape), "ms": round(t.ms, 2),
-                          "peak_above_live_gb": round((mx.get_peak_memory() - before) / 1e9, 3),
-                          "output_gb": round(y.nbytes / 1e9, 3)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "size": size,
+                    "layer": name,
+                    "input": list(x.shape),
+                    "ms": round(t.ms, 2),
+                    "peak_above_live_gb": round((mx.get_peak_memory() - before) / 1e9, 3),
+                    "output_gb": round(y.nbytes / 1e9, 3),
+                }
+            ),
+            flush=True,
+        )
         return y
 
     x = track("post_quant_conv+conv_in", lambda z: dec.conv_in(vae.post_quant_conv(z)), x)
@@ -78,12 +92,17 @@ def main() -> None:
                 out = vae.decode(z)
                 same = None if reference is None else bool(mx.array_equal(out, reference).item())
                 reference = out if reference is None else reference
-                record = {"ms": round(t.ms, 2), "peak_above_weights_gb": round(t.peak_gb - weights / 1e9, 3),
-                          "identical_to_first": same}
+                record = {
+                    "ms": round(t.ms, 2),
+                    "peak_above_weights_gb": round(t.peak_gb - weights / 1e9, 3),
+                    "identical_to_first": same,
+                }
             except Exception as e:  # noqa: BLE001 - out of memory at 2048 is a result too
                 record = {"error": f"{type(e).__name__}: {e}"[:200]}
-            print(json.dumps({"size": size, "workspace_mb": workspace // MB, "layer_pacing": list(sync), **record}),
-                  flush=True)
+            print(
+                json.dumps({"size": size, "workspace_mb": workspace // MB, "layer_pacing": list(sync), **record}),
+                flush=True,
+            )
             mx.clear_cache()
 
 

@@ -16,8 +16,18 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 NAMES = {"flux2-klein-4b": "FLUX.2 Klein 4B", "flux2-klein-9b": "FLUX.2 Klein 9B", "zimage-turbo": "Z-Image Turbo"}
-STEP_IMPLS = ("imagegen", "imagegen-paced1", "imagegen-paced2", "imagegen-paced4", "imagegen-pipeline",
-              "imagegen-eager", "diffusers", "diffusers-compile", "mflux", "mflux-compile")
+STEP_IMPLS = (
+    "imagegen",
+    "imagegen-paced1",
+    "imagegen-paced2",
+    "imagegen-paced4",
+    "imagegen-pipeline",
+    "imagegen-eager",
+    "diffusers",
+    "diffusers-compile",
+    "mflux",
+    "mflux-compile",
+)
 PIPELINE_DEFAULT = "imagegen-paced1"  # how the pipelines run the transformer (imagegen.nn.pacing)
 Record = dict[str, Any]
 
@@ -37,8 +47,9 @@ def read(paths: Iterable[Path]) -> list[Record]:
 
 def find(records: list[Record], **match: Any) -> Record | None:
     """The last record with every given field equal (and a measurement: no error, not skipped)."""
-    hits = [r for r in records if all(r.get(k) == v for k, v in match.items())
-            and "error" not in r and "skipped" not in r]
+    hits = [
+        r for r in records if all(r.get(k) == v for k, v in match.items()) and "error" not in r and "skipped" not in r
+    ]
     return hits[-1] if hits else None
 
 
@@ -105,21 +116,33 @@ def model_section(records: list[Record], model: str) -> list[str]:
         ["load (s)", load("imagegen"), load("diffusers"), "—", load("mflux")],
         ["text encode", cell("encode", "imagegen", layers="pipeline"), cell("encode", "diffusers"), "—", "—"],
         ["text encode, all layers", cell("encode", "imagegen", layers="all"), cell("encode", "diffusers"), "—", "—"],
-        ["denoise step", cell("step", "imagegen"), cell("step", "diffusers"),
-         ms(step_record(records, model, "diffusers-compile"), True), cell("step", "mflux-compile")],
+        [
+            "denoise step",
+            cell("step", "imagegen"),
+            cell("step", "diffusers"),
+            ms(step_record(records, model, "diffusers-compile"), True),
+            cell("step", "mflux-compile"),
+        ],
         ["VAE decode", cell("decode", "imagegen"), cell("decode", "diffusers"), "—", cell("decode", "mflux")],
-        [f"end to end ({steps} steps)", cell("e2e", "imagegen"), cell("e2e", "diffusers"),
-         cell("compile", "diffusers-compile", what="e2e"), "—"],
+        [
+            f"end to end ({steps} steps)",
+            cell("e2e", "imagegen"),
+            cell("e2e", "diffusers"),
+            cell("compile", "diffusers-compile", what="e2e"),
+            "—",
+        ],
         ["end to end, prompt cached", cell("e2e", "imagegen-cached-prompt"), "—", "—", "—"],
     ]
     if step_record(records, model, PIPELINE_DEFAULT):
-        stage_rows[4:4] = [["denoise step, paced (the pipelines' default)", cell("step", PIPELINE_DEFAULT), "—",
-                            "—", "—"]]
+        stage_rows[4:4] = [
+            ["denoise step, paced (the pipelines' default)", cell("step", PIPELINE_DEFAULT), "—", "—", "—"]
+        ]
     out += [f"### Stages at {size}: ms (peak GB)", ""]
     out += table(["stage", "imagegen", "diffusers", "diffusers compiled", "mflux"], stage_rows) + [""]
 
-    shapes = [r for r in records if r.get("model") == model and r.get("section") in ("scaling", "batch", "refs")
-              and "ms" in r]
+    shapes = [
+        r for r in records if r.get("model") == model and r.get("section") in ("scaling", "batch", "refs") and "ms" in r
+    ]
     keys = list(dict.fromkeys((r["size"], r["batch"], r["refs"], r["tokens"]) for r in shapes))
     main_key = (size, 1, 0, tokens)
     if keys:
@@ -128,9 +151,15 @@ def model_section(records: list[Record], model: str) -> list[str]:
             match = dict(zip(("size", "batch", "refs"), key[:3]))
             cells = []
             for impl in ("imagegen", "diffusers", "mflux-compile"):
-                pool = [r for r in records if r.get("model") == model and r.get("impl") == impl and "ms" in r
-                        and r.get("section") in ("step", "scaling", "batch", "refs")
-                        and all(r.get(k) == v for k, v in match.items())]
+                pool = [
+                    r
+                    for r in records
+                    if r.get("model") == model
+                    and r.get("impl") == impl
+                    and "ms" in r
+                    and r.get("section") in ("step", "scaling", "batch", "refs")
+                    and all(r.get(k) == v for k, v in match.items())
+                ]
                 cells.append(ms(pool[-1] if pool else None))
             label = f"{key[0]}, batch {key[1]}" + (f", {key[2]} reference image(s)" if key[2] else "")
             rows.append([label, key[3], *cells])
@@ -145,23 +174,43 @@ def model_section(records: list[Record], model: str) -> list[str]:
             loaded = find(quant, impl=impl, what="load")
             run = find(quant, impl=impl, what="e2e")
             compared = [r for r in quant if r.get("impl") == impl and "psnr_db" in r]  # runs with a bf16 image
-            diff = f"PSNR {compared[-1]['psnr_db']:.1f} dB, mean abs {compared[-1]['pixel_mean_abs']:.1f}" \
-                if compared else "—"
-            rows.append([impl.removeprefix("imagegen-"), f"{loaded['s']:.1f} s" if loaded else "—",
-                         ms(find(quant, impl=impl, what="step"), True), ms(run, True), diff])
+            diff = (
+                f"PSNR {compared[-1]['psnr_db']:.1f} dB, mean abs {compared[-1]['pixel_mean_abs']:.1f}"
+                if compared
+                else "—"
+            )
+            rows.append(
+                [
+                    impl.removeprefix("imagegen-"),
+                    f"{loaded['s']:.1f} s" if loaded else "—",
+                    ms(find(quant, impl=impl, what="step"), True),
+                    ms(run, True),
+                    diff,
+                ]
+            )
         out += ["### imagegen quantized: load, step and end to end (peak GB), image vs bfloat16 (same seed)", ""]
         out += table(["weights", "load", "step ms", "end to end ms", "image difference"], rows) + [""]
 
-    parity = list({r["what"]: r for r in records if r.get("model") == model and r.get("section") == "parity"
-                   and "what" in r and r.get("impl") != "imagegen"}.values())  # the latest of each output
+    parity = list(
+        {
+            r["what"]: r
+            for r in records
+            if r.get("model") == model and r.get("section") == "parity" and "what" in r and r.get("impl") != "imagegen"
+        }.values()
+    )  # the latest of each output
     if parity:
         rows = []
         for r in parity:
             if "rel_err" in r:
                 rows.append([r["what"], f"{r['rel_err']:.2e}", f"{r['mean_rel_err']:.2e}"])
             elif "psnr_db" in r:
-                rows.append([r["what"], f"max {r['pixel_max_abs']:.0f}/255", f"mean {r['pixel_mean_abs']:.2f}/255, "
-                             f"PSNR {r['psnr_db']:.1f} dB"])
+                rows.append(
+                    [
+                        r["what"],
+                        f"max {r['pixel_max_abs']:.0f}/255",
+                        f"mean {r['pixel_mean_abs']:.2f}/255, PSNR {r['psnr_db']:.1f} dB",
+                    ]
+                )
         out += ["### Parity with diffusers / transformers (identical weights and inputs, bfloat16)", ""]
         out += table(["output", "max rel. error", "mean rel. error"], rows) + [""]
     return out
@@ -185,8 +234,13 @@ def with_floor(records: list[Record]) -> list[Record]:
 def problems(records: list[Record]) -> list[str]:
     lines = []
     for i, r in enumerate(records):
-        later = [x for x in records[i + 1:] if "error" not in x and "skipped" not in x
-                 and all(x.get(k) == r.get(k) for k in ("model", "section", "impl", "what") if k in r)]
+        later = [
+            x
+            for x in records[i + 1 :]
+            if "error" not in x
+            and "skipped" not in x
+            and all(x.get(k) == r.get(k) for k in ("model", "section", "impl", "what") if k in r)
+        ]
         if ("error" in r or "skipped" in r) and not later:
             what = " ".join(str(r.get(k)) for k in ("model", "section", "impl") if r.get(k))
             lines.append(f"- {what}: {'error: ' + r['error'] if 'error' in r else 'skipped: ' + r['skipped']}")
@@ -196,20 +250,28 @@ def problems(records: list[Record]) -> list[str]:
 def render(records: list[Record]) -> str:
     head = find(records, section="header") or {}
     v = head.get("versions", {})
-    version = ", ".join(f"{k} {v[k]}" for k in ("mlx", "torch", "diffusers", "transformers", "mflux", "imagegen")
-                        if v.get(k))
+    version = ", ".join(
+        f"{k} {v[k]}" for k in ("mlx", "torch", "diffusers", "transformers", "mflux", "imagegen") if v.get(k)
+    )
     args = head.get("args", {})
-    out = [f"# imagegen benchmarks: {head.get('device', 'unknown device')}, {head.get('date', '')[:10]}", "",
-           f"{version}. Random weights in the real configs, bfloat16; median of {args.get('repeats', '?')} runs "
-           f"after {args.get('warmup', '?')} warm-ups ({args.get('e2e_repeats', '?')} for end to end). Peak memory "
-           "is the allocator's peak during the timed runs, weights included, in GB (10^9 bytes). "
-           "Produced by `benchmarks/bench_generate.py`, rendered by `benchmarks/report.py`.", ""]
+    out = [
+        f"# imagegen benchmarks: {head.get('device', 'unknown device')}, {head.get('date', '')[:10]}",
+        "",
+        f"{version}. Random weights in the real configs, bfloat16; median of {args.get('repeats', '?')} runs "
+        f"after {args.get('warmup', '?')} warm-ups ({args.get('e2e_repeats', '?')} for end to end). Peak memory "
+        "is the allocator's peak during the timed runs, weights included, in GB (10^9 bytes). "
+        "Produced by `benchmarks/bench_generate.py`, rendered by `benchmarks/report.py`.",
+        "",
+    ]
     gemm = find(records, section="floor", impl="mlx")
     if gemm:
         torch_gemm = find(records, section="floor", impl="torch")
         extra = f" (torch: {torch_gemm['tflops']:.0f})" if torch_gemm else ""
-        out += [f"Hardware floor: a step's matmul and attention FLOPs at the measured MLX bf16 GEMM rate, "
-                f"{gemm['tflops']:.0f} TFLOP/s at {gemm['shape']}{extra}.", ""]
+        out += [
+            f"Hardware floor: a step's matmul and attention FLOPs at the measured MLX bf16 GEMM rate, "
+            f"{gemm['tflops']:.0f} TFLOP/s at {gemm['shape']}{extra}.",
+            "",
+        ]
     for model in models(records):
         out += model_section(records, model)
     issues = problems(records)
@@ -222,18 +284,42 @@ def readme_section(records: list[Record], results: str) -> str:
     head = find(records, section="header") or {}
     rows = []
     for model in models(records):
+
         def get(impl: str, model: str = model) -> Record | None:
             return step_record(records, model, impl)
 
         ours, e2e = get("imagegen"), find(records, section="e2e", model=model, impl="imagegen")
         floor = f"{ours['floor_ratio']:.2f}x" if ours and ours.get("floor_ratio") else "—"
-        rows.append([NAMES.get(model, model), ms(ours), ms(get("diffusers")), ms(get("diffusers-compile")),
-                     ms(get("mflux-compile")), floor, ms(e2e, True),
-                     ms(find(records, section="e2e", model=model, impl="diffusers"), True)])
-    lines = [f"One denoise step at 1024x1024 and end to end, bfloat16, on {head.get('device', '?')} "
-             f"({head.get('date', '')[:10]}); ms, peak GB in brackets. Full tables: [{results}]({results}).", ""]
-    lines += table(["model", "imagegen step", "diffusers", "diffusers compiled", "mflux compiled", "vs floor",
-                    "imagegen end to end", "diffusers end to end"], rows)
+        rows.append(
+            [
+                NAMES.get(model, model),
+                ms(ours),
+                ms(get("diffusers")),
+                ms(get("diffusers-compile")),
+                ms(get("mflux-compile")),
+                floor,
+                ms(e2e, True),
+                ms(find(records, section="e2e", model=model, impl="diffusers"), True),
+            ]
+        )
+    lines = [
+        f"One denoise step at 1024x1024 and end to end, bfloat16, on {head.get('device', '?')} "
+        f"({head.get('date', '')[:10]}); ms, peak GB in brackets. Full tables: [{results}]({results}).",
+        "",
+    ]
+    lines += table(
+        [
+            "model",
+            "imagegen step",
+            "diffusers",
+            "diffusers compiled",
+            "mflux compiled",
+            "vs floor",
+            "imagegen end to end",
+            "diffusers end to end",
+        ],
+        rows,
+    )
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ from importlib.metadata import version as _version
 
 # isort: off
 from . import kernel_cache  # noqa: F401  (first: it sets MLX's kernel cache folder before MLX starts CUDA)
+
 # isort: on
 from . import block_loop, registry
 from .block_loop import BlockLoopOption
@@ -33,8 +34,27 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
 __all__ = [
-    "BlockLoopOption", "GenerationResult", "HFConfig", "IMAGE_EDIT", "ImagegenError", "InvalidImageError",
-    "InvalidOptionError", "LoraError", "ModelSpec", "Option", "Pipeline", "Request", "Run", "Step", "TEXT_TO_IMAGE",
-    "UnknownModelError", "WeightsError", "WeightsNotFoundError", "block_loop", "hookimpl", "registry", "seeded_noise",
+    "BlockLoopOption",
+    "GenerationResult",
+    "HFConfig",
+    "IMAGE_EDIT",
+    "ImagegenError",
+    "InvalidImageError",
+    "InvalidOptionError",
+    "LoraError",
+    "ModelSpec",
+    "Option",
+    "Pipeline",
+    "Request",
+    "Run",
+    "Step",
+    "TEXT_TO_IMAGE",
+    "UnknownModelError",
+    "WeightsError",
+    "WeightsNotFoundError",
+    "block_loop",
+    "hookimpl",
+    "registry",
+    "seeded_noise",
     "__version__",
 ]

@@ -44,8 +44,11 @@ from .server.settings import Limits
 RESULTS, FAILURES = "results.jsonl", "failures.jsonl"
 # the row fields that are not generate() options: the JSON types they may have, and their name in errors
 FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
-    "prompt": ((str,), "a string"), "id": ((str, int), "a string or an integer"), "model": ((str,), "a string"),
-    "size": ((str,), 'a string like "1024x768"'), "options": ((dict,), "an object of the model's options"),
+    "prompt": ((str,), "a string"),
+    "id": ((str, int), "a string or an integer"),
+    "model": ((str,), "a string"),
+    "size": ((str,), 'a string like "1024x768"'),
+    "options": ((dict,), "an object of the model's options"),
 }
 ROW_OPTIONS = {o.name: o for o in OPTIONS if "batch" in o.fronts}  # every other key: a declared option
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # safe as a file name everywhere
@@ -102,8 +105,14 @@ class Row:
 
     def options(self) -> dict[str, Any]:
         """The keyword options of Pipeline.generate for this row (unset ones left to the model)."""
-        options = {"width": self.width, "height": self.height, "steps": self.steps, "guidance": self.guidance,
-                   "negative_prompt": self.negative_prompt, **self.other_options}
+        options = {
+            "width": self.width,
+            "height": self.height,
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "negative_prompt": self.negative_prompt,
+            **self.other_options,
+        }
         return {"seed": self.seed, **{k: v for k, v in options.items() if v is not None}}
 
 
@@ -126,7 +135,7 @@ def parse_row(text: str, line: int, defaults: Defaults, where: str = "", folder:
     except json.JSONDecodeError as e:
         raise BatchInputError(f"{at}: not valid JSON ({e.msg}).") from None
     if not isinstance(obj, dict):
-        raise BatchInputError(f"{at}: expected a JSON object like {{\"prompt\": \"...\"}}, got {type(obj).__name__}.")
+        raise BatchInputError(f'{at}: expected a JSON object like {{"prompt": "..."}}, got {type(obj).__name__}.')
     unknown = sorted(set(obj) - set(FIELDS) - set(ROW_OPTIONS))
     if unknown:
         raise BatchInputError(f"{at}: unknown field '{unknown[0]}' (fields: {', '.join([*FIELDS, *ROW_OPTIONS])}).")
@@ -140,8 +149,11 @@ def parse_row(text: str, line: int, defaults: Defaults, where: str = "", folder:
         elif ROW_OPTIONS[name].kind in ("image", "file"):  # paths relative to the prompts file, read later
             paths = value if ROW_OPTIONS[name].repeatable else [value]
             if not isinstance(paths, list) or not all(isinstance(v, str) and v for v in paths):
-                one, many = ("an image path", "a list of image paths") if ROW_OPTIONS[name].kind == "image" \
+                one, many = (
+                    ("an image path", "a list of image paths")
+                    if ROW_OPTIONS[name].kind == "image"
                     else ("a path", "a list of paths")
+                )
                 what = many if ROW_OPTIONS[name].repeatable else one
                 raise BatchInputError(f"{at}: '{name}' must be {what}, got {json.dumps(value)}.")
         else:
@@ -155,8 +167,9 @@ def parse_row(text: str, line: int, defaults: Defaults, where: str = "", folder:
         raise BatchInputError(f"{at}: missing 'prompt' (a non-empty string).")
     row_id = str(obj["id"]) if obj.get("id") is not None else row_hash(obj)
     if not ID_PATTERN.match(row_id):
-        raise BatchInputError(f"{at}: id '{row_id}' must be 1-128 letters, digits, '.', '_' or '-' "
-                              "(it names the PNG file).")
+        raise BatchInputError(
+            f"{at}: id '{row_id}' must be 1-128 letters, digits, '.', '_' or '-' (it names the PNG file)."
+        )
     width, height = defaults.width, defaults.height
     if obj.get("size") is not None:
         try:
@@ -168,8 +181,10 @@ def parse_row(text: str, line: int, defaults: Defaults, where: str = "", folder:
         return obj[name] if obj.get(name) is not None else getattr(defaults, name)
 
     files = family_files()
-    family = {name: relative_to(folder, files[name], value) if name in files and isinstance(value, str) else value
-              for name, value in (obj.get("options") or {}).items()}
+    family = {
+        name: relative_to(folder, files[name], value) if name in files and isinstance(value, str) else value
+        for name, value in (obj.get("options") or {}).items()
+    }
     other = {**defaults.options, **family}
     for name in set(ROW_OPTIONS) - {"seed", "steps", "guidance", "negative_prompt"}:
         if obj.get(name) is not None:
@@ -178,17 +193,29 @@ def parse_row(text: str, line: int, defaults: Defaults, where: str = "", folder:
     if steps is not None and steps > MAX_STEPS:
         raise BatchInputError(f"{at}: 'steps' must be between 1 and {MAX_STEPS}, got {steps}.")
     return Row(
-        id=row_id, line=line, prompt=obj["prompt"], model=pick("model") or registry.default_model() or "",
-        seed=derived_seed(row_id) if seed is None else seed, width=width, height=height, steps=steps,
-        guidance=pick("guidance"), negative_prompt=pick("negative_prompt"), other_options=other,
+        id=row_id,
+        line=line,
+        prompt=obj["prompt"],
+        model=pick("model") or registry.default_model() or "",
+        seed=derived_seed(row_id) if seed is None else seed,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance=pick("guidance"),
+        negative_prompt=pick("negative_prompt"),
+        other_options=other,
     )
 
 
 def family_files() -> dict[str, Option]:
     """The installed families' single image and file options by name: their paths in a row's "options" are
     relative to the prompts file too."""
-    return {o.name: o for spec in registry.all_specs() for o in family_options(spec.extra_options)
-            if o.kind in ("image", "file") and not o.repeatable}
+    return {
+        o.name: o
+        for spec in registry.all_specs()
+        for o in family_options(spec.extra_options)
+        if o.kind in ("image", "file") and not o.repeatable
+    }
 
 
 def relative_to(folder: Path, option: Option, value: Any) -> Any:
@@ -218,9 +245,11 @@ def read_rows(path: str | Path, defaults: Defaults = Defaults()) -> list[Row]:
         if key in first_line:
             earlier = first_line[key]
             same = "is already used" if ids[earlier] == row.id else "differs only by case from the id"
-            raise BatchInputError(f"{path}: line {number}: id '{row.id}' {same} on line {earlier} "
-                                  "(each row needs its own file name; identical rows draw identical images: give "
-                                  "each an id or a seed).")
+            raise BatchInputError(
+                f"{path}: line {number}: id '{row.id}' {same} on line {earlier} "
+                "(each row needs its own file name; identical rows draw identical images: give "
+                "each an id or a seed)."
+            )
         first_line[key], ids[number] = number, row.id
         rows.append(row)
     if not rows:
@@ -309,8 +338,13 @@ class RowRunner:
             raise ImagegenError(f"Model '{model}' cannot spread one image over several GPUs (--gpus-per-worker).")
         parts = {"controlnet": self.load.controlnet} if "controlnet" in spec.components else {}
         try:  # on every rank under --gpus-per-worker N (imagegen.batch_ranks)
-            pipe = ranks.load(spec, weights=self.load.weights, dtype=self.load.dtype, quantize=self.load.quantize,
-                              **{k: v for k, v in parts.items() if v is not None})
+            pipe = ranks.load(
+                spec,
+                weights=self.load.weights,
+                dtype=self.load.dtype,
+                quantize=self.load.quantize,
+                **{k: v for k, v in parts.items() if v is not None},
+            )
         except Exception as e:
             self.load_errors[model] = f"Cannot load '{model}': {error_text(e)}"
             raise ImagegenError(self.load_errors[model]) from None
@@ -426,8 +460,14 @@ class Outputs:
         except ImagegenError:  # a PNG imagegen did not write: still done, details unknown
             metadata = {}
         batch = metadata.get("batch", {})
-        return {"id": row.id, "file": row.file, "model": metadata.get("model", row.model),
-                "seed": metadata.get("seed", row.seed), "seconds": batch.get("seconds"), "worker": batch.get("worker")}
+        return {
+            "id": row.id,
+            "file": row.file,
+            "model": metadata.get("model", row.model),
+            "seed": metadata.get("seed", row.seed),
+            "seconds": batch.get("seconds"),
+            "worker": batch.get("worker"),
+        }
 
     def finish(self, outcome: RowOutcome) -> dict[str, Any]:
         """Write one row's PNG and results line, or its failures line; report it. A write that fails (a full
@@ -437,30 +477,44 @@ class Outputs:
         if outcome.png is not None:
             try:
                 write_atomic(self.folder / row.file, outcome.png)
-                record = {"id": row.id, "file": row.file, "model": row.model, "seed": row.seed,
-                          "seconds": round(outcome.seconds, 4), "worker": outcome.worker}
+                record = {
+                    "id": row.id,
+                    "file": row.file,
+                    "model": row.model,
+                    "seed": row.seed,
+                    "seconds": round(outcome.seconds, 4),
+                    "worker": outcome.worker,
+                }
                 self._append("_results", RESULTS, record)
                 self.summary.done += 1
             except OSError as e:
                 (self.folder / row.file).unlink(missing_ok=True)  # not done: a re-run makes it again
                 write_error = e
-                outcome = replace(outcome, png=None, error=f"Cannot write {self.folder / row.file}: "
-                                                           f"{e.strerror or e}")
+                outcome = replace(outcome, png=None, error=f"Cannot write {self.folder / row.file}: {e.strerror or e}")
         if outcome.png is None:
-            record = {"id": row.id, "line": row.line, "prompt": row.prompt, "model": row.model,
-                      "error": outcome.error, "worker": outcome.worker or None}  # None: refused before any worker
+            record = {
+                "id": row.id,
+                "line": row.line,
+                "prompt": row.prompt,
+                "model": row.model,
+                "error": outcome.error,
+                "worker": outcome.worker or None,
+            }  # None: refused before any worker
             try:
                 self._append("_failures", FAILURES, record)
             except OSError as e:
-                raise ImagegenError(f"{outcome.error}; cannot record it in {self.folder / FAILURES} either "
-                                    f"({e.strerror or e}). Stopped; free space and re-run to resume.") from None
+                raise ImagegenError(
+                    f"{outcome.error}; cannot record it in {self.folder / FAILURES} either "
+                    f"({e.strerror or e}). Stopped; free space and re-run to resume."
+                ) from None
             self.summary.failed += 1
             self.summary.failures.append(record)
         if self.reporter is not None:
             self.reporter.row(record)
         if write_error is not None and write_error.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ImagegenError(f"{outcome.error}. Stopped; free space and re-run to resume "
-                                f"(see {self.folder / FAILURES}).")
+            raise ImagegenError(
+                f"{outcome.error}. Stopped; free space and re-run to resume (see {self.folder / FAILURES})."
+            )
         return record
 
     def note(self, text: str) -> None:
@@ -518,8 +572,14 @@ class Writer:
             raise self.error
 
 
-def run_local(rows: Iterable[Row], outputs: Outputs, load: LoadOptions = LoadOptions(),
-              rejected: Iterable[RowOutcome] = (), overlap: bool = True, runner: RowRunner | None = None) -> None:
+def run_local(
+    rows: Iterable[Row],
+    outputs: Outputs,
+    load: LoadOptions = LoadOptions(),
+    rejected: Iterable[RowOutcome] = (),
+    overlap: bool = True,
+    runner: RowRunner | None = None,
+) -> None:
     """All rows in this process, one after another, on one RowRunner (a new one unless given); with `overlap`,
     each PNG is encoded and written while the next row generates."""
     runner = runner or RowRunner(load)
@@ -536,9 +596,17 @@ def run_local(rows: Iterable[Row], outputs: Outputs, load: LoadOptions = LoadOpt
         writer.close()
 
 
-def run_batch(prompts: str | Path | Sequence[Row], out: str | Path, defaults: Defaults = Defaults(),
-              load: LoadOptions = LoadOptions(), ray: str | None = None, workers: int | None = None,
-              reporter: Reporter | None = None, max_retries: int = 2, gpus_per_worker: int = 1) -> Summary:
+def run_batch(
+    prompts: str | Path | Sequence[Row],
+    out: str | Path,
+    defaults: Defaults = Defaults(),
+    load: LoadOptions = LoadOptions(),
+    ray: str | None = None,
+    workers: int | None = None,
+    reporter: Reporter | None = None,
+    max_retries: int = 2,
+    gpus_per_worker: int = 1,
+) -> Summary:
     """Generate every row not done yet into `out`. `ray`: None runs here; "local" starts a local Ray
     cluster, "auto" or an address joins one (see imagegen.scaleout.batch). `workers` overrides one worker per
     GPU (per CPU slot without GPUs); `max_retries` bounds how often a row is resent after its worker died.

@@ -78,8 +78,10 @@ def options() -> dict[str, BlockLoopOption]:
             continue
         for option in mine:
             if option.name in found:
-                warnings.warn(f"imagegen: option '{option.name}' of plugin '{impl.plugin_name}' is already taken; "
-                              "skipped", stacklevel=2)
+                warnings.warn(
+                    f"imagegen: option '{option.name}' of plugin '{impl.plugin_name}' is already taken; skipped",
+                    stacklevel=2,
+                )
                 continue
             found[option.name] = option
     return found

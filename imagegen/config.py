@@ -55,8 +55,10 @@ def read_pipeline_index(root: str | Path, classes: tuple[str, ...], family: str)
         raise WeightsError(f"{path} must hold a JSON object, not a {type(index).__name__}.")
     name = index.get("_class_name")
     if classes and name is not None and name not in classes:
-        raise WeightsError(f"{root} holds a {name} checkpoint, not {family} ({' or '.join(classes)}); "
-                           "pass the weights of the model you asked for, or ask for the model these weights are.")
+        raise WeightsError(
+            f"{root} holds a {name} checkpoint, not {family} ({' or '.join(classes)}); "
+            "pass the weights of the model you asked for, or ask for the model these weights are."
+        )
     return index
 
 
@@ -72,4 +74,3 @@ def read_json(path: str | Path) -> Any:
         raise WeightsError(f"{path} is not valid JSON: {e}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise WeightsError(f"Cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
-

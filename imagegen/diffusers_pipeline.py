@@ -36,8 +36,16 @@ class DiffusersPipeline(Pipeline):
     quant_predicate: ClassVar[Callable[..., Any] | None] = None  # staticmethod in the subclass
     vae_class: ClassVar[type]
 
-    def __init__(self, spec: ModelSpec, weights: Path, dtype: str = "bfloat16", quantize: str | None = None,
-                 on_load: Callable[[str, float], None] | None = None, pace: int = 1, vae: str | Path | None = None):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        weights: Path,
+        dtype: str = "bfloat16",
+        quantize: str | None = None,
+        on_load: Callable[[str, float], None] | None = None,
+        pace: int = 1,
+        vae: str | Path | None = None,
+    ):
         """`pace`: the host waits every `pace` transformer blocks (imagegen.nn.pacing: bounded memory), the blocks
         compiled one by one; 0 never waits, the whole call compiled as one graph (`self.compiled`). `vae`: another
         VAE of the family's class, in diffusers layout (config.json and weights at the folder's root, as
@@ -47,11 +55,18 @@ class DiffusersPipeline(Pipeline):
         self.model_index = read_pipeline_index(root, self.pipeline_classes, self.family_name)
         self.configure(root)
         with self.loading("text encoder"):
-            self.text_encoder = load_text_encoder(root / "text_encoder", root / "tokenizer", dtype, quantize,
-                                                  self.text_layers)
+            self.text_encoder = load_text_encoder(
+                root / "text_encoder", root / "tokenizer", dtype, quantize, self.text_layers
+            )
         with self.loading("transformer"):
-            self.transformer = load_model(self.transformer_class, self.transformer_config, root / "transformer",
-                                          dtype, quantize, type(self).quant_predicate)
+            self.transformer = load_model(
+                self.transformer_class,
+                self.transformer_config,
+                root / "transformer",
+                dtype,
+                quantize,
+                type(self).quant_predicate,
+            )
         if hasattr(self.transformer, "sequence_parallel"):  # in a rank of `imagegen run --gpus N`: its token shard
             self.transformer.sequence_parallel = distributed.from_environment()
         with self.loading("vae"):
@@ -97,15 +112,24 @@ class DiffusersPipeline(Pipeline):
             return []
         images = []
         for one in self.vae_latents(request, latents).astype(self.vae.dtype):
-            image = self.vae.decode_latents(one[None], tile=bool(request.tile),
-                                            group=spread.group if spread is not None else None)
+            image = self.vae.decode_latents(
+                one[None], tile=bool(request.tile), group=spread.group if spread is not None else None
+            )
             mx.eval(image)  # on every rank: each takes part in the decode's collectives
             images.extend(to_pil(image) if spread is None or spread.rank == 0 else [])
         return images
 
 
-def estimate_memory(weights: Path | None, dtype: str, quantize: str | None, width: int, height: int, batch: int,
-                    hidden_size: Callable[[Path], int], cfg: int = 1) -> int:
+def estimate_memory(
+    weights: Path | None,
+    dtype: str,
+    quantize: str | None,
+    width: int,
+    height: int,
+    batch: int,
+    hidden_size: Callable[[Path], int],
+    cfg: int = 1,
+) -> int:
     """Peak bytes of a diffusers-layout pipeline: its weights plus the larger of the transformer's activations
     (`cfg` doubles the batch) and the VAE's; 0 when the weights are not at hand."""
     if weights is None or not (Path(weights) / "transformer").is_dir():

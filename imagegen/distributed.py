@@ -139,8 +139,14 @@ def rank_environments(count: int, folder: Path, extra: dict[str, str] | None = N
     """The environment of each rank: MLX's NCCL variables and one GPU each on CUDA, a ring hostfile elsewhere; and
     the control connection of imagegen.ranks (rank 0 listens, the others connect)."""
     (control,) = _free_ports(1)
-    base = {**os.environ, **(extra or {}), WORLD_ENV: str(count), "MLX_WORLD_SIZE": str(count),
-            CONTROL_ENV: f"127.0.0.1:{control}", CONTROL_KEY_ENV: secrets.token_hex(16)}
+    base = {
+        **os.environ,
+        **(extra or {}),
+        WORLD_ENV: str(count),
+        "MLX_WORLD_SIZE": str(count),
+        CONTROL_ENV: f"127.0.0.1:{control}",
+        CONTROL_KEY_ENV: secrets.token_hex(16),
+    }
     if _on_cuda():
         check_count(count)
         gpus = _visible_gpus()
@@ -170,8 +176,10 @@ def _forwarding_signals(leader: subprocess.Popen) -> Iterator[set[int]]:
     def interrupted(number: int, frame: object) -> None:
         expected.add(number)
 
-    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
-                signal.SIGINT: signal.signal(signal.SIGINT, interrupted)}
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
+        signal.SIGINT: signal.signal(signal.SIGINT, interrupted),
+    }
     try:
         yield expected
     finally:
@@ -220,4 +228,3 @@ def _failed(rank: subprocess.Popen, expected: set[int]) -> bool:
     rank 0, which uvicorn re-raises after its graceful shutdown)."""
     code = rank.returncode
     return bool(code) and -code not in expected
-

@@ -89,9 +89,11 @@ def resolve_component(source: str | Path, flag: str) -> Path:
         snapshot = cached_snapshot(str(source))
         if snapshot is not None:
             return snapshot
-        raise WeightsNotFoundError(f"{flag} {source}: no such folder and no cached repo at "
-                                   f"{repo_cache_dir(str(source))}; download it with `imagegen pull MODEL --repo "
-                                   f"{source}`.")
+        raise WeightsNotFoundError(
+            f"{flag} {source}: no such folder and no cached repo at "
+            f"{repo_cache_dir(str(source))}; download it with `imagegen pull MODEL --repo "
+            f"{source}`."
+        )
     raise WeightsNotFoundError(f"{flag} {source}: folder not found.")
 
 
@@ -184,8 +186,9 @@ def pull_patterns(index: Any) -> list[str]:
     if not isinstance(index, dict):
         raise ImagegenError("model_index.json of the repo is not a JSON object.")
     components = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[-1:] != [None]]
-    return ["model_index.json", SETTINGS_FILE] + [f"{c}/*.{ext}" for c in sorted(components)
-                                                  for ext in ("json", "jinja", "safetensors")]
+    return ["model_index.json", SETTINGS_FILE] + [
+        f"{c}/*.{ext}" for c in sorted(components) for ext in ("json", "jinja", "safetensors")
+    ]
 
 
 def remove(spec: ModelSpec) -> Path:

@@ -123,8 +123,10 @@ def encode_image(image: Image.Image, metadata: dict[str, Any] | None = None, for
         exif[EXIF_DESCRIPTION] = json.dumps(metadata, sort_keys=True)  # ASCII: json escapes the rest
     data = exif.tobytes()
     if format == "JPEG" and len(data) > JPEG_EXIF_LIMIT:
-        raise InvalidOptionError(f"The settings ({len(data)} bytes, mostly the prompt) do not fit a JPEG's 64 KB "
-                                 "EXIF segment: write a .png or .webp.")
+        raise InvalidOptionError(
+            f"The settings ({len(data)} bytes, mostly the prompt) do not fit a JPEG's 64 KB "
+            "EXIF segment: write a .png or .webp."
+        )
     image.save(buffer, format=format, quality=95, exif=data)
     return buffer.getvalue()
 
@@ -144,10 +146,15 @@ def generation_metadata(pipe: Pipeline, result: GenerationResult, index: int = 0
     spec, request = pipe.spec, result.request
     plugin = plugin_info(spec.plugin)
     metadata = {
-        "prompt": request.prompts[index], "model": spec.id, "weights": hub.weights_identity(spec, pipe.weights),
-        "quantize": pipe.quantize, "dtype": pipe.dtype, **metadata_entries(spec, request, index),
+        "prompt": request.prompts[index],
+        "model": spec.id,
+        "weights": hub.weights_identity(spec, pipe.weights),
+        "quantize": pipe.quantize,
+        "dtype": pipe.dtype,
+        **metadata_entries(spec, request, index),
         "components": dict(pipe.components),
-        "imagegen": __version__, "plugin": f"{plugin.distribution} {plugin.version}" if plugin else spec.plugin,
+        "imagegen": __version__,
+        "plugin": f"{plugin.distribution} {plugin.version}" if plugin else spec.plugin,
         "timings": {k: round(v, 4) for k, v in result.timings.items()},
     }
     return {**metadata, **fields}

@@ -28,8 +28,14 @@ SEED_MAX = 2**32 - 1  # numpy, torch and MLX all take it, and it is an exact num
 FRONTS = frozenset({"cli", "server", "batch", "metadata"})  # where an option travels besides Python
 KINDS = ("int", "float", "bool", "str", "choice", "image", "file", "any")
 _SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
-_KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
-               "image": "an image (a file path, PIL image or upload)", "file": "a path to an existing file"}
+_KIND_WORDS = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "str": "a string",
+    "image": "an image (a file path, PIL image or upload)",
+    "file": "a path to an existing file",
+}
 
 
 class OptionError(InvalidOptionError):
@@ -172,7 +178,6 @@ class Option:
         return {r["name"]: r["sha256"] for r in refs}
 
 
-
 def _lora():
     from . import lora  # imported on use: imagegen.lora finds recorded adapter files through this module
 
@@ -219,16 +224,18 @@ def find_saved_file(name: str, sha256: str | None, folders: Sequence[Path]) -> P
         if base and path.is_file() and (sha256 is None or hashlib.sha256(path.read_bytes()).hexdigest() == sha256):
             return path
     where = " or ".join(str(f) for f in folders)
-    raise InvalidOptionError(f"The saved settings use the file '{base}'{f' (sha256 {sha256[:12]}…)' if sha256 else ''}"
-                             f", which is not in {where} with that content: pass it again.")
+    raise InvalidOptionError(
+        f"The saved settings use the file '{base}'{f' (sha256 {sha256[:12]}…)' if sha256 else ''}"
+        f", which is not in {where} with that content: pass it again."
+    )
 
 
 # ---- sizes and seeds: one parser, one range -----------------------------------------------------------
 def parse_size(text: str, label: str = "size") -> tuple[int, int]:
-    """"WIDTHxHEIGHT" -> (width, height); InvalidOptionError naming the field as `label` otherwise."""
+    """ "WIDTHxHEIGHT" -> (width, height); InvalidOptionError naming the field as `label` otherwise."""
     match = _SIZE.match(text) if isinstance(text, str) and text.isascii() else None
     if match is None:
-        raise InvalidOptionError(f"{label} must look like \"1024x768\", got {_show(text)}.")
+        raise InvalidOptionError(f'{label} must look like "1024x768", got {_show(text)}.')
     return int(match.group(1)), int(match.group(2))
 
 
@@ -246,7 +253,7 @@ def _strength(value: Any) -> Any:
 
 
 def outpaint_pads(value: Any) -> tuple[int, int, int, int]:
-    """"LEFT,TOP,RIGHT,BOTTOM" pixels (or a list of four) -> four non-negative ints, not all zero."""
+    """ "LEFT,TOP,RIGHT,BOTTOM" pixels (or a list of four) -> four non-negative ints, not all zero."""
     parts = value.split(",") if isinstance(value, str) else value
     try:
         pads = tuple(int(p) for p in parts) if isinstance(parts, list | tuple) else ()
@@ -259,54 +266,131 @@ def outpaint_pads(value: Any) -> tuple[int, int, int, int]:
 
 def noise_slot(value: Any) -> tuple[int, int]:
     """(first, total): these images are rows first.. of a `total`-image torch-noise call (replays, server parts)."""
-    if not isinstance(value, list | tuple) or len(value) != 2 or not all(isinstance(v, int) for v in value) \
-            or not 0 <= value[0] < value[1]:
+    if (
+        not isinstance(value, list | tuple)
+        or len(value) != 2
+        or not all(isinstance(v, int) for v in value)
+        or not 0 <= value[0] < value[1]
+    ):
         raise OptionError("noise_slot", "[first, total] with 0 <= first < total", value)
     return tuple(value)  # type: ignore[return-value]
 
 
 # ---- the core options -------------------------------------------------------------------------------
 OPTIONS: tuple[Option, ...] = (
-    Option("width", "int", "Width in pixels (a multiple of the model's size step).", minimum=1, gated=False,
-           short="-W", fronts=frozenset({"cli", "metadata"})),  # server and batch carry it in `size`
-    Option("height", "int", "Height in pixels.", minimum=1, gated=False, short="-H",
-           fronts=frozenset({"cli", "metadata"})),
-    Option("steps", "int", "Denoising steps (default: the model's).", minimum=1, gated=False, short="-s",
-           words="a positive integer"),
+    Option(
+        "width",
+        "int",
+        "Width in pixels (a multiple of the model's size step).",
+        minimum=1,
+        gated=False,
+        short="-W",
+        fronts=frozenset({"cli", "metadata"}),
+    ),  # server and batch carry it in `size`
+    Option(
+        "height", "int", "Height in pixels.", minimum=1, gated=False, short="-H", fronts=frozenset({"cli", "metadata"})
+    ),
+    Option(
+        "steps",
+        "int",
+        "Denoising steps (default: the model's).",
+        minimum=1,
+        gated=False,
+        short="-s",
+        words="a positive integer",
+    ),
     Option("guidance", "float", "Guidance scale (models with CFG).", minimum=0, short="-g"),
     # the upper bound, SEED_MAX, depends on the image count (image i uses seed + i): build_request checks it
-    Option("seed", "int", f"Random seed of the first image, 0 to {SEED_MAX} (+i for image i; default: random, "
-           "always saved).", minimum=0, gated=False, words="a non-negative integer"),
+    Option(
+        "seed",
+        "int",
+        f"Random seed of the first image, 0 to {SEED_MAX} (+i for image i; default: random, always saved).",
+        minimum=0,
+        gated=False,
+        words="a non-negative integer",
+    ),
     Option("negative_prompt", "str", "Negative prompt (models that accept one).", flag="--negative"),
-    Option("images", "image", "Reference image for editing models; repeatable.", repeatable=True, flag="--image",
-           short="-i", fronts=frozenset({"cli", "batch", "metadata"})),  # the server takes uploads
+    Option(
+        "images",
+        "image",
+        "Reference image for editing models; repeatable.",
+        repeatable=True,
+        flag="--image",
+        short="-i",
+        fronts=frozenset({"cli", "batch", "metadata"}),
+    ),  # the server takes uploads
     Option("tile", "bool", "Decode the image in tiles (less memory).", fronts=frozenset({"cli", "batch", "metadata"})),
-    Option("num_images", "int", "Number of images.", minimum=1, gated=False, flag="--count", short="-n",
-           fronts=frozenset({"cli"})),  # the server's `n`; batch draws one per row; each PNG replays alone
+    Option(
+        "num_images",
+        "int",
+        "Number of images.",
+        minimum=1,
+        gated=False,
+        flag="--count",
+        short="-n",
+        fronts=frozenset({"cli"}),
+    ),  # the server's `n`; batch draws one per row; each PNG replays alone
     Option("latents", "any", "Initial noise in diffusers' `latents=` layout (Python only).", fronts=frozenset()),
     # accepted by models whose spec gives LoRA key tables (ModelSpec.lora_targets); the server takes file names
     # of its --lora-dir instead of paths (imagegen.server.loras)
-    Option("loras", "any", "A LoRA / LyCORIS .safetensors file, PATH[:SCALE] (scale 1.0 by default); repeatable, "
-           "the adapters add up.", repeatable=True, flag="--lora", convert=lambda v: _lora().lora_value(v),
-           dump=lambda v: _lora().lora_metadata(v), load=lambda v, folders: _lora().lora_replay(v, folders),
-           fronts=frozenset({"cli", "batch", "metadata"})),
-    Option("lora_partial", "bool", "Apply what maps of a LoRA file whose other keys the model does not know "
-           "(default: refuse the file)."),
+    Option(
+        "loras",
+        "any",
+        "A LoRA / LyCORIS .safetensors file, PATH[:SCALE] (scale 1.0 by default); repeatable, the adapters add up.",
+        repeatable=True,
+        flag="--lora",
+        convert=lambda v: _lora().lora_value(v),
+        dump=lambda v: _lora().lora_metadata(v),
+        load=lambda v, folders: _lora().lora_replay(v, folders),
+        fronts=frozenset({"cli", "batch", "metadata"}),
+    ),
+    Option(
+        "lora_partial",
+        "bool",
+        "Apply what maps of a LoRA file whose other keys the model does not know (default: refuse the file).",
+    ),
     # img2img / inpainting / outpainting (imagegen.img2img); the server takes the first `image` upload and
     # OpenAI's `mask` (transparent = edit) instead of these two
-    Option("init_image", "image", "Start from this picture (img2img; with --mask: inpainting).",
-           fronts=frozenset({"cli", "batch", "metadata"})),
-    Option("mask", "image", "Inpainting mask for the init image: white = repaint, black = keep.",
-           fronts=frozenset({"cli", "batch", "metadata"})),
-    Option("strength", "float", "How much of the init image to redo, in (0, 1] (default: the model's).",
-           convert=_strength),
-    Option("outpaint", "any", "LEFT,TOP,RIGHT,BOTTOM pixels to add around the init image and paint.",
-           convert=outpaint_pads, dump=list, load=lambda value, folders: outpaint_pads(value)),
-    Option("noise", "choice", "mlx (imagegen's own, the default) or torch (the noise diffusers draws for the seed).",
-           choices=NOISE_KINDS, gated=False),
-    Option("noise_slot", "any", "torch noise: (first, total), these images' rows of a total-image call.",
-           gated=False, convert=noise_slot, fronts=frozenset({"metadata"}), dump=list,
-           load=lambda value, folders: noise_slot(value)),
+    Option(
+        "init_image",
+        "image",
+        "Start from this picture (img2img; with --mask: inpainting).",
+        fronts=frozenset({"cli", "batch", "metadata"}),
+    ),
+    Option(
+        "mask",
+        "image",
+        "Inpainting mask for the init image: white = repaint, black = keep.",
+        fronts=frozenset({"cli", "batch", "metadata"}),
+    ),
+    Option(
+        "strength", "float", "How much of the init image to redo, in (0, 1] (default: the model's).", convert=_strength
+    ),
+    Option(
+        "outpaint",
+        "any",
+        "LEFT,TOP,RIGHT,BOTTOM pixels to add around the init image and paint.",
+        convert=outpaint_pads,
+        dump=list,
+        load=lambda value, folders: outpaint_pads(value),
+    ),
+    Option(
+        "noise",
+        "choice",
+        "mlx (imagegen's own, the default) or torch (the noise diffusers draws for the seed).",
+        choices=NOISE_KINDS,
+        gated=False,
+    ),
+    Option(
+        "noise_slot",
+        "any",
+        "torch noise: (first, total), these images' rows of a total-image call.",
+        gated=False,
+        convert=noise_slot,
+        fronts=frozenset({"metadata"}),
+        dump=list,
+        load=lambda value, folders: noise_slot(value),
+    ),
 )
 BY_NAME = {o.name: o for o in OPTIONS}
 

@@ -71,8 +71,14 @@ class Run:
 class Pipeline(ABC):
     """Base of every family pipeline. Subclasses implement the four stages."""
 
-    def __init__(self, spec: ModelSpec, weights: Path | None = None, dtype: str = "bfloat16",
-                 quantize: str | None = None, on_load: Callable[[str, float], None] | None = None):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        weights: Path | None = None,
+        dtype: str = "bfloat16",
+        quantize: str | None = None,
+        on_load: Callable[[str, float], None] | None = None,
+    ):
         self.spec, self.weights, self.dtype, self.quantize = spec, weights, dtype, quantize
         self.components: dict[str, str] = {}  # parts loaded from elsewhere than `weights` (e.g. "vae" -> its source)
         self._on_load = on_load
@@ -89,20 +95,16 @@ class Pipeline(ABC):
 
     # ---- the four stages (families implement) -------------------------------------------
     @abstractmethod
-    def encode(self, request: Request) -> Any:
-        ...
+    def encode(self, request: Request) -> Any: ...
 
     @abstractmethod
-    def prepare_latents(self, request: Request) -> mx.array:
-        ...
+    def prepare_latents(self, request: Request) -> mx.array: ...
 
     @abstractmethod
-    def denoise_steps(self, request: Request, conditioning: Any, latents: mx.array) -> Iterator[mx.array]:
-        ...
+    def denoise_steps(self, request: Request, conditioning: Any, latents: mx.array) -> Iterator[mx.array]: ...
 
     @abstractmethod
-    def decode(self, request: Request, latents: mx.array) -> list[Image.Image]:
-        ...
+    def decode(self, request: Request, latents: mx.array) -> list[Image.Image]: ...
 
     def initial_latents(self, request: Request, shape: Sequence[int], layout: str = "") -> mx.array:
         """The caller's `latents=` (mx, numpy or torch; checked against `shape`) or seeded noise of that shape,
@@ -145,6 +147,7 @@ class Pipeline(ABC):
                 components["text_encoder"] = (encoder.model, {"transformers": qwen3_targets(encoder.model)})
             self._loras = LoraManager(self.spec.id, components, to_dtype(self.dtype))
         return self._loras
+
     def noise_dtype(self, request: Request) -> str:
         """The dtype torch noise is drawn at: what the family's diffusers pipeline passes to randn_tensor."""
         return self.dtype
@@ -155,8 +158,9 @@ class Pipeline(ABC):
         return default_size(self.spec, images)
 
     # ---- the public API -----------------------------------------------------------------
-    def generate(self, prompt: str | Sequence[str] | Request, *, on_step: Callable[[Step], None] | None = None,
-                 **options: Any) -> GenerationResult:
+    def generate(
+        self, prompt: str | Sequence[str] | Request, *, on_step: Callable[[Step], None] | None = None, **options: Any
+    ) -> GenerationResult:
         """Generate images. Options: width, height, steps, guidance, seed, negative_prompt, images,
         latents, num_images, tile and those in imagegen.options / the spec's extra_options; unsupported
         options raise InvalidOptionError. `prompt` may also be a Request built by ``spec.request``."""

@@ -28,8 +28,8 @@ def normalize_mode(mode: str | int) -> str:
     """'4', 4, 'int4', 'q4' -> '4'; '4@32' keeps its group size; float modes lower-cased."""
     text = str(mode).strip().lower()
     for prefix in ("int", "q", "affine"):
-        if text.startswith(prefix) and text[len(prefix):][:1].isdigit():
-            text = text[len(prefix):]
+        if text.startswith(prefix) and text[len(prefix) :][:1].isdigit():
+            text = text[len(prefix) :]
     bits, _, group = text.partition("@")
     if bits in FLOAT_MODES and not group:
         return bits

@@ -143,8 +143,9 @@ class MirroredPipeline:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def generate(self, prompt: str | list[str] | Request, *, on_step: Callable[[Step], None] | None = None,
-                 **options: Any) -> GenerationResult:
+    def generate(
+        self, prompt: str | list[str] | Request, *, on_step: Callable[[Step], None] | None = None, **options: Any
+    ) -> GenerationResult:
         self.leader.sync()
         self.leader.send(("generate", self.handle, prompt, options))
         told_stop = False
@@ -209,8 +210,9 @@ def lead(count: int) -> Iterator[Leader]:
         accepted.start()
         accepted.join(CONNECT_WAIT)
         if accepted.is_alive():
-            raise ImagegenError(f"Only {sum(f is not None for f in followers) + 1} of {count} ranks started "
-                                f"within {CONNECT_WAIT:.0f}s.")
+            raise ImagegenError(
+                f"Only {sum(f is not None for f in followers) + 1} of {count} ranks started within {CONNECT_WAIT:.0f}s."
+            )
     _leader = mirror = Leader(followers)  # type: ignore[arg-type]
     try:
         yield mirror
@@ -294,4 +296,3 @@ def _outcome(call: Callable[..., Any], *args: Any, **kwargs: Any) -> str | None:
         log.warning("rank %d: %s: %s", rank(), type(e).__name__, e)
         return f"{type(e).__name__}: {e}"
     return None
-

@@ -80,8 +80,9 @@ class ModelSpec:
 
     def check_components(self, components: dict[str, Any]) -> None:
         """Refuse a part loaded from elsewhere (COMPONENTS: vae=, controlnet=) that this model does not take."""
-        other = next((name for name, value in components.items() if value is not None and name not in self.components),
-                     None)
+        other = next(
+            (name for name, value in components.items() if value is not None and name not in self.components), None
+        )
         if other is not None:
             raise InvalidOptionError(f"Model '{self.id}' does not support --{other}.")
 

@@ -92,8 +92,15 @@ class Request:
         if self.noise == "torch":  # the rows of the whole call's draw
             start, total = slot or (0, self.batch_size)
             slot = (start + first, total)
-        return replace(self, prompts=self.prompts[cut], seeds=self.seeds[cut], negative_prompts=negatives,
-                       latents=latents, num_images=count, noise_slot=slot)
+        return replace(
+            self,
+            prompts=self.prompts[cut],
+            seeds=self.seeds[cut],
+            negative_prompts=negatives,
+            latents=latents,
+            num_images=count,
+            noise_slot=slot,
+        )
 
 
 _FIELDS = {f.name for f in fields(Request)}
@@ -147,9 +154,12 @@ def check_size(spec: ModelSpec, width: int, height: int) -> None:
         raise InvalidOptionError(f"{width}x{height} is larger than '{spec.id}' allows ({spec.max_pixels} pixels).")
 
 
-def build_request(spec: ModelSpec, prompt: str | Sequence[str],
-                  size_for: Callable[[Sequence[Image.Image]], tuple[int, int]] | None = None,
-                  **options: Any) -> Request:
+def build_request(
+    spec: ModelSpec,
+    prompt: str | Sequence[str],
+    size_for: Callable[[Sequence[Image.Image]], tuple[int, int]] | None = None,
+    **options: Any,
+) -> Request:
     """Check every option against its declaration and `spec`, and fill in the model's defaults. `size_for`
     overrides the default size (a pipeline's `default_size`)."""
     per_prompt = options.get("negative_prompt")
@@ -186,8 +196,9 @@ def build_request(spec: ModelSpec, prompt: str | Sequence[str],
     seed = draw_seed() if seed is None else seed
     noise, slot = values.pop("noise", "mlx"), values.pop("noise_slot", None)
     if slot is not None and (noise != "torch" or slot[0] + count > slot[1]):
-        raise InvalidOptionError("noise_slot replays images of a torch-noise call: (first, total) with first + "
-                                 "count <= total.")
+        raise InvalidOptionError(
+            "noise_slot replays images of a torch-noise call: (first, total) with first + count <= total."
+        )
     if noise != "torch" and seed + count - 1 > SEED_MAX:
         raise OptionError("seed", f"<= {SEED_MAX - count + 1} for {count} images (image i uses seed + i)", seed)
     steps = values.pop("steps", spec.default_steps)
@@ -195,12 +206,21 @@ def build_request(spec: ModelSpec, prompt: str | Sequence[str],
         first_step(steps, init.strength)  # refuses a strength that leaves no step
     guidance = values.pop("guidance", spec.default_guidance)
     return Request(
-        prompts=tuple(p for p in prompts for _ in range(num_images)), width=width, height=height,
-        steps=steps, guidance=guidance,
+        prompts=tuple(p for p in prompts for _ in range(num_images)),
+        width=width,
+        height=height,
+        steps=steps,
+        guidance=guidance,
         # torch noise: one generator seeded once draws the whole call, as diffusers does
         seeds=(seed,) * count if noise == "torch" else tuple(seed + i for i in range(count)),
-        negative_prompts=negatives, images=tuple(images), latents=values.pop("latents", None),
-        tile=values.pop("tile", False), num_images=num_images, other_options=values, init=init, noise=noise,
+        negative_prompts=negatives,
+        images=tuple(images),
+        latents=values.pop("latents", None),
+        tile=values.pop("tile", False),
+        num_images=num_images,
+        other_options=values,
+        init=init,
+        noise=noise,
         noise_slot=slot,
     )
 

@@ -19,8 +19,9 @@ def inverse_frequencies(dim: int, theta: float) -> np.ndarray:
     return 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
 
 
-def rope_cos_sin(positions: np.ndarray, axes_dims: Sequence[int], theta: float,
-                 float32_angles: bool = False) -> tuple[mx.array, mx.array]:
+def rope_cos_sin(
+    positions: np.ndarray, axes_dims: Sequence[int], theta: float, float32_angles: bool = False
+) -> tuple[mx.array, mx.array]:
     """Positions [..., L, n_axes] (ints) -> cos, sin of shape [..., L, sum(axes_dims) // 2], float32.
 
     Axis a takes axes_dims[a] channels of each head (axes_dims[a] // 2 rotation pairs).

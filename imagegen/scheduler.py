@@ -52,11 +52,21 @@ def fixed_shift(shift: float, sigmas: np.ndarray) -> np.ndarray:
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
-def sigmas(config: FlowMatchEulerConfig, steps: int, custom: np.ndarray | list[float] | None = None,
-           mu: float | None = None) -> np.ndarray:
+def sigmas(
+    config: FlowMatchEulerConfig, steps: int, custom: np.ndarray | list[float] | None = None, mu: float | None = None
+) -> np.ndarray:
     """The schedule of ``steps`` sigmas plus the terminal 0, float32. Timesteps are sigmas * 1000."""
-    unsupported = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
-                               "stochastic_sampling", "invert_sigmas") if getattr(config, k)]
+    unsupported = [
+        k
+        for k in (
+            "use_karras_sigmas",
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+            "stochastic_sampling",
+            "invert_sigmas",
+        )
+        if getattr(config, k)
+    ]
     if unsupported:
         raise WeightsError(f"Scheduler option(s) not supported: {', '.join(unsupported)}")
     if custom is None:
@@ -94,8 +104,13 @@ def euler_step(latents: mx.array, velocity: mx.array, sigma: float, sigma_next: 
     return out.astype(velocity.dtype)
 
 
-def linear_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
-              base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+def linear_mu(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
     """The FLUX.1-style mu, linear in the image token count (Z-Image's calculate_shift)."""
     m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     return image_seq_len * m + (base_shift - m * base_seq_len)

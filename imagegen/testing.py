@@ -15,12 +15,12 @@ from tokenizers import models as tokenizer_models
 QWEN3_TEMPLATE = (
     "{%- if tools %}\n    {{- '<|im_start|>system\\n' }}\n    {%- if messages[0].role == 'system' %}\n"
     "        {{- messages[0].content + '\\n\\n' }}\n    {%- endif %}\n"
-    "    {{- \"# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided "
-    "with function signatures within <tools></tools> XML tags:\\n<tools>\" }}\n    {%- for tool in tools %}\n"
-    "        {{- \"\\n\" }}\n        {{- tool | tojson }}\n    {%- endfor %}\n"
-    "    {{- \"\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
-    "within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": <function-name>, \\\"arguments\\\": "
-    "<args-json-object>}\\n</tool_call><|im_end|>\\n\" }}\n{%- else %}\n"
+    '    {{- "# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided '
+    'with function signatures within <tools></tools> XML tags:\\n<tools>" }}\n    {%- for tool in tools %}\n'
+    '        {{- "\\n" }}\n        {{- tool | tojson }}\n    {%- endfor %}\n'
+    '    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments '
+    'within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": '
+    '<args-json-object>}\\n</tool_call><|im_end|>\\n" }}\n{%- else %}\n'
     "    {%- if messages[0].role == 'system' %}\n"
     "        {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}\n    {%- endif %}\n{%- endif %}\n"
     "{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}\n"
@@ -29,9 +29,9 @@ QWEN3_TEMPLATE = (
     "and message.content.endswith('</tool_response>')) %}\n        {%- set ns.multi_step_tool = false %}\n"
     "        {%- set ns.last_query_index = index %}\n    {%- endif %}\n{%- endfor %}\n"
     "{%- for message in messages %}\n"
-    "    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) %}\n"
+    '    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}\n'
     "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
-    "    {%- elif message.role == \"assistant\" %}\n        {%- set content = message.content %}\n"
+    '    {%- elif message.role == "assistant" %}\n        {%- set content = message.content %}\n'
     "        {%- set reasoning_content = '' %}\n"
     "        {%- if message.reasoning_content is defined and message.reasoning_content is not none %}\n"
     "            {%- set reasoning_content = message.reasoning_content %}\n        {%- else %}\n"
@@ -49,24 +49,26 @@ QWEN3_TEMPLATE = (
     "                {%- if (loop.first and content) or (not loop.first) %}\n                    {{- '\\n' }}\n"
     "                {%- endif %}\n                {%- if tool_call.function %}\n"
     "                    {%- set tool_call = tool_call.function %}\n                {%- endif %}\n"
-    "                {{- '<tool_call>\\n{\"name\": \"' }}\n                {{- tool_call.name }}\n"
-    "                {{- '\", \"arguments\": ' }}\n                {%- if tool_call.arguments is string %}\n"
+    '                {{- \'<tool_call>\\n{"name": "\' }}\n                {{- tool_call.name }}\n'
+    '                {{- \'", "arguments": \' }}\n                {%- if tool_call.arguments is string %}\n'
     "                    {{- tool_call.arguments }}\n                {%- else %}\n"
     "                    {{- tool_call.arguments | tojson }}\n                {%- endif %}\n"
     "                {{- '}\\n</tool_call>' }}\n            {%- endfor %}\n        {%- endif %}\n"
     "        {{- '<|im_end|>\\n' }}\n    {%- elif message.role == \"tool\" %}\n"
-    "        {%- if loop.first or (messages[loop.index0 - 1].role != \"tool\") %}\n"
+    '        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}\n'
     "            {{- '<|im_start|>user' }}\n        {%- endif %}\n        {{- '\\n<tool_response>\\n' }}\n"
     "        {{- message.content }}\n        {{- '\\n</tool_response>' }}\n"
-    "        {%- if loop.last or (messages[loop.index0 + 1].role != \"tool\") %}\n"
+    '        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}\n'
     "            {{- '<|im_end|>\\n' }}\n        {%- endif %}\n    {%- endif %}\n{%- endfor %}\n"
     "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n"
     "    {%- if enable_thinking is defined and enable_thinking is false %}\n"
     "        {{- '<think>\\n\\n</think>\\n\\n' }}\n    {%- endif %}\n{%- endif %}"
 )
 # Qwen2Tokenizer's pre-tokenizer split (transformers models/qwen2/tokenization_qwen2.py)
-QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
-              r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+QWEN_SPLIT = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+    r"""\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 CORPUS = [
     "A fox in the snow, photographed at dawn with a telephoto lens.",
     "Une maison bleue près de la mer; café crème, naïve façade.",
@@ -84,28 +86,47 @@ SAMPLE_PROMPTS = [  # unicode, empty, truncated, special tokens in user text
 ]
 
 TINY_QWEN3 = dict(
-    vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, max_position_embeddings=128, pad_token_id=0,
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=128,
+    pad_token_id=0,
     rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
 )
+
 
 def make_tokenizer(folder: Path, template_file: bool = True) -> Path:
     """A byte-level BPE with Qwen's pipeline and special tokens, saved by transformers' Qwen2Tokenizer."""
     backend = Tokenizer(tokenizer_models.BPE())
     backend.normalizer = normalizers.NFC()
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<|endoftext|>"], show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+    )
     backend.train_from_iterator(CORPUS, trainer)
     data = json.loads(backend.to_str())
     tokenizer = transformers.Qwen2Tokenizer(
-        vocab=data["model"]["vocab"], merges=[tuple(m) for m in data["model"]["merges"]],
-        eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
-        extra_special_tokens=["<|im_start|>", "<|im_end|>"], chat_template=QWEN3_TEMPLATE,
+        vocab=data["model"]["vocab"],
+        merges=[tuple(m) for m in data["model"]["merges"]],
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        extra_special_tokens=["<|im_start|>", "<|im_end|>"],
+        chat_template=QWEN3_TEMPLATE,
     )
     tokenizer.add_tokens(["<think>", "</think>"])  # added but not special, as in Qwen3
     tokenizer.save_pretrained(folder, save_jinja_files=template_file)
@@ -129,8 +150,9 @@ def randomize_norms(model: torch.nn.Module, spread: float = 0.3, biases: bool = 
                     p.normal_(0.0, 0.5)
 
 
-def make_qwen3(folder: Path, seed: int = 0, base: bool = False, max_shard_size: str = "50GB",
-               **overrides) -> torch.nn.Module:
+def make_qwen3(
+    folder: Path, seed: int = 0, base: bool = False, max_shard_size: str = "50GB", **overrides
+) -> torch.nn.Module:
     """A random Qwen3ForCausalLM (or bare Qwen3Model) saved in the transformers layout; returns the torch model."""
     torch.manual_seed(seed)
     config = transformers.Qwen3Config(**{**TINY_QWEN3, **overrides})
@@ -139,8 +161,6 @@ def make_qwen3(folder: Path, seed: int = 0, base: bool = False, max_shard_size: 
     randomize_norms(model)
     model.save_pretrained(folder, max_shard_size=max_shard_size)
     return model
-
-
 
 
 def assert_images_match(got: list, want: list, max_diff: int = 2) -> int:
@@ -157,9 +177,16 @@ def assert_images_match(got: list, want: list, max_diff: int = 2) -> int:
     return diff
 
 
-def random_lora(shapes: dict[str, tuple[int, int]], rank: int = 4, seed: int = 0, std: float = 0.3,
-                down: str = "lora_A.weight", up: str = "lora_B.weight", prefix: str = "",
-                alpha: float | None = None) -> dict[str, torch.Tensor]:
+def random_lora(
+    shapes: dict[str, tuple[int, int]],
+    rank: int = 4,
+    seed: int = 0,
+    std: float = 0.3,
+    down: str = "lora_A.weight",
+    up: str = "lora_B.weight",
+    prefix: str = "",
+    alpha: float | None = None,
+) -> dict[str, torch.Tensor]:
     """Random LoRA factors for layers {name: (out, in)} under `prefix + name + "." + down/up` (and `.alpha`)."""
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
@@ -198,6 +225,8 @@ def sibling_module(test_file: str, name: str):
         sys.modules[unique] = module
         spec.loader.exec_module(module)
     return sys.modules[unique]
+
+
 def smooth_picture(width: int, height: int, seed: int = 0):
     """A smooth, varied RGB picture for img2img tests (random pixels would drown in a tiny VAE)."""
     import numpy as np

@@ -17,9 +17,20 @@ import numpy as np
 BLOCK = 16  # torch fills tensors of >= 16 elements with Box-Muller over 16-element chunks
 TWO_PI = 2.0 * math.pi
 F32 = np.float32
-LOG_POLY = [F32(c) for c in (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1,
-                             1.4249322787e-1, -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1,
-                             3.3333331174e-1)]  # cephes logf, as avx_mathfun.h writes them
+LOG_POLY = [
+    F32(c)
+    for c in (
+        7.0376836292e-2,
+        -1.1514610310e-1,
+        1.1676998740e-1,
+        -1.2420140846e-1,
+        1.4249322787e-1,
+        -1.6668057665e-1,
+        2.0000714765e-1,
+        -2.4999993993e-1,
+        3.3333331174e-1,
+    )
+]  # cephes logf, as avx_mathfun.h writes them
 
 
 def _mt19937_state(seed: int) -> np.ndarray:
@@ -145,8 +156,9 @@ def _sincos(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     for part in (-0.78515625, -2.4187564849853515625e-4, -3.77489497744594108e-8):  # x - y * pi/4, in 3 parts
         x = _fma(y, F32(part), x)
     z = x * x
-    cos_poly = _fma(_fma(np.full_like(x, F32(2.443315711809948e-5)), z, F32(-1.388731625493765e-3)), z,
-                    F32(4.166664568298827e-2))
+    cos_poly = _fma(
+        _fma(np.full_like(x, F32(2.443315711809948e-5)), z, F32(-1.388731625493765e-3)), z, F32(4.166664568298827e-2)
+    )
     cos_poly = _fma(cos_poly * z, z, -(z * F32(0.5))) + F32(1)
     sin_poly = _fma(_fma(np.full_like(x, F32(-1.9515295891e-4)), z, F32(8.3321608736e-3)), z, F32(-1.6666654611e-1))
     sin_poly = _fma(sin_poly * z, x, x)

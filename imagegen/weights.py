@@ -46,8 +46,9 @@ def safetensors_files(folder: Path) -> list[Path]:
         index = read_json(indexes[0])
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(n, str) for n in weight_map.values()):
-            raise WeightsError(f"{indexes[0]} is not a safetensors index: it needs a 'weight_map' object of "
-                               "tensor name -> file name.")
+            raise WeightsError(
+                f"{indexes[0]} is not a safetensors index: it needs a 'weight_map' object of tensor name -> file name."
+            )
         names = sorted(set(weight_map.values()))
         outside = [n for n in names if Path(n).name != n or n in (".", "..")]
         if outside:  # a shard path like ../../x would read files outside the model
@@ -82,8 +83,9 @@ def cast(weights: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.array]:
     return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
 
 
-def fuse_projections(weights: dict[str, mx.array], prefixes: Iterable[str],
-                     fusions: dict[str, tuple[str, ...]]) -> dict[str, mx.array]:
+def fuse_projections(
+    weights: dict[str, mx.array], prefixes: Iterable[str], fusions: dict[str, tuple[str, ...]]
+) -> dict[str, mx.array]:
     """Under each prefix, replace the weights of projections that read the same input (fusions: fused name ->
     part names) by one weight concatenated along the output axis: one matmul instead of several. Checkpoints that
     are already fused pass through unchanged. Returns a new dict."""
@@ -96,8 +98,9 @@ def fuse_projections(weights: dict[str, mx.array], prefixes: Iterable[str],
     return weights
 
 
-def check_weights(module: nn.Module, weights: dict[str, mx.array], where: str = "",
-                  sources: dict[str, Path] | None = None) -> None:
+def check_weights(
+    module: nn.Module, weights: dict[str, mx.array], where: str = "", sources: dict[str, Path] | None = None
+) -> None:
     """Strict: missing keys, unexpected keys, shape mismatches and integer tensors where floats belong (or the
     reverse) are one error naming them (and, for a dtype, the file when `sources` knows it)."""
     expected = dict(tree_flatten(module.parameters()))
@@ -106,17 +109,23 @@ def check_weights(module: nn.Module, weights: dict[str, mx.array], where: str = 
     common = sorted(set(expected) & set(weights))
     mismatched = [
         f"{k}: file {tuple(weights[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in common if tuple(weights[k].shape) != tuple(expected[k].shape)
+        for k in common
+        if tuple(weights[k].shape) != tuple(expected[k].shape)
     ]
     floating = [mx.issubdtype(weights[k].dtype, mx.floating) for k in common]
     sources = sources or {}
     wrong_type = [  # e.g. an int8 tensor where a float is expected: shapes fit, the image would be garbage
         f"{k} in {sources[k].name if k in sources else where}: {weights[k].dtype} vs model {expected[k].dtype}"
-        for k, is_float in zip(common, floating) if is_float != mx.issubdtype(expected[k].dtype, mx.floating)
+        for k, is_float in zip(common, floating)
+        if is_float != mx.issubdtype(expected[k].dtype, mx.floating)
     ]
     problems = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched),
-                         ("wrong dtype", wrong_type)):
+    for label, items in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("wrong shape", mismatched),
+        ("wrong dtype", wrong_type),
+    ):
         if items:
             more = f" (+{len(items) - MAX_LISTED} more)" if len(items) > MAX_LISTED else ""
             problems.append(f"{len(items)} {label}: {', '.join(items[:MAX_LISTED])}{more}")
@@ -208,21 +217,34 @@ def evaluate_finite(module: nn.Module, folder: Path, defer: Callable[[str], bool
     bad = [k for k, v in suspects if not mx.isfinite(v).all().item()]
     if bad:
         more = f" (+{len(bad) - MAX_LISTED} more)" if len(bad) > MAX_LISTED else ""
-        raise WeightsError(f"Weights in {folder} hold NaN or Inf values (a damaged file, or too large for "
-                           f"{checked[0][1].dtype}): {', '.join(bad[:MAX_LISTED])}{more}")
+        raise WeightsError(
+            f"Weights in {folder} hold NaN or Inf values (a damaged file, or too large for "
+            f"{checked[0][1].dtype}): {', '.join(bad[:MAX_LISTED])}{more}"
+        )
 
 
-def load_model(model_class: Callable[[Any], nn.Module], config_class: Any, folder: str | Path,
-               dtype: str | mx.Dtype = "bfloat16", quantize: str | None = None, predicate: Predicate | None = None,
-               **kwargs: Any) -> nn.Module:
+def load_model(
+    model_class: Callable[[Any], nn.Module],
+    config_class: Any,
+    folder: str | Path,
+    dtype: str | mx.Dtype = "bfloat16",
+    quantize: str | None = None,
+    predicate: Predicate | None = None,
+    **kwargs: Any,
+) -> nn.Module:
     """Build a model from `folder/config.json` (parsed by `config_class`) and load the folder's weights into it."""
     model = model_class(config_class.from_file(Path(folder) / "config.json"))
     load_module(model, folder, dtype, quantize, predicate, **kwargs)
     return model
 
 
-def save_module(module: nn.Module, folder: str | Path, config: dict[str, Any] | None = None,
-                record: dict[str, Any] | None = None, filename: str = "model.safetensors") -> Path:
+def save_module(
+    module: nn.Module,
+    folder: str | Path,
+    config: dict[str, Any] | None = None,
+    record: dict[str, Any] | None = None,
+    filename: str = "model.safetensors",
+) -> Path:
     """Write a component folder: safetensors (+ config.json, + quantization.json when quantized)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

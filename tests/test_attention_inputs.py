@@ -94,4 +94,4 @@ def test_fused_kernel_matches_plain_path(streams, dtype, monkeypatch):
         if dtype == mx.float32:
             np.testing.assert_allclose(f, p, rtol=1e-5, atol=1e-5)
         else:  # one bf16 rounding step apart at most
-            assert np.abs(f - p).max() <= 2 ** -7 * max(1.0, np.abs(p).max())
+            assert np.abs(f - p).max() <= 2**-7 * max(1.0, np.abs(p).max())

@@ -60,8 +60,13 @@ def test_batch_writes_pngs_results_and_metadata(prompts, tmp_path):
     expected = pipe.generate("a fox", width=64, height=48, seed=3).images[0]
     assert np.array_equal(pixels(out / "fox.png"), pixels(expected))
     meta = read_metadata(out / "owl.png")
-    assert (meta["prompt"], meta["seed"], meta["steps"], meta["width"], meta["model"]) == ("an owl", 4, 2, 256,
-                                                                                          "hello-waves")
+    assert (meta["prompt"], meta["seed"], meta["steps"], meta["width"], meta["model"]) == (
+        "an owl",
+        4,
+        2,
+        256,
+        "hello-waves",
+    )
     assert meta["source"] == "imagegen batch" and meta["batch"]["id"] == "owl"
     assert meta["plugin"] == "imagegen-hello 0.1.0" and meta["imagegen"] == imagegen.__version__
     assert not (out / FAILURES).exists()
@@ -99,14 +104,22 @@ def test_resume_skips_done_rows_and_repairs_results(prompts, tmp_path):
 
 
 def test_failed_rows_are_recorded_and_the_rest_go_on(tmp_path, hello_plugin):
-    prompts = write_rows(tmp_path / "p.jsonl", [
-        {"id": "ok", "prompt": "fine", "size": "32x32"},
-        {"id": "nomodel", "prompt": "x", "model": "hello-wavez"},
-        {"id": "odd", "prompt": "x", "size": "33x32"},
-        {"id": "huge", "prompt": "x", "size": "4096x4096"},
-        {"id": "cfg", "prompt": "x", "guidance": 2.5, "size": "32x32"},  # hello takes no guidance: fails in generate
-        {"id": "ok2", "prompt": "also fine", "size": "32x32"},
-    ])
+    prompts = write_rows(
+        tmp_path / "p.jsonl",
+        [
+            {"id": "ok", "prompt": "fine", "size": "32x32"},
+            {"id": "nomodel", "prompt": "x", "model": "hello-wavez"},
+            {"id": "odd", "prompt": "x", "size": "33x32"},
+            {"id": "huge", "prompt": "x", "size": "4096x4096"},
+            {
+                "id": "cfg",
+                "prompt": "x",
+                "guidance": 2.5,
+                "size": "32x32",
+            },  # hello takes no guidance: fails in generate
+            {"id": "ok2", "prompt": "also fine", "size": "32x32"},
+        ],
+    )
     out = tmp_path / "out"
     summary = run_batch(prompts, out, Defaults(model="hello"))
     assert (summary.done, summary.failed) == (2, 4)
@@ -121,23 +134,29 @@ def test_failed_rows_are_recorded_and_the_rest_go_on(tmp_path, hello_plugin):
     assert (again.skipped, again.failed) == (2, 4) and len((out / FAILURES).read_text().splitlines()) == 4
 
 
-@pytest.mark.parametrize(("line", "message"), [
-    ("{not json", "line 2: not valid JSON"),
-    ('["a list"]', "line 2: expected a JSON object"),
-    ('{"id": "x"}', "line 2: missing 'prompt'"),
-    ('{"prompt": "   "}', "line 2: missing 'prompt'"),
-    ('{"prompt": "x", "promt": "y"}', "line 2: unknown field 'promt'"),
-    ('{"prompt": "x", "seed": "7"}', "line 2: 'seed' must be an integer, got \"7\""),
-    ('{"prompt": "x", "seed": true}', "line 2: 'seed' must be an integer"),
-    ('{"prompt": "x", "guidance": "high"}', "line 2: 'guidance' must be a number"),
-    ('{"prompt": "x", "size": "big"}', "line 2: 'size' must look like"),
-    ('{"prompt": "x", "id": "../escape"}', "line 2: id '../escape' must be"),
-    ('{"prompt": "first"}', "line 2: id '"),  # the same row twice: the same id
-    ('{"prompt": "x", "init_image": ["a.png"]}', "line 2: 'init_image' must be an image path"),
-    ('{"prompt": "x", "init_image": "a.png", "strength": 0}', "line 2: 'strength' must be within (0, 1]"),
-    ('{"prompt": "x", "init_image": "a.png", "outpaint": "1,2"}', "line 2: 'outpaint' must be LEFT,TOP,RIGHT,BOTTOM"),
-    ('{"prompt": "x", "noise": "cuda"}', "line 2: 'noise' must be one of mlx, torch"),
-])
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("{not json", "line 2: not valid JSON"),
+        ('["a list"]', "line 2: expected a JSON object"),
+        ('{"id": "x"}', "line 2: missing 'prompt'"),
+        ('{"prompt": "   "}', "line 2: missing 'prompt'"),
+        ('{"prompt": "x", "promt": "y"}', "line 2: unknown field 'promt'"),
+        ('{"prompt": "x", "seed": "7"}', "line 2: 'seed' must be an integer, got \"7\""),
+        ('{"prompt": "x", "seed": true}', "line 2: 'seed' must be an integer"),
+        ('{"prompt": "x", "guidance": "high"}', "line 2: 'guidance' must be a number"),
+        ('{"prompt": "x", "size": "big"}', "line 2: 'size' must look like"),
+        ('{"prompt": "x", "id": "../escape"}', "line 2: id '../escape' must be"),
+        ('{"prompt": "first"}', "line 2: id '"),  # the same row twice: the same id
+        ('{"prompt": "x", "init_image": ["a.png"]}', "line 2: 'init_image' must be an image path"),
+        ('{"prompt": "x", "init_image": "a.png", "strength": 0}', "line 2: 'strength' must be within (0, 1]"),
+        (
+            '{"prompt": "x", "init_image": "a.png", "outpaint": "1,2"}',
+            "line 2: 'outpaint' must be LEFT,TOP,RIGHT,BOTTOM",
+        ),
+        ('{"prompt": "x", "noise": "cuda"}', "line 2: 'noise' must be one of mlx, torch"),
+    ],
+)
 def test_bad_input_fails_fast_with_the_line_number(tmp_path, hello_plugin, line, message):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "first"}\n' + line + "\n" + '{"prompt": "third"}\n')
@@ -151,23 +170,48 @@ def test_image_to_image_rows(tmp_path):
     """init_image / mask / outpaint rows on the bundled demo model: paths relative to the prompts file, the
     PNG the Python API draws, inputs recorded by name and hash; a row whose file is missing fails alone."""
     (tmp_path / "in").mkdir()
-    registry.get("flux2-demo").pipeline().generate("a red circle on a blue background", seed=0, steps=2).images[
-        0].crop((16, 0, 112, 128)).save(tmp_path / "in" / "start.png")  # 96x128: outpainted back to 128x128
+    registry.get("flux2-demo").pipeline().generate("a red circle on a blue background", seed=0, steps=2).images[0].crop(
+        (16, 0, 112, 128)
+    ).save(tmp_path / "in" / "start.png")  # 96x128: outpainted back to 128x128
     mask = np.zeros((128, 96), np.uint8)
     mask[:, 48:] = 255
     Image.fromarray(mask).save(tmp_path / "in" / "half.png")
-    prompts = write_rows(tmp_path / "in" / "rows.jsonl", [
-        {"id": "paint", "prompt": "a green square on a blue background", "init_image": "start.png",
-         "mask": "half.png", "strength": 0.9, "steps": 2, "seed": 1, "noise": "torch"},
-        {"id": "grow", "prompt": "a red circle on a blue background", "init_image": "start.png",
-         "outpaint": [16, 0, 16, 0], "steps": 2, "seed": 2},
-        {"id": "lost", "prompt": "x", "init_image": "nowhere.png", "steps": 2},
-    ])
+    prompts = write_rows(
+        tmp_path / "in" / "rows.jsonl",
+        [
+            {
+                "id": "paint",
+                "prompt": "a green square on a blue background",
+                "init_image": "start.png",
+                "mask": "half.png",
+                "strength": 0.9,
+                "steps": 2,
+                "seed": 1,
+                "noise": "torch",
+            },
+            {
+                "id": "grow",
+                "prompt": "a red circle on a blue background",
+                "init_image": "start.png",
+                "outpaint": [16, 0, 16, 0],
+                "steps": 2,
+                "seed": 2,
+            },
+            {"id": "lost", "prompt": "x", "init_image": "nowhere.png", "steps": 2},
+        ],
+    )
     summary = run_batch(prompts, tmp_path / "out", Defaults(model="flux2-demo"))
     assert (summary.done, summary.failed) == (2, 1) and "nowhere.png" in summary.failures[0]["error"]
     pipe = registry.get("flux2-demo").pipeline()
-    want = pipe.generate("a green square on a blue background", init_image=tmp_path / "in" / "start.png",
-                         mask=tmp_path / "in" / "half.png", strength=0.9, steps=2, seed=1, noise="torch").images[0]
+    want = pipe.generate(
+        "a green square on a blue background",
+        init_image=tmp_path / "in" / "start.png",
+        mask=tmp_path / "in" / "half.png",
+        strength=0.9,
+        steps=2,
+        seed=1,
+        noise="torch",
+    ).images[0]
     assert np.array_equal(pixels(tmp_path / "out" / "paint.png"), pixels(want))
     meta = read_metadata(tmp_path / "out" / "paint.png")
     assert (meta["init_image"], meta["mask"]) == ("start.png", "half.png")
@@ -180,11 +224,15 @@ def test_image_to_image_rows(tmp_path):
 def test_each_model_loads_once(tmp_path, hello_plugin, monkeypatch):
     loads = []
     init = hello_plugin.HelloPipeline.__init__
-    monkeypatch.setattr(hello_plugin.HelloPipeline, "__init__",
-                        lambda self, spec, *a, **k: (loads.append(spec.id), init(self, spec, *a, **k))[1])
+    monkeypatch.setattr(
+        hello_plugin.HelloPipeline,
+        "__init__",
+        lambda self, spec, *a, **k: (loads.append(spec.id), init(self, spec, *a, **k))[1],
+    )
     models = ["hello-waves", "hello-remix"] * 4
-    prompts = write_rows(tmp_path / "p.jsonl", [{"prompt": f"p{i}", "model": m, "size": "32x32"}
-                                                for i, m in enumerate(models)])
+    prompts = write_rows(
+        tmp_path / "p.jsonl", [{"prompt": f"p{i}", "model": m, "size": "32x32"} for i, m in enumerate(models)]
+    )
     run_batch(prompts, tmp_path / "out")
     assert sorted(loads) == ["hello-remix", "hello-waves"]
     assert [r["model"] for r in results(tmp_path / "out")] == sorted(models)  # grouped by model
@@ -202,8 +250,19 @@ def invoke(*args: str):
 
 
 def test_cli_batch(prompts, tmp_path):
-    result = invoke("batch", str(prompts), "-o", str(tmp_path / "out"), "--model", "hello", "--size", "32x32",
-                    "--steps", "2", "--json")
+    result = invoke(
+        "batch",
+        str(prompts),
+        "-o",
+        str(tmp_path / "out"),
+        "--model",
+        "hello",
+        "--size",
+        "32x32",
+        "--steps",
+        "2",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert (summary["done"], summary["failed"], summary["workers"]) == (4, 0, 1)

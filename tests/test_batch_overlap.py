@@ -35,11 +35,14 @@ def result_ids(folder: Path) -> list[str]:
 
 def test_overlap_writes_the_same_png_bytes_in_row_order(tmp_path, monkeypatch):
     monkeypatch.setattr(time, "perf_counter", lambda: 0.0)  # the metadata's timings: equal in both runs
-    prompts = write_rows(tmp_path / "p.jsonl", [
-        {"id": "a", "prompt": "a red circle on a blue background", "seed": 1},
-        {"id": "b", "prompt": "a yellow square on a green background", "seed": 2, "size": "32x64"},
-        {"id": "c", "prompt": "a red circle on a blue background", "seed": 3},
-    ])
+    prompts = write_rows(
+        tmp_path / "p.jsonl",
+        [
+            {"id": "a", "prompt": "a red circle on a blue background", "seed": 1},
+            {"id": "b", "prompt": "a yellow square on a green background", "seed": 2, "size": "32x64"},
+            {"id": "c", "prompt": "a red circle on a blue background", "seed": 3},
+        ],
+    )
     defaults = Defaults(model="flux2-demo", width=64, height=64)
     for overlap in (False, True):
         summary = run(prompts, tmp_path / str(overlap), defaults, overlap)

@@ -17,14 +17,31 @@ from imagegen.cli import get_app
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "bench_generate.py"
-ALL_SECTIONS = {"floor", "setup", "load", "encode", "step", "scaling", "batch", "refs", "decode", "e2e", "parity",
-                "quant", "compile"}
+ALL_SECTIONS = {
+    "floor",
+    "setup",
+    "load",
+    "encode",
+    "step",
+    "scaling",
+    "batch",
+    "refs",
+    "decode",
+    "e2e",
+    "parity",
+    "quant",
+    "compile",
+}
 
 
 def bench(tmp: Path, *args: str) -> list[dict]:
     out = tmp / "out.jsonl"
-    done = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--workdir", str(tmp / "work"), "--out", str(out),
-                           *args], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--tiny", "--workdir", str(tmp / "work"), "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     printed = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     written = [json.loads(line) for line in out.read_text().splitlines()]
@@ -33,8 +50,14 @@ def bench(tmp: Path, *args: str) -> list[dict]:
 
 
 def measured(records: list[dict], section: str, impl: str, **match) -> list[dict]:
-    return [r for r in records if r.get("section") == section and r.get("impl") == impl and "ms" in r
-            and all(r.get(k) == v for k, v in match.items())]
+    return [
+        r
+        for r in records
+        if r.get("section") == section
+        and r.get("impl") == impl
+        and "ms" in r
+        and all(r.get(k) == v for k, v in match.items())
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +104,14 @@ def test_every_section_records_every_implementation(klein):
 def test_parity_and_quantization_compare_against_shared_weights(klein):
     _, records = klein
     parity = {r["what"]: r for r in records if r["section"] == "parity" and r["impl"] == "imagegen-vs-diffusers"}
-    assert set(parity) == {"transformer step", "text encoder hidden state 9", "text encoder hidden state 18",
-                           "text encoder hidden state 27", "vae decode", "image, same latents"}
+    assert set(parity) == {
+        "transformer step",
+        "text encoder hidden state 9",
+        "text encoder hidden state 18",
+        "text encoder hidden state 27",
+        "vae decode",
+        "image, same latents",
+    }
     # bfloat16 on both sides: loose bounds, yet far below what different weights would give (rel_err ~1)
     for what, r in parity.items():
         if "rel_err" in r:
@@ -100,15 +129,31 @@ def test_report_writes_tables_and_readme_section(klein, tmp_path):
     tmp, _ = klein
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n## Performance\n\n<!-- bench:start -->\nold\n<!-- bench:end -->\n\n## After\n")
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "report.py"), str(tmp / "out.jsonl"),
-                           "--results-dir", str(tmp_path / "results"), "--readme", str(readme)],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "report.py"),
+            str(tmp / "out.jsonl"),
+            "--results-dir",
+            str(tmp_path / "results"),
+            "--readme",
+            str(readme),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     (markdown,) = (tmp_path / "results").glob("*.md")
     assert (tmp_path / "results" / f"{markdown.stem}.jsonl").is_file()
     text = markdown.read_text()
-    for heading in ("One denoise step", "Stages at 32x32", "Step time by image size", "imagegen quantized",
-                    "Parity with diffusers"):
+    for heading in (
+        "One denoise step",
+        "Stages at 32x32",
+        "Step time by image size",
+        "imagegen quantized",
+        "Parity with diffusers",
+    ):
         assert heading in text, heading
     section = readme.read_text()
     assert "old" not in section and section.endswith("<!-- bench:end -->\n\n## After\n")
@@ -116,16 +161,28 @@ def test_report_writes_tables_and_readme_section(klein, tmp_path):
 
     no_markers = tmp_path / "PLAIN.md"
     no_markers.write_text("nothing here\n")
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "report.py"), str(tmp / "out.jsonl"),
-                           "--results-dir", str(tmp_path / "results"), "--readme", str(no_markers)],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "report.py"),
+            str(tmp / "out.jsonl"),
+            "--results-dir",
+            str(tmp_path / "results"),
+            "--readme",
+            str(no_markers),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0 and "no <!-- bench:start -->" in done.stdout and "| model |" in done.stdout
     assert no_markers.read_text() == "nothing here\n"
 
 
 def test_zimage_transformer_sections_and_a_failing_section(tmp_path):
-    records = bench(tmp_path, "--models", "zimage-turbo", "--sections", "step,batch,decode,parity,quant",
-                    "--quant-modes", "nope")
+    records = bench(
+        tmp_path, "--models", "zimage-turbo", "--sections", "step,batch,decode,parity,quant", "--quant-modes", "nope"
+    )
     failed = [r for r in records if "error" in r]
     assert [r["section"] for r in failed] == ["quant"] and "nope" in failed[0]["error"]  # recorded; the run goes on
     assert {"imagegen", "diffusers"} <= {r["impl"] for r in records if r["section"] == "step" and "ms" in r}
@@ -136,8 +193,9 @@ def test_zimage_transformer_sections_and_a_failing_section(tmp_path):
 
 
 def test_budget_skips_sections_that_do_not_fit(tmp_path):
-    records = bench(tmp_path, "--models", "flux2-klein-4b", "--sections", "floor,step", "--impls", "imagegen",
-                    "--budget-s", "0.001")
+    records = bench(
+        tmp_path, "--models", "flux2-klein-4b", "--sections", "floor,step", "--impls", "imagegen", "--budget-s", "0.001"
+    )
     assert all("skipped" in r for r in records[1:-1]) and "time budget" in records[1]["skipped"]
 
 
@@ -149,8 +207,20 @@ def invoke(*args: str):
 def test_imagegen_bench_command(klein, random):
     tmp, _ = klein
     folder = tmp / "work" / "flux2-klein-4b"
-    args = ["bench", "--model", "flux2-klein-4b", "--weights", str(folder), "--size", "32x32", "--repeats", "1",
-            "--warmup", "1", "--json"] + (["--random"] if random else [])
+    args = [
+        "bench",
+        "--model",
+        "flux2-klein-4b",
+        "--weights",
+        str(folder),
+        "--size",
+        "32x32",
+        "--repeats",
+        "1",
+        "--warmup",
+        "1",
+        "--json",
+    ] + (["--random"] if random else [])
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
@@ -162,12 +232,30 @@ def test_imagegen_bench_command(klein, random):
 def test_imagegen_bench_table_and_errors(klein):
     tmp, _ = klein
     folder = tmp / "work" / "flux2-klein-4b"
-    result = invoke("bench", "-m", "flux2-klein-4b", "--weights", str(folder), "--size", "32x32", "--repeats", "1",
-                    "--warmup", "0", "--quantize", "4")
+    result = invoke(
+        "bench",
+        "-m",
+        "flux2-klein-4b",
+        "--weights",
+        str(folder),
+        "--size",
+        "32x32",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--quantize",
+        "4",
+    )
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
     assert lines[0].startswith("flux2-klein-4b 32x32 bfloat16 4") and [line.split()[0] for line in lines[1:]] == [
-        "load", "encode", "step", "decode", "e2e"]
+        "load",
+        "encode",
+        "step",
+        "decode",
+        "e2e",
+    ]
     result = invoke("bench", "-m", "flux2-klein-4b", "--weights", str(folder), "--size", "30x30")
     assert result.exit_code == 1 and result.output.startswith("Error:") and "multiple of 16" in result.output
 
@@ -176,8 +264,12 @@ def test_controlnet_benchmark_compares_with_diffusers_on_shared_weights(tmp_path
     """benchmarks/bench_controlnet.py: a step bare and steered (1.0 and 2.1 layouts) in both frameworks, on the same
     weights: the controlled outputs agree (float32 on the CPU)."""
     out = tmp_path / "controlnet.jsonl"
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_controlnet.py"), "--tiny", "--out",
-                           str(out)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_controlnet.py"), "--tiny", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
     steps = [(r["layout"], r["step"]) for r in records if "step" in r]

@@ -45,8 +45,21 @@ def test_default_names_never_overwrite(in_tmp):
 
 
 def test_json_output_count_and_seeds(in_tmp):
-    result = invoke("run", "-m", "hello", "x", "--size", "32x32", "--seed", "10", "-n", "2", "--json",
-                    "-o", str(in_tmp / "batch.png"))
+    result = invoke(
+        "run",
+        "-m",
+        "hello",
+        "x",
+        "--size",
+        "32x32",
+        "--seed",
+        "10",
+        "-n",
+        "2",
+        "--json",
+        "-o",
+        str(in_tmp / "batch.png"),
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["seeds"] == [10, 11] and len(data["images"]) == 2
@@ -76,28 +89,31 @@ def test_info_prints_metadata(in_tmp):
     one_line_error(invoke("info", "plain.png"), "no imagegen metadata")
 
 
-@pytest.mark.parametrize("args,fragments", [
-    (["--size", "100x100"], ["width must be a positive multiple of 16"]),
-    (["--size", "big"], ["--size must look like"]),
-    (["--width", "64", "--height", "0"], ["height"]),
-    (["--size", "8192x8192"], ["larger than"]),
-    (["--steps", "0"], ["--steps must be >= 1"]),
-    (["--count", "0"], ["--count must be >= 1"]),
-    (["--seed", "-3"], ["--seed must be >= 0"]),
-    (["--negative", "blur"], ["'hello-waves' does not support --negative"]),
-    (["--guidance", "3"], ["does not support --guidance"]),
-    (["--tile"], ["does not support --tile"]),
-    (["--image", "x.png"], ["does not support --image"]),
-    (["--quantize", "4"], ["does not support --quantize 4"]),
-    (["--quantize", "3.5bit"], ["Unknown quantization"]),
-    (["--option", "cfg_truncation=0.5"], ["does not support --option cfg_truncation"]),
-    (["--option", "novalue"], ["--option must look like NAME=VALUE"]),
-    (["--mask", "m.png"], ["does not support --mask"]),
-    (["--strength", "0.5"], ["does not support --strength"]),
-    (["--outpaint", "8,0,8,0"], ["does not support --outpaint"]),
-    (["--noise", "cuda"], ["--noise must be one of mlx, torch"]),
-    (["--init-image", "red.png"], ["does not support --init-image"]),
-])
+@pytest.mark.parametrize(
+    "args,fragments",
+    [
+        (["--size", "100x100"], ["width must be a positive multiple of 16"]),
+        (["--size", "big"], ["--size must look like"]),
+        (["--width", "64", "--height", "0"], ["height"]),
+        (["--size", "8192x8192"], ["larger than"]),
+        (["--steps", "0"], ["--steps must be >= 1"]),
+        (["--count", "0"], ["--count must be >= 1"]),
+        (["--seed", "-3"], ["--seed must be >= 0"]),
+        (["--negative", "blur"], ["'hello-waves' does not support --negative"]),
+        (["--guidance", "3"], ["does not support --guidance"]),
+        (["--tile"], ["does not support --tile"]),
+        (["--image", "x.png"], ["does not support --image"]),
+        (["--quantize", "4"], ["does not support --quantize 4"]),
+        (["--quantize", "3.5bit"], ["Unknown quantization"]),
+        (["--option", "cfg_truncation=0.5"], ["does not support --option cfg_truncation"]),
+        (["--option", "novalue"], ["--option must look like NAME=VALUE"]),
+        (["--mask", "m.png"], ["does not support --mask"]),
+        (["--strength", "0.5"], ["does not support --strength"]),
+        (["--outpaint", "8,0,8,0"], ["does not support --outpaint"]),
+        (["--noise", "cuda"], ["--noise must be one of mlx, torch"]),
+        (["--init-image", "red.png"], ["does not support --init-image"]),
+    ],
+)
 def test_bad_options_are_one_line_errors(args, fragments, in_tmp):
     one_line_error(invoke("run", "-m", "hello", "x", *args), *fragments)
     assert not list(in_tmp.glob("*.png"))
@@ -115,15 +131,16 @@ def test_bad_init_image_options(in_tmp):
     """On the demo model, which takes an init image: every mistake is one line before any weight loads."""
     Image.new("RGB", (128, 128), (250, 0, 0)).save("red.png")
     Path("notes.png").write_text("not an image")
-    for flags, fragment in ((["--mask", "red.png"], "mask needs an init image"),
-                            (["--init-image", "notes.png"], "Cannot read notes.png"),
-                            (["--init-image", "gone.png"], "Image not found: gone.png"),
-                            (["--init-image", "red.png", "--strength", "1.5"], "--strength must be within (0, 1]"),
-                            (["--init-image", "red.png", "--strength", "0"], "--strength must be within (0, 1]"),
-                            (["--init-image", "red.png", "--strength", "1e-19"], "leaves no step out of 8"),
-                            (["--init-image", "red.png", "--outpaint", "8,8"], "--outpaint must be LEFT,TOP"),
-                            (["--init-image", "red.png", "--mask", "red.png", "--outpaint", "0,8,0,8"],
-                             "either a mask or outpaint")):
+    for flags, fragment in (
+        (["--mask", "red.png"], "mask needs an init image"),
+        (["--init-image", "notes.png"], "Cannot read notes.png"),
+        (["--init-image", "gone.png"], "Image not found: gone.png"),
+        (["--init-image", "red.png", "--strength", "1.5"], "--strength must be within (0, 1]"),
+        (["--init-image", "red.png", "--strength", "0"], "--strength must be within (0, 1]"),
+        (["--init-image", "red.png", "--strength", "1e-19"], "leaves no step out of 8"),
+        (["--init-image", "red.png", "--outpaint", "8,8"], "--outpaint must be LEFT,TOP"),
+        (["--init-image", "red.png", "--mask", "red.png", "--outpaint", "0,8,0,8"], "either a mask or outpaint"),
+    ):
         one_line_error(invoke("run", "-m", "flux2-demo", "x", *flags), fragment)
     assert not list(in_tmp.glob("flux2-demo*.png"))
 
@@ -140,8 +157,15 @@ def heavy_model(hello_plugin, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
 
     def register(register):
-        register(imagegen.ModelSpec(id="heavy-1", family="heavy", load=hello_plugin.load, hf_repo="acme/heavy",
-                                    estimate_memory=lambda *a: 10**15))
+        register(
+            imagegen.ModelSpec(
+                id="heavy-1",
+                family="heavy",
+                load=hello_plugin.load,
+                hf_repo="acme/heavy",
+                estimate_memory=lambda *a: 10**15,
+            )
+        )
 
     plugins.register_plugin(types.SimpleNamespace(register_models=imagegen.hookimpl(register)), "heavy")
     yield tmp_path / "hf"
@@ -156,8 +180,9 @@ def test_missing_weights_say_where_and_how(heavy_model):
 def test_memory_preflight_refuses_then_force(heavy_model, tmp_path):
     weights = tmp_path / "w"
     weights.mkdir()
-    one_line_error(invoke("run", "-m", "heavy-1", "x", "--weights", str(weights), "--size", "32x32"),
-                   "needs about", "--quantize 4")
+    one_line_error(
+        invoke("run", "-m", "heavy-1", "x", "--weights", str(weights), "--size", "32x32"), "needs about", "--quantize 4"
+    )
     result = invoke("run", "-m", "heavy-1", "x", "--weights", str(weights), "--size", "32x32", "--force")
     assert result.exit_code == 0, result.output
 
@@ -184,8 +209,9 @@ def test_models_and_plugins_listing(in_tmp):
 
 def test_real_subprocess_error_has_no_traceback(in_tmp):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "imagegen", "run", "--model", "nope", "x"], capture_output=True,
-                          text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "imagegen", "run", "--model", "nope", "x"], capture_output=True, text=True, env=env
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith("Error: Unknown model 'nope'") and "Traceback" not in proc.stderr
 

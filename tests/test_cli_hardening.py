@@ -73,12 +73,15 @@ def test_from_never_opens_reference_paths_named_in_a_png(in_tmp):
     one_line_error(invoke("run", "--from", "e.png", "-o", "h.png"), "'red.png'", "with that content")
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ("[1, 2]", "not a JSON object"),
-    ("{bad", "not valid JSON"),
-    ('{"prompt": "x", "seed": "abc"}', "field 'seed' is not usable"),
-    ('{"prompt": "x", "width": true}', "field 'width' is not usable"),
-])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("[1, 2]", "not a JSON object"),
+        ("{bad", "not valid JSON"),
+        ('{"prompt": "x", "seed": "abc"}', "field 'seed' is not usable"),
+        ('{"prompt": "x", "width": true}', "field 'width' is not usable"),
+    ],
+)
 def test_corrupted_metadata_is_one_line(in_tmp, text, fragment):
     png_with(in_tmp / "bad.png", text)
     one_line_error(invoke("run", "--from", "bad.png"), fragment)
@@ -98,12 +101,15 @@ def test_info_escapes_control_characters(in_tmp):
 
 def test_info_into_a_closed_pipe_exits_quietly(in_tmp):
     assert invoke("run", "-m", "hello", "x", "--size", "32x32", "-o", "p.png").exit_code == 0
-    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parents[1] / 'examples' / 'imagegen-hello')!r});"
-              "from imagegen import plugins; import imagegen_hello.plugin as m;"
-              "plugins.register_plugin(m, 'hello', 'imagegen-hello', '0.1.0');"
-              "from imagegen.cli import main; sys.argv = ['imagegen', 'info', 'p.png']; main()")
-    proc = subprocess.run(f"{sys.executable} -c \"{script}\" | head -1", shell=True, capture_output=True, text=True,
-                          cwd=in_tmp)
+    script = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parents[1] / 'examples' / 'imagegen-hello')!r});"
+        "from imagegen import plugins; import imagegen_hello.plugin as m;"
+        "plugins.register_plugin(m, 'hello', 'imagegen-hello', '0.1.0');"
+        "from imagegen.cli import main; sys.argv = ['imagegen', 'info', 'p.png']; main()"
+    )
+    proc = subprocess.run(
+        f'{sys.executable} -c "{script}" | head -1', shell=True, capture_output=True, text=True, cwd=in_tmp
+    )
     assert proc.stdout.count("\n") == 1 and proc.stderr == "", proc.stderr
 
 
@@ -135,11 +141,13 @@ def test_an_unknown_output_extension_is_refused_before_generating(in_tmp):
 
 
 def test_output_dash_writes_the_png_to_stdout(in_tmp):
-    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parents[1] / 'examples' / 'imagegen-hello')!r});"
-              "from imagegen import plugins; import imagegen_hello.plugin as m;"
-              "plugins.register_plugin(m, 'hello', 'imagegen-hello', '0.1.0');"
-              "from imagegen.cli import main; sys.argv = ['imagegen', 'run', '-m', 'hello', 'x', '--size', '32x32',"
-              " '--seed', '9', '-o', '-']; main()")
+    script = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parents[1] / 'examples' / 'imagegen-hello')!r});"
+        "from imagegen import plugins; import imagegen_hello.plugin as m;"
+        "plugins.register_plugin(m, 'hello', 'imagegen-hello', '0.1.0');"
+        "from imagegen.cli import main; sys.argv = ['imagegen', 'run', '-m', 'hello', 'x', '--size', '32x32',"
+        " '--seed', '9', '-o', '-']; main()"
+    )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, cwd=in_tmp)
     assert proc.returncode == 0, proc.stderr
     (in_tmp / "s.png").write_bytes(proc.stdout)
@@ -162,8 +170,9 @@ def test_debug_is_accepted_after_the_subcommand(monkeypatch):
     assert take_debug_flag(["run", "--", "--debug"]) == ["run", "--", "--debug"]
 
 
-@pytest.mark.parametrize("args, fragment", [(["--repeats", "0"], "--repeats must be >= 1"),
-                                            (["--warmup", "-1"], "--warmup >= 0")])
+@pytest.mark.parametrize(
+    "args, fragment", [(["--repeats", "0"], "--repeats must be >= 1"), (["--warmup", "-1"], "--warmup >= 0")]
+)
 def test_bench_refuses_nonsense_repeats(args, fragment):
     one_line_error(invoke("bench", "-m", "hello", *args), fragment)
 
@@ -187,8 +196,9 @@ def test_batch_on_a_full_disk_is_a_clear_line_and_a_failure_record(in_tmp, monke
     from imagegen import batch
     from imagegen.image import write_atomic
 
-    (in_tmp / "p.jsonl").write_text("".join(json.dumps({"prompt": "x", "id": f"r{i}", "model": "hello",
-                                                        "size": "32x32"}) + "\n" for i in range(3)))
+    (in_tmp / "p.jsonl").write_text(
+        "".join(json.dumps({"prompt": "x", "id": f"r{i}", "model": "hello", "size": "32x32"}) + "\n" for i in range(3))
+    )
 
     def full(path, data):
         if Path(path).suffix == ".png":

@@ -119,9 +119,28 @@ def test_small_latents_decode_whole_on_each_rank():
 
 def test_cli_gpus_two_draws_the_same_image(tmp_path):
     def run(out: Path, *extra: str) -> None:
-        subprocess.run([sys.executable, "-m", "imagegen", "run", "a red circle on a blue background", "--model",
-                        "flux2-demo", "--seed", "3", "--steps", "4", "-o", str(out), "--quiet", *extra],
-                       check=True, env=env_with_tree(), timeout=300)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "imagegen",
+                "run",
+                "a red circle on a blue background",
+                "--model",
+                "flux2-demo",
+                "--seed",
+                "3",
+                "--steps",
+                "4",
+                "-o",
+                str(out),
+                "--quiet",
+                *extra,
+            ],
+            check=True,
+            env=env_with_tree(),
+            timeout=300,
+        )
 
     run(tmp_path / "one.png")
     run(tmp_path / "two.png", "--gpus", "2")
@@ -133,8 +152,9 @@ def test_cli_gpus_two_draws_the_same_image(tmp_path):
 def test_failing_rank_stops_the_others_and_reports(tmp_path):
     script = tmp_path / "fail.py"
     # rank 1 fails at once; rank 0 would wait forever for it in the group's first collective
-    script.write_text("import os, sys, time\nif os.environ['MLX_RANK'] == '1': sys.exit('rank 1 broke')\n"
-                      "time.sleep(600)\n")
+    script.write_text(
+        "import os, sys, time\nif os.environ['MLX_RANK'] == '1': sys.exit('rank 1 broke')\ntime.sleep(600)\n"
+    )
     assert distributed.launch([sys.executable, str(script)], 2) == 1
 
 
@@ -166,8 +186,12 @@ def test_serve_gpus_two_answers_as_one_process_and_stops_every_rank(tmp_path):
     with serve_in_thread(models=["flux2-demo"]) as (url, _):
         one = pixels(httpx.post(f"{url}/v1/images/generations", json=body, timeout=120).json())
     (port,) = distributed._free_ports(1)
-    server = subprocess.Popen([sys.executable, "-m", "imagegen", "serve", "--gpus", "2", "--model", "flux2-demo",
-                               "--port", str(port)], env=env_with_tree(), stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "imagegen", "serve", "--gpus", "2", "--model", "flux2-demo", "--port", str(port)],
+        env=env_with_tree(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
@@ -181,12 +205,14 @@ def test_serve_gpus_two_answers_as_one_process_and_stops_every_rank(tmp_path):
             time.sleep(0.5)
         two = pixels(httpx.post(f"{url}/v1/images/generations", json=body, timeout=120).json())
         # a streamed preview is decoded on every rank at the same step (a split decode pairs up)
-        events = httpx.post(f"{url}/v1/images/generations", json={**body, "stream": True, "partial_images": 1},
-                            timeout=120).text
+        events = httpx.post(
+            f"{url}/v1/images/generations", json={**body, "stream": True, "partial_images": 1}, timeout=120
+        ).text
         assert "image_generation.partial_image" in events and "image_generation.completed" in events
         # a client that leaves mid-generation: every rank stops at the same step, and the next request is answered
-        with httpx.stream("POST", f"{url}/v1/images/generations", json={**body, "steps": 200, "stream": True},
-                          timeout=120) as stream:
+        with httpx.stream(
+            "POST", f"{url}/v1/images/generations", json={**body, "steps": 200, "stream": True}, timeout=120
+        ) as stream:
             next(line for line in stream.iter_lines() if '"stage": "denoise"' in line)
         assert pixels(httpx.post(f"{url}/v1/images/generations", json=body, timeout=120).json()).shape == (64, 64, 3)
         assert httpx.get(f"{url}/health", timeout=5).json()["queue"]["cancelled"] == 1
@@ -234,17 +260,22 @@ def test_batch_gpus_per_worker_two_draws_every_row_once_and_resumes(tmp_path, mo
     assert_same_batch(tmp_path / "one", tmp_path / "two", ["d0", "d1", "d2"])
 
 
-@pytest.mark.parametrize("args, message", [
-    (("run", "a circle", "--model", "flux2-demo", "--gpus", "0"), "--gpus must be >= 1, got 0."),
-    (("run", "a circle", "--model", "flux2-demo", "--gpus", "-1"), "--gpus must be >= 1, got -1."),
-    (("run", "a circle", "--model", "zimage-turbo", "--gpus", "2"), "cannot spread one image over several GPUs"),
-    (("serve", "--gpus", "0"), "--gpus must be >= 1, got 0."),
-    (("serve", "--gpus", "2", "--ray", "local"), "--gpus does not combine with --ray"),
-    (("serve", "--gpus", "2", "--model", "zimage-turbo"), "Model 'zimage-turbo' cannot spread one image"),
-    (("batch", "p.jsonl", "-o", "out", "--gpus-per-worker", "0"), "--gpus-per-worker must be >= 1, got 0."),
-    (("batch", "p.jsonl", "-o", "out", "--gpus-per-worker", "2", "--model", "zimage-turbo"),
-     "Model 'zimage-turbo' cannot spread one image over several GPUs (--gpus-per-worker)."),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("run", "a circle", "--model", "flux2-demo", "--gpus", "0"), "--gpus must be >= 1, got 0."),
+        (("run", "a circle", "--model", "flux2-demo", "--gpus", "-1"), "--gpus must be >= 1, got -1."),
+        (("run", "a circle", "--model", "zimage-turbo", "--gpus", "2"), "cannot spread one image over several GPUs"),
+        (("serve", "--gpus", "0"), "--gpus must be >= 1, got 0."),
+        (("serve", "--gpus", "2", "--ray", "local"), "--gpus does not combine with --ray"),
+        (("serve", "--gpus", "2", "--model", "zimage-turbo"), "Model 'zimage-turbo' cannot spread one image"),
+        (("batch", "p.jsonl", "-o", "out", "--gpus-per-worker", "0"), "--gpus-per-worker must be >= 1, got 0."),
+        (
+            ("batch", "p.jsonl", "-o", "out", "--gpus-per-worker", "2", "--model", "zimage-turbo"),
+            "Model 'zimage-turbo' cannot spread one image over several GPUs (--gpus-per-worker).",
+        ),
+    ],
+)
 def test_cli_refuses_bad_gpu_options(args, message, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
@@ -261,8 +292,22 @@ def test_cli_refuses_bad_gpu_options(args, message, tmp_path, monkeypatch):
 def test_benchmark_smoke_runs_generate_and_serve_sections(tmp_path):
     """benchmarks/bench_multi_gpu.py --tiny: both sections run and report 1 vs 2 ranks (the code paths, not speed)."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_multi_gpu.py"
-    done = subprocess.run([sys.executable, str(script), "--tiny", "--models", "flux2-klein-4b", "--repeats", "1",
-                           "--work", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--tiny",
+            "--models",
+            "flux2-klein-4b",
+            "--repeats",
+            "1",
+            "--work",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     records = {r["section"]: r for r in map(json.loads, done.stdout.splitlines()) if r["section"] != "header"}
     assert records["multi-gpu"]["speedup_decode"] > 0 and records["multi-gpu"]["image_goal_met"]

@@ -14,12 +14,32 @@ spec.loader.exec_module(goals)
 RECORDS = [
     {"section": "e2e", "model": "flux2-klein-4b", "impl": "imagegen", "ms": 250.0, "peak_gb": 17.0},
     {"section": "e2e", "model": "flux2-klein-4b", "impl": "imagegen-cached-prompt", "ms": 230.0},
-    {"section": "quant", "model": "flux2-klein-4b", "impl": "imagegen-8bit", "quantize": "8", "what": "e2e",
-     "ms": 280.0, "peak_gb": 11.0},
-    {"section": "quant", "model": "flux2-klein-4b", "impl": "imagegen-4bit", "quantize": "4", "what": "e2e",
-     "ms": 270.0, "peak_gb": 8.2},
-    {"section": "quant", "model": "flux2-klein-4b", "impl": "imagegen-4bit", "quantize": "4", "what": "step",
-     "ms": 60.0},
+    {
+        "section": "quant",
+        "model": "flux2-klein-4b",
+        "impl": "imagegen-8bit",
+        "quantize": "8",
+        "what": "e2e",
+        "ms": 280.0,
+        "peak_gb": 11.0,
+    },
+    {
+        "section": "quant",
+        "model": "flux2-klein-4b",
+        "impl": "imagegen-4bit",
+        "quantize": "4",
+        "what": "e2e",
+        "ms": 270.0,
+        "peak_gb": 8.2,
+    },
+    {
+        "section": "quant",
+        "model": "flux2-klein-4b",
+        "impl": "imagegen-4bit",
+        "quantize": "4",
+        "what": "step",
+        "ms": 60.0,
+    },
     {"section": "goal", "goal": "VAE decode 1024x1024", "ms": 29.0, "met": True, "t_s": 3.0},
 ]
 
@@ -41,10 +61,19 @@ def junit(tmp_path: Path, cases: str) -> Path:
 
 
 def test_gpu_tests_goal_counts_collection_errors_apart(tmp_path):
-    ok = junit(tmp_path, '<testcase name="a"/><testcase name="b"><skipped/></testcase>'
-                         '<testcase name="tests.test_server"><error message="collection failure"/></testcase>')
-    assert goals.test_goal(ok) == {"goal": "pytest -m cuda", "passed": 1, "failed": 0, "skipped": 1,
-                                   "collection_errors": 1, "met": True}
+    ok = junit(
+        tmp_path,
+        '<testcase name="a"/><testcase name="b"><skipped/></testcase>'
+        '<testcase name="tests.test_server"><error message="collection failure"/></testcase>',
+    )
+    assert goals.test_goal(ok) == {
+        "goal": "pytest -m cuda",
+        "passed": 1,
+        "failed": 0,
+        "skipped": 1,
+        "collection_errors": 1,
+        "met": True,
+    }
     bad = junit(tmp_path, '<testcase name="a"><failure message="assert"/></testcase>')
     assert not goals.test_goal(bad)["met"]
     assert not goals.test_goal(tmp_path / "missing.xml")["met"]

@@ -18,8 +18,9 @@ SHAPES = [((1, 16, 16, 128), 32), ((2, 8, 12, 512), 32), ((1, 9, 7, 64), 8)]
 def reference(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, groups: int, eps: float, silu: bool) -> np.ndarray:
     """torch.nn.GroupNorm (+ SiLU) in float64 on NHWC data."""
     t = torch.from_numpy(x.astype(np.float64)).permute(0, 3, 1, 2)
-    y = torch.nn.functional.group_norm(t, groups, torch.from_numpy(weight.astype(np.float64)),
-                                       torch.from_numpy(bias.astype(np.float64)), eps)
+    y = torch.nn.functional.group_norm(
+        t, groups, torch.from_numpy(weight.astype(np.float64)), torch.from_numpy(bias.astype(np.float64)), eps
+    )
     if silu:
         y = torch.nn.functional.silu(y)
     return y.permute(0, 2, 3, 1).numpy()
@@ -92,8 +93,14 @@ def test_kernels_match_the_portable_path_and_float64(shape, groups, dtype, silu,
     np.testing.assert_array_equal(fused, again)  # no atomics: the same bits every run
     monkeypatch.setattr(cuda_kernels, "ENABLED", False)
     plain = np.array(norm(xs, silu=silu).astype(mx.float32))
-    want = reference(np.array(xs.astype(mx.float32)), np.array(norm.weight.astype(mx.float32)),
-                     np.array(norm.bias.astype(mx.float32)), groups, norm.eps, silu)
+    want = reference(
+        np.array(xs.astype(mx.float32)),
+        np.array(norm.weight.astype(mx.float32)),
+        np.array(norm.bias.astype(mx.float32)),
+        groups,
+        norm.eps,
+        silu,
+    )
     if dtype == mx.float32:
         np.testing.assert_allclose(fused, want, rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(fused, plain, rtol=1e-4, atol=1e-4)

@@ -45,14 +45,20 @@ def targets(module: str, node: ast.Import | ast.ImportFrom) -> set[str]:
         names = [a.name for a in node.names]
     else:
         package = module.split(".") if MODULES[module].name == "__init__.py" else module.split(".")[:-1]
-        base = ".".join(package[: len(package) - node.level + 1] + [node.module or ""]).strip(".") \
-            if node.level else node.module or ""
+        base = (
+            ".".join(package[: len(package) - node.level + 1] + [node.module or ""]).strip(".")
+            if node.level
+            else node.module or ""
+        )
         names = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
     found = set()
     for name in names:  # importing a.b.c runs a and a.b first: edges to one's own packages are not cycles
         parts = name.split(".")
-        found |= {p for p in (".".join(parts[:i]) for i in range(1, len(parts) + 1))
-                  if p in MODULES and p != module and not module.startswith(p + ".")}
+        found |= {
+            p
+            for p in (".".join(parts[:i]) for i in range(1, len(parts) + 1))
+            if p in MODULES and p != module and not module.startswith(p + ".")
+        }
     return found
 
 
@@ -88,7 +94,7 @@ def cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (found := walk(nxt)):
                 return found
         path.pop()
@@ -116,8 +122,18 @@ def test_imports_inside_functions_are_the_listed_ones():
     assert lazy == set(LAZY), f"unlisted: {sorted(lazy - set(LAZY))}; listed but gone: {sorted(set(LAZY) - lazy)}"
 
 
-@pytest.mark.parametrize("module", ["imagegen.registry", "imagegen.pipeline", "imagegen.hub", "imagegen.plugins",
-                                    "imagegen.image", "imagegen.options", "imagegen.batch"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "imagegen.registry",
+        "imagegen.pipeline",
+        "imagegen.hub",
+        "imagegen.plugins",
+        "imagegen.image",
+        "imagegen.options",
+        "imagegen.batch",
+    ],
+)
 def test_imports_alone_in_a_fresh_interpreter(module):
     done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -33,8 +33,10 @@ DELTAS = [  # (delta, part) pairs covering each type and placement on a [96, 64]
     (LoraDelta(rand(3, 64, seed=3), rand(96, 3, seed=4), 2.0), Part("blocks.0.proj", swap_halves=True)),
     (LokrDelta(rand(8, 4, seed=5), rand(12, 16, seed=6), 1.0), Part("blocks.0.proj")),  # kron side path
     (LokrDelta(rand(4, 4, seed=7), rand(8, 16, seed=8), 0.5), Part("blocks.0.proj", rows=(0, 32))),  # dense
-    (LohaDelta(rand(96, 2, seed=9), rand(2, 64, seed=10), rand(96, 3, seed=11), rand(3, 64, seed=12), 0.7),
-     Part("blocks.0.proj")),
+    (
+        LohaDelta(rand(96, 2, seed=9), rand(2, 64, seed=10), rand(96, 3, seed=11), rand(3, 64, seed=12), 0.7),
+        Part("blocks.0.proj"),
+    ),
     (FullDelta(rand(96, 80, seed=13)), Part("blocks.0.proj", cols=(16, 80))),
 ]
 
@@ -45,7 +47,8 @@ def test_side_path_on_quantized_equals_merging_dequantized(index, mode):
     delta, part = DELTAS[index]
     tree = Tree()
     tree.blocks[0]["proj"] = quantized = nn.QuantizedLinear.from_linear(
-        tree.blocks[0]["proj"], group_size=32, bits=8, mode="affine" if mode == "8" else "mxfp8")
+        tree.blocks[0]["proj"], group_size=32, bits=8, mode="affine" if mode == "8" else "mxfp8"
+    )
     x = rand(3, 5, 64, seed=20)
     patcher = Patcher(tree)
     patcher.apply([({"blocks.0.proj": [(delta, part)]}, 1.5)])
@@ -81,8 +84,11 @@ def test_option_parsing(tmp_path, monkeypatch):
         mx.save_safetensors(f"{name}.safetensors", {"x.lora_A.weight": mx.zeros((1, 1))})
     option = BY_NAME["loras"]
     specs = option.check(["a.safetensors:0.3", ("b.safetensors", 0.5), {"name": "c.safetensors", "scale": 2}])
-    assert [(s.path, s.scale) for s in specs] == [("a.safetensors", 0.3), ("b.safetensors", 0.5),
-                                                  ("c.safetensors", 2.0)]
+    assert [(s.path, s.scale) for s in specs] == [
+        ("a.safetensors", 0.3),
+        ("b.safetensors", 0.5),
+        ("c.safetensors", 2.0),
+    ]
     saved = option.to_json(specs)
     assert saved[0] == {"name": "a.safetensors", "sha256": saved[0]["sha256"], "scale": 0.3}
     assert option.from_json(saved, {}, [tmp_path])[1].scale == 0.5
@@ -94,12 +100,16 @@ def test_option_parsing(tmp_path, monkeypatch):
 
 def test_layout_description_and_report(tmp_path):
     table = {"transformer": {"BFL": {"double_blocks.0.img_attn.qkv": (Part("blocks.0.proj"),)}}}
-    tensors = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": mx.zeros((2, 64)),
-               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": mx.zeros((96, 2)),
-               "lora_unet_double_blocks_0_img_attn_qkv.alpha": mx.array(1.0),
-               "lora_unet_double_blocks_0_img_attn_qkv.dora_scale": mx.zeros((96,))}
+    tensors = {
+        "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": mx.zeros((2, 64)),
+        "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": mx.zeros((96, 2)),
+        "lora_unet_double_blocks_0_img_attn_qkv.alpha": mx.array(1.0),
+        "lora_unet_double_blocks_0_img_attn_qkv.dora_scale": mx.zeros((96,)),
+    }
     parsed = parse_keys(AdapterFile(tmp_path / "k.safetensors", tensors), table, "test-model")
     assert parsed.layout == "BFL names, LoRA, alpha, kohya / musubi (lora_unet_)"
-    status = {r.key.rsplit(".", 2)[-2] if r.key.endswith("weight") else r.key.rsplit(".", 1)[-1]: r.status
-              for r in parsed.report}
+    status = {
+        r.key.rsplit(".", 2)[-2] if r.key.endswith("weight") else r.key.rsplit(".", 1)[-1]: r.status
+        for r in parsed.report
+    }
     assert status == {"lora_down": "mapped", "lora_up": "mapped", "alpha": "mapped", "dora_scale": "unknown"}

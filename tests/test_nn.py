@@ -52,8 +52,11 @@ def test_causal_mask_with_offset_and_padding():
     assert mask.tolist() == [[True, True, True, False, False], [True] * 4 + [False], [True] * 5]
     pad = nn.padding_mask(mx.array([[1, 1, 0]]))
     both = np.array(nn.combine_masks(nn.causal_mask(3), pad))
-    assert both.shape == (1, 1, 3, 3) and both[0, 0].tolist() == [[True, False, False], [True, True, False],
-                                                                   [True, True, False]]
+    assert both.shape == (1, 1, 3, 3) and both[0, 0].tolist() == [
+        [True, False, False],
+        [True, True, False],
+        [True, True, False],
+    ]
     assert nn.combine_masks(None, None) is None
 
 
@@ -96,8 +99,14 @@ def test_rope_interleaved_matches_diffusers_multi_axis():
     ids = np.stack([np.zeros(6), np.arange(6) // 3, np.arange(6) % 3, np.arange(6) * 7], -1).astype(np.int64)
     cos_parts, sin_parts = [], []
     for a, d in enumerate(axes):
-        c, s = get_1d_rotary_pos_embed(d, torch.from_numpy(ids[:, a]).float(), theta=theta,
-                                       repeat_interleave_real=True, use_real=True, freqs_dtype=torch.float64)
+        c, s = get_1d_rotary_pos_embed(
+            d,
+            torch.from_numpy(ids[:, a]).float(),
+            theta=theta,
+            repeat_interleave_real=True,
+            use_real=True,
+            freqs_dtype=torch.float64,
+        )
         cos_parts.append(c), sin_parts.append(s)
     ref_cos, ref_sin = torch.cat(cos_parts, -1).float(), torch.cat(sin_parts, -1).float()
     cos, sin = rope.rope_cos_sin(ids, axes, theta)
@@ -115,8 +124,11 @@ def test_rope_complex_convention_matches_zimage_style():
     parts = []
     for a, d in enumerate(axes):
         freqs = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-        parts.append(torch.polar(torch.ones(len(ids), d // 2, dtype=torch.float64),
-                                 torch.from_numpy(ids[:, a]).double()[:, None] * freqs))
+        parts.append(
+            torch.polar(
+                torch.ones(len(ids), d // 2, dtype=torch.float64), torch.from_numpy(ids[:, a]).double()[:, None] * freqs
+            )
+        )
     freqs_cis = torch.cat(parts, -1).to(torch.complex64)
     x = randn(1, 9, 2, 16)  # [B, L, H, D] as Z-Image keeps it
     xc = torch.view_as_complex(torch.from_numpy(x).reshape(1, 9, 2, 8, 2))

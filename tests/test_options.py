@@ -38,8 +38,12 @@ PYTHON_ONLY = {"latents"}  # arrays: no text form, so no CLI flag, field, row ke
 # options of kind "any": a valid value each (the walk fixture writes the LoRA file)
 SAMPLES = {"loras": ["style.safetensors:0.5"], "outpaint": "8,0,8,0", "noise_slot": [0, 2]}
 # options that only make sense beside another one: walked with it
-NEEDS = {"mask": {"init_image": "ref.png"}, "strength": {"init_image": "ref.png"},
-         "outpaint": {"init_image": "ref.png"}, "noise_slot": {"noise": "torch"}}
+NEEDS = {
+    "mask": {"init_image": "ref.png"},
+    "strength": {"init_image": "ref.png"},
+    "outpaint": {"init_image": "ref.png"},
+    "noise_slot": {"noise": "torch"},
+}
 
 
 class Walker(nn.Module):
@@ -75,11 +79,21 @@ class WalkPlugin:
     @imagegen.hookimpl
     def register_models(self, register) -> None:
         gated = frozenset(o.name for o in OPTIONS if o.gated)
-        register(imagegen.ModelSpec(
-            id="walk", family="walk", load=lambda spec, weights, **kw: WalkPipeline(spec, weights, **kw),
-            needs_weights=False, default_steps=2, default_size=(32, 32), default_dtype="float32",
-            tasks=(imagegen.TEXT_TO_IMAGE, imagegen.IMAGE_EDIT), options=gated, extra_options=FAMILY,
-            lora_targets=lambda transformer: {"diffusers": {"proj": whole("proj")}}))
+        register(
+            imagegen.ModelSpec(
+                id="walk",
+                family="walk",
+                load=lambda spec, weights, **kw: WalkPipeline(spec, weights, **kw),
+                needs_weights=False,
+                default_steps=2,
+                default_size=(32, 32),
+                default_dtype="float32",
+                tasks=(imagegen.TEXT_TO_IMAGE, imagegen.IMAGE_EDIT),
+                options=gated,
+                extra_options=FAMILY,
+                lora_targets=lambda transformer: {"diffusers": {"proj": whole("proj")}},
+            )
+        )
 
 
 @pytest.fixture(autouse=True)
@@ -87,8 +101,9 @@ def walk_plugin(tmp_path, monkeypatch):
     plugins.register_plugin(WalkPlugin(), "walk", "imagegen-walk-test", "0.0.1")
     monkeypatch.chdir(tmp_path)
     Image.new("RGB", (32, 32), (200, 30, 10)).save("ref.png")
-    mx.save_safetensors("style.safetensors", {"proj.lora_A.weight": mx.ones((1, 4)),
-                                              "proj.lora_B.weight": mx.ones((4, 1))})
+    mx.save_safetensors(
+        "style.safetensors", {"proj.lora_A.weight": mx.ones((1, 4)), "proj.lora_B.weight": mx.ones((4, 1))}
+    )
     yield
     plugins.unregister_plugin("walk")
 
@@ -97,9 +112,15 @@ def sample(option: Option) -> object:
     """A valid value that is not the default, by kind (so an option added later is walked without edits here)."""
     if option.name in SAMPLES:
         return SAMPLES[option.name]
-    one = {"int": int(option.minimum or 0) + 2, "float": 0.5 if option.maximum is None or option.maximum >= 0.5
-           else option.maximum, "bool": True, "str": "blur", "choice": option.choices[-1] if option.choices else "",
-           "image": "ref.png", "file": "ref.png"}[option.kind]
+    one = {
+        "int": int(option.minimum or 0) + 2,
+        "float": 0.5 if option.maximum is None or option.maximum >= 0.5 else option.maximum,
+        "bool": True,
+        "str": "blur",
+        "choice": option.choices[-1] if option.choices else "",
+        "image": "ref.png",
+        "file": "ref.png",
+    }[option.kind]
     if option.name in ("width", "height"):
         one = 48
     return [one, "other"] if option.repeatable and option.kind == "str" else [one] if option.repeatable else one
@@ -177,22 +198,28 @@ def test_every_option_walks_through_every_front_end(option):
     # server: a JSON field (the family's under `options`), or a multipart upload for images -> the same request
     if option.kind == "image" and "server" in option.fronts:
         uploads = [imagegen.options.image_input(Path(v)) for v in (value if option.repeatable else [value])]
-        plan = ImageService(Limits(), None).plan(ImageOptions(prompt="x", model="walk"), "text-to-image",
-                                                 files={option.name: uploads})
-        names = [image_ref(i)["name"] for i in plan.request.option(option.name)] if option.repeatable else \
-            image_ref(plan.request.option(option.name))["name"]
+        plan = ImageService(Limits(), None).plan(
+            ImageOptions(prompt="x", model="walk"), "text-to-image", files={option.name: uploads}
+        )
+        names = (
+            [image_ref(i)["name"] for i in plan.request.option(option.name)]
+            if option.repeatable
+            else image_ref(plan.request.option(option.name))["name"]
+        )
         assert names == expected(option, value)
     elif option.kind == "file":  # a client must not name files on the server
         with pytest.raises(APIError, match="cannot be given over HTTP"):
-            ImageService(Limits(), None).plan(ImageOptions(prompt="x", model="walk", options={option.name: value}),
-                                              "text-to-image")
+            ImageService(Limits(), None).plan(
+                ImageOptions(prompt="x", model="walk", options={option.name: value}), "text-to-image"
+            )
     elif "server" in option.fronts or family:
         fields = {"options": {option.name: value}} if family else {option.name: value}
         assert family or option.name in ImageOptions.model_fields
         edit = "init_image" in needs  # the server's init image is the edit's first upload
         images = [imagegen.options.image_input(Path(needs["init_image"]))] if edit else []
-        plan = ImageService(Limits(), None).plan(ImageOptions(prompt="x", model="walk", **fields),
-                                                 "image-edit" if edit else "text-to-image", images)
+        plan = ImageService(Limits(), None).plan(
+            ImageOptions(prompt="x", model="walk", **fields), "image-edit" if edit else "text-to-image", images
+        )
         assert plan.request.option(option.name) == request.option(option.name)
 
     # batch: a row key (the family's under `options`) -> the same request
@@ -221,17 +248,24 @@ def test_replay_refuses_an_image_whose_content_changed(tmp_path):
         replayed(registry.get("walk"), read_metadata("a.png"), [tmp_path / "nowhere"])
 
 
-@pytest.mark.parametrize("options,python,cli,param", [
-    ({"strength_x": 2}, "strength_x must be within [0, 1], got 2", ["-O", "strength_x=2"], "strength_x"),
-    ({"mode_x": "medium"}, "mode_x must be one of soft, hard", ["-O", "mode_x=medium"], "mode_x"),
-    ({"steps": "3"}, "steps must be an integer", None, "steps"),
-    ({"tile": "yes"}, "tile must be true or false", None, "tile"),
-    ({"guidance": float("inf")}, "guidance must be a finite number", None, "guidance"),
-    ({"seed": SEED_MAX + 1}, f"seed must be <= {SEED_MAX}", ["--seed", str(SEED_MAX + 1)], "seed"),
-    ({"seed": SEED_MAX, "num_images": 2}, f"seed must be <= {SEED_MAX - 1} for 2 images",
-     ["--seed", str(SEED_MAX), "-n", "2"], "seed"),
-    ({"seed": 2**64}, "seed must be <=", ["--seed", str(2**64)], "seed"),
-])
+@pytest.mark.parametrize(
+    "options,python,cli,param",
+    [
+        ({"strength_x": 2}, "strength_x must be within [0, 1], got 2", ["-O", "strength_x=2"], "strength_x"),
+        ({"mode_x": "medium"}, "mode_x must be one of soft, hard", ["-O", "mode_x=medium"], "mode_x"),
+        ({"steps": "3"}, "steps must be an integer", None, "steps"),
+        ({"tile": "yes"}, "tile must be true or false", None, "tile"),
+        ({"guidance": float("inf")}, "guidance must be a finite number", None, "guidance"),
+        ({"seed": SEED_MAX + 1}, f"seed must be <= {SEED_MAX}", ["--seed", str(SEED_MAX + 1)], "seed"),
+        (
+            {"seed": SEED_MAX, "num_images": 2},
+            f"seed must be <= {SEED_MAX - 1} for 2 images",
+            ["--seed", str(SEED_MAX), "-n", "2"],
+            "seed",
+        ),
+        ({"seed": 2**64}, "seed must be <=", ["--seed", str(2**64)], "seed"),
+    ],
+)
 def test_one_check_one_message_everywhere(options, python, cli, param):
     with pytest.raises(OptionError) as e:
         registry.get("walk").request("x", **options)
@@ -273,8 +307,9 @@ def test_unsupported_options_name_the_model():
 
 def test_batch_flags_are_derived_too():
     Path("p.jsonl").write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y", "tile": false, "seed": 9}\n')
-    result = CliRunner().invoke(get_app(), ["batch", "p.jsonl", "-o", "out", "-m", "walk", "--tile", "--seed", "5",
-                                            "--image", "ref.png"])
+    result = CliRunner().invoke(
+        get_app(), ["batch", "p.jsonl", "-o", "out", "-m", "walk", "--tile", "--seed", "5", "--image", "ref.png"]
+    )
     assert result.exit_code == 0, result.output
     a, b = read_metadata("out/a.png"), read_metadata("out/b.png")
     assert (a["tile"], a["seed"], a["images"]) == (True, 5, ["ref.png"])

@@ -40,8 +40,9 @@ def test_denoise_yields_steps_then_result(pipe):
 
 def test_latents_given_by_caller_are_used(pipe):
     def first_step(**options):
-        return next(s.latents for s in pipe.run("x", width=16, height=16, seed=1, steps=2, **options)
-                    if s.stage == "denoise")
+        return next(
+            s.latents for s in pipe.run("x", width=16, height=16, seed=1, steps=2, **options) if s.stage == "denoise"
+        )
 
     latents = mx.zeros((1, 16, 16, 3))
     given = first_step(latents=latents)
@@ -49,15 +50,18 @@ def test_latents_given_by_caller_are_used(pipe):
     assert np.array_equal(np.array(given), np.array(first_step(latents=latents + 0)))
 
 
-@pytest.mark.parametrize("options,message", [
-    ({"negative_prompt": "no"}, "does not support the option 'negative_prompt'"),
-    ({"guidance": 2.0}, "'guidance'"),
-    ({"width": 20}, "multiple of 16"),
-    ({"steps": 0}, "steps must be a positive integer"),
-    ({"num_images": 0}, "num_images"),
-    ({"seed": -1}, "seed"),
-    ({"sampler": "dpm"}, "does not support the option.s.: sampler"),
-])
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"negative_prompt": "no"}, "does not support the option 'negative_prompt'"),
+        ({"guidance": 2.0}, "'guidance'"),
+        ({"width": 20}, "multiple of 16"),
+        ({"steps": 0}, "steps must be a positive integer"),
+        ({"num_images": 0}, "num_images"),
+        ({"seed": -1}, "seed"),
+        ({"sampler": "dpm"}, "does not support the option.s.: sampler"),
+    ],
+)
 def test_invalid_options(pipe, options, message):
     with pytest.raises(imagegen.InvalidOptionError, match=message):
         pipe.generate("x", **options)

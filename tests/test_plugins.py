@@ -41,8 +41,7 @@ def test_family_name_resolves_to_default_variant(hello_plugin):
     def two_variants(register):
         load = hello_plugin.load
         register(imagegen.ModelSpec(id="fam-small", family="fam", load=load, needs_weights=False))
-        register(imagegen.ModelSpec(id="fam-big", family="fam", load=load, needs_weights=False,
-                                    family_default=True))
+        register(imagegen.ModelSpec(id="fam-big", family="fam", load=load, needs_weights=False, family_default=True))
 
     module = types.SimpleNamespace(register_models=imagegen.hookimpl(two_variants))
     plugins.register_plugin(module, "fam")
@@ -133,19 +132,41 @@ def test_example_plugin_pip_installs_into_a_venv_offline(tmp_path):
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=False).create(env_dir)
     python = env_dir / "bin" / "python"
-    site = subprocess.check_output([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                   text=True).strip()
+    site = subprocess.check_output(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+    ).strip()
     # the new venv sees this environment's packages (imagegen, mlx, pip, setuptools) through a .pth file
     outer = [p for p in sys.path if p.endswith("site-packages")]
     Path(site, "outer.pth").write_text("\n".join(outer) + "\n")
     source = shutil.copytree(ROOT / "examples" / "imagegen-hello", tmp_path / "imagegen-hello")  # builds leave files
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-build-isolation",
-                    str(source)], check=True, env={**os.environ, "PIP_NO_INPUT": "1"})
-    run = subprocess.run([str(python), "-m", "imagegen", "models", "--json"], capture_output=True,
-                         text=True, check=True)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-build-isolation", str(source)],
+        check=True,
+        env={**os.environ, "PIP_NO_INPUT": "1"},
+    )
+    run = subprocess.run(
+        [str(python), "-m", "imagegen", "models", "--json"], capture_output=True, text=True, check=True
+    )
     ids = [r["id"] for r in json.loads(run.stdout)]
     assert "hello-waves" in ids
     out = tmp_path / "wave.png"
-    subprocess.run([str(python), "-m", "imagegen", "run", "--model", "hello", "a wave", "-o", str(out),
-                    "--size", "64x64", "--seed", "5"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            str(python),
+            "-m",
+            "imagegen",
+            "run",
+            "--model",
+            "hello",
+            "a wave",
+            "-o",
+            str(out),
+            "--size",
+            "64x64",
+            "--seed",
+            "5",
+        ],
+        check=True,
+        capture_output=True,
+    )
     assert out.stat().st_size > 100

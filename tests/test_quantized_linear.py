@@ -40,8 +40,9 @@ def test_dense_path_equals_quantized_matmul(mode, dtype):
     assert got.dtype == want.dtype and got.shape == want.shape
     tol = 1e-5 if dtype == mx.float32 else 2e-2
     scale = float(mx.abs(want.astype(mx.float32)).max())
-    np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)),
-                               atol=tol * scale, rtol=0)
+    np.testing.assert_allclose(
+        np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)), atol=tol * scale, rtol=0
+    )
 
 
 def test_few_tokens_keep_the_quantized_kernel(monkeypatch):
@@ -80,8 +81,9 @@ def test_quantize_model_and_saved_record_use_the_dense_path():
     reloaded = Tiny()
     q.apply_record(reloaded, record, weights)
     reloaded.load_weights(list(weights.items()))
-    assert type(reloaded.proj) is QuantizedLinear and sorted(dict(tree_flatten(reloaded.parameters()))) == \
-        sorted(weights)
+    assert type(reloaded.proj) is QuantizedLinear and sorted(dict(tree_flatten(reloaded.parameters()))) == sorted(
+        weights
+    )
     x = mx.random.normal((quantized_linear.DEQUANTIZE_TOKENS, 64))
     np.testing.assert_array_equal(np.array(reloaded(x)), np.array(model(x)))
 

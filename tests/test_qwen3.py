@@ -29,8 +29,12 @@ def padded_batch(vocab: int = TINY["vocab_size"], lengths=LENGTHS, seed: int = 1
 
 def reference_hidden_states(model: torch.nn.Module, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
     with torch.no_grad():
-        out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask.astype(np.int64)),
-                    output_hidden_states=True, use_cache=False)
+        out = model(
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor(mask.astype(np.int64)),
+            output_hidden_states=True,
+            use_cache=False,
+        )
     return [h.numpy() for h in out.hidden_states]
 
 
@@ -99,10 +103,23 @@ def test_bfloat16_and_quantized_stay_close(tmp_path):
 
 
 def test_real_configs_build_with_their_shapes():
-    qwen3_4b = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-                    num_key_value_heads=8, head_dim=128, vocab_size=151936, rope_theta=1000000,
-                    rope_scaling=None, tie_word_embeddings=True, sliding_window=None, use_sliding_window=False,
-                    max_window_layers=36, architectures=["Qwen3ForCausalLM"], torch_dtype="bfloat16")
+    qwen3_4b = dict(
+        hidden_size=2560,
+        intermediate_size=9728,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        rope_theta=1000000,
+        rope_scaling=None,
+        tie_word_embeddings=True,
+        sliding_window=None,
+        use_sliding_window=False,
+        max_window_layers=36,
+        architectures=["Qwen3ForCausalLM"],
+        torch_dtype="bfloat16",
+    )
     qwen3_8b = {**qwen3_4b, "hidden_size": 4096, "intermediate_size": 12288, "tie_word_embeddings": False}
     for config, params in ((qwen3_4b, 4_022_468_096), (qwen3_8b, 7_568_405_504)):
         cfg = Qwen3Config.from_dict(config)

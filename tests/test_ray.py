@@ -134,8 +134,10 @@ def test_an_interrupted_batch_resumes(prompts, local_run, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_batch(prompts, out, Defaults(model="hello"), ray="local", workers=2, reporter=Recorder(6, interrupt))
     assert len(list(out.glob("*.png"))) == len(results(out)) == 6
-    result = CliRunner().invoke(get_app(), ["batch", str(prompts), "-o", str(out), "--model", "hello",
-                                            "--ray", "local", "--workers", "2", "--json"])
+    result = CliRunner().invoke(
+        get_app(),
+        ["batch", str(prompts), "-o", str(out), "--model", "hello", "--ray", "local", "--workers", "2", "--json"],
+    )
     assert result.exit_code == 1 and "1 of 21 rows failed" in result.output  # the bad row, tried again
     summary = json.loads(result.stdout.splitlines()[0])
     assert (summary["skipped"], summary["done"], summary["failed"], summary["workers"]) == (6, 14, 1, 2)
@@ -180,8 +182,7 @@ def test_a_row_that_kills_its_workers_fails_alone(hello_plugin, crash_plugin, tm
     prompts = tmp_path / "p.jsonl"
     rows = [{"id": "boom", "prompt": "x", "model": "crash"}, *({"id": f"h{i}", "prompt": f"h{i}"} for i in range(5))]
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    summary = run_batch(prompts, tmp_path / "out", Defaults(model="hello", width=32, height=32), ray="local",
-                        workers=2)
+    summary = run_batch(prompts, tmp_path / "out", Defaults(model="hello", width=32, height=32), ray="local", workers=2)
     assert (summary.done, summary.failed, summary.replaced) == (5, 1, 3)  # rows queued behind it are not blamed
     assert summary.failures[0]["id"] == "boom" and "its worker died 3 times" in summary.failures[0]["error"]
 
@@ -197,8 +198,9 @@ def test_workers_that_cannot_start_stop_the_batch(hello_plugin, crash_plugin, tm
 def test_demo_model_on_two_workers(tmp_path):
     prompts = tmp_path / "demo.jsonl"
     shapes = ["a red circle on a blue background", "a yellow square on a green background"]
-    prompts.write_text("".join(json.dumps({"id": f"d{i:02d}", "prompt": shapes[i % 2], "seed": i}) + "\n"
-                               for i in range(20)))
+    prompts.write_text(
+        "".join(json.dumps({"id": f"d{i:02d}", "prompt": shapes[i % 2], "seed": i}) + "\n" for i in range(20))
+    )
     defaults = Defaults(model="flux2-demo", width=64, height=64)
     run_batch(prompts, tmp_path / "local", defaults)
     summary = run_batch(prompts, tmp_path / "ray", defaults, ray="local", workers=2)
@@ -209,8 +211,12 @@ def test_demo_model_on_two_workers(tmp_path):
 def test_demo_model_on_a_worker_of_two_ranks(tmp_path):
     """--gpus-per-worker 2 on Ray: the worker launches two ranks (local ring processes here) for each image."""
     prompts = tmp_path / "demo.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"d{i}", "prompt": "a red circle on a blue background", "seed": i})
-                               + "\n" for i in range(3)))
+    prompts.write_text(
+        "".join(
+            json.dumps({"id": f"d{i}", "prompt": "a red circle on a blue background", "seed": i}) + "\n"
+            for i in range(3)
+        )
+    )
     defaults = Defaults(model="flux2-demo", width=64, height=48, steps=2)
     run_batch(prompts, tmp_path / "local", defaults)
     summary = run_batch(prompts, tmp_path / "ray", defaults, ray="local", workers=1, gpus_per_worker=2)
@@ -241,7 +247,8 @@ def test_serve_on_two_replicas_survives_a_killed_replica(hello_plugin):
 
         def generate(seed: int):
             response = client.images.with_raw_response.generate(
-                model="hello-waves", prompt=f"request {seed}", size="512x512", extra_body={"seed": seed, "steps": 400})
+                model="hello-waves", prompt=f"request {seed}", size="512x512", extra_body={"seed": seed, "steps": 400}
+            )
             return response.headers, response.parse()
 
         with ThreadPoolExecutor(8) as pool:
@@ -262,8 +269,11 @@ def test_serve_on_two_replicas_survives_a_killed_replica(hello_plugin):
         while (len(replicas()) < 2 or victim in replicas()) and time.monotonic() < deadline:
             time.sleep(0.5)  # Serve starts a replacement replica
         assert len(replicas()) == 2 and victim not in replicas()
-        url = client.images.generate(model="hello-waves", prompt="by url", size="64x64",
-                                     response_format="url").data[0].url
+        url = (
+            client.images.generate(model="hello-waves", prompt="by url", size="64x64", response_format="url")
+            .data[0]
+            .url
+        )
         for _ in range(3):  # any replica hands out the image: the store is shared
             assert httpx.get(url).content.startswith(b"\x89PNG")
     finally:

@@ -23,8 +23,11 @@ CONFIGS = [
 
 def reference(config: dict, steps: int, custom, mu):
     ref = FlowMatchEulerDiscreteScheduler(**config)
-    ref.set_timesteps(num_inference_steps=None if custom is not None else steps,
-                      sigmas=None if custom is None else list(custom), mu=mu)
+    ref.set_timesteps(
+        num_inference_steps=None if custom is not None else steps,
+        sigmas=None if custom is None else list(custom),
+        mu=mu,
+    )
     return ref
 
 
@@ -63,7 +66,8 @@ def test_flux2_empirical_mu(seq_len, steps):
 @pytest.mark.parametrize("seq_len", [64, 256, 1024, 4096])
 def test_zimage_linear_mu(seq_len):
     assert scheduler.linear_mu(seq_len, 256, 4096, 0.5, 1.15) == pytest.approx(
-        calculate_shift(seq_len, 256, 4096, 0.5, 1.15), rel=1e-12)
+        calculate_shift(seq_len, 256, 4096, 0.5, 1.15), rel=1e-12
+    )
 
 
 def test_dynamic_shift_requires_mu_and_unsupported_options_fail():

@@ -61,20 +61,34 @@ def is_module(name: str) -> bool:
 def test_plugins_import_only_the_documented_sdk():
     sdk = documented()
     assert PLUGIN_SOURCES
-    outside = sorted(f"{path.relative_to(ROOT)}: {module}.{name}" for path in PLUGIN_SOURCES
-                     for module, name in imported(path) if name not in sdk.get(module, set()))
+    outside = sorted(
+        f"{path.relative_to(ROOT)}: {module}.{name}"
+        for path in PLUGIN_SOURCES
+        for module, name in imported(path)
+        if name not in sdk.get(module, set())
+    )
     assert not outside, "not in docs/writing-a-plugin.md's SDK list:\n" + "\n".join(outside)
 
 
 def test_an_undocumented_import_is_caught(tmp_path):
     plugin = tmp_path / "plugin.py"
-    plugin.write_text("import imagegen\nfrom imagegen.pipeline import arrays\nfrom imagegen import scheduler\n"
-                      "x = imagegen.ModelSpec, imagegen.batch, scheduler.euler_step, scheduler.np\n")
-    assert imported(plugin) == {("imagegen.pipeline", "arrays"), ("imagegen", "ModelSpec"),
-                                ("imagegen.scheduler", "euler_step"), ("imagegen.scheduler", "np")}
+    plugin.write_text(
+        "import imagegen\nfrom imagegen.pipeline import arrays\nfrom imagegen import scheduler\n"
+        "x = imagegen.ModelSpec, imagegen.batch, scheduler.euler_step, scheduler.np\n"
+    )
+    assert imported(plugin) == {
+        ("imagegen.pipeline", "arrays"),
+        ("imagegen", "ModelSpec"),
+        ("imagegen.scheduler", "euler_step"),
+        ("imagegen.scheduler", "np"),
+    }
 
 
 def test_every_documented_name_exists():
-    missing = [f"{module}.{name}" for module, names in documented().items() for name in sorted(names)
-               if not hasattr(importlib.import_module(module), name)]
+    missing = [
+        f"{module}.{name}"
+        for module, names in documented().items()
+        for name in sorted(names)
+        if not hasattr(importlib.import_module(module), name)
+    ]
     assert not missing, missing

@@ -91,8 +91,15 @@ class PaintPipeline(imagegen.Pipeline):
         images = to_pil(mx.repeat(mx.repeat(latents, 8, axis=1), 8, axis=2))
         if len(images) == request.batch_size:  # a final decode, not a streamed preview
             with RUNS_LOCK:
-                RUNS.append({"model": self.spec.id, "prompts": request.prompts, "batch": request.batch_size,
-                             "start": self.started, "end": time.perf_counter()})
+                RUNS.append(
+                    {
+                        "model": self.spec.id,
+                        "prompts": request.prompts,
+                        "batch": request.batch_size,
+                        "start": self.started,
+                        "end": time.perf_counter(),
+                    }
+                )
         return images
 
 
@@ -107,18 +114,40 @@ def estimate_memory(spec, weights, dtype, quantize, width: int, height: int, bat
 
 
 def paint_spec(id: str, **fields) -> imagegen.ModelSpec:
-    defaults = dict(family="paint", load=load, needs_weights=False, default_steps=3, default_size=(64, 64),
-                    size_multiple=8, max_pixels=256 * 256, default_dtype="float32", estimate_memory=estimate_memory)
+    defaults = dict(
+        family="paint",
+        load=load,
+        needs_weights=False,
+        default_steps=3,
+        default_size=(64, 64),
+        size_multiple=8,
+        max_pixels=256 * 256,
+        default_dtype="float32",
+        estimate_memory=estimate_memory,
+    )
     return imagegen.ModelSpec(id=id, **{**defaults, **fields})
 
 
 class PaintPlugin:
     @imagegen.hookimpl
     def register_models(self, register) -> None:
-        register(paint_spec("paint-small", aliases=("paint",), family_default=True,
-                            options=frozenset({"guidance"}), default_guidance=1.0, quantize_modes=("8",)))
-        register(paint_spec("paint-edit", tasks=(imagegen.TEXT_TO_IMAGE, imagegen.IMAGE_EDIT),
-                            options=frozenset({"images", "negative_prompt", "init_image", "mask", "strength"})))
+        register(
+            paint_spec(
+                "paint-small",
+                aliases=("paint",),
+                family_default=True,
+                options=frozenset({"guidance"}),
+                default_guidance=1.0,
+                quantize_modes=("8",),
+            )
+        )
+        register(
+            paint_spec(
+                "paint-edit",
+                tasks=(imagegen.TEXT_TO_IMAGE, imagegen.IMAGE_EDIT),
+                options=frozenset({"images", "negative_prompt", "init_image", "mask", "strength"}),
+            )
+        )
         register(paint_spec("paint-slow", extra={"delay": 0.03}))
         register(paint_spec("paint-broken", extra={"broken": True}))
 
@@ -190,8 +219,13 @@ def test_generation_b64_is_reproducible_png_with_metadata(http):
     image = b64_image(out["data"][0]["b64_json"])
     assert image.size == (64, 48) and out["data"][0]["seed"] == 7
     meta = json.loads(image.text[METADATA_KEY])
-    assert (meta["prompt"], meta["seed"], meta["steps"], meta["guidance"], meta["model"]) == ("a red fox", 7, 4, 2.0,
-                                                                                             "paint-small")
+    assert (meta["prompt"], meta["seed"], meta["steps"], meta["guidance"], meta["model"]) == (
+        "a red fox",
+        7,
+        4,
+        2.0,
+        "paint-small",
+    )
     again = b64_image(http.post("/v1/images/generations", json=body).json()["data"][0]["b64_json"])
     other = b64_image(http.post("/v1/images/generations", json={**body, "seed": 8}).json()["data"][0]["b64_json"])
     assert np.array_equal(np.asarray(image), np.asarray(again))
@@ -199,16 +233,16 @@ def test_generation_b64_is_reproducible_png_with_metadata(http):
 
 
 def test_openai_client_generates_batch_and_urls(client, http, server):
-    result = client.images.generate(model="paint-small", prompt="two moons", n=2, size="48x32",
-                                    extra_body={"seed": 11})
+    result = client.images.generate(model="paint-small", prompt="two moons", n=2, size="48x32", extra_body={"seed": 11})
     assert [d.seed for d in result.data] == [11, 12]
     images = [b64_image(d.b64_json) for d in result.data]
     assert all(i.size == (48, 32) for i in images)
     assert not np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
     assert RUNS[-1]["batch"] == 2  # n=2 ran as one batched pipeline call
 
-    linked = client.images.generate(model="paint", prompt="two moons", size="48x32", response_format="url",
-                                    extra_body={"seed": 12})
+    linked = client.images.generate(
+        model="paint", prompt="two moons", size="48x32", response_format="url", extra_body={"seed": 12}
+    )
     assert linked.data[0].url.startswith(server[0] + "/v1/files/images/")
     fetched = httpx.get(linked.data[0].url)
     assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
@@ -235,9 +269,11 @@ def test_edits_follow_the_uploaded_images(client, http):
     pixel = np.asarray(b64_image(blue.data[0].b64_json)).reshape(-1, 3).mean(axis=0)
     assert pixel[2] > pixel[0] + 60 and pixel[2] > pixel[1] + 60  # mostly the images' blue
 
-    red = http.post("/v1/images/edits", files={"image": ("../up/r.png", upload((255, 0, 0)), "image/png")},
-                    data={"model": "paint-edit", "prompt": "make it pop", "n": "2", "seed": "3",
-                          "negative_prompt": "green"})
+    red = http.post(
+        "/v1/images/edits",
+        files={"image": ("../up/r.png", upload((255, 0, 0)), "image/png")},
+        data={"model": "paint-edit", "prompt": "make it pop", "n": "2", "seed": "3", "negative_prompt": "green"},
+    )
     assert red.status_code == 200, red.text
     images = [b64_image(d["b64_json"]) for d in red.json()["data"]]
     assert len(images) == 2 and images[0].size == (64, 64)
@@ -246,8 +282,16 @@ def test_edits_follow_the_uploaded_images(client, http):
     meta = json.loads(images[0].text[METADATA_KEY])  # the upload's bare name and content hash, never a path
     assert meta["images"] == ["r.png"] and len(meta["inputs"]["r.png"]) == 64
 
-    message = assert_error(http.post("/v1/images/edits", files={"image": ("r.png", upload((9, 9, 9)))},
-                                     data={"model": "paint-small", "prompt": "x"}), 400, "model", "model_not_supported")
+    message = assert_error(
+        http.post(
+            "/v1/images/edits",
+            files={"image": ("r.png", upload((9, 9, 9)))},
+            data={"model": "paint-small", "prompt": "x"},
+        ),
+        400,
+        "model",
+        "model_not_supported",
+    )
     assert "paint-small" in message and "paint-edit" in message
 
 
@@ -262,9 +306,19 @@ def rgba_mask(size=(64, 64)) -> bytes:
 
 def test_edits_with_mask_repaint_only_the_transparent_part(http):
     green = upload((0, 200, 0))
-    response = http.post("/v1/images/edits", files=[("image", ("photo.png", green)), ("mask", ("m.png", rgba_mask()))],
-                         data={"model": "paint-edit", "prompt": "make it pop", "seed": "5", "n": "2",
-                               "noise": "torch", "strength": "0.5", "steps": "4"})
+    response = http.post(
+        "/v1/images/edits",
+        files=[("image", ("photo.png", green)), ("mask", ("m.png", rgba_mask()))],
+        data={
+            "model": "paint-edit",
+            "prompt": "make it pop",
+            "seed": "5",
+            "n": "2",
+            "noise": "torch",
+            "strength": "0.5",
+            "steps": "4",
+        },
+    )
     assert response.status_code == 200, response.text
     images = [b64_image(d["b64_json"]) for d in response.json()["data"]]
     pixels = np.asarray(images[0]).astype(int)
@@ -274,17 +328,38 @@ def test_edits_with_mask_repaint_only_the_transparent_part(http):
     assert (metas[0]["init_image"], metas[0]["mask"], metas[0]["images"]) == ("photo.png", "m.png", [])
     assert metas[0]["inputs"]["photo.png"] == hashlib.sha256(green).hexdigest() and "m.png" in metas[0]["inputs"]
     assert [(m["noise"], m["seed"], m["strength"], m["noise_slot"]) for m in metas] == [
-        ("torch", 5, 0.5, [0, 2]), ("torch", 5, 0.5, [1, 2])]
-    alone = http.post("/v1/images/edits", files=[("image", ("photo.png", green))],
-                      data={"model": "paint-edit", "prompt": "make it pop", "strength": "0.5", "steps": "4"})
+        ("torch", 5, 0.5, [0, 2]),
+        ("torch", 5, 0.5, [1, 2]),
+    ]
+    alone = http.post(
+        "/v1/images/edits",
+        files=[("image", ("photo.png", green))],
+        data={"model": "paint-edit", "prompt": "make it pop", "strength": "0.5", "steps": "4"},
+    )
     assert np.abs(np.asarray(b64_image(alone.json()["data"][0]["b64_json"])).astype(int) - (0, 200, 0)).max() > 60
     opaque = upload((0, 0, 0))
-    assert_error(http.post("/v1/images/edits", files=[("image", ("p.png", green)), ("mask", ("m.png", opaque))],
-                           data={"model": "paint-edit", "prompt": "x"}), 400, "mask", "invalid_image")
-    assert_error(http.post("/v1/images/edits", files=[("image", ("p.png", green))],
-                           data={"model": "paint-edit", "prompt": "x", "strength": "1.5"}), 400, "strength")
-    assert_error(http.post("/v1/images/generations", json={"model": "paint", "prompt": "x", "noise": "cuda"}),
-                 400, "noise")
+    assert_error(
+        http.post(
+            "/v1/images/edits",
+            files=[("image", ("p.png", green)), ("mask", ("m.png", opaque))],
+            data={"model": "paint-edit", "prompt": "x"},
+        ),
+        400,
+        "mask",
+        "invalid_image",
+    )
+    assert_error(
+        http.post(
+            "/v1/images/edits",
+            files=[("image", ("p.png", green))],
+            data={"model": "paint-edit", "prompt": "x", "strength": "1.5"},
+        ),
+        400,
+        "strength",
+    )
+    assert_error(
+        http.post("/v1/images/generations", json={"model": "paint", "prompt": "x", "noise": "cuda"}), 400, "noise"
+    )
 
 
 # ---- streaming -----------------------------------------------------------------------------
@@ -297,8 +372,16 @@ def read_events(response: httpx.Response) -> list[tuple[str, dict]]:
 
 
 def test_stream_sends_progress_partials_then_images(http, client):
-    body = {"model": "paint", "prompt": "a comet", "stream": True, "steps": 4, "n": 2, "partial_images": 1,
-            "size": "32x32", "seed": 1}
+    body = {
+        "model": "paint",
+        "prompt": "a comet",
+        "stream": True,
+        "steps": 4,
+        "n": 2,
+        "partial_images": 1,
+        "size": "32x32",
+        "seed": 1,
+    }
     response = http.post("/v1/images/generations", json=body)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
     events = read_events(response)
@@ -316,13 +399,14 @@ def test_stream_sends_progress_partials_then_images(http, client):
     run = pipe.run("a comet", width=32, height=32, steps=4, seed=1, num_images=2)
     halfway = [s.latents for s in run if s.stage == "denoise" and s.index == 2][0]
     for i in range(2):
-        preview = pipe.decode(run.result.request, halfway[i:i + 1])[0]
+        preview = pipe.decode(run.result.request, halfway[i : i + 1])[0]
         assert np.array_equal(np.asarray(b64_image(partials[i]["b64_json"])), np.asarray(preview))
         assert np.array_equal(np.asarray(b64_image(done[i]["b64_json"])), np.asarray(run.result.images[i]))
         assert not np.array_equal(np.asarray(preview), np.asarray(run.result.images[i]))
 
-    stream = client.images.generate(model="paint", prompt="a comet", size="32x32", stream=True,
-                                    extra_body={"seed": 1, "steps": 4})
+    stream = client.images.generate(
+        model="paint", prompt="a comet", size="32x32", stream=True, extra_body={"seed": 1, "steps": 4}
+    )
     types = [event.type for event in stream]
     assert types[-1] == "image_generation.completed" and "image_generation.progress" in types
 
@@ -331,8 +415,9 @@ def test_stream_sends_progress_partials_then_images(http, client):
 
 
 def test_stream_reports_a_failed_generation_as_an_error_event(http, client):
-    events = read_events(http.post("/v1/images/generations", json={"model": "paint-broken", "prompt": "x",
-                                                                   "stream": True}))
+    events = read_events(
+        http.post("/v1/images/generations", json={"model": "paint-broken", "prompt": "x", "stream": True})
+    )
     assert events[-1][0] == "error" and "the paint ran dry" in events[-1][1]["error"]["message"]
     with pytest.raises(openai.APIError, match="the paint ran dry"):
         list(client.images.generate(model="paint-broken", prompt="x", stream=True))
@@ -340,8 +425,10 @@ def test_stream_reports_a_failed_generation_as_an_error_event(http, client):
 
 # ---- the device queue ----------------------------------------------------------------------
 def test_concurrent_requests_run_one_at_a_time(url):
-    bodies = [{"model": m, "prompt": f"queued {i}", "steps": 3} for i, m in
-              enumerate(["paint-slow", "paint", "paint-edit"] * 3)]
+    bodies = [
+        {"model": m, "prompt": f"queued {i}", "steps": 3}
+        for i, m in enumerate(["paint-slow", "paint", "paint-edit"] * 3)
+    ]
     before = len(RUNS)
     with httpx.Client(base_url=url, timeout=30) as c, ThreadPoolExecutor(len(bodies)) as pool:
         answers = list(pool.map(lambda b: c.post("/v1/images/generations", json=b), bodies))
@@ -368,12 +455,16 @@ def test_fair_queue_round_robins_clients_fifo_within_each():
 def test_a_client_that_leaves_is_dropped_from_the_device(url, http):
     cancelled = http.get("/health").json()["queue"]["cancelled"]
     with httpx.Client(base_url=url, timeout=30) as c, ThreadPoolExecutor(1) as pool:
-        busy = pool.submit(c.post, "/v1/images/generations", json={"model": "paint-slow", "prompt": "busy",
-                                                                  "steps": 10})
+        busy = pool.submit(
+            c.post, "/v1/images/generations", json={"model": "paint-slow", "prompt": "busy", "steps": 10}
+        )
         time.sleep(0.1)
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{url}/v1/images/generations", timeout=0.2,
-                       json={"model": "paint-slow", "prompt": "abandoned", "steps": 40})
+            httpx.post(
+                f"{url}/v1/images/generations",
+                timeout=0.2,
+                json={"model": "paint-slow", "prompt": "abandoned", "steps": 40},
+            )
         assert busy.result().status_code == 200
     time.sleep(1.5)  # longer than the server's disconnect poll
     assert not [r for r in RUNS if r["prompts"][0] == "abandoned"]
@@ -392,8 +483,11 @@ def test_a_full_queue_answers_429():
 
 
 def test_generation_error_is_a_500_and_the_server_stays_up(http):
-    message = assert_error(http.post("/v1/images/generations", json={"model": "paint-broken", "prompt": "x"}), 500,
-                           code="generation_failed")
+    message = assert_error(
+        http.post("/v1/images/generations", json={"model": "paint-broken", "prompt": "x"}),
+        500,
+        code="generation_failed",
+    )
     assert "RuntimeError" in message and "the paint ran dry" in message
     assert http.get("/health").json()["status"] == "ok"
     assert http.post("/v1/images/generations", json={"model": "paint", "prompt": "still here"}).status_code == 200
@@ -431,8 +525,13 @@ BAD_FIELDS = [
     ("n too large", {"prompt": "x", "model": "paint", "n": 11}, 400, "n", "invalid_value"),
     ("n zero", {"prompt": "x", "model": "paint", "n": 0}, 400, "n", "invalid_value"),
     ("too many steps", {"prompt": "x", "model": "paint", "steps": 1000}, 400, "steps", "invalid_value"),
-    ("unsupported option", {"prompt": "x", "model": "paint", "negative_prompt": "y"}, 400, "negative_prompt",
-     "unsupported_option"),
+    (
+        "unsupported option",
+        {"prompt": "x", "model": "paint", "negative_prompt": "y"},
+        400,
+        "negative_prompt",
+        "unsupported_option",
+    ),
     ("bad quantize", {"prompt": "x", "model": "paint", "quantize": "3"}, 400, "quantize", "invalid_value"),
     ("bad response_format", {"prompt": "x", "response_format": "jpeg"}, 400, "response_format", "invalid_value"),
 ]
@@ -458,21 +557,39 @@ def test_unknown_model_suggests_names(http, client):
 
 def test_bad_edit_uploads(http):
     form = {"model": "paint-edit", "prompt": "x"}
-    assert_error(http.post("/v1/images/edits", files={"image": ("a.txt", b"not an image", "text/plain")}, data=form),
-                 400, "image", "invalid_image")
-    assert_error(http.post("/v1/images/edits", files={"other": ("a.png", upload((1, 2, 3)))}, data=form),
-                 400, "other", "unknown_parameter")
-    assert_error(http.post("/v1/images/edits", data=form, files={"mask": ("m.png", rgba_mask())}),
-                 400, "image", "missing_image")
+    assert_error(
+        http.post("/v1/images/edits", files={"image": ("a.txt", b"not an image", "text/plain")}, data=form),
+        400,
+        "image",
+        "invalid_image",
+    )
+    assert_error(
+        http.post("/v1/images/edits", files={"other": ("a.png", upload((1, 2, 3)))}, data=form),
+        400,
+        "other",
+        "unknown_parameter",
+    )
+    assert_error(
+        http.post("/v1/images/edits", data=form, files={"mask": ("m.png", rgba_mask())}), 400, "image", "missing_image"
+    )
     assert_error(http.post("/v1/images/edits", json=form), 400, code="invalid_content_type")
-    assert_error(http.post("/v1/images/edits", files={"image": ("a.png", upload((1, 2, 3)))},
-                           data={"prompt": "x", "model": "paint-edit", "style": "vivid"}), 400, "style")
+    assert_error(
+        http.post(
+            "/v1/images/edits",
+            files={"image": ("a.png", upload((1, 2, 3)))},
+            data={"prompt": "x", "model": "paint-edit", "style": "vivid"},
+        ),
+        400,
+        "style",
+    )
     assert_error(http.post("/v1/images/edits", files={"x": ("", b"")}, data=form), 400)
     image = {"image": ("a.png", upload((1, 2, 3)))}  # the model's own options travel as JSON text in a form
-    assert "JSON object" in assert_error(http.post("/v1/images/edits", files=image, data={**form, "options": "{"}),
-                                         400, "options")
-    assert "foo" in assert_error(http.post("/v1/images/edits", files=image, data={**form, "options": '{"foo": 1}'}),
-                                 400)
+    assert "JSON object" in assert_error(
+        http.post("/v1/images/edits", files=image, data={**form, "options": "{"}), 400, "options"
+    )
+    assert "foo" in assert_error(
+        http.post("/v1/images/edits", files=image, data={**form, "options": '{"foo": 1}'}), 400
+    )
     too_many = [("image[]", (f"{i}.png", upload((i, i, i)))) for i in range(9)]
     assert_error(http.post("/v1/images/edits", files=too_many, data=form), 400, code="invalid_multipart")
 
@@ -486,11 +603,18 @@ def test_body_size_is_limited():
             for _ in range(20):
                 yield b"x" * 1000
 
-        assert_error(httpx.post(f"{url}/v1/images/generations", content=chunks(),
-                                headers={"Content-Type": "application/json"}), 413)
-        assert_error(httpx.post(f"{url}/v1/images/edits", data={"prompt": "x", "model": "paint-edit"},
-                                files={"image": ("a.png", upload((1, 2, 3), size=(512, 512)) + b"\0" * 20_000)}),
-                     413)
+        assert_error(
+            httpx.post(f"{url}/v1/images/generations", content=chunks(), headers={"Content-Type": "application/json"}),
+            413,
+        )
+        assert_error(
+            httpx.post(
+                f"{url}/v1/images/edits",
+                data={"prompt": "x", "model": "paint-edit"},
+                files={"image": ("a.png", upload((1, 2, 3), size=(512, 512)) + b"\0" * 20_000)},
+            ),
+            413,
+        )
 
 
 def test_unknown_route_and_method_are_openai_errors(http):
@@ -559,16 +683,26 @@ def test_quantize_is_a_separate_resident(http):
     answer = http.post("/v1/images/generations", json={"model": "paint", "prompt": "x", "quantize": "8"})
     assert answer.status_code == 200
     assert {(m["model"], m["quantize"]) for m in http.get("/health").json()["loaded"]} >= {
-        ("paint-small", None), ("paint-small", "8")}
+        ("paint-small", None),
+        ("paint-small", "8"),
+    }
 
 
 # ---- load ----------------------------------------------------------------------------------
 def test_load_50_requests_from_8_clients(url):
     def one(i: int) -> float:
         start = time.perf_counter()
-        response = clients[i % 8].post("/v1/images/generations",
-                                       json={"model": ["paint", "paint-edit"][i % 2], "prompt": f"load {i}",
-                                             "size": "64x64", "n": 1 + i % 2, "seed": i, "user": f"c{i % 8}"})
+        response = clients[i % 8].post(
+            "/v1/images/generations",
+            json={
+                "model": ["paint", "paint-edit"][i % 2],
+                "prompt": f"load {i}",
+                "size": "64x64",
+                "n": 1 + i % 2,
+                "seed": i,
+                "user": f"c{i % 8}",
+            },
+        )
         assert response.status_code == 200, response.text
         assert len(response.json()["data"]) == 1 + i % 2
         return time.perf_counter() - start
@@ -583,8 +717,10 @@ def test_load_50_requests_from_8_clients(url):
         for c in clients:
             c.close()
     p50, p95 = statistics.median(latencies), latencies[int(0.95 * len(latencies)) - 1]
-    print(f"\nload: 50 requests, 8 clients, 0 errors: total {total:.2f}s, {50 / total:.1f} req/s, "
-          f"p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms")
+    print(
+        f"\nload: 50 requests, 8 clients, 0 errors: total {total:.2f}s, {50 / total:.1f} req/s, "
+        f"p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms"
+    )
     assert len(latencies) == 50
 
 
@@ -596,14 +732,19 @@ def test_serve_command_starts_and_refuses_bad_options(tmp_path):
     import sys
     import time
 
-    bad = subprocess.run([sys.executable, "-m", "imagegen", "serve", "--model", "nope"], capture_output=True,
-                         text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "imagegen", "serve", "--model", "nope"], capture_output=True, text=True, timeout=60
+    )
     assert bad.returncode == 1 and bad.stderr.startswith("Error: Unknown model 'nope'")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "imagegen", "serve", "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imagegen", "serve", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.time() + 30
         while True:

@@ -58,12 +58,22 @@ class DemoVariants:
     @imagegen.hookimpl
     def register_models(self, register) -> None:
         base = demo()
-        register(dataclasses.replace(base, id="flux2-demo-slowload", load=slow_load,
-                                     extra={**base.extra, "real_load": base.load}))
+        register(
+            dataclasses.replace(
+                base, id="flux2-demo-slowload", load=slow_load, extra={**base.extra, "real_load": base.load}
+            )
+        )
         register(dataclasses.replace(base, id="flux2-demo-elsewhere", bundled_weights=self.broken_weights))
         # the demo cannot edit and draws 128x128 only; the upload tests need a model that takes images
-        register(dataclasses.replace(base, id="flux2-demo-edit", tasks=(imagegen.TEXT_TO_IMAGE, imagegen.IMAGE_EDIT),
-                                     options=base.options | {"images"}, max_pixels=512 * 512))
+        register(
+            dataclasses.replace(
+                base,
+                id="flux2-demo-edit",
+                tasks=(imagegen.TEXT_TO_IMAGE, imagegen.IMAGE_EDIT),
+                options=base.options | {"images"},
+                max_pixels=512 * 512,
+            )
+        )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -130,8 +140,11 @@ def test_an_upload_too_large_to_decode_is_refused_from_its_header(http, monkeypa
     real_load = ImageFile.ImageFile.load
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda img: decoded.append(img.size) or real_load(img))
     start = time.monotonic()
-    response = http.post("/v1/images/edits", data={"model": "flux2-demo", "prompt": "a red circle"},
-                         files={"image": ("bomb.png", bomb, "image/png")})
+    response = http.post(
+        "/v1/images/edits",
+        data={"model": "flux2-demo", "prompt": "a red circle"},
+        files={"image": ("bomb.png", bomb, "image/png")},
+    )
     message = error_of(response, 400, "invalid_image", "image")
     assert "12000x12000" in message and "bomb.png" in message
     assert decoded == [] and time.monotonic() - start < 5
@@ -161,8 +174,11 @@ def test_a_client_that_leaves_during_the_model_load_stops_its_job(caplog):
     caplog.set_level(logging.ERROR, logger="asyncio")
     with running(keep_alive=0) as (url, app):
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{url}/v1/images/generations", timeout=0.3,
-                       json={"model": "flux2-demo-slowload", "prompt": "abandoned while loading", "steps": 1})
+            httpx.post(
+                f"{url}/v1/images/generations",
+                timeout=0.3,
+                json={"model": "flux2-demo-slowload", "prompt": "abandoned while loading", "steps": 1},
+            )
         counts = app.state.service.worker.counts
         wait_for(lambda: counts["cancelled"] == 1)
         assert counts["done"] == 0 and "abandoned while loading" not in ENCODES
@@ -193,8 +209,13 @@ def test_sigterm_drains_in_flight_requests_then_answers_the_rest_with_errors():
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(serve_command("--model", "flux2-demo", "--port", str(port), "--grace", "10s"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(
+        serve_command("--model", "flux2-demo", "--port", str(port), "--grace", "10s"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     try:
         wait_for(lambda: proc.poll() is None and _loaded(url), 60)
         quick = {"model": "flux2-demo", "prompt": "a red circle", "steps": 4, "size": "64x64", "seed": 1}
@@ -247,8 +268,12 @@ STRICT = [
     ("a float overflow", b'{"prompt": "a red circle", "guidance": 1e999}', "guidance", "invalid_value"),
     ("whitespace prompt", b'{"prompt": " \\t\\n "}', "prompt", "invalid_value"),
     ("duplicate keys", b'{"prompt": "a red circle", "n": 1, "n": 4}', "n", "duplicate_key"),
-    ("partial_images without stream", b'{"prompt": "a red circle", "partial_images": 2}', "partial_images",
-     "invalid_value"),
+    (
+        "partial_images without stream",
+        b'{"prompt": "a red circle", "partial_images": 2}',
+        "partial_images",
+        "invalid_value",
+    ),
     ("empty body", b"", None, "missing_body"),
     ("deep nesting", b"[" * 100_000, None, "invalid_json"),
 ]
@@ -265,8 +290,11 @@ def test_form_fields_are_read_as_strictly(http):
     for field, value in (("n", "２"), ("stream", "yes"), ("steps", "2.0"), ("seed", " 7")):
         response = http.post("/v1/images/edits", files=image, data={"prompt": "a red circle", field: value})
         error_of(response, 400, "invalid_value", field)
-    error_of(http.post("/v1/images/generations", content=b'{"prompt": "x"}', headers={"Content-Type": "text/plain"}),
-             400, "invalid_content_type")
+    error_of(
+        http.post("/v1/images/generations", content=b'{"prompt": "x"}', headers={"Content-Type": "text/plain"}),
+        400,
+        "invalid_content_type",
+    )
 
 
 # ---- 6. the Authorization header -------------------------------------------------------------
@@ -296,13 +324,20 @@ def test_clients_take_turns_by_address_whatever_user_they_claim(server, monkeypa
 
     monkeypatch.setattr(service, "_run", noting_run)
     body = {"model": "flux2-demo", "steps": 1, "size": "64x64", "seed": 3}
-    with device_held(app) as gate, client_at(url, "127.0.0.1") as busy, client_at(url, "127.0.0.2") as other, \
-            ThreadPoolExecutor(4) as pool:
+    with (
+        device_held(app) as gate,
+        client_at(url, "127.0.0.1") as busy,
+        client_at(url, "127.0.0.2") as other,
+        ThreadPoolExecutor(4) as pool,
+    ):
         answers = []
         for client, user in ((busy, "a"), (busy, "b"), (busy, "c"), (other, "d")):  # in this order
             who = "busy" if client is busy else "other"
-            answers.append(pool.submit(client.post, "/v1/images/generations",
-                                       json={**body, "prompt": f"{who} {user}", "user": user}))
+            answers.append(
+                pool.submit(
+                    client.post, "/v1/images/generations", json={**body, "prompt": f"{who} {user}", "user": user}
+                )
+            )
             wait_for(lambda: len(service.worker.queue) == len(answers))
         gate.set()
         assert all(a.result().status_code == 200 for a in answers)
@@ -310,8 +345,13 @@ def test_clients_take_turns_by_address_whatever_user_they_claim(server, monkeypa
 
 
 def test_one_client_may_hold_only_its_share_of_the_queue():
-    with running(max_queue=4, max_queue_per_client=2, keep_alive=-1) as (url, app), device_held(app), \
-            client_at(url, "127.0.0.1") as busy, client_at(url, "127.0.0.2") as other, ThreadPoolExecutor(2) as pool:
+    with (
+        running(max_queue=4, max_queue_per_client=2, keep_alive=-1) as (url, app),
+        device_held(app),
+        client_at(url, "127.0.0.1") as busy,
+        client_at(url, "127.0.0.2") as other,
+        ThreadPoolExecutor(2) as pool,
+    ):
         body = {"model": "flux2-demo", "prompt": "a red circle", "steps": 1}
         for user in ("a", "b"):
             pool.submit(busy.post, "/v1/images/generations", json={**body, "user": user}, timeout=1)
@@ -350,15 +390,21 @@ def test_error_messages_do_not_reveal_server_paths(http, demo_variants, caplog):
 def test_serve_command_reports_bad_ports_and_memory_in_one_line():
     bad_port = subprocess.run(serve_command("--port", "99999"), capture_output=True, text=True, timeout=60)
     assert bad_port.returncode == 1 and bad_port.stderr.strip().splitlines() == [
-        "Error: --port must be between 1 and 65535, got 99999."]
+        "Error: --port must be between 1 and 65535, got 99999."
+    ]
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        in_use = subprocess.run(serve_command("--model", "flux2-demo", "--port", str(port)), capture_output=True,
-                                text=True, timeout=60)
+        in_use = subprocess.run(
+            serve_command("--model", "flux2-demo", "--port", str(port)), capture_output=True, text=True, timeout=60
+        )
     lines = in_use.stderr.strip().splitlines()
     assert in_use.returncode == 1 and len(lines) == 1 and "already in use" in lines[0], in_use.stderr
-    small = subprocess.run(serve_command("--model", "flux2-demo", "--max-memory", "1MB", "--port", str(free_port())),
-                           capture_output=True, text=True, timeout=60)
+    small = subprocess.run(
+        serve_command("--model", "flux2-demo", "--max-memory", "1MB", "--port", str(free_port())),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     lines = small.stderr.strip().splitlines()
     assert small.returncode == 1 and len(lines) == 1, small.stderr
     assert "--max-memory" in lines[0] and "flux2-demo" in lines[0] and "1.0 MB" in lines[0]
@@ -370,9 +416,11 @@ def test_serve_command_reports_bad_ports_and_memory_in_one_line():
 # ---- 16. uploads are recorded by content hash and file name ----------------------------------
 def test_an_uploads_name_is_recorded_without_its_path(http):
     reference = png_bytes((128, 128))
-    response = http.post("/v1/images/edits", data={"model": "flux2-demo-edit", "prompt": "a red circle", "steps": "1",
-                                                    "size": "64x64"},
-                         files={"image": ("../../home/someone/\x1b[31mref.png", reference, "image/png")})
+    response = http.post(
+        "/v1/images/edits",
+        data={"model": "flux2-demo-edit", "prompt": "a red circle", "steps": "1", "size": "64x64"},
+        files={"image": ("../../home/someone/\x1b[31mref.png", reference, "image/png")},
+    )
     assert response.status_code == 200, response.text
     image = Image.open(io.BytesIO(__import__("base64").b64decode(response.json()["data"][0]["b64_json"])))
     metadata = json.loads(image.text[METADATA_KEY])

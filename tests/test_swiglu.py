@@ -35,4 +35,4 @@ def test_fused_kernel_matches_plain_path(start, dtype, monkeypatch):
     if dtype == mx.float32:
         np.testing.assert_allclose(fused, plain, rtol=1e-5, atol=1e-6)
     else:  # a bf16 rounding step or two apart at most
-        assert np.abs(fused - plain).max() <= 2 ** -6 * max(1.0, np.abs(plain).max())
+        assert np.abs(fused - plain).max() <= 2**-6 * max(1.0, np.abs(plain).max())

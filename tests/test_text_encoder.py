@@ -29,8 +29,9 @@ def folders(tmp_path_factory):
     reference = make_qwen3(root / "text_encoder", vocab_size=VOCAB)
     make_tokenizer(root / "tokenizer")
     tokenizer = transformers.AutoTokenizer.from_pretrained(root / "tokenizer")
-    return SimpleNamespace(root=root, te=root / "text_encoder", tok=root / "tokenizer", reference=reference,
-                           tokenizer=tokenizer)
+    return SimpleNamespace(
+        root=root, te=root / "text_encoder", tok=root / "tokenizer", reference=reference, tokenizer=tokenizer
+    )
 
 
 def relative_error(got, want) -> float:
@@ -43,8 +44,14 @@ def test_flux2_klein_embeddings_match_diffusers(folders):
     layers = (1, 2, 3)
     with torch.no_grad():
         want = Flux2KleinPipeline._get_qwen3_prompt_embeds(
-            folders.reference, folders.tokenizer, PROMPTS, dtype=torch.float32, device="cpu",
-            max_sequence_length=MAX_LENGTH, hidden_states_layers=layers).numpy()
+            folders.reference,
+            folders.tokenizer,
+            PROMPTS,
+            dtype=torch.float32,
+            device="cpu",
+            max_sequence_length=MAX_LENGTH,
+            hidden_states_layers=layers,
+        ).numpy()
     encoder = load_text_encoder(folders.te, folders.tok, dtype="float32")
     features = encoder.encode(PROMPTS, layers=layers, max_length=MAX_LENGTH, enable_thinking=False)
     got = np.stack([np.array(f.hidden).transpose(1, 0, 2).reshape(MAX_LENGTH, -1) for f in features])
@@ -61,7 +68,7 @@ def test_zimage_embeddings_match_diffusers(folders):
     features = encoder.encode(PROMPTS, layers=[-2], max_length=MAX_LENGTH, enable_thinking=True)
     for f, w in zip(features, want, strict=True):
         mask = np.array(f.mask)
-        assert mask[: f.length].all() and not mask[f.length:].any()
+        assert mask[: f.length].all() and not mask[f.length :].any()
         assert relative_error(np.array(f.hidden[0, : f.length]), w.numpy()) < 1e-5
 
 

@@ -17,9 +17,15 @@ from imagegen.text.tokenizer import ChatTokenizer
 
 def reference(folder: Path, prompts: list[str], max_length: int, enable_thinking: bool):
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                           add_generation_prompt=True, enable_thinking=enable_thinking)
-             for p in prompts]
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}],
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=enable_thinking,
+        )
+        for p in prompts
+    ]
     out = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length)
     return texts, np.array(out["input_ids"]), np.array(out["attention_mask"]).astype(bool)
 
@@ -55,9 +61,11 @@ def test_template_in_tokenizer_config_and_truncation(tmp_path):
 def test_thinking_switch_renders_like_qwen3(tmp_path):
     tokenizer = ChatTokenizer(make_tokenizer(tmp_path / "tokenizer"))
     assert tokenizer.chat_prompt("hi", enable_thinking=False) == (
-        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    )
     assert tokenizer.chat_prompt("hi", enable_thinking=True) == (
-        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def _cached_qwen_tokenizers() -> list[Path]:

@@ -16,8 +16,14 @@ from imagegen.nn.vae_blocks import GroupNorm
 from imagegen.testing import randomize_norms
 
 TINY = dict(
-    block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-    layers_per_block=1, norm_num_groups=8, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
+    block_out_channels=(32, 64),
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    layers_per_block=1,
+    norm_num_groups=8,
+    latent_channels=16,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
 )
 
 

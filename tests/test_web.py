@@ -31,9 +31,18 @@ from imagegen.image import METADATA_KEY
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-BROWSER_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1280,900")
+BROWSER_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1280,900",
+)
 MODEL = "flux2-demo"
 WAIT = 120  # seconds for one generation of the demo model on a slow CPU runner
 
@@ -59,9 +68,13 @@ def imagegen_serve(*options: str, hub_cache: Path) -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "imagegen", "serve", "--port", str(port), "--model", MODEL,
-                             *options], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "HF_HUB_CACHE": str(hub_cache)})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imagegen", "serve", "--port", str(port), "--model", MODEL, *options],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "HF_HUB_CACHE": str(hub_cache)},
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
@@ -185,14 +198,17 @@ def natural_size(driver, img) -> tuple[int, int]:
 
 def blob_bytes(driver, url: str) -> bytes:
     """The bytes behind a blob: URL of the page (what its download link saves)."""
-    b64 = driver.execute_async_script("""
+    b64 = driver.execute_async_script(
+        """
         const done = arguments[arguments.length - 1];
         fetch(arguments[0]).then(r => r.blob()).then(b => {
             const reader = new FileReader();
             reader.onload = () => done(reader.result.split(',')[1]);
             reader.readAsDataURL(b);
         });
-    """, url)
+    """,
+        url,
+    )
     return base64.b64decode(b64)
 
 
@@ -246,10 +262,18 @@ def test_details_reuse_settings_and_download(server, browser):
 
     browser.find_element("xpath", "//button[normalize-space()='Use these settings']").click()
     wait_for(browser, lambda d: not dialog.is_displayed())
-    values = {name: field(browser, name).get_attribute("value") for name in ("prompt", "seed", "steps", "width",
-                                                                           "height", "model")}
-    assert values == {"prompt": "a blue triangle on a white background", "seed": "11", "steps": "2",
-                      "width": "160", "height": "96", "model": MODEL}
+    values = {
+        name: field(browser, name).get_attribute("value")
+        for name in ("prompt", "seed", "steps", "width", "height", "model")
+    }
+    assert values == {
+        "prompt": "a blue triangle on a white background",
+        "seed": "11",
+        "steps": "2",
+        "width": "160",
+        "height": "96",
+        "model": MODEL,
+    }
     generate_button(browser).click()  # the same settings make the same image
     wait_for(browser, lambda d: len(gallery(d)) == 2)
     again = blob_bytes(browser, gallery(browser)[0].get_attribute("src"))
@@ -289,7 +313,9 @@ def test_the_form_follows_the_model_and_a_missing_model_is_explained(server, bro
     assert field(browser, "guidance").get_attribute("placeholder") == "4"
     assert field(browser, "steps").get_attribute("placeholder") == "50"
     assert (field(browser, "width").get_attribute("value"), field(browser, "height").get_attribute("value")) == (
-        "1024", "1024")
+        "1024",
+        "1024",
+    )
     presets = [o.text for o in Select(browser.find_element("id", "size-preset")).options]
     assert "1024 × 1024" in presets and "1184 × 880" in presets  # 4:3 at the model's pixel count, multiples of 16
 
@@ -363,10 +389,12 @@ def test_init_image_with_strength_and_a_painted_mask(server, browser, tmp_path):
     wait_for(browser, lambda d: canvas.is_displayed() and canvas.get_attribute("width") == "96")
     fill(browser, "strength", "0.6")
     ActionChains(browser).move_to_element(canvas).click_and_hold().move_by_offset(30, 0).release().perform()
-    mask = base64.b64decode(browser.execute_async_script("""
+    mask = base64.b64decode(
+        browser.execute_async_script("""
         const done = arguments[arguments.length - 1];
         maskBlob().then(b => { const r = new FileReader(); r.onload = () => done(r.result.split(',')[1]);
-                               r.readAsDataURL(b); });"""))
+                               r.readAsDataURL(b); });""")
+    )
     with Image.open(io.BytesIO(mask)) as image:  # OpenAI's convention: transparent where painted
         alpha = image.getchannel("A")
         assert image.size == (96, 64) and alpha.getpixel((48, 32)) == 0 and alpha.getpixel((2, 2)) == 255
@@ -394,7 +422,8 @@ def test_lora_picker_sends_adapters_of_the_lora_dir(browser, tmp_path):
         scale.send_keys("0.8")
         browser.find_element("xpath", "//button[normalize-space()='Add']").click()
         assert [li.text.split("\n")[0] for li in browser.find_elements("css selector", "#loras li")] == [
-            "style.safetensors"]
+            "style.safetensors"
+        ]
         generate(browser, "a red circle", 1, seed="3", steps="2")
         metadata = png_metadata(blob_bytes(browser, gallery(browser)[0].get_attribute("src")))
         assert [(lora["name"], lora["scale"]) for lora in metadata["loras"]] == [("style.safetensors", 0.8)]

@@ -35,9 +35,13 @@ class Tiny(mlx_nn.Module):
 
 def torch_state(dim: int = 64) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    return {"proj_in.weight": torch.randn(2 * dim, dim), "proj_in.bias": torch.randn(2 * dim),
-            "proj_out.weight": torch.randn(dim, 2 * dim), "conv.weight": torch.randn(4, 3, 3, 3),
-            "conv.bias": torch.randn(4)}
+    return {
+        "proj_in.weight": torch.randn(2 * dim, dim),
+        "proj_in.bias": torch.randn(2 * dim),
+        "proj_out.weight": torch.randn(dim, 2 * dim),
+        "conv.weight": torch.randn(4, 3, 3, 3),
+        "conv.bias": torch.randn(4),
+    }
 
 
 def test_single_file_loads_and_casts(tmp_path):
@@ -46,8 +50,10 @@ def test_single_file_loads_and_casts(tmp_path):
     model = Tiny()
     load_module(model, tmp_path, dtype="bfloat16")
     assert model.proj_in.weight.dtype == mx.bfloat16
-    np.testing.assert_array_equal(np.array(model.conv.weight.astype(mx.float32)),
-                                  state["conv.weight"].permute(0, 2, 3, 1).bfloat16().float().numpy())
+    np.testing.assert_array_equal(
+        np.array(model.conv.weight.astype(mx.float32)),
+        state["conv.weight"].permute(0, 2, 3, 1).bfloat16().float().numpy(),
+    )
 
 
 def test_sharded_folder_with_index(tmp_path):
@@ -63,11 +69,17 @@ def test_sharded_folder_with_index(tmp_path):
     np.testing.assert_array_equal(np.array(model.proj_out.weight), state["proj_out.weight"].numpy())
 
 
-@pytest.mark.parametrize("change,fragments", [
-    (lambda s: s.pop("proj_out.weight"), ["1 missing: proj_out.weight"]),
-    (lambda s: s.update({"extra.weight": torch.zeros(2)}), ["1 unexpected: extra.weight"]),
-    (lambda s: s.update({"proj_in.bias": torch.zeros(5)}), ["wrong shape: proj_in.bias: file (5,) vs model (128,)"]),
-])
+@pytest.mark.parametrize(
+    "change,fragments",
+    [
+        (lambda s: s.pop("proj_out.weight"), ["1 missing: proj_out.weight"]),
+        (lambda s: s.update({"extra.weight": torch.zeros(2)}), ["1 unexpected: extra.weight"]),
+        (
+            lambda s: s.update({"proj_in.bias": torch.zeros(5)}),
+            ["wrong shape: proj_in.bias: file (5,) vs model (128,)"],
+        ),
+    ],
+)
 def test_strict_load_names_the_problem(tmp_path, change, fragments):
     state = torch_state()
     change(state)
@@ -102,8 +114,7 @@ def test_quantized_linear_matches_dequantized_reference(mode):
     s = scheme(normalize_mode(mode))
     linear = mlx_nn.Linear(128, 64)
     q = mlx_nn.QuantizedLinear.from_linear(linear, s["group_size"], s["bits"], mode=s["mode"])
-    w = mx.dequantize(q.weight, q.scales, q.get("biases"), group_size=s["group_size"], bits=s["bits"],
-                      mode=s["mode"])
+    w = mx.dequantize(q.weight, q.scales, q.get("biases"), group_size=s["group_size"], bits=s["bits"], mode=s["mode"])
     x = mx.random.normal((3, 128), key=mx.random.key(1))
     np.testing.assert_allclose(np.array(q(x)), np.array(x @ w.T + linear.bias), rtol=1e-4, atol=1e-4)
 
@@ -114,8 +125,9 @@ def test_quantize_save_load_round_trip_is_bit_identical(tmp_path, mode):
     (tmp_path / "src").mkdir()
     save_file(torch_state(dim), tmp_path / "src" / "model.safetensors")
     model = Tiny(dim)
-    record = load_module(model, tmp_path / "src", dtype="bfloat16", quantize=mode,
-                         predicate=keep_high_precision("proj_out"))
+    record = load_module(
+        model, tmp_path / "src", dtype="bfloat16", quantize=mode, predicate=keep_high_precision("proj_out")
+    )
     assert isinstance(model.proj_in, mlx_nn.QuantizedLinear) and isinstance(model.proj_out, mlx_nn.Linear)
     x = mx.random.normal((2, dim), key=mx.random.key(0)).astype(mx.bfloat16)
     expected = model(x)
@@ -134,8 +146,10 @@ def test_quantize_save_load_round_trip_is_bit_identical(tmp_path, mode):
     s = scheme(normalize_mode(mode))
     bits = s["bits"] + 16 / s["group_size"] * (2 if s["mode"] == "affine" else 0.5)
     expected_ratio = 0.5 * bits / 16 + 0.5
-    print(f"{mode}: quantized folder {q_bytes} B vs bf16 {bf16_bytes} B = {q_bytes / bf16_bytes:.3f} "
-          f"(expected ~{expected_ratio:.3f})")
+    print(
+        f"{mode}: quantized folder {q_bytes} B vs bf16 {bf16_bytes} B = {q_bytes / bf16_bytes:.3f} "
+        f"(expected ~{expected_ratio:.3f})"
+    )
     assert q_bytes / bf16_bytes == pytest.approx(expected_ratio, rel=0.05)
     with pytest.raises(WeightsError, match="cannot re-quantize"):
         load_module(Tiny(dim), tmp_path / "q", quantize="2")

@@ -26,15 +26,21 @@ class Tiny(mlx_nn.Module):
 
 def state(dim: int = 8, **override) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    return {"proj.weight": rng.standard_normal((dim, dim)).astype(np.float32),
-            "proj.bias": rng.standard_normal(dim).astype(np.float32), **override}
+    return {
+        "proj.weight": rng.standard_normal((dim, dim)).astype(np.float32),
+        "proj.bias": rng.standard_normal(dim).astype(np.float32),
+        **override,
+    }
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.int8, np.bool_])
 def test_an_integer_tensor_where_a_float_belongs_names_tensor_and_file(tmp_path, dtype):
     save_file(state(**{"proj.weight": np.ones((8, 8), dtype)}), str(tmp_path / "model.safetensors"))
-    with pytest.raises(WeightsError, match=r"1 wrong dtype: proj.weight in model.safetensors: .* vs model "
-                                           r"mlx.core.float32"):
+    with pytest.raises(
+        WeightsError,
+        match=r"1 wrong dtype: proj.weight in model.safetensors: .* vs model "
+        r"mlx.core.float32",
+    ):
         load_module(Tiny(), tmp_path, dtype="float32")
 
 
@@ -97,11 +103,14 @@ def test_the_finite_check_adds_little_to_a_load(tmp_path):
     assert checked < plain * 1.5 + 0.05
 
 
-@pytest.mark.parametrize("content, fragment", [
-    ("[1, 2]", "must hold a JSON object, not a list"),
-    ('{"in_channels": 4', "is not valid JSON"),
-    ("\xff\xfe", "Cannot read"),
-])
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ("[1, 2]", "must hold a JSON object, not a list"),
+        ('{"in_channels": 4', "is not valid JSON"),
+        ("\xff\xfe", "Cannot read"),
+    ],
+)
 def test_malformed_config_files_are_one_line_naming_the_file(tmp_path, content, fragment):
     class Config(HFConfig):
         in_channels: int = 16
@@ -125,30 +134,45 @@ def test_a_symlink_loop_is_one_line(tmp_path):
 def test_a_field_missing_from_config_json_is_named_not_defaulted(tmp_path):
     from imagegen_flux2.config import Flux2TransformerConfig
 
-    (tmp_path / "config.json").write_text(json.dumps({"in_channels": 32, "num_layers": 2, "num_single_layers": 4,
-                                                      "attention_head_dim": 64, "joint_attention_dim": 384}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "in_channels": 32,
+                "num_layers": 2,
+                "num_single_layers": 4,
+                "attention_head_dim": 64,
+                "joint_attention_dim": 384,
+            }
+        )
+    )
     with pytest.raises(WeightsError, match=r"config.json lacks 'num_attention_heads'"):
         Flux2TransformerConfig.from_file(tmp_path / "config.json")
 
 
-@pytest.mark.parametrize("weight_map, fragment", [
-    ('{"weight_map": ["a.safetensors"]}', "needs a 'weight_map' object"),
-    ('{"weight_map": {"proj.weight": "../../etc/x.safetensors"}}', "outside"),
-    ('{"weight_map": {"proj.weight": "/etc/x.safetensors"}}', "outside"),
-    ('[]', "needs a 'weight_map' object"),
-    ('{"weight_map"', "is not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "weight_map, fragment",
+    [
+        ('{"weight_map": ["a.safetensors"]}', "needs a 'weight_map' object"),
+        ('{"weight_map": {"proj.weight": "../../etc/x.safetensors"}}', "outside"),
+        ('{"weight_map": {"proj.weight": "/etc/x.safetensors"}}', "outside"),
+        ("[]", "needs a 'weight_map' object"),
+        ('{"weight_map"', "is not valid JSON"),
+    ],
+)
 def test_bad_safetensors_index(tmp_path, weight_map, fragment):
     (tmp_path / "model.safetensors.index.json").write_text(weight_map)
     with pytest.raises(WeightsError, match=fragment):
         safetensors_files(tmp_path)
 
 
-@pytest.mark.parametrize("content, fragment", [
-    ("[]", "is not an imagegen quantization record"),
-    ('{"quantization": "4"}', "needs mode, bits and group_size"),
-    ("{bad", "is not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ("[]", "is not an imagegen quantization record"),
+        ('{"quantization": "4"}', "needs mode, bits and group_size"),
+        ("{bad", "is not valid JSON"),
+    ],
+)
 def test_bad_quantization_record(tmp_path, content, fragment):
     save_file(state(), str(tmp_path / "model.safetensors"))
     (tmp_path / "quantization.json").write_text(content)

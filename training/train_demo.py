@@ -56,7 +56,7 @@ SETTINGS = {
     "default_guidance": 1.0,
     # what `imagegen models` says the model knows
     "description": f"'a {{colour}} {{shape}} on a {{colour}} background'; shapes: {', '.join(shapes.SHAPES)}; "
-                   f"colours: {', '.join(shapes.COLOURS)}",
+    f"colours: {', '.join(shapes.COLOURS)}",
 }
 
 VAE_CONFIG = {

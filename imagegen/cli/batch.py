@@ -36,8 +36,7 @@ class BatchProgress:
     def __enter__(self) -> BatchProgress:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
         if self.progress is not None:
             self.progress.stop()
 
@@ -48,9 +47,15 @@ class BatchProgress:
         if self.quiet:
             return
         self.progress = Progress(
-            TextColumn("rows"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-            TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[failed]}"),
-            console=self.console, transient=True,
+            TextColumn("rows"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[failed]}"),
+            console=self.console,
+            transient=True,
         )
         self.task = self.progress.add_task("rows", total=total - skipped, rate="", failed="")
         self.progress.start()
@@ -89,27 +94,48 @@ def summary_line(summary: Summary, folder: Path) -> str:
 @handle_errors
 @with_flags(cli_options(ROW_OPTIONS.values()), help_prefix="For rows without it: ")
 def batch(
-    prompts: Path = typer.Argument(..., help="JSON-lines file: one object per line with 'prompt' and optionally "
-                                   "'id', 'model', 'size', 'options' and the options below by name (e.g. 'seed', "
-                                   "'steps', 'negative_prompt')."),
+    prompts: Path = typer.Argument(
+        ...,
+        help="JSON-lines file: one object per line with 'prompt' and optionally "
+        "'id', 'model', 'size', 'options' and the options below by name (e.g. 'seed', "
+        "'steps', 'negative_prompt').",
+    ),
     output: Path = typer.Option(..., "--output", "-o", help="Folder for <id>.png, results.jsonl, failures.jsonl."),
-    ray: str = typer.Option(None, "--ray", help="Run on Ray: 'local' starts a cluster on this machine, 'auto' joins "
-                            "the one `ray start` runs, or a cluster address (needs the ray extra: "
-                            "pip install 'imagegen-mlx\\[ray]')."),
-    workers: int = typer.Option(None, "--workers", help="Ray workers (default: one per GPU, or per --gpus-per-worker "
-                                "GPUs; 1 without GPUs)."),
-    gpus_per_worker: int = typer.Option(1, "--gpus-per-worker", help="Spread each image over N GPUs of a worker, "
-                                        "one process each (FLUX.2 models): without --ray the batch's own worker, "
-                                        "with --ray each Ray worker holds N GPUs."),
-    model: str = typer.Option(None, "--model", "-m", help="Model for rows that name none (default: $IMAGEGEN_MODEL "
-                              "or the bundled demo model)."),
+    ray: str = typer.Option(
+        None,
+        "--ray",
+        help="Run on Ray: 'local' starts a cluster on this machine, 'auto' joins "
+        "the one `ray start` runs, or a cluster address (needs the ray extra: "
+        "pip install 'imagegen-mlx\\[ray]').",
+    ),
+    workers: int = typer.Option(
+        None, "--workers", help="Ray workers (default: one per GPU, or per --gpus-per-worker GPUs; 1 without GPUs)."
+    ),
+    gpus_per_worker: int = typer.Option(
+        1,
+        "--gpus-per-worker",
+        help="Spread each image over N GPUs of a worker, "
+        "one process each (FLUX.2 models): without --ray the batch's own worker, "
+        "with --ray each Ray worker holds N GPUs.",
+    ),
+    model: str = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="Model for rows that name none (default: $IMAGEGEN_MODEL or the bundled demo model).",
+    ),
     size: str = typer.Option(None, "--size", help="WIDTHxHEIGHT for rows without 'size' (default: the model's)."),
     weights: str = typer.Option(None, "--weights", help="Weights folder or Hugging Face repo id (cached)."),
     quantize: str = typer.Option(None, "--quantize", "-q", help="Quantize weights: 4, 8, mxfp8, mxfp4, nvfp4, ..."),
-    dtype: str = typer.Option(None, "--dtype", help="bfloat16, float16 or float32 (default: the model's; "
-                              "float32 for flux2-demo)."),
-    controlnet: str = typer.Option(None, "--controlnet", help="A ControlNet (diffusers folder or cached repo id) for "
-                                   "the models that take one (Z-Image); rows give 'control_image' in 'options'."),
+    dtype: str = typer.Option(
+        None, "--dtype", help="bfloat16, float16 or float32 (default: the model's; float32 for flux2-demo)."
+    ),
+    controlnet: str = typer.Option(
+        None,
+        "--controlnet",
+        help="A ControlNet (diffusers folder or cached repo id) for "
+        "the models that take one (Z-Image); rows give 'control_image' in 'options'.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
     flags: dict[str, Any] | None = None,
@@ -122,8 +148,9 @@ def batch(
     if gpus_per_worker < 1 or ray is None:  # Ray checks the cluster's GPUs; here, the ones this host shows
         distributed.check_count(gpus_per_worker, "--gpus-per-worker")
     if gpus_per_worker > 1 and model is not None and not registry.get(model).extra.get("sequence_parallel"):
-        raise InvalidOptionError(f"Model '{registry.get(model).id}' cannot spread one image over several GPUs "
-                                 "(--gpus-per-worker).")
+        raise InvalidOptionError(
+            f"Model '{registry.get(model).id}' cannot spread one image over several GPUs (--gpus-per-worker)."
+        )
     values = {name: value for name, value in (flags or {}).items() if given(value)}
     with flag_errors():  # the same type and range checks as a row's, worded with the flags
         values = {name: ROW_OPTIONS[name].check(value) for name, value in values.items()}
@@ -133,12 +160,28 @@ def batch(
     named = {k: values.pop(k, None) for k in ("steps", "guidance", "seed", "negative_prompt")}
     defaults = Defaults(model=model, width=width, height=height, options=values, **named)
     with BatchProgress(quiet or as_json) as progress:
-        summary = run_batch(prompts, output, defaults, LoadOptions(weights, dtype, quantize, controlnet), ray=ray,
-                            workers=workers, reporter=progress, gpus_per_worker=gpus_per_worker)
+        summary = run_batch(
+            prompts,
+            output,
+            defaults,
+            LoadOptions(weights, dtype, quantize, controlnet),
+            ray=ray,
+            workers=workers,
+            reporter=progress,
+            gpus_per_worker=gpus_per_worker,
+        )
     if as_json:
         fields = ("total", "skipped", "done", "failed", "retried", "replaced", "workers")
-        typer.echo(json.dumps({**{k: getattr(summary, k) for k in fields}, "seconds": round(summary.seconds, 3),
-                               "images_per_second": round(summary.images_per_second, 4), "output": str(output)}))
+        typer.echo(
+            json.dumps(
+                {
+                    **{k: getattr(summary, k) for k in fields},
+                    "seconds": round(summary.seconds, 3),
+                    "images_per_second": round(summary.images_per_second, 4),
+                    "output": str(output),
+                }
+            )
+        )
     else:
         typer.echo(summary_line(summary, output))
     if summary.failed:

@@ -34,8 +34,12 @@ class Timing:
     peak_gb: float | None = None
 
     def record(self) -> dict[str, Any]:
-        return {"ms": round(self.ms, 3), "runs_ms": [round(r, 3) for r in self.runs], "repeats": len(self.runs),
-                "peak_gb": None if self.peak_gb is None else round(self.peak_gb, 3)}
+        return {
+            "ms": round(self.ms, 3),
+            "runs_ms": [round(r, 3) for r in self.runs],
+            "repeats": len(self.runs),
+            "peak_gb": None if self.peak_gb is None else round(self.peak_gb, 3),
+        }
 
 
 def _leaves(obj: Any) -> Iterator[mx.array]:
@@ -104,8 +108,16 @@ def time_step(pipe: Pipeline, request: Any, warmup: int = 2, repeats: int = 5) -
     return time_mlx(step, warmup, repeats), latest["latents"]
 
 
-def bench_pipeline(pipe: Pipeline, prompt: str, width: int, height: int, steps: int | None = None,
-                   warmup: int = 2, repeats: int = 5, e2e_repeats: int = 3) -> Iterator[dict[str, Any]]:
+def bench_pipeline(
+    pipe: Pipeline,
+    prompt: str,
+    width: int,
+    height: int,
+    steps: int | None = None,
+    warmup: int = 2,
+    repeats: int = 5,
+    e2e_repeats: int = 3,
+) -> Iterator[dict[str, Any]]:
     """Time each stage of a loaded pipeline; yields one record per stage as it is measured.
 
     encode: the prompt (cache cleared each run); step: one iteration of denoise_steps (the pipeline's own,
@@ -134,16 +146,22 @@ def bench_pipeline(pipe: Pipeline, prompt: str, width: int, height: int, steps: 
 @app.command()
 @handle_errors
 def bench(
-    model: str = typer.Option(None, "--model", "-m", help="Model id, alias or family (default: $IMAGEGEN_MODEL "
-                              "or the bundled demo model)."),
+    model: str = typer.Option(
+        None, "--model", "-m", help="Model id, alias or family (default: $IMAGEGEN_MODEL or the bundled demo model)."
+    ),
     weights: str = typer.Option(None, "--weights", help="Weights folder or Hugging Face repo id (cached)."),
-    random: bool = typer.Option(False, "--random", help="Random weights of the checkpoint's configs: only its "
-                                "config and tokenizer files are read (speed and memory, not images)."),
+    random: bool = typer.Option(
+        False,
+        "--random",
+        help="Random weights of the checkpoint's configs: only its "
+        "config and tokenizer files are read (speed and memory, not images).",
+    ),
     size: str = typer.Option(None, "--size", help="WIDTHxHEIGHT (default: the model's)."),
     steps: int = typer.Option(None, "--steps", "-s", help="Steps of the end-to-end run (default: the model's)."),
     quantize: str = typer.Option(None, "--quantize", "-q", help="Quantize weights: 4, 8, mxfp8, mxfp4, nvfp4, ..."),
-    dtype: str = typer.Option(None, "--dtype", help="bfloat16, float16 or float32 (default: the model's; "
-                              "float32 for flux2-demo)."),
+    dtype: str = typer.Option(
+        None, "--dtype", help="bfloat16, float16 or float32 (default: the model's; float32 for flux2-demo)."
+    ),
     repeats: int = typer.Option(5, "--repeats", help="Timed runs per stage (the median is reported)."),
     warmup: int = typer.Option(2, "--warmup", help="Untimed runs first (kernel compilation, tracing)."),
     prompt: str = typer.Option(DEFAULT_PROMPT, "--prompt", help="The prompt to encode and generate."),
@@ -157,8 +175,15 @@ def bench(
     check_size(spec, width, height)
     quantize = spec.check_quantize(quantize)
     path = hub.resolve_weights(spec, weights)
-    base = {"model": spec.id, "dtype": dtype or spec.default_dtype, "quantize": quantize, "random": random,
-            "device": str(mx.default_device()), "imagegen": __version__, "mlx": mx.__version__}
+    base = {
+        "model": spec.id,
+        "dtype": dtype or spec.default_dtype,
+        "quantize": quantize,
+        "random": random,
+        "device": str(mx.default_device()),
+        "imagegen": __version__,
+        "mlx": mx.__version__,
+    }
 
     def emit(record: dict[str, Any]) -> None:
         if as_json:
@@ -168,8 +193,10 @@ def bench(
             typer.echo(f"{record['stage']:<8} {record['ms']:>10.1f} ms   {peak}")
 
     if not as_json:
-        typer.echo(f"{spec.id} {width}x{height} {base['dtype']}{' ' + quantize if quantize else ''}"
-                   f"{' (random weights)' if random else ''} on {base['device']}, median of {repeats}")
+        typer.echo(
+            f"{spec.id} {width}x{height} {base['dtype']}{' ' + quantize if quantize else ''}"
+            f"{' (random weights)' if random else ''} on {base['device']}, median of {repeats}"
+        )
     mx.reset_peak_memory()
     start = time.perf_counter()
     with random_weights() if random else nullcontext():

@@ -48,9 +48,20 @@ def output_paths(output: Path | None, model: str, seed: int, count: int) -> list
 
 # What a PNG's metadata may hold for --from, and the JSON types each field must have (a PNG is untrusted input).
 SAVED_FIELDS: dict[str, tuple[type, ...]] = {
-    "prompt": (str,), "negative_prompt": (str,), "model": (str,), "seed": (int,), "steps": (int,),
-    "guidance": (int, float), "width": (int,), "height": (int,), "quantize": (str,), "dtype": (str,),
-    "options": (dict,), "images": (list,), "inputs": (dict,), "weights": (dict,),
+    "prompt": (str,),
+    "negative_prompt": (str,),
+    "model": (str,),
+    "seed": (int,),
+    "steps": (int,),
+    "guidance": (int, float),
+    "width": (int,),
+    "height": (int,),
+    "quantize": (str,),
+    "dtype": (str,),
+    "options": (dict,),
+    "images": (list,),
+    "inputs": (dict,),
+    "weights": (dict,),
 }
 
 
@@ -73,8 +84,11 @@ def replay_weights(path: Path, saved: dict[str, Any], spec: Any, weights: str | 
     here = hub.weights_identity(spec, local) if local is not None else {}
     if source != here.get("source") or saved["weights"].get("config_sha256") != here.get("config_sha256"):
         shown = "".join(c if c.isprintable() else "?" for c in source)[:200]
-        typer.secho(f"Note: {path} was made with the weights '{shown}'; using the local '{spec.id}' weights "
-                    "(pass --weights to choose).", err=True)
+        typer.secho(
+            f"Note: {path} was made with the weights '{shown}'; using the local '{spec.id}' weights "
+            "(pass --weights to choose).",
+            err=True,
+        )
 
 
 def replay_components(path: Path, saved: dict[str, Any], given: dict[str, str | None]) -> None:
@@ -85,8 +99,9 @@ def replay_components(path: Path, saved: dict[str, Any], given: dict[str, str | 
         if name in given and given[name] is None and isinstance(source, str):
             shown = "".join(c if c.isprintable() else "?" for c in source)[:200]
             instead = "using the model's own VAE" if name == "vae" else "loading none"
-            typer.secho(f"Note: {path} was made with --{name} '{shown}'; {instead} (pass --{name} to choose).",
-                        err=True)
+            typer.secho(
+                f"Note: {path} was made with --{name} '{shown}'; {instead} (pass --{name} to choose).", err=True
+            )
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
@@ -130,24 +145,45 @@ def read_prompt(prompt: str | None) -> str | None:
 @with_flags(cli_options())
 def run(
     prompt: str = typer.Argument(None, help="What to draw; '-' reads it from standard input."),
-    model: str = typer.Option(None, "--model", "-m", help="Model id, alias or family (default: $IMAGEGEN_MODEL "
-                              "or the bundled demo model)."),
-    output: Path = typer.Option(None, "--output", "-o", help="Image file (.png, .jpg, .webp), folder, or - for "
-                                "standard output (default: a new PNG here)."),
-    size: str = typer.Option(None, "--size", help="WIDTHxHEIGHT, multiples of 16 (default: the model's, or the "
-                             "first --image's for editing models)."),
+    model: str = typer.Option(
+        None, "--model", "-m", help="Model id, alias or family (default: $IMAGEGEN_MODEL or the bundled demo model)."
+    ),
+    output: Path = typer.Option(
+        None,
+        "--output",
+        "-o",
+        help="Image file (.png, .jpg, .webp), folder, or - for standard output (default: a new PNG here).",
+    ),
+    size: str = typer.Option(
+        None,
+        "--size",
+        help="WIDTHxHEIGHT, multiples of 16 (default: the model's, or the first --image's for editing models).",
+    ),
     weights: str = typer.Option(None, "--weights", help="Weights folder or Hugging Face repo id (cached)."),
     quantize: str = typer.Option(None, "--quantize", "-q", help="Quantize weights: 4, 8, mxfp8, mxfp4, nvfp4, ..."),
-    dtype: str = typer.Option(None, "--dtype", help="bfloat16, float16 or float32 (default: the model's; "
-                              "float32 for flux2-demo)."),
-    option: list[str] = typer.Option(None, "--option", "-O", help="A model-specific option NAME=VALUE, e.g. "
-                                     "cfg_truncation=0.9 (zimage); repeatable."),
-    cache: str = typer.Option(None, "--cache", help="Step caching (with the imagegen-cache plugin): "
-                              "first-block[:THRESHOLD], mag[:THRESHOLD],ratios=FILE, or off."),
-    vae: str = typer.Option(None, "--vae", help="Another VAE: a diffusers folder or cached repo id, e.g. "
-                            "black-forest-labs/FLUX.2-small-decoder for FLUX.2 models."),
-    controlnet: str = typer.Option(None, "--controlnet", help="A ControlNet (diffusers folder or cached repo id) "
-                                   "steering the model with --control-image (Z-Image)."),
+    dtype: str = typer.Option(
+        None, "--dtype", help="bfloat16, float16 or float32 (default: the model's; float32 for flux2-demo)."
+    ),
+    option: list[str] = typer.Option(
+        None, "--option", "-O", help="A model-specific option NAME=VALUE, e.g. cfg_truncation=0.9 (zimage); repeatable."
+    ),
+    cache: str = typer.Option(
+        None,
+        "--cache",
+        help="Step caching (with the imagegen-cache plugin): "
+        "first-block[:THRESHOLD], mag[:THRESHOLD],ratios=FILE, or off.",
+    ),
+    vae: str = typer.Option(
+        None,
+        "--vae",
+        help="Another VAE: a diffusers folder or cached repo id, e.g. "
+        "black-forest-labs/FLUX.2-small-decoder for FLUX.2 models.",
+    ),
+    controlnet: str = typer.Option(
+        None,
+        "--controlnet",
+        help="A ControlNet (diffusers folder or cached repo id) steering the model with --control-image (Z-Image).",
+    ),
     from_image: Path = typer.Option(None, "--from", help="Reuse the settings saved in an imagegen PNG."),
     force: bool = typer.Option(False, "--force", help="Run even if the memory estimate says it will not fit."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -209,11 +245,13 @@ def run(
 
     path = hub.resolve_weights(spec, weights)
     if spec.estimate_memory is not None:
-        needed = spec.estimate_memory(spec, path, dtype or spec.default_dtype, quantize, request.width,
-                                      request.height, request.batch_size)
+        needed = spec.estimate_memory(
+            spec, path, dtype or spec.default_dtype, quantize, request.width, request.height, request.batch_size
+        )
         if needed and controlnet is not None:  # its weights come on top of the model's
-            needed += weight_bytes(hub.resolve_component(controlnet, "--controlnet"), dtype or spec.default_dtype,
-                                   quantize, quantized=True)
+            needed += weight_bytes(
+                hub.resolve_component(controlnet, "--controlnet"), dtype or spec.default_dtype, quantize, quantized=True
+            )
         preflight(needed, spec.id, force)
 
     with RunProgress(quiet or as_json) as progress:
@@ -230,9 +268,20 @@ def run(
         else:
             save_image(img, path_out, metadata)
     if as_json:
-        typer.echo(json.dumps({"model": spec.id, "images": [str(p) for p in paths], "seeds": result.seeds,
-                               "steps": request.steps, "width": request.width, "height": request.height,
-                               "timings": result.timings}), err=to_stdout)
+        typer.echo(
+            json.dumps(
+                {
+                    "model": spec.id,
+                    "images": [str(p) for p in paths],
+                    "seeds": result.seeds,
+                    "steps": request.steps,
+                    "width": request.width,
+                    "height": request.height,
+                    "timings": result.timings,
+                }
+            ),
+            err=to_stdout,
+        )
     else:
         for p, s in zip(paths, result.seeds):
             typer.echo(f"{'(standard output)' if to_stdout else p}  (seed {s})", err=to_stdout)

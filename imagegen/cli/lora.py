@@ -36,8 +36,12 @@ def _pipeline(model: str, weights: str | None, random: bool):
 def inspect(
     file: Path = typer.Argument(..., help="A .safetensors adapter file."),
     model: str = typer.Option(..., "--model", "-m", help="Model id, alias or family."),
-    weights: str = typer.Option(None, "--weights", help="Weights folder or Hugging Face repo id (its configs and "
-                                "layer shapes are what the file is checked against)."),
+    weights: str = typer.Option(
+        None,
+        "--weights",
+        help="Weights folder or Hugging Face repo id (its configs and "
+        "layer shapes are what the file is checked against).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """The layout a file is in and, per key: mapped (onto which layers), ignored (why) or unknown (why)."""
@@ -47,14 +51,24 @@ def inspect(
     parsed = plan.parsed
     counts = {s: sum(r.status == s for r in parsed.report) for s in ("mapped", "ignored", "unknown")}
     if as_json:
-        typer.echo(json.dumps({"file": str(file), "model": pipe.spec.id, "layout": parsed.layout,
-                               "sha256": parsed.file.sha256, "counts": counts,
-                               "keys": [{"key": r.key, "status": r.status, "detail": r.detail}
-                                        for r in parsed.report]}))
+        typer.echo(
+            json.dumps(
+                {
+                    "file": str(file),
+                    "model": pipe.spec.id,
+                    "layout": parsed.layout,
+                    "sha256": parsed.file.sha256,
+                    "counts": counts,
+                    "keys": [{"key": r.key, "status": r.status, "detail": r.detail} for r in parsed.report],
+                }
+            )
+        )
         return
     typer.echo(f"{file.name}: {parsed.layout}")
-    typer.echo(f"  {counts['mapped']} mapped, {counts['ignored']} ignored, {counts['unknown']} unknown "
-               f"of {len(parsed.report)} keys for {pipe.spec.id}")
+    typer.echo(
+        f"  {counts['mapped']} mapped, {counts['ignored']} ignored, {counts['unknown']} unknown "
+        f"of {len(parsed.report)} keys for {pipe.spec.id}"
+    )
     for r in parsed.report:
         typer.echo(f"  {r.status:<8} {r.key}  ->  {r.detail}")
 
@@ -82,8 +96,9 @@ def convert(
     pipe = _pipeline(model, weights, random=False)
     pipe.request("", loras=loras, lora_partial=lora_partial)  # maps and checks every file
     if any("text_encoder" in pipe.loras().plan(a, lora_partial).terms for a in loras):
-        raise LoraError("convert merges transformer adapters only; text-encoder adapters apply per request "
-                        "(imagegen run --lora).")
+        raise LoraError(
+            "convert merges transformer adapters only; text-encoder adapters apply per request (imagegen run --lora)."
+        )
     pipe.loras().use(loras, lora_partial)
     partial = output.with_name(output.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)

@@ -29,15 +29,25 @@ def _model_rows() -> list[dict]:
         path = hub.weights_present(spec)
         missing = hub.missing_files(path) if path is not None else []
         state = "present" if path and not missing else ("incomplete" if path else "missing")
-        rows.append({
-            "id": spec.id, "family": spec.family, "aliases": list(spec.aliases), "plugin": spec.plugin,
-            "tasks": list(spec.tasks), "description": spec.description, "hf_repo": spec.hf_repo,
-            "weights": "not needed" if not spec.needs_weights else state,
-            "weights_path": str(path) if path else None, "missing_files": missing,
-            "weights_bytes": hub.folder_size(path) if path else None,
-            "default_steps": spec.default_steps, "default_guidance": spec.default_guidance,
-            "options": sorted(spec.options), "quantize": list(spec.quantize_modes),
-        })
+        rows.append(
+            {
+                "id": spec.id,
+                "family": spec.family,
+                "aliases": list(spec.aliases),
+                "plugin": spec.plugin,
+                "tasks": list(spec.tasks),
+                "description": spec.description,
+                "hf_repo": spec.hf_repo,
+                "weights": "not needed" if not spec.needs_weights else state,
+                "weights_path": str(path) if path else None,
+                "missing_files": missing,
+                "weights_bytes": hub.folder_size(path) if path else None,
+                "default_steps": spec.default_steps,
+                "default_guidance": spec.default_guidance,
+                "options": sorted(spec.options),
+                "quantize": list(spec.quantize_modes),
+            }
+        )
     return rows
 
 
@@ -54,8 +64,12 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
         weights = r["weights"] + (f" ({_size(r['weights_bytes'])})" if r["weights_bytes"] else "")
         if r["missing_files"]:
             weights += f": no {', '.join(r['missing_files'][:3])}{' ...' if len(r['missing_files']) > 3 else ''}"
-        table.add_row(*(escape(str(v)) for v in (r["id"], ", ".join(r["aliases"]), r["family"], ", ".join(r["tasks"]),
-                                                 weights, r["plugin"])))
+        table.add_row(
+            *(
+                escape(str(v))
+                for v in (r["id"], ", ".join(r["aliases"]), r["family"], ", ".join(r["tasks"]), weights, r["plugin"])
+            )
+        )
     console = Console()
     console.print(table)
     for r in rows:  # what each model is and draws: too long for a table column
@@ -66,8 +80,17 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
 @handle_errors
 def plugins_command(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List installed plugins, their hooks and the models they register."""
-    rows = [{"name": i.name, "distribution": i.distribution, "version": i.version, "hooks": i.hooks,
-             "models": i.models, "error": i.error} for i in plugins.plugin_infos()]
+    rows = [
+        {
+            "name": i.name,
+            "distribution": i.distribution,
+            "version": i.version,
+            "hooks": i.hooks,
+            "models": i.models,
+            "error": i.error,
+        }
+        for i in plugins.plugin_infos()
+    ]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -80,8 +103,10 @@ def plugins_command(as_json: bool = typer.Option(False, "--json", help="Print JS
 
 @app.command()
 @handle_errors
-def info(image: Path = typer.Argument(..., help="A PNG written by imagegen."),
-         as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+def info(
+    image: Path = typer.Argument(..., help="A PNG written by imagegen."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
     """Show the settings an image was made with (reproduce it with `imagegen run --from IMAGE`)."""
     meta = read_metadata(image)
     if as_json:
@@ -100,8 +125,10 @@ def printable(text: str) -> str:
 
 @app.command()
 @handle_errors
-def pull(model: str = typer.Argument(..., help="Model id or alias."),
-         repo: str = typer.Option(None, "--repo", help="Another Hugging Face repo holding the same layout.")) -> None:
+def pull(
+    model: str = typer.Argument(..., help="Model id or alias."),
+    repo: str = typer.Option(None, "--repo", help="Another Hugging Face repo holding the same layout."),
+) -> None:
     """Download the files imagegen reads of a model's repo into the Hugging Face cache.
 
     Needs the hub extra: pip install "imagegen-mlx\\[hub]" (in a checkout: pip install -e ".\\[hub]")."""
@@ -112,8 +139,10 @@ def pull(model: str = typer.Argument(..., help="Model id or alias."),
 
 @app.command()
 @handle_errors
-def rm(model: str = typer.Argument(..., help="Model id or alias."),
-       yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")) -> None:
+def rm(
+    model: str = typer.Argument(..., help="Model id or alias."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+) -> None:
     """Delete a model's cached weights."""
     spec = registry.get(model)
     if not spec.hf_repo or not hub.repo_cache_dir(spec.hf_repo).is_dir():

@@ -47,8 +47,13 @@ class LoraSpec:
 
 
 def _is_pair(item: Any) -> bool:
-    return (isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[0], str | Path)
-            and isinstance(item[1], int | float) and not isinstance(item[1], bool))
+    return (
+        isinstance(item, tuple | list)
+        and len(item) == 2
+        and isinstance(item[0], str | Path)
+        and isinstance(item[1], int | float)
+        and not isinstance(item[1], bool)
+    )
 
 
 def lora_value(item: Any) -> LoraSpec:
@@ -65,8 +70,9 @@ def lora_value(item: Any) -> LoraSpec:
     elif _is_pair(item):
         spec = LoraSpec(str(item[0]), float(item[1]))
     else:
-        raise InvalidOptionError(f"loras: each item must be a path, \"PATH:SCALE\" or a (path, scale) pair, "
-                                 f"got {item!r}.")
+        raise InvalidOptionError(
+            f'loras: each item must be a path, "PATH:SCALE" or a (path, scale) pair, got {item!r}.'
+        )
     read_adapter(spec.path)
     return spec
 
@@ -79,8 +85,9 @@ def lora_metadata(specs: Sequence[LoraSpec]) -> list[dict[str, Any]]:
 def lora_replay(saved: Sequence[dict[str, Any]], folders: Sequence[Path]) -> list[LoraSpec]:
     """The recorded adapters for `imagegen run --from`: each file found by name in `folders` with its recorded
     hash; a missing or changed file is an error that names it."""
-    return [LoraSpec(str(find_saved_file(e["name"], e.get("sha256"), folders)), float(e.get("scale", 1.0)))
-            for e in saved]
+    return [
+        LoraSpec(str(find_saved_file(e["name"], e.get("sha256"), folders)), float(e.get("scale", 1.0))) for e in saved
+    ]
 
 
 def parse_cli_lora(text: str) -> LoraSpec:
@@ -114,21 +121,26 @@ class Plan:
         return self.parsed.file
 
 
-def plan_adapter(file: AdapterFile, components: dict[str, tuple[nn.Module, dict[str, Targets]]], model_id: str,
-                 partial: bool = False) -> Plan:
+def plan_adapter(
+    file: AdapterFile, components: dict[str, tuple[nn.Module, dict[str, Targets]]], model_id: str, partial: bool = False
+) -> Plan:
     """Map every key of `file` onto the components' layers (component -> (module tree, naming style -> Targets)).
     Unknown keys are an error unless `partial`; a file that adapts nothing is always one."""
     parsed = parse_keys(file, {name: tables for name, (_, tables) in components.items()}, model_id)
     unknown = parsed.unknown
     if not parsed.layers:
         first = f" First key: {unknown[0].key} ({unknown[0].detail})." if unknown else ""
-        raise LoraError(f"{file.name}: none of its {len(file.tensors)} keys matches a layer of {model_id} "
-                        f"(layout: {parsed.layout}).{first}")
+        raise LoraError(
+            f"{file.name}: none of its {len(file.tensors)} keys matches a layer of {model_id} "
+            f"(layout: {parsed.layout}).{first}"
+        )
     if unknown and not partial:
         listed = ", ".join(f"{r.key} ({r.detail})" for r in unknown[:MAX_LISTED])
         more = f" and {len(unknown) - MAX_LISTED} more" if len(unknown) > MAX_LISTED else ""
-        raise LoraError(f"{file.name}: {len(unknown)} of {len(file.tensors)} keys do not fit {model_id}: {listed}"
-                        f"{more}. Pass --lora-partial (partial=True) to apply the rest.")
+        raise LoraError(
+            f"{file.name}: {len(unknown)} of {len(file.tensors)} keys do not fit {model_id}: {listed}"
+            f"{more}. Pass --lora-partial (partial=True) to apply the rest."
+        )
     config = file.peft_config()
     terms: dict[str, Terms] = {}
     for layer in parsed.layers:
@@ -185,8 +197,9 @@ class LoraManager:
     """The adapters of one pipeline. `use(specs)` makes exactly those active (returns True when the transformer's
     layers changed, so compiled graphs holding the old weights must be rebuilt) and returns the text patch."""
 
-    def __init__(self, model_id: str, components: dict[str, tuple[nn.Module, dict[str, Targets]]],
-                 dtype: mx.Dtype = mx.float32):
+    def __init__(
+        self, model_id: str, components: dict[str, tuple[nn.Module, dict[str, Targets]]], dtype: mx.Dtype = mx.float32
+    ):
         self.model_id, self.components = model_id, components
         self.patcher = Patcher(components["transformer"][0], dtype)
         self.active: tuple = ()

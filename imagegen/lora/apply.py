@@ -60,8 +60,10 @@ def check_part(delta: Delta, part: Part, module: Any, source: str, file: str) ->
     ok_in = (part.cols[1] <= have_in and part.cols[1] - part.cols[0] == inp) if part.cols else have_in == inp
     if have_out != want_out or not ok_in:
         want_in = f">={part.cols[1]}" if part.cols else str(inp)
-        raise LoraError(f"{file}: layer '{source}' has shape ({have_out}, {have_in}) but the model's {part.path} "
-                        f"needs ({want_out}, {want_in}): an adapter for another model or model size?")
+        raise LoraError(
+            f"{file}: layer '{source}' has shape ({have_out}, {have_in}) but the model's {part.path} "
+            f"needs ({want_out}, {want_in}): an adapter for another model or model size?"
+        )
 
 
 def _swap(x: mx.array) -> mx.array:
@@ -72,7 +74,7 @@ def _swap(x: mx.array) -> mx.array:
 def _placed_dense(delta: Delta, part: Part, shape: tuple[int, int]) -> mx.array:
     d = delta.dense()
     if part.cols:
-        d = d[:, part.cols[0]:part.cols[1]]
+        d = d[:, part.cols[0] : part.cols[1]]
     if part.swap_halves:
         d = _swap(d)
     if part.rows:
@@ -83,7 +85,7 @@ def _placed_dense(delta: Delta, part: Part, shape: tuple[int, int]) -> mx.array:
 def _placed_factors(delta: LoraDelta | LohaDelta, part: Part, out: int) -> tuple[mx.array, mx.array]:
     down, up = delta.factors()
     if part.cols:
-        down = down[:, part.cols[0]:part.cols[1]]
+        down = down[:, part.cols[0] : part.cols[1]]
     if part.swap_halves:
         up = _swap(up)
     if part.rows:
@@ -94,8 +96,14 @@ def _placed_factors(delta: LoraDelta | LohaDelta, part: Part, out: int) -> tuple
 class LoraLinear(nn.Module):
     """A (quantized) Linear plus adapter side paths; built by :class:`Patcher`, never saved."""
 
-    def __init__(self, base: nn.Module, down_t: mx.array | None, up_t: mx.array | None,
-                 krons: Sequence[tuple[mx.array, mx.array]], dense_t: mx.array | None):
+    def __init__(
+        self,
+        base: nn.Module,
+        down_t: mx.array | None,
+        up_t: mx.array | None,
+        krons: Sequence[tuple[mx.array, mx.array]],
+        dense_t: mx.array | None,
+    ):
         super().__init__()
         self.base = base
         self.down_t, self.up_t, self.dense_t = down_t, up_t, dense_t  # [in, r], [r, out], [in, out]

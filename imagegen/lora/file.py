@@ -38,8 +38,9 @@ class AdapterFile:
             config = json.loads(raw)
         except json.JSONDecodeError:
             return {}
-        return {k.split(".", 1)[1] if k.startswith(("transformer.", "text_encoder.")) else k: v
-                for k, v in config.items()}
+        return {
+            k.split(".", 1)[1] if k.startswith(("transformer.", "text_encoder.")) else k: v for k, v in config.items()
+        }
 
 
 def file_sha256(path: str | Path) -> str:

@@ -88,7 +88,7 @@ def _split_prefix(key: str) -> tuple[str, str, str]:
     """(rest, component, prefix label); the rest keeps its suffix."""
     for prefix, component, label in PREFIXES:
         if key.startswith(prefix):
-            return key[len(prefix):], component, label
+            return key[len(prefix) :], component, label
     return key, "transformer", BARE
 
 

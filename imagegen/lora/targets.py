@@ -63,8 +63,10 @@ def qwen3_targets(model: nn.Module) -> Targets:
     """The shared Qwen3 text encoder's projections, named as transformers names them (with or without `model.`)."""
     targets: Targets = {}
     for i in range(len(model.layers)):
-        for sub, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-                           ("mlp", ("gate_proj", "up_proj", "down_proj"))):
+        for sub, names in (
+            ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+            ("mlp", ("gate_proj", "up_proj", "down_proj")),
+        ):
             for name in names:
                 path = f"layers.{i}.{sub}.{name}"
                 targets[path] = targets[f"model.{path}"] = whole(path)

@@ -11,8 +11,9 @@ import mlx.core as mx
 from ..distributed import current as sequence_parallel
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = None,
-              scale: float | None = None) -> mx.array:
+def attention(
+    q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = None, scale: float | None = None
+) -> mx.array:
     """q: [B, H, Lq, D]; k, v: [B, Hkv, Lk, D] (Hkv may divide H: grouped-query attention).
 
     mask: boolean (True = attend) or additive, broadcastable to [B, H, Lq, Lk]. Returns [B, H, Lq, D]."""
@@ -43,8 +44,9 @@ def combine_masks(*masks: mx.array | None) -> mx.array | None:
     return out
 
 
-def attention_blhd(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = None,
-                   extra: tuple[mx.array, mx.array] | None = None) -> mx.array:
+def attention_blhd(
+    q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = None, extra: tuple[mx.array, mx.array] | None = None
+) -> mx.array:
     """Attention over [B, L, H, D] inputs -> [B, L, H * D]. The fused kernel reads the transposed views as they are
     and writes its output in the queries' memory order, so neither side copies. `extra`: keys and values [B, L', H, D]
     every query also attends to (cached reference-image tokens); `recording` collects each call's k and v."""

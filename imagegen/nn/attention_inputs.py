@@ -87,12 +87,22 @@ _COPY_V = """float vv[PER];
 @cache
 def _kernel(sources: int, eps: float):
     two = sources == 2
-    source = _KERNEL.format(first_len="xa_shape[1]" if two else "0", select=_SELECT_TWO if two else _SELECT_ONE,
-                            copy_v=_COPY_V if two else "", eps=f"{float(eps)!r}f")
+    source = _KERNEL.format(
+        first_len="xa_shape[1]" if two else "0",
+        select=_SELECT_TWO if two else _SELECT_ONE,
+        copy_v=_COPY_V if two else "",
+        eps=f"{float(eps)!r}f",
+    )
     inputs = (["xa", "xb", "wqa", "wka", "wqb", "wkb"] if two else ["xb", "wqb", "wkb"]) + ["cos", "sin"]
     outputs = ["q_out", "k_out", "v_out"] if two else ["q_out", "k_out"]
-    return mx.fast.cuda_kernel(name=f"imagegen_qk_norm_rope_{sources}", input_names=inputs, output_names=outputs,
-                               source=source, header=PACK_HEADER, ensure_row_contiguous=False)
+    return mx.fast.cuda_kernel(
+        name=f"imagegen_qk_norm_rope_{sources}",
+        input_names=inputs,
+        output_names=outputs,
+        source=source,
+        header=PACK_HEADER,
+        ensure_row_contiguous=False,
+    )
 
 
 def _fused_ok(sources: Sequence[Source], head_dim: int, cos: mx.array) -> bool:
@@ -100,9 +110,13 @@ def _fused_ok(sources: Sequence[Source], head_dim: int, cos: mx.array) -> bool:
         return False
     x = sources[0][0]
     same_eps = len({n.eps for _, nq, nk in sources for n in (nq, nk)}) == 1
-    return (head_dim % 64 == 0 and x.dtype in (mx.bfloat16, mx.float16, mx.float32) and same_eps
-            and all(s[0].dtype == x.dtype and s[0].ndim == 3 for s in sources)
-            and cos.size == sum(s[0].shape[1] for s in sources) * head_dim)
+    return (
+        head_dim % 64 == 0
+        and x.dtype in (mx.bfloat16, mx.float16, mx.float32)
+        and same_eps
+        and all(s[0].dtype == x.dtype and s[0].ndim == 3 for s in sources)
+        and cos.size == sum(s[0].shape[1] for s in sources) * head_dim
+    )
 
 
 def _heads(x: mx.array, heads: int, head_dim: int) -> mx.array:
@@ -111,8 +125,9 @@ def _heads(x: mx.array, heads: int, head_dim: int) -> mx.array:
     return x[..., : 3 * heads * head_dim].reshape(b, length, 3, heads, head_dim)
 
 
-def qk_norm_rope(sources: Sequence[Source], heads: int, head_dim: int, cos: mx.array,
-                 sin: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+def qk_norm_rope(
+    sources: Sequence[Source], heads: int, head_dim: int, cos: mx.array, sin: mx.array
+) -> tuple[mx.array, mx.array, mx.array]:
     """q, k, v [B, L, H, D] over the sources' tokens in order; cos, sin: rope_tables' full-width tables covering
     those tokens ([L, D] or any shape of that size, float32). v of a single source is a view of its projection.
     The fused kernel where it applies, else the reference."""
@@ -121,8 +136,9 @@ def qk_norm_rope(sources: Sequence[Source], heads: int, head_dim: int, cos: mx.a
     return qk_norm_rope_reference(sources, heads, head_dim, cos, sin)
 
 
-def qk_norm_rope_fused(sources: Sequence[Source], heads: int, head_dim: int, cos: mx.array,
-                       sin: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+def qk_norm_rope_fused(
+    sources: Sequence[Source], heads: int, head_dim: int, cos: mx.array, sin: mx.array
+) -> tuple[mx.array, mx.array, mx.array]:
     """The CUDA kernel: each head of q and k read once, RMS-normed and rotated (conditions: `_fused_ok`)."""
     length = sum(s[0].shape[1] for s in sources)
     b = sources[-1][0].shape[0]
@@ -133,16 +149,21 @@ def qk_norm_rope_fused(sources: Sequence[Source], heads: int, head_dim: int, cos
     arrays += [cos.reshape(length, head_dim).astype(mx.float32), sin.reshape(length, head_dim).astype(mx.float32)]
     n_out = 3 if len(sources) == 2 else 2
     outs = _kernel(len(sources), sources[0][1].eps)(
-        inputs=arrays, template=[("T", arrays[0].dtype), ("H", heads), ("D", head_dim)],
-        grid=(b * length * heads * 32, 1, 1), threadgroup=(THREADS, 1, 1),
-        output_shapes=[shape] * n_out, output_dtypes=[arrays[0].dtype] * n_out)
+        inputs=arrays,
+        template=[("T", arrays[0].dtype), ("H", heads), ("D", head_dim)],
+        grid=(b * length * heads * 32, 1, 1),
+        threadgroup=(THREADS, 1, 1),
+        output_shapes=[shape] * n_out,
+        output_dtypes=[arrays[0].dtype] * n_out,
+    )
     if len(sources) == 1:
         return outs[0], outs[1], _heads(sources[0][0], heads, head_dim)[:, :, 2]
     return tuple(outs)
 
 
-def qk_norm_rope_reference(sources: Sequence[Source], heads: int, head_dim: int, cos: mx.array,
-                           sin: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+def qk_norm_rope_reference(
+    sources: Sequence[Source], heads: int, head_dim: int, cos: mx.array, sin: mx.array
+) -> tuple[mx.array, mx.array, mx.array]:
     """The plain-MLX definition (the spec the fused kernel is tested against): copy, norm and rotate."""
     parts = [_heads(x, heads, head_dim) for x, _, _ in sources]
     q = [norm_q(p[:, :, 0]) for p, (_, norm_q, _) in zip(parts, sources)]

@@ -98,10 +98,23 @@ class AutoencoderKL(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.encoder = Encoder(c.in_channels, c.latent_channels, c.block_out_channels, c.layers_per_block,
-                               c.norm_num_groups, double_z=True, mid_block_add_attention=c.mid_block_add_attention)
-        self.decoder = Decoder(c.latent_channels, c.out_channels, decoder_block_out_channels or c.block_out_channels,
-                               c.layers_per_block, c.norm_num_groups, mid_block_add_attention=c.mid_block_add_attention)
+        self.encoder = Encoder(
+            c.in_channels,
+            c.latent_channels,
+            c.block_out_channels,
+            c.layers_per_block,
+            c.norm_num_groups,
+            double_z=True,
+            mid_block_add_attention=c.mid_block_add_attention,
+        )
+        self.decoder = Decoder(
+            c.latent_channels,
+            c.out_channels,
+            decoder_block_out_channels or c.block_out_channels,
+            c.layers_per_block,
+            c.norm_num_groups,
+            mid_block_add_attention=c.mid_block_add_attention,
+        )
         if c.use_quant_conv:
             self.quant_conv = nn.Conv2d(2 * c.latent_channels, 2 * c.latent_channels, 1)
         if c.use_post_quant_conv:
@@ -154,8 +167,9 @@ class AutoencoderKL(nn.Module):
             z = self.post_quant_conv(z)
         return self.decoder(z)
 
-    def encode_moments(self, images: mx.array, tile: bool | None = False, tile_size: int | None = None,
-                       tile_overlap: float = 0.25) -> tuple[mx.array, mx.array]:
+    def encode_moments(
+        self, images: mx.array, tile: bool | None = False, tile_size: int | None = None, tile_overlap: float = 0.25
+    ) -> tuple[mx.array, mx.array]:
         """images [B, H, W, in_channels] in [-1, 1] -> (mean, logvar), each [B, H/f, W/f, latent_channels]."""
         x = images.astype(self.dtype)
         pixels, side = self._tile_sizes(tile_size)
@@ -166,8 +180,14 @@ class AutoencoderKL(nn.Module):
         mean, logvar = mx.split(moments, 2, axis=-1)
         return mean, mx.clip(logvar, *LOGVAR_RANGE)
 
-    def encode(self, images: mx.array, key: mx.array | None = None, tile: bool | None = False,
-               tile_size: int | None = None, tile_overlap: float = 0.25) -> mx.array:
+    def encode(
+        self,
+        images: mx.array,
+        key: mx.array | None = None,
+        tile: bool | None = False,
+        tile_size: int | None = None,
+        tile_overlap: float = 0.25,
+    ) -> mx.array:
         """images [B, H, W, in_channels] in [-1, 1] -> latents [B, H/f, W/f, latent_channels]: the mean of the
         latent distribution (its mode, diffusers' sample_mode="argmax"), or a sample drawn with `key`."""
         mean, logvar = self.encode_moments(images, tile, tile_size, tile_overlap)
@@ -175,8 +195,14 @@ class AutoencoderKL(nn.Module):
             return mean
         return mean + mx.exp(0.5 * logvar) * mx.random.normal(mean.shape, dtype=mean.dtype, key=key)
 
-    def decode(self, latents: mx.array, tile: bool | None = False, tile_size: int | None = None,
-               tile_overlap: float = 0.25, group: mx.distributed.Group | None = None) -> mx.array:
+    def decode(
+        self,
+        latents: mx.array,
+        tile: bool | None = False,
+        tile_size: int | None = None,
+        tile_overlap: float = 0.25,
+        group: mx.distributed.Group | None = None,
+    ) -> mx.array:
         """latents [B, h, w, latent_channels] -> images [B, h*f, w*f, out_channels], about [-1, 1], not clipped.
 
         tile: True / False, or None to tile only latents larger than a tile; tile_size is in image pixels
@@ -198,12 +224,24 @@ class AutoencoderKL(nn.Module):
         """Diffusion latents -> VAE latents: z / scaling_factor + shift_factor (pipeline_z_image.py)."""
         return latents / self.config.scaling_factor + (self.config.shift_factor or 0.0)
 
-    def encode_latents(self, images: mx.array, key: mx.array | None = None, tile: bool | None = False,
-                       tile_size: int | None = None, tile_overlap: float = 0.25) -> mx.array:
+    def encode_latents(
+        self,
+        images: mx.array,
+        key: mx.array | None = None,
+        tile: bool | None = False,
+        tile_size: int | None = None,
+        tile_overlap: float = 0.25,
+    ) -> mx.array:
         """images -> the normalized latents a diffusion model works on (mean, or a sample drawn with key)."""
         return self.normalize_latents(self.encode(images, key, tile, tile_size, tile_overlap))
 
-    def decode_latents(self, latents: mx.array, tile: bool | None = False, tile_size: int | None = None,
-                       tile_overlap: float = 0.25, group: mx.distributed.Group | None = None) -> mx.array:
+    def decode_latents(
+        self,
+        latents: mx.array,
+        tile: bool | None = False,
+        tile_size: int | None = None,
+        tile_overlap: float = 0.25,
+        group: mx.distributed.Group | None = None,
+    ) -> mx.array:
         """Normalized diffusion latents -> images (what the pipelines do before vae.decode)."""
         return self.decode(self.denormalize_latents(latents), tile, tile_size, tile_overlap, group)

@@ -94,14 +94,26 @@ _APPLY = """
 
 @cache
 def _stats_kernel():
-    return mx.fast.cuda_kernel(name="imagegen_group_norm_stats", input_names=["x", "shift"], output_names=["out"],
-                               source=_STATS, header=PACK_HEADER, ensure_row_contiguous=True)
+    return mx.fast.cuda_kernel(
+        name="imagegen_group_norm_stats",
+        input_names=["x", "shift"],
+        output_names=["out"],
+        source=_STATS,
+        header=PACK_HEADER,
+        ensure_row_contiguous=True,
+    )
 
 
 @cache
 def _apply_kernel():
-    return mx.fast.cuda_kernel(name="imagegen_group_norm_apply", input_names=["x", "scale", "shift"],
-                               output_names=["out"], source=_APPLY, header=PACK_HEADER, ensure_row_contiguous=True)
+    return mx.fast.cuda_kernel(
+        name="imagegen_group_norm_apply",
+        input_names=["x", "scale", "shift"],
+        output_names=["out"],
+        source=_APPLY,
+        header=PACK_HEADER,
+        ensure_row_contiguous=True,
+    )
 
 
 def _pack(x: mx.array, groups: int) -> int:
@@ -118,8 +130,9 @@ def supported(x: mx.array, groups: int) -> bool:
 
 
 @mx.compile
-def _scale_shift(sums: mx.array, first: mx.array, weight: mx.array, bias: mx.array, eps: mx.array,
-                 count: mx.array) -> tuple[mx.array, mx.array]:
+def _scale_shift(
+    sums: mx.array, first: mx.array, weight: mx.array, bias: mx.array, eps: mx.array, count: mx.array
+) -> tuple[mx.array, mx.array]:
     """Per-channel scale and shift [B, C] from the summed statistics [B, G, 2] of x - first."""
     groups, c = first.shape[1], weight.shape[0]
     m = sums[..., 0] / count
@@ -130,8 +143,9 @@ def _scale_shift(sums: mx.array, first: mx.array, weight: mx.array, bias: mx.arr
     return scale, bias.astype(mx.float32) - mean * scale
 
 
-def group_norm(x: mx.array, weight: mx.array, bias: mx.array, groups: int, eps: float, silu: bool,
-               split: Any = None) -> mx.array:
+def group_norm(
+    x: mx.array, weight: mx.array, bias: mx.array, groups: int, eps: float, silu: bool, split: Any = None
+) -> mx.array:
     """torch.nn.GroupNorm (then SiLU) of x [B, H, W, C] on CUDA; check `supported` first. `split`: x is one band of
     a map's rows (an imagegen.nn.row_split.RowSplit), whose statistics are summed over every band."""
     b, h, w, c = x.shape
@@ -142,18 +156,27 @@ def group_norm(x: mx.array, weight: mx.array, bias: mx.array, groups: int, eps: 
     if split is not None:  # one shift for all bands: the mean of theirs
         first = split.sum(first) / split.size
     partial = _stats_kernel()(
-        inputs=[rows, first], template=[("T", x.dtype), ("P", pack), ("THREADS", THREADS)],
-        grid=(blocks * THREADS, b, 1), threadgroup=(THREADS, 1, 1),
-        output_shapes=[(b, blocks, c // pack, 2)], output_dtypes=[mx.float32])[0]
+        inputs=[rows, first],
+        template=[("T", x.dtype), ("P", pack), ("THREADS", THREADS)],
+        grid=(blocks * THREADS, b, 1),
+        threadgroup=(THREADS, 1, 1),
+        output_shapes=[(b, blocks, c // pack, 2)],
+        output_dtypes=[mx.float32],
+    )[0]
     sums = partial.reshape(b, blocks, groups, c // groups // pack, 2).sum(axis=(1, 3))
     height = h
     if split is not None:
         sums, height = split.sum(sums), split.total_rows(x)
-    scale, shift = _scale_shift(sums, first, weight, bias, mx.array(eps, mx.float32),
-                                mx.array(height * w * (c // groups), mx.float32))
+    scale, shift = _scale_shift(
+        sums, first, weight, bias, mx.array(eps, mx.float32), mx.array(height * w * (c // groups), mx.float32)
+    )
     per = 16 // x.itemsize
     out = _apply_kernel()(
-        inputs=[rows, scale, shift], template=[("T", x.dtype), ("P", per), ("SILU", silu)],
-        grid=(b * h * w * c // per, 1, 1), threadgroup=(THREADS, 1, 1),
-        output_shapes=[(b, h * w, c)], output_dtypes=[x.dtype])[0]
+        inputs=[rows, scale, shift],
+        template=[("T", x.dtype), ("P", per), ("SILU", silu)],
+        grid=(b * h * w * c // per, 1, 1),
+        threadgroup=(THREADS, 1, 1),
+        output_shapes=[(b, h * w, c)],
+        output_dtypes=[x.dtype],
+    )[0]
     return out.reshape(b, h, w, c)

@@ -10,8 +10,14 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
-def timestep_embedding(t: mx.array, dim: int, flip_sin_to_cos: bool = True, downscale_freq_shift: float = 0.0,
-                       scale: float = 1.0, max_period: float = 10000.0) -> mx.array:
+def timestep_embedding(
+    t: mx.array,
+    dim: int,
+    flip_sin_to_cos: bool = True,
+    downscale_freq_shift: float = 0.0,
+    scale: float = 1.0,
+    max_period: float = 10000.0,
+) -> mx.array:
     """Sinusoidal embedding of (fractional) timesteps [N] -> [N, dim], float32 (diffusers' get_timestep_embedding)."""
     half = dim // 2
     exponent = -math.log(max_period) * mx.arange(half, dtype=mx.float32) / (half - downscale_freq_shift)

@@ -62,6 +62,8 @@ class PacedBlocks:
         every = self.__dict__.get("pace_every", 0)
         lists = [getattr(self, name) for name in self.paced_lists]
         if every:
-            lists = [[self.compiled_blocks((name, i), block) for i, block in enumerate(blocks)]
-                     for name, blocks in zip(self.paced_lists, lists)]
+            lists = [
+                [self.compiled_blocks((name, i), block) for i, block in enumerate(blocks)]
+                for name, blocks in zip(self.paced_lists, lists)
+            ]
         return (every, *lists)

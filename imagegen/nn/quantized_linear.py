@@ -21,8 +21,15 @@ DEQUANTIZE_TOKENS = int(os.environ.get("IMAGEGEN_DEQUANTIZE_TOKENS", "256"))
 
 def dense_weight(layer: nn.QuantizedLinear, dtype: mx.Dtype | None) -> mx.array:
     """The layer's weight [out, in] dequantized into `dtype` (the same values quantized_matmul multiplies by)."""
-    return mx.dequantize(layer["weight"], layer["scales"], layer.get("biases"), group_size=layer.group_size,
-                         bits=layer.bits, mode=layer.mode, dtype=dtype)
+    return mx.dequantize(
+        layer["weight"],
+        layer["scales"],
+        layer.get("biases"),
+        group_size=layer.group_size,
+        bits=layer.bits,
+        mode=layer.mode,
+        dtype=dtype,
+    )
 
 
 class QuantizedLinear(nn.QuantizedLinear):

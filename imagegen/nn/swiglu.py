@@ -40,8 +40,14 @@ _KERNEL = """
 
 @cache
 def _kernel():
-    return mx.fast.cuda_kernel(name="imagegen_swiglu", input_names=["x"], output_names=["out"], source=_KERNEL,
-                               header=PACK_HEADER, ensure_row_contiguous=True)
+    return mx.fast.cuda_kernel(
+        name="imagegen_swiglu",
+        input_names=["x"],
+        output_names=["out"],
+        source=_KERNEL,
+        header=PACK_HEADER,
+        ensure_row_contiguous=True,
+    )
 
 
 def swiglu(x: mx.array, start: int = 0) -> mx.array:
@@ -65,6 +71,10 @@ def swiglu_fused(x: mx.array, start: int = 0) -> mx.array:
     width = x.shape[-1]
     m, per = (width - start) // 2, 16 // x.itemsize
     return _kernel()(
-        inputs=[x], template=[("T", x.dtype), ("PER", per), ("M", m), ("C", width), ("START", start)],
-        grid=(x.size // width * m // per, 1, 1), threadgroup=(THREADS, 1, 1),
-        output_shapes=[(*x.shape[:-1], m)], output_dtypes=[x.dtype])[0]
+        inputs=[x],
+        template=[("T", x.dtype), ("PER", per), ("M", m), ("C", width), ("START", start)],
+        grid=(x.size // width * m // per, 1, 1),
+        threadgroup=(THREADS, 1, 1),
+        output_shapes=[(*x.shape[:-1], m)],
+        output_dtypes=[x.dtype],
+    )[0]

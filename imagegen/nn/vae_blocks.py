@@ -42,8 +42,9 @@ def _group_norm(x: mx.array, weight: mx.array, bias: mx.array, groups: int, eps:
     return _affine(mx.fast.layer_norm(rows, None, None, eps), weight, bias, x.shape, silu)
 
 
-def _split_group_norm(x: mx.array, weight: mx.array, bias: mx.array, groups: int, eps: float, silu: bool,
-                      split: row_split.RowSplit) -> mx.array:
+def _split_group_norm(
+    x: mx.array, weight: mx.array, bias: mx.array, groups: int, eps: float, silu: bool, split: row_split.RowSplit
+) -> mx.array:
     """_group_norm of a band of rows, its statistics summed over every band (imagegen.nn.row_split). The sums are
     of x minus a shift common to all ranks (near the data), so float32 keeps their precision."""
     rows = _group_rows(x, groups).astype(mx.float32)
@@ -208,8 +209,15 @@ class ResnetStage(nn.Module):
     """diffusers' DownEncoderBlock2D (`downsample`) and UpDecoderBlock2D (`upsample`): resnets, then at most one
     resampler under the checkpoint's name for it."""
 
-    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, downsample: bool = False,
-                 upsample: bool = False):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        num_layers: int,
+        groups: int,
+        downsample: bool = False,
+        upsample: bool = False,
+    ):
         super().__init__()
         self.resnets = [
             ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(num_layers)
@@ -224,14 +232,21 @@ class ResnetStage(nn.Module):
 class Encoder(nn.Module):
     """Image [B, H, W, in_channels] -> moments [B, H/f, W/f, 2 * out_channels] (f = 2 ** (blocks - 1))."""
 
-    def __init__(self, in_channels: int, out_channels: int, block_out_channels: tuple[int, ...], layers_per_block: int,
-                 norm_num_groups: int, double_z: bool = True, mid_block_add_attention: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        block_out_channels: tuple[int, ...],
+        layers_per_block: int,
+        norm_num_groups: int,
+        double_z: bool = True,
+        mid_block_add_attention: bool = True,
+    ):
         super().__init__()
         channels = block_out_channels
         self.conv_in = Conv3x3(in_channels, channels[0])
         self.down_blocks = [
-            ResnetStage(channels[max(i - 1, 0)], c, layers_per_block, norm_num_groups,
-                        downsample=i < len(channels) - 1)
+            ResnetStage(channels[max(i - 1, 0)], c, layers_per_block, norm_num_groups, downsample=i < len(channels) - 1)
             for i, c in enumerate(channels)
         ]
         self.mid_block = UNetMidBlock2D(channels[-1], norm_num_groups, mid_block_add_attention)
@@ -249,15 +264,23 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Latents [B, h, w, in_channels] -> image [B, h*f, w*f, out_channels] (f = 2 ** (blocks - 1))."""
 
-    def __init__(self, in_channels: int, out_channels: int, block_out_channels: tuple[int, ...],
-                 layers_per_block: int, norm_num_groups: int, mid_block_add_attention: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        block_out_channels: tuple[int, ...],
+        layers_per_block: int,
+        norm_num_groups: int,
+        mid_block_add_attention: bool = True,
+    ):
         super().__init__()
         channels = tuple(reversed(block_out_channels))
         self.conv_in = Conv3x3(in_channels, channels[0])
         self.mid_block = UNetMidBlock2D(channels[0], norm_num_groups, mid_block_add_attention)
         self.up_blocks = [
-            ResnetStage(channels[max(i - 1, 0)], c, layers_per_block + 1, norm_num_groups,
-                        upsample=i < len(channels) - 1)
+            ResnetStage(
+                channels[max(i - 1, 0)], c, layers_per_block + 1, norm_num_groups, upsample=i < len(channels) - 1
+            )
             for i, c in enumerate(channels)
         ]
         self.conv_norm_out = GroupNorm(norm_num_groups, channels[-1])

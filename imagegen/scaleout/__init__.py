@@ -89,8 +89,10 @@ def forwarded_plugins() -> list[PluginRef]:
             continue
         root = _import_root(info.module) if isinstance(info.module, types.ModuleType) else None
         if root is None:
-            warnings.warn(f"imagegen: plugin '{info.name}' is not an importable module; Ray workers will not "
-                          "have it", stacklevel=2)
+            warnings.warn(
+                f"imagegen: plugin '{info.name}' is not an importable module; Ray workers will not have it",
+                stacklevel=2,
+            )
             continue
         refs.append(PluginRef(info.module.__name__, info.name, info.distribution, info.version, root))
     return refs

@@ -91,9 +91,13 @@ class Pool:
 
     def __init__(self, count: int, options: dict[str, Any], load: LoadOptions, gpus_per_worker: int = 1):
         env = runtime_env()
-        self.actor_class = ray.remote(BatchWorker).options(max_restarts=0, max_task_retries=0,
-                                                           max_concurrency=ROWS_IN_FLIGHT, **options,
-                                                           **({"runtime_env": env} if env else {}))
+        self.actor_class = ray.remote(BatchWorker).options(
+            max_restarts=0,
+            max_task_retries=0,
+            max_concurrency=ROWS_IN_FLIGHT,
+            **options,
+            **({"runtime_env": env} if env else {}),
+        )
         self.load, self.plugins, self.gpus_per_worker = load, forwarded_plugins(), gpus_per_worker
         self.actors = [self._new() for _ in range(count)]
         self.generations = [0] * count
@@ -139,9 +143,16 @@ class Pool:
             ray.kill(actor, no_restart=True)
 
 
-def run_on_ray(rows: Sequence[Row], outputs: Outputs, load: LoadOptions, address: str | None,
-               workers: int | None = None, max_retries: int = 2, rejected: Iterable[RowOutcome] = (),
-               gpus_per_worker: int = 1) -> None:
+def run_on_ray(
+    rows: Sequence[Row],
+    outputs: Outputs,
+    load: LoadOptions,
+    address: str | None,
+    workers: int | None = None,
+    max_retries: int = 2,
+    rejected: Iterable[RowOutcome] = (),
+    gpus_per_worker: int = 1,
+) -> None:
     """Generate `rows` on a Ray cluster (see imagegen.scaleout.connect for `address`), each worker over
     `gpus_per_worker` GPUs."""
     started = connect(address, quiet=True)
@@ -168,8 +179,9 @@ def run_on_ray(rows: Sequence[Row], outputs: Outputs, load: LoadOptions, address
                     outputs.summary.replaced += 1
                     outputs.note(f"worker {task.slot} died ({type(e).__name__}); replaced, its rows go again")
                 if deaths.get(task.row.id, 0) > max_retries:
-                    outputs.finish(RowOutcome(task.row, "", error=f"its worker died {deaths[task.row.id]} times "
-                                                               f"({error_text(e)})"))
+                    outputs.finish(
+                        RowOutcome(task.row, "", error=f"its worker died {deaths[task.row.id]} times ({error_text(e)})")
+                    )
                 else:
                     queue.appendleft(task.row)
                     outputs.summary.retried += 1

@@ -32,8 +32,20 @@ from . import PluginRef, connect, forwarded_plugins, runtime_env, setup_worker
 
 APP_NAME = "imagegen"
 STORE_NAME, STORE_NAMESPACE = "imagegen-images", "imagegen"
-SCOPE_KEYS = ("type", "asgi", "http_version", "method", "scheme", "path", "raw_path", "query_string", "root_path",
-              "headers", "client", "server")  # the plain data of an HTTP scope: what a replica needs
+SCOPE_KEYS = (
+    "type",
+    "asgi",
+    "http_version",
+    "method",
+    "scheme",
+    "path",
+    "raw_path",
+    "query_string",
+    "root_path",
+    "headers",
+    "client",
+    "server",
+)  # the plain data of an HTTP scope: what a replica needs
 MAX_ONGOING = 4  # requests one replica holds (running + queued on its device); more wait for a free replica
 log = logging.getLogger("imagegen.server")
 
@@ -43,8 +55,9 @@ class SharedStore:
     """The ImageStore interface over one detached store actor shared by all replicas."""
 
     def __init__(self, ttl: float, max_bytes: int):
-        actor = ray.remote(ImageStore).options(name=STORE_NAME, namespace=STORE_NAMESPACE, get_if_exists=True,
-                                               lifetime="detached", num_cpus=0)
+        actor = ray.remote(ImageStore).options(
+            name=STORE_NAME, namespace=STORE_NAMESPACE, get_if_exists=True, lifetime="detached", num_cpus=0
+        )
         self.actor = actor.remote(ttl, max_bytes)
 
     def put(self, png: bytes) -> str:
@@ -117,8 +130,9 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def _server_error(status: int, message: str, code: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": "server_error", "param": None, "code": code}},
-                        status_code=status)
+    return JSONResponse(
+        {"error": {"message": message, "type": "server_error", "param": None, "code": code}}, status_code=status
+    )
 
 
 class Relay(Response):
@@ -147,8 +161,10 @@ class Gateway:
 
     async def __call__(self, request: Request) -> Response:
         scope = request.scope
-        forwarded = {"scope": {k: scope[k] for k in SCOPE_KEYS if k in scope},
-                     "body": await _read_body(request, self.max_body)}
+        forwarded = {
+            "scope": {k: scope[k] for k in SCOPE_KEYS if k in scope},
+            "body": await _read_body(request, self.max_body),
+        }
         error: Exception | None = None
         for attempt in range(self.retries + 1):
             stream = self.replicas.forward.remote(forwarded)
@@ -156,8 +172,13 @@ class Gateway:
                 start = await stream.__anext__()
             except RayActorError as e:
                 error = e
-                log.warning("imagegen: a replica died under %s %s (attempt %d of %d)", request.method,
-                            request.url.path, attempt + 1, self.retries + 1)
+                log.warning(
+                    "imagegen: a replica died under %s %s (attempt %d of %d)",
+                    request.method,
+                    request.url.path,
+                    attempt + 1,
+                    self.retries + 1,
+                )
                 continue
             except asyncio.CancelledError:  # the client left: stop the replica's work too
                 stream.cancel()
@@ -184,15 +205,30 @@ def scaling(replicas: int | None, min_replicas: int | None, max_replicas: int | 
         return {"num_replicas": count}
     low, high = min_replicas or 0, max_replicas if max_replicas is not None else max(1, int(gpus), min_replicas or 0)
     if low < 0 or high < max(1, low):
-        raise InvalidOptionError(f"Need 0 <= --min-replicas <= --max-replicas and --max-replicas >= 1, got {low} "
-                                 f"and {high}.")
-    return {"autoscaling_config": {"min_replicas": low, "max_replicas": high, "initial_replicas": max(1, low),
-                                   "target_ongoing_requests": 1}}  # one image job per device at a time
+        raise InvalidOptionError(
+            f"Need 0 <= --min-replicas <= --max-replicas and --max-replicas >= 1, got {low} and {high}."
+        )
+    return {
+        "autoscaling_config": {
+            "min_replicas": low,
+            "max_replicas": high,
+            "initial_replicas": max(1, low),
+            "target_ongoing_requests": 1,
+        }
+    }  # one image job per device at a time
 
 
-def build_app(models: Sequence[str] = (), keep_alive: str | float | None = "5m", api_key: str | None = None,
-              replicas: int | None = None, min_replicas: int | None = None, max_replicas: int | None = None,
-              retries: int = 2, max_ongoing: int = MAX_ONGOING, **limits: Any) -> serve.Application:
+def build_app(
+    models: Sequence[str] = (),
+    keep_alive: str | float | None = "5m",
+    api_key: str | None = None,
+    replicas: int | None = None,
+    min_replicas: int | None = None,
+    max_replicas: int | None = None,
+    retries: int = 2,
+    max_ongoing: int = MAX_ONGOING,
+    **limits: Any,
+) -> serve.Application:
     """The Serve application (needs a connected Ray). `limits` are imagegen.server.settings.Limits fields."""
     settings = Limits.from_options(**limits)  # bad values fail here, before any replica starts
     parse_duration(keep_alive)
@@ -200,13 +236,18 @@ def build_app(models: Sequence[str] = (), keep_alive: str | float | None = "5m",
     device = {"num_gpus": 1, "num_cpus": 1} if gpus >= 1 else {"num_cpus": 1}
     env = runtime_env()
     server = serve.deployment(ImageServer).options(
-        name="ImageServer", max_ongoing_requests=max_ongoing, graceful_shutdown_timeout_s=30,
+        name="ImageServer",
+        max_ongoing_requests=max_ongoing,
+        graceful_shutdown_timeout_s=30,
         ray_actor_options={**device, **({"runtime_env": env} if env else {})},
         **scaling(replicas, min_replicas, max_replicas, gpus),
     )
     options = {"models": list(models), "keep_alive": keep_alive, "api_key": api_key, **limits}
     gateway = serve.deployment(Gateway).options(
-        name="Gateway", num_replicas=1, max_ongoing_requests=10_000, ray_actor_options={"num_cpus": 0},
+        name="Gateway",
+        num_replicas=1,
+        max_ongoing_requests=10_000,
+        ray_actor_options={"num_cpus": 0},
     )
     return gateway.bind(server.bind(options, forwarded_plugins()), retries, settings.max_body_bytes)
 
@@ -217,9 +258,18 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     return build_app(**args)
 
 
-def run_serve(address: str | None, host: str = "127.0.0.1", port: int = 8000, models: Sequence[str] = (),
-              keep_alive: str | float | None = "5m", api_key: str | None = None, replicas: int | None = None,
-              min_replicas: int | None = None, max_replicas: int | None = None, **limits: Any) -> None:
+def run_serve(
+    address: str | None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    models: Sequence[str] = (),
+    keep_alive: str | float | None = "5m",
+    api_key: str | None = None,
+    replicas: int | None = None,
+    min_replicas: int | None = None,
+    max_replicas: int | None = None,
+    **limits: Any,
+) -> None:
     """Deploy on a Ray cluster (see imagegen.scaleout.connect for `address`) and serve until Ctrl-C."""
     from .. import registry
     from ..server import require_serve_extra

@@ -21,16 +21,14 @@ _NEEDS = {"fastapi": "fastapi", "uvicorn": "uvicorn", "python_multipart|multipar
 
 def require_serve_extra() -> None:
     """One clear line when the extra is missing, instead of an ImportError traceback."""
-    missing = [dist for names, dist in _NEEDS.items()
-               if not any(importlib.util.find_spec(n) for n in names.split("|"))]
+    missing = [dist for names, dist in _NEEDS.items() if not any(importlib.util.find_spec(n) for n in names.split("|"))]
     if missing:
-        raise ImagegenError(
-            f"The server needs {', '.join(missing)}: install them with {install_hint('serve')}."
-        )
+        raise ImagegenError(f"The server needs {', '.join(missing)}: install them with {install_hint('serve')}.")
 
 
-def create_app(models: Sequence[str] = (), keep_alive: str | float | None = "5m", api_key: str | None = None,
-               **limits: Any) -> FastAPI:
+def create_app(
+    models: Sequence[str] = (), keep_alive: str | float | None = "5m", api_key: str | None = None, **limits: Any
+) -> FastAPI:
     """The ASGI app (FastAPI). See imagegen.server.app.create_app."""
     require_serve_extra()
     from .app import create_app as build
@@ -38,9 +36,15 @@ def create_app(models: Sequence[str] = (), keep_alive: str | float | None = "5m"
     return build(models, keep_alive, api_key, **limits)
 
 
-def run_server(host: str = "127.0.0.1", port: int = 8000, models: Sequence[str] = (),
-               keep_alive: str | float | None = "5m", api_key: str | None = None, log_level: str = "info",
-               **limits: Any) -> None:
+def run_server(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    models: Sequence[str] = (),
+    keep_alive: str | float | None = "5m",
+    api_key: str | None = None,
+    log_level: str = "info",
+    **limits: Any,
+) -> None:
     """Serve until Ctrl-C. See imagegen.server.app.run_server; limits are imagegen.server.settings.Limits."""
     require_serve_extra()
     from .app import run_server as serve

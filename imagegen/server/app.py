@@ -114,8 +114,12 @@ class Guard:
         scheme, _, token = (values[0] if values else b"").strip().partition(b" ")
         if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
             return None
-        return APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
-                        code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        return APIError(
+            401,
+            "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
 def _is_page(scope: Scope) -> bool:
@@ -143,17 +147,20 @@ def validation_error(errors: Sequence[Any]) -> APIError:
     param = ".".join(loc) or None
     kind = first.get("type", "")
     if kind == "json_invalid":
-        return APIError(400, "We could not parse the JSON body of your request: it is not valid JSON.",
-                        code="invalid_json")
+        return APIError(
+            400, "We could not parse the JSON body of your request: it is not valid JSON.", code="invalid_json"
+        )
     if kind == "extra_forbidden":
-        return APIError(400, f"Unrecognized request argument supplied: {param}.", param=param,
-                        code="unknown_parameter")
+        return APIError(400, f"Unrecognized request argument supplied: {param}.", param=param, code="unknown_parameter")
     if kind == "missing":
         what = f"Missing required parameter: '{param}'." if param else "The request has no body."
         return APIError(400, what, param=param, code="missing_required_parameter")
     if kind in ("model_attributes_type", "dict_type") and not param:
-        return APIError(400, "The request body must be a JSON object, sent as 'Content-Type: application/json'.",
-                        code="invalid_json")
+        return APIError(
+            400,
+            "The request body must be a JSON object, sent as 'Content-Type: application/json'.",
+            code="invalid_json",
+        )
     reason = str(first.get("msg", "invalid")).removeprefix("Value error, ")  # pydantic's prefix for our checks
     return APIError(400, f"Invalid value for '{param}': {reason}.", param=param, code="invalid_value")
 
@@ -195,8 +202,12 @@ def _decode_mask(data: bytes, name: str) -> Image.Image:
     except Exception as e:
         raise InvalidImageError(f"Upload '{name}' is not a readable image ({type(e).__name__}).") from None
     if alpha is None:
-        raise APIError(400, f"Mask '{name}' has no transparency: its fully transparent pixels mark where to edit.",
-                       param="mask", code="invalid_image")
+        raise APIError(
+            400,
+            f"Mask '{name}' has no transparency: its fully transparent pixels mark where to edit.",
+            param="mask",
+            code="invalid_image",
+        )
     mask = Image.fromarray(np.where(alpha == 0, 255, 0).astype(np.uint8))
     return image_input(mask, name=Path(name).name, data=data)
 
@@ -204,15 +215,15 @@ def _decode_mask(data: bytes, name: str) -> Image.Image:
 Uploads = dict[str, list[Image.Image]]
 
 
-async def _read_edit_form(request: Request, service: ImageService) -> tuple[EditRequest, list[Image.Image],
-                                                                          Uploads]:
+async def _read_edit_form(request: Request, service: ImageService) -> tuple[EditRequest, list[Image.Image], Uploads]:
     """The multipart body of an edit: the other fields, the images and the uploads of declared image options
     (imagegen.options, e.g. a mask) by field name. Every upload is checked from its header before any is
     decoded, then decoded and scaled down off the event loop."""
     limits = service.limits
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise APIError(400, "Edits take multipart/form-data: the image file(s) and the fields.",
-                       code="invalid_content_type")
+        raise APIError(
+            400, "Edits take multipart/form-data: the image file(s) and the fields.", code="invalid_content_type"
+        )
     try:
         async with request.form(max_files=limits.max_images_in, max_fields=64) as form:
             fields: dict[str, Any] = {}
@@ -241,16 +252,18 @@ async def _read_edit_form(request: Request, service: ImageService) -> tuple[Edit
         try:
             fields["options"] = json.loads(fields["options"])
         except json.JSONDecodeError:
-            raise APIError(400, "Field 'options' must be a JSON object.", param="options",
-                           code="invalid_value") from None
+            raise APIError(
+                400, "Field 'options' must be a JSON object.", param="options", code="invalid_value"
+            ) from None
     options = _parse(lambda: EditRequest.from_form(fields))
     spec = registry.get(options.model or service.default_model())
     uploads.check_all([(data, name) for _, data, name in blobs], spec)
     decoded: Uploads = {}
     for i, (field, data, name) in enumerate(blobs):
         if field == "mask":  # OpenAI's convention: transparent = edit
-            decoded.setdefault(field, []).append(await asyncio.to_thread(_decode_mask, data,
-                                                                         uploads.safe_name(name, i)))
+            decoded.setdefault(field, []).append(
+                await asyncio.to_thread(_decode_mask, data, uploads.safe_name(name, i))
+            )
         else:
             decoded.setdefault(field, []).append(await asyncio.to_thread(uploads.decode, data, name, i, spec))
     return options, decoded.pop("", []), decoded
@@ -276,8 +289,14 @@ def _sse(event: str, data: dict[str, Any]) -> bytes:
 
 def _image_event(size: str, b64: str) -> dict[str, Any]:
     """The fields OpenAI's partial_image / completed events carry (ours are PNG, opaque)."""
-    return {"b64_json": b64, "created_at": int(time.time()), "size": size, "output_format": "png",
-            "background": "opaque", "quality": "auto"}
+    return {
+        "b64_json": b64,
+        "created_at": int(time.time()),
+        "size": size,
+        "output_format": "png",
+        "background": "opaque",
+        "quality": "auto",
+    }
 
 
 def _size(plan: Plan, outcome: JobResult | None = None) -> str:
@@ -301,10 +320,15 @@ class Responder:
             return Response(status_code=499)  # the client left; nobody reads this
         url = options.response_format == "url"
         data = await asyncio.to_thread(self._encode, outcome, str(request.base_url) if url else None)
-        return JSONResponse(ImagesResponse(
-            created=int(time.time()), data=data, model=plan.spec.id, size=_size(plan, outcome),
-            timings={k: round(v, 4) for k, v in outcome.timings.items()},
-        ).model_dump(exclude_none=True))
+        return JSONResponse(
+            ImagesResponse(
+                created=int(time.time()),
+                data=data,
+                model=plan.spec.id,
+                size=_size(plan, outcome),
+                timings={k: round(v, 4) for k, v in outcome.timings.items()},
+            ).model_dump(exclude_none=True)
+        )
 
     def _encode(self, outcome: JobResult, base_url: str | None) -> list[ImageData]:
         data = []
@@ -346,8 +370,12 @@ class Responder:
     def _stream(self, request: Request, plan: Plan, options: ImageOptions, kind: str) -> StreamingResponse:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Any] = asyncio.Queue()
-        job = self.service.submit(plan, _client(request), options.user or "",
-                                  lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        job = self.service.submit(
+            plan,
+            _client(request),
+            options.user or "",
+            lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+        )
         future = _watch(job)
         future.add_done_callback(lambda _: events.put_nowait(_DONE))  # after every event the job emitted
         position = len(self.service.worker.queue)
@@ -368,26 +396,43 @@ class Responder:
                 size = _size(plan, outcome)
                 for i, seed in enumerate(outcome.seeds):
                     b64 = base64.b64encode(await asyncio.to_thread(outcome.png, i)).decode()
-                    yield _sse(f"{kind}.completed", {
-                        "type": f"{kind}.completed", **_image_event(size, b64),
-                        "image_index": i, "seed": seed, "model": plan.spec.id,
-                        "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
-                                  "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}},
-                    })
+                    yield _sse(
+                        f"{kind}.completed",
+                        {
+                            "type": f"{kind}.completed",
+                            **_image_event(size, b64),
+                            "image_index": i,
+                            "seed": seed,
+                            "model": plan.spec.id,
+                            "usage": {
+                                "input_tokens": 0,
+                                "output_tokens": 0,
+                                "total_tokens": 0,
+                                "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+                            },
+                        },
+                    )
             finally:
                 if not future.done():
                     job.cancel()
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     def _progress(self, kind: str, plan: Plan, event: dict[str, Any]) -> bytes:
         if event["stage"] == "partial":
             name = f"{kind}.partial_image"
             b64 = base64.b64encode(event["png"]).decode()
-            return _sse(name, {"type": name, **_image_event(_size(plan), b64),
-                               "partial_image_index": event["partial_image_index"],
-                               "image_index": event["image_index"]})
+            return _sse(
+                name,
+                {
+                    "type": name,
+                    **_image_event(_size(plan), b64),
+                    "partial_image_index": event["partial_image_index"],
+                    "image_index": event["image_index"],
+                },
+            )
         name = f"{kind}.progress"  # imagegen's own event: OpenAI has none for step progress
         return _sse(name, {"type": name, **event})
 
@@ -395,17 +440,32 @@ class Responder:
 # ---- the app -------------------------------------------------------------------------------
 def _card(spec: ModelSpec, loaded: bool, default: bool) -> ModelCard:
     w, h = spec.default_size
-    return ModelCard(id=spec.id, owned_by=spec.plugin or "imagegen", aliases=list(spec.aliases),
-                     description=spec.description, tasks=list(spec.tasks), default_size=f"{w}x{h}",
-                     size_multiple=spec.size_multiple, max_pixels=spec.max_pixels, default_steps=spec.default_steps,
-                     default_guidance=spec.default_guidance, default_dtype=spec.default_dtype,
-                     default_strength=list(spec.default_strength) if spec.accepts("init_image") else [],
-                     options=sorted(o.name for o in OPTIONS if o.gated and spec.accepts(o.name)),
-                     quantize_modes=list(spec.quantize_modes), loaded=loaded,
-                     family_options=[OptionCard(name=o.name, kind=o.kind, help=o.help, minimum=o.minimum,
-                                                maximum=o.maximum, choices=list(o.choices))
-                                     for o in family_options(spec.extra_options) if "server" in o.fronts],
-                     available=not spec.needs_weights or hub.weights_present(spec) is not None, default=default)
+    return ModelCard(
+        id=spec.id,
+        owned_by=spec.plugin or "imagegen",
+        aliases=list(spec.aliases),
+        description=spec.description,
+        tasks=list(spec.tasks),
+        default_size=f"{w}x{h}",
+        size_multiple=spec.size_multiple,
+        max_pixels=spec.max_pixels,
+        default_steps=spec.default_steps,
+        default_guidance=spec.default_guidance,
+        default_dtype=spec.default_dtype,
+        default_strength=list(spec.default_strength) if spec.accepts("init_image") else [],
+        options=sorted(o.name for o in OPTIONS if o.gated and spec.accepts(o.name)),
+        quantize_modes=list(spec.quantize_modes),
+        loaded=loaded,
+        family_options=[
+            OptionCard(
+                name=o.name, kind=o.kind, help=o.help, minimum=o.minimum, maximum=o.maximum, choices=list(o.choices)
+            )
+            for o in family_options(spec.extra_options)
+            if "server" in o.fronts
+        ],
+        available=not spec.needs_weights or hub.weights_present(spec) is not None,
+        default=default,
+    )
 
 
 def _default_id(service: ImageService) -> str | None:
@@ -416,8 +476,14 @@ def _default_id(service: ImageService) -> str | None:
         return None
 
 
-def create_app(models: Sequence[str] = (), keep_alive: str | float | None = "5m", api_key: str | None = None,
-               lora_dir: str | Path | None = None, controlnet: str | None = None, **limits: Any) -> FastAPI:
+def create_app(
+    models: Sequence[str] = (),
+    keep_alive: str | float | None = "5m",
+    api_key: str | None = None,
+    lora_dir: str | Path | None = None,
+    controlnet: str | None = None,
+    **limits: Any,
+) -> FastAPI:
     """The server app. `models` are loaded at start (the first is the default); `keep_alive` ("5m",
     "30s", 0 = unload after each request, -1 = never) keeps idle models warm; `lora_dir` holds the adapters
     requests may name; `controlnet` is loaded with the models that take one; `limits` are Limits fields."""
@@ -435,29 +501,49 @@ def create_app(models: Sequence[str] = (), keep_alive: str | float | None = "5m"
         finally:
             await asyncio.to_thread(service.stop)
 
-    app = FastAPI(title="imagegen", version=__version__, lifespan=lifespan, responses=ERRORS,
-                  description="OpenAI-compatible images API served by imagegen: generations, edits, models.")
+    app = FastAPI(
+        title="imagegen",
+        version=__version__,
+        lifespan=lifespan,
+        responses=ERRORS,
+        description="OpenAI-compatible images API served by imagegen: generations, edits, models.",
+    )
     app.state.service = service
     app.add_middleware(Guard, api_key=api_key, max_body=settings.max_body_bytes)
     _install_error_handlers(app)
 
-    @app.post("/v1/images/generations", response_model=ImagesResponse, tags=["images"], openapi_extra=json_schema(),
-              summary="Create images from a prompt (stream: true for server-sent events)")
+    @app.post(
+        "/v1/images/generations",
+        response_model=ImagesResponse,
+        tags=["images"],
+        openapi_extra=json_schema(),
+        summary="Create images from a prompt (stream: true for server-sent events)",
+    )
     async def generations(request: Request) -> Response:
         raw = await request.body()
         body = _parse(lambda: GenerationRequest.from_json(raw, request.headers.get("content-type")))
         plan = service.plan(body, TEXT_TO_IMAGE)
         return await responder.answer(request, plan, body, "image_generation")
 
-    @app.post("/v1/images/edits", response_model=ImagesResponse, tags=["images"], openapi_extra=form_schema(),
-              summary="Edit or combine images following a prompt (multipart/form-data)")
+    @app.post(
+        "/v1/images/edits",
+        response_model=ImagesResponse,
+        tags=["images"],
+        openapi_extra=form_schema(),
+        summary="Edit or combine images following a prompt (multipart/form-data)",
+    )
     async def edits(request: Request) -> Response:
         options, images, files = await _read_edit_form(request, service)
         plan = await asyncio.to_thread(service.plan, options, IMAGE_EDIT, images, files)  # sizes the references
         return await responder.answer(request, plan, options, "image_edit")
 
-    @app.get("/v1/files/images/{name}", tags=["images"], summary="An image made with response_format='url'",
-             response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    @app.get(
+        "/v1/files/images/{name}",
+        tags=["images"],
+        summary="An image made with response_format='url'",
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}}},
+    )
     async def image_file(name: str) -> Response:
         png = service.store.get(name.removesuffix(".png"))
         if png is None:
@@ -507,8 +593,11 @@ def listen(host: str, port: int) -> socket.socket:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn binds
         return socket.create_server((host, port), family=family, backlog=2048)
     except OSError as e:  # includes unknown host names (gaierror)
-        why = "the port is already in use (is another server running there?)" if e.errno == errno.EADDRINUSE \
+        why = (
+            "the port is already in use (is another server running there?)"
+            if e.errno == errno.EADDRINUSE
             else e.strerror or str(e)
+        )
         raise ImagegenError(f"Cannot listen on {host}:{port}: {why}.") from None
 
 
@@ -528,9 +617,17 @@ class DrainingServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def run_server(host: str = "127.0.0.1", port: int = 8000, models: Sequence[str] = (),
-               keep_alive: str | float | None = "5m", api_key: str | None = None, log_level: str = "info",
-               lora_dir: str | Path | None = None, controlnet: str | None = None, **limits: Any) -> None:
+def run_server(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    models: Sequence[str] = (),
+    keep_alive: str | float | None = "5m",
+    api_key: str | None = None,
+    log_level: str = "info",
+    lora_dir: str | Path | None = None,
+    controlnet: str | None = None,
+    **limits: Any,
+) -> None:
     """Serve until SIGTERM or Ctrl-C (then drain for `shutdown_grace`). The key falls back to
     $IMAGEGEN_API_KEY; bad settings, a bad port or one in use raise ImagegenError before a model loads."""
     api_key = api_key or os.environ.get("IMAGEGEN_API_KEY") or None
@@ -539,8 +636,7 @@ def run_server(host: str = "127.0.0.1", port: int = 8000, models: Sequence[str] 
     try:
         app = create_app(models, keep_alive, api_key, lora_dir, controlnet, **limits)
         if not is_loopback(host) and not api_key:
-            log.warning("imagegen serve: listening on %s without an API key; anyone who can reach it can use it",
-                        host)
+            log.warning("imagegen serve: listening on %s without an API key; anyone who can reach it can use it", host)
         service: ImageService = app.state.service
         # uvicorn's own limit comes after ours: the requests that were answered with an error still get written
         config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=service.limits.shutdown_grace + 5)

@@ -22,8 +22,7 @@ def serve_in_thread(*args: Any, **options: Any) -> Iterator[tuple[str, Any]]:
     app = create_app(*args, **options)
     listener = socket.create_server(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, name="imagegen-serve",
-                              daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, name="imagegen-serve", daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
     while not server.started:

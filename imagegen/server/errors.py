@@ -35,8 +35,15 @@ def hide_paths(message: str) -> str:
 class APIError(Exception):
     """An error answer; `type` follows OpenAI ("invalid_request_error", "server_error", ...)."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         public = hide_paths(message)
         if public != message:
             log.info("answered %d (paths hidden from the client): %s", status, message)
@@ -54,11 +61,11 @@ def api_error(e: Exception, param: str | None = None) -> APIError:
         return e
     if isinstance(e, UnknownModelError):
         hint = f" Did you mean: {', '.join(e.suggestions)}?" if e.suggestions else ""
-        return APIError(404, f"Unknown model '{e.name}'.{hint} GET /v1/models lists them.", param="model",
-                        code="model_not_found")
+        return APIError(
+            404, f"Unknown model '{e.name}'.{hint} GET /v1/models lists them.", param="model", code="model_not_found"
+        )
     if isinstance(e, QueueFullError):
-        return APIError(429, f"The server is busy: {e}", "rate_limit_error", code=e.code,
-                        headers={"Retry-After": "1"})
+        return APIError(429, f"The server is busy: {e}", "rate_limit_error", code=e.code, headers={"Retry-After": "1"})
     if isinstance(e, ShuttingDown):
         return APIError(503, str(e), "server_error", code="server_shutting_down", headers={"Retry-After": "5"})
     if isinstance(e, BodyError):

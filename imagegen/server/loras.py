@@ -25,15 +25,23 @@ class LoraFolder:
         if not refs:
             return ()
         if self.folder is None:
-            raise APIError(400, "This server offers no LoRA adapters (start it with --lora-dir DIR).",
-                           param="loras", code="unsupported_option")
+            raise APIError(
+                400,
+                "This server offers no LoRA adapters (start it with --lora-dir DIR).",
+                param="loras",
+                code="unsupported_option",
+            )
         specs = []
         for ref in refs:
             name = ref.name
             path = self.folder / name
             if Path(name).name != name or name.startswith(".") or not path.is_file():
-                raise APIError(400, f"No LoRA named '{name}': GET /v1/loras lists the adapters this server offers.",
-                               param="loras", code="invalid_value")
+                raise APIError(
+                    400,
+                    f"No LoRA named '{name}': GET /v1/loras lists the adapters this server offers.",
+                    param="loras",
+                    code="invalid_value",
+                )
             specs.append(LoraSpec(str(path), ref.scale))
         return tuple(specs)
 

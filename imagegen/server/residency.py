@@ -58,8 +58,14 @@ class Residency:
     """The loaded pipelines. Loading, use and unloading all happen on the device worker's thread;
     other threads only read (sizes, snapshots)."""
 
-    def __init__(self, keep_alive: float | None, budget: int, clock: Callable[[], float] = time.monotonic,
-                 strict: bool = False, components: dict[str, str] | None = None):
+    def __init__(
+        self,
+        keep_alive: float | None,
+        budget: int,
+        clock: Callable[[], float] = time.monotonic,
+        strict: bool = False,
+        components: dict[str, str] | None = None,
+    ):
         """`strict`: the budget was set by the user (--max-memory), so a model over it is refused rather
         than loaded anyway. `components`: parts loaded from elsewhere (serve --controlnet) for the models that
         take them (ModelSpec.components)."""
@@ -98,7 +104,8 @@ class Residency:
         if self.strict and needed > self.budget:
             raise OverBudgetError(
                 f"The server's memory budget (--max-memory) is {_gib(self.budget)}, less than '{spec.id}' needs "
-                f"to run ({_gib(needed)} estimated{f', quantized {quantize}' if quantize else ''}).")
+                f"to run ({_gib(needed)} estimated{f', quantized {quantize}' if quantize else ''})."
+            )
 
     def fit_batch(self, spec: ModelSpec, quantize: str | None, width: int, height: int, n: int, limit: int) -> int:
         """How many images one pipeline call may hold: the most (<= n, <= limit) that fit the budget."""
@@ -115,8 +122,9 @@ class Residency:
 
     # ---- use -----------------------------------------------------------------------------
     @contextmanager
-    def use(self, spec: ModelSpec, quantize: str | None = None,
-            on_load: Callable[[str], None] | None = None) -> Iterator[Pipeline]:
+    def use(
+        self, spec: ModelSpec, quantize: str | None = None, on_load: Callable[[str], None] | None = None
+    ) -> Iterator[Pipeline]:
         """The model's pipeline, loading it (and unloading the LRU if memory is short) if needed."""
         key = (spec.id, quantize)
         resident = self._checkout(key)
@@ -195,10 +203,16 @@ class Residency:
         now = self.clock()
         with self._lock:
             return [
-                {"model": r.key[0], "quantize": r.key[1], "memory_bytes": r.bytes, "busy": bool(r.busy),
-                 "idle_seconds": round(now - r.last_used, 3),
-                 "expires_in": None if self.keep_alive is None or r.busy
-                 else round(max(0.0, self.keep_alive - (now - r.last_used)), 3)}
+                {
+                    "model": r.key[0],
+                    "quantize": r.key[1],
+                    "memory_bytes": r.bytes,
+                    "busy": bool(r.busy),
+                    "idle_seconds": round(now - r.last_used, 3),
+                    "expires_in": None
+                    if self.keep_alive is None or r.busy
+                    else round(max(0.0, self.keep_alive - (now - r.last_used)), 3),
+                }
                 for r in self._residents.values()
             ]
 

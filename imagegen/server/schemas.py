@@ -26,8 +26,13 @@ def family_uploads() -> set[str]:
     """The installed families' image options that travel to the server: multipart file fields of an edit too."""
     from .. import registry
 
-    return {o.name for spec in registry.all_specs() for o in family_options(spec.extra_options)
-            if "server" in o.fronts and o.kind == "image"}
+    return {
+        o.name
+        for spec in registry.all_specs()
+        for o in family_options(spec.extra_options)
+        if "server" in o.fronts and o.kind == "image"
+    }
+
 
 _FORM_INT = re.compile(r"^-?[0-9]+$", re.ASCII)
 _FORM_FLOAT = re.compile(r"^-?[0-9]+(\.[0-9]*)?([eE][-+]?[0-9]+)?$", re.ASCII)
@@ -40,12 +45,14 @@ class BodyError(InvalidOptionError):
     def __init__(self, message: str, code: str = "invalid_json", param: str | None = None):
         super().__init__(message)
         self.code, self.param = code, param
+
+
 # JSON fields: never a server-side path from a client ("file" options need a server-side design of their own)
 FIELDS = [o for o in OPTIONS if "server" in o.fronts and o.kind in _TYPES]
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
-    """"WxH" -> (width, height); None or "auto" -> the model's default (None, None)."""
+    """ "WxH" -> (width, height); None or "auto" -> the model's default (None, None)."""
     if size is None or size.strip().lower() == "auto":
         return None, None
     return parse_text_size(size)
@@ -70,8 +77,9 @@ def parse_json_object(raw: bytes, content_type: str | None) -> dict[str, Any]:
     cannot send that cross-site without the server's consent."""
     kind = (content_type or "").split(";")[0].strip().lower()
     if kind and kind not in _JSON_TYPES and not kind.endswith("+json"):
-        raise BodyError("The request body must be a JSON object, sent as 'Content-Type: application/json'.",
-                        "invalid_content_type")
+        raise BodyError(
+            "The request body must be a JSON object, sent as 'Content-Type: application/json'.", "invalid_content_type"
+        )
     if not raw.strip():
         raise BodyError("The request has no body: send a JSON object with at least a 'prompt'.", "missing_body")
     try:
@@ -98,8 +106,7 @@ def _form_value(annotation: Any, name: str, text: str) -> Any:
         return int(text)
     if float in types:
         if not _FORM_FLOAT.match(text) or not math.isfinite(float(text)):
-            raise BodyError(f"Invalid value for '{name}': '{text[:40]}' is not a finite number.", "invalid_value",
-                            name)
+            raise BodyError(f"Invalid value for '{name}': '{text[:40]}' is not a finite number.", "invalid_value", name)
         return float(text)
     return text
 
@@ -131,18 +138,22 @@ class OpenAIOptions(BaseModel):
     n: int | None = Field(1, ge=1, description="Number of images; batched on the device where memory allows.")
     size: str | None = Field(None, description="'WIDTHxHEIGHT' or 'auto' (the model's default size).")
     response_format: Literal["b64_json", "url"] | None = Field(
-        "b64_json", description="'url' links to /v1/files/images/<id>.png, served for a limited time.")
+        "b64_json", description="'url' links to /v1/files/images/<id>.png, served for a limited time."
+    )
     stream: bool | None = Field(False, description="Server-sent events: step progress, then each image.")
-    partial_images: int | None = Field(0, ge=0, le=3, description="Previews to stream during denoising (0-3); "
-                                       "needs stream.")
+    partial_images: int | None = Field(
+        0, ge=0, le=3, description="Previews to stream during denoising (0-3); needs stream."
+    )
     output_format: Literal["png"] | None = Field(None, description="Only 'png'.")
-    user: str | None = Field(None, max_length=256, description="End-user id; a client's requests take turns "
-                             "per user.")
+    user: str | None = Field(None, max_length=256, description="End-user id; a client's requests take turns per user.")
     quantize: str | None = Field(None, description="imagegen: quantization of the resident model, e.g. '4', '8'.")
     options: dict[str, Any] | None = Field(None, description="imagegen: the model's own options (see /v1/models).")
     # names, not paths: files of the server's --lora-dir (the `loras` option's server form)
-    loras: list[LoraRef] | None = Field(None, description="imagegen: LoRA adapters from the server's --lora-dir "
-                                        "(GET /v1/loras), e.g. [{\"name\": \"ink.safetensors\", \"scale\": 0.8}].")
+    loras: list[LoraRef] | None = Field(
+        None,
+        description="imagegen: LoRA adapters from the server's --lora-dir "
+        '(GET /v1/loras), e.g. [{"name": "ink.safetensors", "scale": 0.8}].',
+    )
 
     @field_validator("loras", mode="before")
     @classmethod
@@ -152,7 +163,7 @@ class OpenAIOptions(BaseModel):
             try:
                 return json.loads(value)
             except json.JSONDecodeError:
-                raise ValueError("loras must be a JSON list of {\"name\": ..., \"scale\": ...}") from None
+                raise ValueError('loras must be a JSON list of {"name": ..., "scale": ...}') from None
         return value
 
     @field_validator("prompt")
@@ -184,7 +195,9 @@ class OpenAIOptions(BaseModel):
 
 # OpenAI's fields plus one per option declared for the server (imagegen.options)
 ImageOptions = create_model(
-    "ImageOptions", __base__=OpenAIOptions, __doc__="Fields shared by generations (JSON) and edits (multipart form).",
+    "ImageOptions",
+    __base__=OpenAIOptions,
+    __doc__="Fields shared by generations (JSON) and edits (multipart form).",
     **{o.name: option_field(o) for o in FIELDS},
 )
 
@@ -267,15 +280,25 @@ def form_schema() -> dict[str, Any]:
     """The multipart body of /v1/images/edits for the OpenAPI document (parsed by hand in the route)."""
     schema = EditRequest.model_json_schema()
     files = {"type": "array", "items": {"type": "string", "format": "binary"}}
-    mask = {"type": "string", "format": "binary",
-            "description": "PNG with transparency: its fully transparent pixels mark where to edit the first image."}
-    schema["properties"] = {"image": {"type": "string", "format": "binary"}, "image[]": files, "mask": mask,
-                            **schema["properties"]}
-    return {"requestBody": {"required": True,
-                            "content": {"multipart/form-data": {"schema": schema}}}}
+    mask = {
+        "type": "string",
+        "format": "binary",
+        "description": "PNG with transparency: its fully transparent pixels mark where to edit the first image.",
+    }
+    schema["properties"] = {
+        "image": {"type": "string", "format": "binary"},
+        "image[]": files,
+        "mask": mask,
+        **schema["properties"],
+    }
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 
 def json_schema() -> dict[str, Any]:
     """The JSON body of /v1/images/generations for the OpenAPI document (parsed strictly in the route)."""
-    return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": GenerationRequest.model_json_schema()}}}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": GenerationRequest.model_json_schema()}},
+        }
+    }

@@ -80,8 +80,14 @@ def _partial_steps(total: int, count: int) -> set[int]:
 class ImageService:
     """Owns the residency, the device worker and the URL image store."""
 
-    def __init__(self, limits: Limits, keep_alive: float | None, models: Sequence[str] = (),
-                 lora_dir: str | Path | None = None, controlnet: str | None = None):
+    def __init__(
+        self,
+        limits: Limits,
+        keep_alive: float | None,
+        models: Sequence[str] = (),
+        lora_dir: str | Path | None = None,
+        controlnet: str | None = None,
+    ):
         self.limits = limits
         self.loras = LoraFolder(lora_dir)
         specs = [registry.get(m) for m in models]  # unknown names and missing weights fail at start
@@ -92,14 +98,18 @@ class ImageService:
         if controlnet is not None:  # a missing folder, or models none of which take it, fail at start
             hub.resolve_component(controlnet, "--controlnet")
             if specs and not any("controlnet" in s.components for s in specs):
-                raise InvalidOptionError(f"--controlnet: none of the served models ({', '.join(self.models)}) "
-                                         "takes a ControlNet.")
+                raise InvalidOptionError(
+                    f"--controlnet: none of the served models ({', '.join(self.models)}) takes a ControlNet."
+                )
         budget = limits.max_memory if limits.max_memory is not None else memory.available_memory()
         self.residency = Residency(keep_alive, budget, strict=limits.max_memory is not None, components=components)
         for spec in specs:
             self.residency.check_fits(spec)
-        self.worker = DeviceWorker(limits.max_queue, between=self._housekeeping,  # unloads on the device thread
-                                   max_per_client=limits.max_queue_per_client)
+        self.worker = DeviceWorker(
+            limits.max_queue,
+            between=self._housekeeping,  # unloads on the device thread
+            max_per_client=limits.max_queue_per_client,
+        )
         self.store = ImageStore(limits.url_ttl, limits.max_stored_bytes)
         self.started = time.time()
 
@@ -138,26 +148,43 @@ class ImageService:
             raise APIError(400, "No model given and none installed.", param="model", code="model_not_found")
         return name
 
-    def plan(self, options: ImageOptions, task: str, images: Sequence[Image.Image] = (),
-             files: dict[str, list[Image.Image]] | None = None) -> Plan:
+    def plan(
+        self,
+        options: ImageOptions,
+        task: str,
+        images: Sequence[Image.Image] = (),
+        files: dict[str, list[Image.Image]] | None = None,
+    ) -> Plan:
         """Check everything that can be checked before the request waits in the queue. `images` and `files`
         (uploads of declared image options by field name, one each unless the option is repeatable) carry
         their file name and sha256 (imagegen.options.image_input), which the metadata records."""
         spec = registry.get(options.model or self.default_model())
         if ranks.leader() is not None and not spec.extra.get("sequence_parallel"):
-            raise APIError(400, f"Model '{spec.id}' cannot spread one image over several GPUs, as this server does "
-                           "(serve --gpus).", param="model", code="model_not_supported")
+            raise APIError(
+                400,
+                f"Model '{spec.id}' cannot spread one image over several GPUs, as this server does (serve --gpus).",
+                param="model",
+                code="model_not_supported",
+            )
         if task not in spec.tasks:
             able = [s.id for s in registry.all_specs() if task in s.tasks]
             what = "image edits" if task == IMAGE_EDIT else "text-to-image generation"
-            raise APIError(400, f"Model '{spec.id}' does not support {what}. Models that do: "
-                           f"{', '.join(able) or 'none installed'}.", param="model", code="model_not_supported")
+            raise APIError(
+                400,
+                f"Model '{spec.id}' does not support {what}. Models that do: {', '.join(able) or 'none installed'}.",
+                param="model",
+                code="model_not_supported",
+            )
         for name in ("prompt", "negative_prompt"):
             text = getattr(options, name)
             if text is not None and len(text) > self.limits.max_prompt_chars:
-                raise APIError(400, f"{name} is {len(text)} characters long; this server takes at most "
-                               f"{self.limits.max_prompt_chars} (models read about 512 tokens of it).", param=name,
-                               code="prompt_too_long")
+                raise APIError(
+                    400,
+                    f"{name} is {len(text)} characters long; this server takes at most "
+                    f"{self.limits.max_prompt_chars} (models read about 512 tokens of it).",
+                    param=name,
+                    code="prompt_too_long",
+                )
         n = options.n or 1
         if n > self.limits.max_n:
             raise APIError(400, f"n must be at most {self.limits.max_n}, got {n}.", param="n", code="invalid_value")
@@ -165,31 +192,55 @@ class ImageService:
         if width is not None and height is not None:
             _checked(lambda: check_size(spec, width, height), "size")
         if options.steps is not None and options.steps > self.limits.max_steps:
-            raise APIError(400, f"steps must be at most {self.limits.max_steps}, got {options.steps}.",
-                           param="steps", code="invalid_value")
+            raise APIError(
+                400,
+                f"steps must be at most {self.limits.max_steps}, got {options.steps}.",
+                param="steps",
+                code="invalid_value",
+            )
         family_files = {o.name: o for o in family_options(spec.extra_options) if o.name in (files or {})}
         if task == IMAGE_EDIT and not images and not family_files:  # a control image alone steers a new picture
-            raise APIError(400, "Give at least one image to edit (multipart field 'image' or 'image[]').",
-                           param="image", code="missing_image")
+            raise APIError(
+                400,
+                "Give at least one image to edit (multipart field 'image' or 'image[]').",
+                param="image",
+                code="missing_image",
+            )
         if len(images) > self.limits.max_images_in:
-            raise APIError(400, f"At most {self.limits.max_images_in} images per request, got {len(images)}.",
-                           param="image", code="invalid_value")
+            raise APIError(
+                400,
+                f"At most {self.limits.max_images_in} images per request, got {len(images)}.",
+                param="image",
+                code="invalid_value",
+            )
         family = options.options or {}
         declared = {o.name: o for o in family_options(spec.extra_options)}
         unknown = sorted(set(family) - set(declared))
         if unknown:
-            raise APIError(400, f"Model '{spec.id}' does not support the option '{unknown[0]}'.", param="options",
-                           code="unsupported_option")
+            raise APIError(
+                400,
+                f"Model '{spec.id}' does not support the option '{unknown[0]}'.",
+                param="options",
+                code="unsupported_option",
+            )
         paths = sorted(n for n in family if declared[n].kind in ("file", "image"))
         if paths:  # a client must not name files on the server
-            raise APIError(400, f"The option '{paths[0]}' takes a file, which cannot be given over HTTP.",
-                           param="options", code="unsupported_option")
+            raise APIError(
+                400,
+                f"The option '{paths[0]}' takes a file, which cannot be given over HTTP.",
+                param="options",
+                code="unsupported_option",
+            )
         values = {o.name: getattr(options, o.name) for o in FIELDS}
         values["loras"] = self.loras.resolve(options.loras)
         unknown = sorted(set(files or {}) - {o.name for o in OPTIONS} - set(family_files))
         if unknown:  # another model's image option
-            raise APIError(400, f"Model '{spec.id}' does not support the option '{unknown[0]}'.", param=unknown[0],
-                           code="unsupported_option")
+            raise APIError(
+                400,
+                f"Model '{spec.id}' does not support the option '{unknown[0]}'.",
+                param=unknown[0],
+                code="unsupported_option",
+            )
         for option in (o for o in [*OPTIONS, *family_files.values()] if o.name in (files or {})):
             uploaded = files[option.name]
             if len(uploaded) > 1 and not option.repeatable:
@@ -199,11 +250,15 @@ class ImageService:
         if task == IMAGE_EDIT and images and repaints(spec, values):  # img2img / inpainting: the first is repainted
             values["init_image"], images = images[0], images[1:]
         with request_errors():
-            request = spec.request(options.prompt, width=width, height=height, num_images=n, images=list(images),
-                                   **values, **family)
-        return Plan(spec=spec, request=request,
-                    quantize=_checked(lambda: _quantize(spec, options.quantize), "quantize"),
-                    partial_images=(options.partial_images or 0) if options.stream else 0)
+            request = spec.request(
+                options.prompt, width=width, height=height, num_images=n, images=list(images), **values, **family
+            )
+        return Plan(
+            spec=spec,
+            request=request,
+            quantize=_checked(lambda: _quantize(spec, options.quantize), "quantize"),
+            partial_images=(options.partial_images or 0) if options.stream else 0,
+        )
 
     # ---- running -------------------------------------------------------------------------
     def submit(self, plan: Plan, client: str, user: str = "", emit: Emit | None = None) -> Job:
@@ -223,8 +278,9 @@ class ImageService:
 
         with self.residency.use(spec, plan.quantize, on_load=on_load) as pipe:
             job.check()  # the load can take long
-            batch = self.residency.fit_batch(spec, plan.quantize, request.width, request.height, plan.n,
-                                             self.limits.max_batch)
+            batch = self.residency.fit_batch(
+                spec, plan.quantize, request.width, request.height, plan.n, self.limits.max_batch
+            )
             images: list[Image.Image] = []
             timings: dict[str, float] = {}
             for first in range(0, plan.n, batch):
@@ -234,27 +290,45 @@ class ImageService:
                 images.extend(result.images)
                 for stage, seconds in result.timings.items():
                     timings[stage] = timings.get(stage, 0.0) + seconds
-            metadata = generation_metadata(pipe, result, 0, source="imagegen serve",
-                                           timings={k: round(v, 4) for k, v in timings.items()})
+            metadata = generation_metadata(
+                pipe, result, 0, source="imagegen serve", timings={k: round(v, 4) for k, v in timings.items()}
+            )
             slots = [[i, plan.n] for i in range(plan.n)] if request.noise == "torch" and plan.n > 1 else None
-            return JobResult(images, list(request.seeds), request.width, request.height, request.steps,
-                           request.guidance, metadata, timings, slots)
+            return JobResult(
+                images,
+                list(request.seeds),
+                request.width,
+                request.height,
+                request.steps,
+                request.guidance,
+                metadata,
+                timings,
+                slots,
+            )
 
-    def _on_step(self, pipe: Pipeline, plan: Plan, part: Request, job: Job, emit: Emit,
-                 first: int) -> Callable[[Step], None]:
+    def _on_step(
+        self, pipe: Pipeline, plan: Plan, part: Request, job: Job, emit: Emit, first: int
+    ) -> Callable[[Step], None]:
         previews = _partial_steps(part.run_steps, plan.partial_images) if plan.partial_images else set()
         sent = 0
 
         def on_step(step: Step) -> None:
             nonlocal sent
             job.check()  # a cancelled request stops here and frees the device
-            emit({"stage": step.stage, "step": step.index, "total": step.total, "first_image": first,
-                  "images": part.batch_size, "seconds": round(step.seconds, 4)})
+            emit(
+                {
+                    "stage": step.stage,
+                    "step": step.index,
+                    "total": step.total,
+                    "first_image": first,
+                    "images": part.batch_size,
+                    "seconds": round(step.seconds, 4),
+                }
+            )
             if step.stage == "denoise" and step.index in previews and step.latents is not None:
                 for i, preview in enumerate(pipe.decode(part, step.latents)):
                     # the PIL image: the stream encodes it on a thread while the device goes on denoising
-                    emit({"stage": "partial", "image_index": first + i, "partial_image_index": sent,
-                          "image": preview})
+                    emit({"stage": "partial", "image_index": first + i, "partial_image_index": sent, "image": preview})
                 sent += 1
 
         return on_step
@@ -262,10 +336,15 @@ class ImageService:
     # ---- reporting -----------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
         return {
-            "status": "shutting_down" if self.worker.draining else "ok", "version": __version__,
+            "status": "shutting_down" if self.worker.draining else "ok",
+            "version": __version__,
             "uptime_seconds": round(time.time() - self.started, 1),
-            "queue": {"waiting": len(self.worker.queue), "running": self.worker.running is not None,
-                      "max": self.limits.max_queue, **self.worker.counts},
+            "queue": {
+                "waiting": len(self.worker.queue),
+                "running": self.worker.running is not None,
+                "max": self.limits.max_queue,
+                **self.worker.counts,
+            },
             "memory": {"budget_bytes": self.residency.budget, "resident_bytes": self.residency.used()},
             "keep_alive_seconds": self.residency.keep_alive,
             "loaded": self.residency.snapshot(),

@@ -47,8 +47,9 @@ def open_upload(data: bytes, name: str, spec: ModelSpec) -> Image.Image:
 
 def _too_large(spec: ModelSpec) -> str:
     side = math.isqrt(pixel_budget(spec))
-    return (f"larger than '{spec.id}' takes ({pixel_budget(spec)} pixels at most, e.g. {side}x{side}). "
-            "Scale it down first.")
+    return (
+        f"larger than '{spec.id}' takes ({pixel_budget(spec)} pixels at most, e.g. {side}x{side}). Scale it down first."
+    )
 
 
 def working_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:

@@ -36,8 +36,9 @@ class ShuttingDown(Exception):
 class Job:
     """Work for the device: `run(job)` executes on the worker thread; its outcome lands in `future`."""
 
-    def __init__(self, client: str, run: Callable[[Job], Any], user: str = "",
-                 withdraw: Callable[[Job], None] | None = None):
+    def __init__(
+        self, client: str, run: Callable[[Job], Any], user: str = "", withdraw: Callable[[Job], None] | None = None
+    ):
         self.client, self.user, self._run, self._withdraw = client, user, run, withdraw
         self.future: Future[Any] = Future()
         self.stop_reason: Exception | None = None
@@ -77,8 +78,11 @@ class FairQueue:
             if limit is not None and self._size >= limit:
                 raise QueueFullError(f"{self._size} requests are already waiting; try again shortly.")
             if per_client is not None and self._waiting.get(job.client, 0) >= per_client:
-                raise QueueFullError(f"you already have {per_client} requests waiting, the most one client may "
-                                     "queue; try again when one has finished.", "client_queue_full")
+                raise QueueFullError(
+                    f"you already have {per_client} requests waiting, the most one client may "
+                    "queue; try again when one has finished.",
+                    "client_queue_full",
+                )
             self._clients.setdefault(job.client, OrderedDict()).setdefault(job.user, deque()).append(job)
             self._waiting[job.client] = self._waiting.get(job.client, 0) + 1
             self._size += 1
@@ -130,8 +134,9 @@ class FairQueue:
 class DeviceWorker:
     """The single thread that touches the device. Jobs are submitted from any thread."""
 
-    def __init__(self, max_queue: int | None = None, between: Callable[[], Any] | None = None,
-                 max_per_client: int | None = None):
+    def __init__(
+        self, max_queue: int | None = None, between: Callable[[], Any] | None = None, max_per_client: int | None = None
+    ):
         self.queue = FairQueue()
         self.max_queue, self.max_per_client = max_queue, max_per_client
         self.between = between  # housekeeping after each job / idle poll
@@ -148,8 +153,9 @@ class DeviceWorker:
     def drain(self, grace: float) -> None:
         """Take no new jobs; those waiting or running have `grace` seconds, then end with ShuttingDown."""
         self.draining = True
-        timer = threading.Timer(grace, self._give_up, ("could not finish this request within the shutdown grace "
-                                                       "period",))
+        timer = threading.Timer(
+            grace, self._give_up, ("could not finish this request within the shutdown grace period",)
+        )
         timer.daemon = True
         timer.start()
 

@@ -5,7 +5,16 @@ from .qwen3 import Qwen3Config, Qwen3Model, load_qwen3, quant_predicate
 from .tokenizer import ChatTokenizer, Tokens, compile_chat_template
 
 __all__ = [
-    "ChatTokenizer", "PromptFeatures", "Qwen3Config", "Qwen3Model", "TextEncoder", "Tokens",
-    "compile_chat_template", "files_fingerprint", "load_qwen3", "load_text_encoder", "quant_predicate",
+    "ChatTokenizer",
+    "PromptFeatures",
+    "Qwen3Config",
+    "Qwen3Model",
+    "TextEncoder",
+    "Tokens",
+    "compile_chat_template",
+    "files_fingerprint",
+    "load_qwen3",
+    "load_text_encoder",
+    "quant_predicate",
     "weights_fingerprint",
 ]

@@ -59,8 +59,13 @@ def weights_fingerprint(folder: str | Path) -> str:
             except (ValueError, UnicodeDecodeError) as e:
                 raise WeightsError(f"{path} is not a safetensors file ({e})") from None
         # names as Qwen3Model.sanitize makes them: Qwen3ForCausalLM and Qwen3Model folders may share
-        tensors.update({k.removeprefix("model."): (path, 8 + size, v) for k, v in header.items()
-                        if k != "__metadata__" and not k.startswith("lm_head.")})
+        tensors.update(
+            {
+                k.removeprefix("model."): (path, 8 + size, v)
+                for k, v in header.items()
+                if k != "__metadata__" and not k.startswith("lm_head.")
+            }
+        )
     files = {}
     try:
         for name in sorted(tensors):
@@ -98,8 +103,9 @@ class TextEncoder:
         self._cache_bytes = 0
         self._lock = threading.Lock()
 
-    def encode(self, prompts: str | Sequence[str], layers: Sequence[int], max_length: int = 512,
-               enable_thinking: bool = False) -> list[PromptFeatures]:
+    def encode(
+        self, prompts: str | Sequence[str], layers: Sequence[int], max_length: int = 512, enable_thinking: bool = False
+    ) -> list[PromptFeatures]:
         """Features of each prompt (chat template, tokens padded to max_length, hidden states of `layers`).
 
         `layers` index transformers' `output_hidden_states` (0 = embeddings, -1 = last with the final norm,
@@ -147,8 +153,13 @@ _encoders: weakref.WeakValueDictionary[tuple, TextEncoder] = weakref.WeakValueDi
 _load_lock = threading.Lock()
 
 
-def load_text_encoder(text_encoder_dir: str | Path, tokenizer_dir: str | Path, dtype: str | mx.Dtype = "bfloat16",
-                      quantize: str | None = None, layers: Sequence[int] | None = None) -> TextEncoder:
+def load_text_encoder(
+    text_encoder_dir: str | Path,
+    tokenizer_dir: str | Path,
+    dtype: str | mx.Dtype = "bfloat16",
+    quantize: str | None = None,
+    layers: Sequence[int] | None = None,
+) -> TextEncoder:
     """The text encoder of these folders, shared with every live caller that loaded the same content.
 
     Weights are shared across tokenizers (two pipelines may template prompts differently yet hold one

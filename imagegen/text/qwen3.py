@@ -58,8 +58,11 @@ class Qwen3Config(HFConfig):
             raise ValueError(f"RoPE type '{kind}' is not supported (only 'default')")
         if self.hidden_act != "silu":
             raise ValueError(f"activation '{self.hidden_act}' is not supported (only 'silu')")
-        sliding = self.use_sliding_window and self.sliding_window is not None and (
-            self.max_window_layers < self.num_hidden_layers)
+        sliding = (
+            self.use_sliding_window
+            and self.sliding_window is not None
+            and (self.max_window_layers < self.num_hidden_layers)
+        )
         if sliding or any(t != "full_attention" for t in self.layer_types or ()):
             raise ValueError("sliding-window attention layers are not supported")
         return self
@@ -152,8 +155,9 @@ class Qwen3Model(nn.Module):
             raise ValueError(f"hidden-state indices {bad} out of range for {count} hidden states")
         return [i % count for i in layers]
 
-    def forward_with_layer_outputs(self, input_ids: mx.array, attention_mask: mx.array | None,
-                                   layers: Sequence[int]) -> list[mx.array]:
+    def forward_with_layer_outputs(
+        self, input_ids: mx.array, attention_mask: mx.array | None, layers: Sequence[int]
+    ) -> list[mx.array]:
         """Hidden states [B, L, D] of the asked indices (in the asked order); runs no layer past the last one.
 
         input_ids: [B, L] ints; attention_mask: [B, L] (1/True = real token) or None. Positions are 0..L-1
@@ -178,8 +182,12 @@ class Qwen3Model(nn.Module):
         return self.forward_with_layer_outputs(input_ids, attention_mask, [-1])[0]
 
 
-def load_qwen3(folder: str | Path, dtype: str | mx.Dtype = "bfloat16", quantize: str | None = None,
-               layers: Sequence[int] | None = None) -> Qwen3Model:
+def load_qwen3(
+    folder: str | Path,
+    dtype: str | mx.Dtype = "bfloat16",
+    quantize: str | None = None,
+    layers: Sequence[int] | None = None,
+) -> Qwen3Model:
     """A Qwen3 text encoder from a checkpoint folder (config.json + safetensors), optionally quantized.
 
     `layers`: the hidden-state indices the caller will ask for. Weights of later layers stay on disk

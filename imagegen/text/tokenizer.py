@@ -69,8 +69,9 @@ def compile_chat_template(source: str) -> jinja2.Template:
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
 
-    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-               sort_keys: bool = False) -> str:
+    def tojson(
+        x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+    ) -> str:
         # jinja's own tojson escapes HTML characters; transformers' does not
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
@@ -98,7 +99,8 @@ class ChatTokenizer:
         config = _read_json(folder / "tokenizer_config.json")
         fallback = _read_json(folder / "special_tokens_map.json")
         self.special_tokens = {
-            name: text for name in SPECIAL_NAMES
+            name: text
+            for name in SPECIAL_NAMES
             if (text := _token_text(config.get(name, fallback.get(name)))) is not None
         }
         self.pad_token = self.special_tokens.get("pad_token", DEFAULT_PAD)
@@ -111,13 +113,19 @@ class ChatTokenizer:
         self.template = compile_chat_template(source) if source else None
         self._lock = threading.Lock()  # padding/truncation are settings of the shared backend
 
-    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
-                            **kwargs: Any) -> str:
+    def apply_chat_template(
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> str:
         """Render a conversation; special tokens and kwargs (e.g. enable_thinking) are template variables."""
         if self.template is None:
             raise WeightsError(f"{self.folder} has no chat template")
-        return self.template.render(messages=list(messages), tools=None, documents=None,
-                                    add_generation_prompt=add_generation_prompt, **{**self.special_tokens, **kwargs})
+        return self.template.render(
+            messages=list(messages),
+            tools=None,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            **{**self.special_tokens, **kwargs},
+        )
 
     def chat_prompt(self, prompt: str, enable_thinking: bool = False) -> str:
         """One user message with the assistant's turn opened, as the Qwen-conditioned pipelines build it."""
@@ -128,17 +136,24 @@ class ChatTokenizer:
         truncation=True, max_length=max_length)`, special tokens of the post-processor included."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         with self._lock:
-            self.backend.enable_truncation(max_length, stride=0, strategy="longest_first",
-                                           direction=self.truncation_side)
-            self.backend.enable_padding(length=max_length, direction=self.padding_side, pad_id=self.pad_id,
-                                        pad_token=self.pad_token, pad_type_id=0)
+            self.backend.enable_truncation(
+                max_length, stride=0, strategy="longest_first", direction=self.truncation_side
+            )
+            self.backend.enable_padding(
+                length=max_length,
+                direction=self.padding_side,
+                pad_id=self.pad_id,
+                pad_token=self.pad_token,
+                pad_type_id=0,
+            )
             encodings = self.backend.encode_batch(texts, add_special_tokens=True)
         ids = np.array([e.ids for e in encodings], dtype=np.int32)
         mask = np.array([e.attention_mask for e in encodings], dtype=bool)
         return Tokens(ids=mx.array(ids), mask=mx.array(mask), lengths=tuple(int(n) for n in mask.sum(axis=1)))
 
-    def encode_prompts(self, prompts: str | Sequence[str], max_length: int = 512,
-                       enable_thinking: bool = False) -> Tokens:
+    def encode_prompts(
+        self, prompts: str | Sequence[str], max_length: int = 512, enable_thinking: bool = False
+    ) -> Tokens:
         """Chat-template each prompt, then tokenize: diffusers' Qwen3 prompt encoding (FLUX.2 Klein: thinking
         off; Z-Image: thinking on)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)

@@ -51,14 +51,30 @@ def load(spec: imagegen.ModelSpec, weights: Path | None, **kwargs) -> HelloPipel
 
 @imagegen.hookimpl
 def register_models(register):
-    register(imagegen.ModelSpec(
-        id="hello-waves", family="hello", load=load, aliases=("hello",), needs_weights=False, family_default=True,
-        description="Procedural seeded wave patterns (example plugin)", default_steps=4,
-        default_size=(256, 256), options=frozenset({"latents"}),
-    ))
-    register(imagegen.ModelSpec(
-        id="hello-remix", family="hello", load=load, needs_weights=False,
-        description="Wave patterns in the colours of reference images (example editing model)",
-        default_steps=4, default_size=(256, 256), options=frozenset({"latents", "images"}),
-        tasks=(imagegen.TEXT_TO_IMAGE, imagegen.IMAGE_EDIT),
-    ))
+    register(
+        imagegen.ModelSpec(
+            id="hello-waves",
+            family="hello",
+            load=load,
+            aliases=("hello",),
+            needs_weights=False,
+            family_default=True,
+            description="Procedural seeded wave patterns (example plugin)",
+            default_steps=4,
+            default_size=(256, 256),
+            options=frozenset({"latents"}),
+        )
+    )
+    register(
+        imagegen.ModelSpec(
+            id="hello-remix",
+            family="hello",
+            load=load,
+            needs_weights=False,
+            description="Wave patterns in the colours of reference images (example editing model)",
+            default_steps=4,
+            default_size=(256, 256),
+            options=frozenset({"latents", "images"}),
+            tasks=(imagegen.TEXT_TO_IMAGE, imagegen.IMAGE_EDIT),
+        )
+    )

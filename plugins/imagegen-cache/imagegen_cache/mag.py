@@ -55,12 +55,24 @@ class MagCache:
     """A per-run wrapper (imagegen.block_loop.LoopWrapper). `ratios` None with `calibrate`: compute every step and
     measure the ratios, written as a JSON list to `calibration_file` when the run ends."""
 
-    def __init__(self, steps: int, ratios: Sequence[float] | None = None, threshold: float = DEFAULT_THRESHOLD,
-                 max_skip_steps: int = DEFAULT_MAX_SKIP_STEPS, retention: float = DEFAULT_RETENTION,
-                 calibrate: bool = False, calibration_file: Path | None = None):
+    def __init__(
+        self,
+        steps: int,
+        ratios: Sequence[float] | None = None,
+        threshold: float = DEFAULT_THRESHOLD,
+        max_skip_steps: int = DEFAULT_MAX_SKIP_STEPS,
+        retention: float = DEFAULT_RETENTION,
+        calibrate: bool = False,
+        calibration_file: Path | None = None,
+    ):
         self.steps, self.calibrate, self.calibration_file = steps, calibrate, calibration_file
-        self.ratios = None if ratios is None else nearest_interp(ratios, steps) if len(ratios) != steps else (
-            np.asarray(ratios, dtype=np.float32))
+        self.ratios = (
+            None
+            if ratios is None
+            else nearest_interp(ratios, steps)
+            if len(ratios) != steps
+            else (np.asarray(ratios, dtype=np.float32))
+        )
         self.threshold, self.max_skip_steps = np.float32(threshold), max_skip_steps
         self.retention_step = int(retention * steps + 0.5)
         self.states: dict[str, ContextState] = {}
@@ -76,8 +88,11 @@ class MagCache:
         state.accumulated_ratio = np.float32(state.accumulated_ratio * scale)
         state.accumulated_steps += 1
         state.accumulated_err = np.float32(state.accumulated_err + abs(np.float32(1.0) - state.accumulated_ratio))
-        if (state.previous_residual is not None and state.accumulated_err <= self.threshold
-                and state.accumulated_steps <= self.max_skip_steps):
+        if (
+            state.previous_residual is not None
+            and state.accumulated_err <= self.threshold
+            and state.accumulated_steps <= self.max_skip_steps
+        ):
             return False
         state.reset_accumulators()
         return True

@@ -20,8 +20,10 @@ from imagegen.errors import InvalidOptionError
 
 from . import first_block, mag
 
-HELP = ("Step caching: first-block[:THRESHOLD] or mag[:THRESHOLD],ratios=FILE (mag:calibrate,ratios=FILE measures "
-        "them); off.")
+HELP = (
+    "Step caching: first-block[:THRESHOLD] or mag[:THRESHOLD],ratios=FILE (mag:calibrate,ratios=FILE measures "
+    "them); off."
+)
 MAG_KEYS = {"k": int, "retention": float, "ratios": str}
 
 
@@ -79,8 +81,10 @@ def parse(value: Any) -> str | None:
     if method == "mag":
         fields = _fields(tail)
         if "ratios" not in fields:
-            raise InvalidOptionError("cache: MagCache needs the checkpoint's ratios: measure them once with "
-                                     "--cache mag:calibrate,ratios=FILE, then pass mag:THRESHOLD,ratios=FILE.")
+            raise InvalidOptionError(
+                "cache: MagCache needs the checkpoint's ratios: measure them once with "
+                "--cache mag:calibrate,ratios=FILE, then pass mag:THRESHOLD,ratios=FILE."
+            )
         path = Path(fields["ratios"]).expanduser().resolve()
         if argument == "calibrate":
             return f"mag:calibrate,ratios={path}"
@@ -89,8 +93,9 @@ def parse(value: Any) -> str | None:
         k = fields.get("k", mag.DEFAULT_MAX_SKIP_STEPS)
         retention = fields.get("retention", mag.DEFAULT_RETENTION)
         return f"mag:{threshold},k={k},retention={retention},ratios={path}"
-    raise InvalidOptionError(f"cache: cannot read '{value}' (first-block[:THRESHOLD], mag[:THRESHOLD],ratios=FILE, "
-                             "or off).")
+    raise InvalidOptionError(
+        f"cache: cannot read '{value}' (first-block[:THRESHOLD], mag[:THRESHOLD],ratios=FILE, or off)."
+    )
 
 
 def start(value: str | None, request: imagegen.Request):

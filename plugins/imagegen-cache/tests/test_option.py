@@ -41,9 +41,15 @@ def test_values_and_their_normal_form(tmp_path):
     assert parse(f"mag,ratios={ratios}") == f"mag:0.06,k=3,retention=0.2,ratios={ratios}"
     assert parse(f"mag:0.1,k=2,retention=0.3,ratios={ratios}") == f"mag:0.1,k=2,retention=0.3,ratios={ratios}"
     assert parse(f"mag:calibrate,ratios={tmp_path / 'new.json'}") == f"mag:calibrate,ratios={tmp_path / 'new.json'}"
-    for bad, message in [("first-block:x", "must be a number"), ("first-block:-1", ">= 0"), ("teacache", "cannot read"),
-                         ("mag:0.1", "needs the checkpoint's ratios"), (f"mag:0.1,q=1,ratios={ratios}", "unknown"),
-                         ("mag:0.1,ratios=/no/such.json", "not found"), (3, "must be a string")]:
+    for bad, message in [
+        ("first-block:x", "must be a number"),
+        ("first-block:-1", ">= 0"),
+        ("teacache", "cannot read"),
+        ("mag:0.1", "needs the checkpoint's ratios"),
+        (f"mag:0.1,q=1,ratios={ratios}", "unknown"),
+        ("mag:0.1,ratios=/no/such.json", "not found"),
+        (3, "must be a string"),
+    ]:
         with pytest.raises(imagegen.InvalidOptionError, match=message):
             parse(bad)
 
@@ -92,8 +98,14 @@ def test_server_and_batch_take_it_as_a_model_option(tmp_path):
     from imagegen.image import METADATA_KEY
     from imagegen.server import create_app
 
-    row = {"prompt": "a red square", "model": "flux2-demo", "size": "64x64", "steps": 4, "seed": 3,
-           "options": {"cache": "first-block:0.9"}}
+    row = {
+        "prompt": "a red square",
+        "model": "flux2-demo",
+        "size": "64x64",
+        "steps": 4,
+        "seed": 3,
+        "options": {"cache": "first-block:0.9"},
+    }
     with TestClient(create_app()) as client:
         served = client.post("/v1/images/generations", json=row)
         assert served.status_code == 200, served.text

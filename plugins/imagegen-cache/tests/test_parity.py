@@ -34,20 +34,42 @@ VOCAB = 416  # the test tokenizer's vocabulary with its added tokens
 SIZE = (64, 48)  # width, height
 STEPS = 7
 PROMPT, NEGATIVE = "a red fox in the snow", "blurry"
-KLEIN_SCHEDULER = {"base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15,
-                   "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True}
+KLEIN_SCHEDULER = {
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "max_image_seq_len": 4096,
+    "max_shift": 1.15,
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+}
 KLEIN_TEXT = {"text_encoder_out_layers": [1, 2, 3], "max_sequence_length": 32}  # a short prompt, a small encoder
 ZIMAGE_SCHEDULER = {"num_train_timesteps": 1000, "shift": 6.0, "use_dynamic_shifting": False}  # Z-Image (base)'s
-VAE = {"block_out_channels": (8, 8, 8, 8), "layers_per_block": 1, "norm_num_groups": 4, "latent_channels": 4,
-       "sample_size": 32}  # both families' VAEs, tiny; Z-Image's is the FLUX.1 AutoencoderKL
+VAE = {
+    "block_out_channels": (8, 8, 8, 8),
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "latent_channels": 4,
+    "sample_size": 32,
+}  # both families' VAEs, tiny; Z-Image's is the FLUX.1 AutoencoderKL
 
 
 def text_parts(folder: Path, layers: int) -> dict:
     make_tokenizer(folder / "tokenizer")
-    make_qwen3(folder / "text_encoder", vocab_size=VOCAB, hidden_size=16, intermediate_size=32,
-               num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=8)
-    return {"text_encoder": Qwen3ForCausalLM.from_pretrained(folder / "text_encoder").eval(),
-            "tokenizer": AutoTokenizer.from_pretrained(folder / "tokenizer")}
+    make_qwen3(
+        folder / "text_encoder",
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+    )
+    return {
+        "text_encoder": Qwen3ForCausalLM.from_pretrained(folder / "text_encoder").eval(),
+        "tokenizer": AutoTokenizer.from_pretrained(folder / "tokenizer"),
+    }
 
 
 def build_klein(folder: Path) -> Flux2KleinPipeline:
@@ -55,13 +77,27 @@ def build_klein(folder: Path) -> Flux2KleinPipeline:
     text = text_parts(folder, layers=4)
     torch.manual_seed(2)
     transformer = Flux2Transformer2DModel(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=48, timestep_guidance_channels=32, axes_dims_rope=[2, 2, 2, 2], guidance_embeds=False)
+        patch_size=1,
+        in_channels=16,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=48,
+        timestep_guidance_channels=32,
+        axes_dims_rope=[2, 2, 2, 2],
+        guidance_embeds=False,
+    )
     vae = AutoencoderKLFlux2(**VAE)
     for model in (transformer, vae):
         randomize_norms(model)
-    pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**KLEIN_SCHEDULER), vae=vae.eval(),
-                              transformer=transformer.eval(), is_distilled=False, **text)
+    pipe = Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**KLEIN_SCHEDULER),
+        vae=vae.eval(),
+        transformer=transformer.eval(),
+        is_distilled=False,
+        **text,
+    )
     pipe.save_pretrained(folder)
     (folder / "imagegen.json").write_text(json.dumps(KLEIN_TEXT))  # read by imagegen; diffusers gets them as kwargs
     return pipe
@@ -71,15 +107,30 @@ def build_zimage(folder: Path) -> ZImagePipeline:
     text = text_parts(folder, layers=3)
     torch.manual_seed(3)
     transformer = ZImageTransformer2DModel(
-        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=3, n_refiner_layers=1,
-        n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[8, 4, 4], axes_lens=[1024, 32, 32])
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=4,
+        dim=32,
+        n_layers=3,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=16,
+        axes_dims=[8, 4, 4],
+        axes_lens=[1024, 32, 32],
+    )
     blocks = {"down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4}
-    vae = AutoencoderKL(**VAE, **blocks, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
-                        use_post_quant_conv=False)
+    vae = AutoencoderKL(
+        **VAE, **blocks, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False
+    )
     for model in (transformer, vae):
         randomize_norms(model)
-    pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**ZIMAGE_SCHEDULER), vae=vae.eval(),
-                          transformer=transformer.eval(), **text)
+    pipe = ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**ZIMAGE_SCHEDULER),
+        vae=vae.eval(),
+        transformer=transformer.eval(),
+        **text,
+    )
     pipe.save_pretrained(folder)
     return pipe
 
@@ -117,7 +168,7 @@ def joint_tail_fix(monkeypatch):
         output = forward(self, module, *args, **kwargs) if not joint else self.fn_ref.original_forward(*args, **kwargs)
         if joint:
             image, text = state.head_block_output
-            state.tail_block_residuals = (output[:, -image.shape[1]:] - image, output[:, : text.shape[1]] - text)
+            state.tail_block_residuals = (output[:, -image.shape[1] :] - image, output[:, : text.shape[1]] - text)
         return output
 
     monkeypatch.setattr(first_block_cache.FBCBlockHook, "new_forward", new_forward)
@@ -149,12 +200,19 @@ def reference(family: str, folder: Path, config, monkeypatch) -> tuple[list, dic
         first_block_cache.apply_first_block_cache(pipe.transformer, config)
     else:
         mag_cache.apply_mag_cache(pipe.transformer, config)
-    kwargs = dict(prompt=PROMPT, guidance_scale=4.0, num_inference_steps=STEPS,
-                  latents=torch.from_numpy(noise(family)), width=SIZE[0], height=SIZE[1])
+    kwargs = dict(
+        prompt=PROMPT,
+        guidance_scale=4.0,
+        num_inference_steps=STEPS,
+        latents=torch.from_numpy(noise(family)),
+        width=SIZE[0],
+        height=SIZE[1],
+    )
     if family == "klein":  # Flux2KleinPipeline takes the negative prompt as embeddings only
         negative = pipe.encode_prompt(NEGATIVE, max_sequence_length=32, text_encoder_out_layers=(1, 2, 3))[0]
-        images = pipe(**kwargs, negative_prompt_embeds=negative, max_sequence_length=32,
-                      text_encoder_out_layers=(1, 2, 3)).images
+        images = pipe(
+            **kwargs, negative_prompt_embeds=negative, max_sequence_length=32, text_encoder_out_layers=(1, 2, 3)
+        ).images
     else:  # the Z-Image pipeline sets no cache context of its own: one context for the whole (CFG) batch
         _set_cache_context(pipe.transformer, CacheContext("cond"))
         images = pipe(**kwargs, negative_prompt=NEGATIVE).images
@@ -172,8 +230,16 @@ def ours(family: str, folder: Path, cache: str, monkeypatch) -> tuple[list, dict
     monkeypatch.setattr(plugin, "start", lambda value, request: wrappers.append(start(value, request)) or wrappers[-1])
     model = "flux2-klein-base-4b" if family == "klein" else "zimage"
     pipe = imagegen.registry.get(model).pipeline(weights=folder, dtype="float32")
-    result = pipe.generate(PROMPT, negative_prompt=NEGATIVE, guidance=4.0, steps=STEPS, latents=noise(family),
-                           width=SIZE[0], height=SIZE[1], cache=cache)
+    result = pipe.generate(
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        guidance=4.0,
+        steps=STEPS,
+        latents=noise(family),
+        width=SIZE[0],
+        height=SIZE[1],
+        cache=cache,
+    )
     (wrapper,) = wrappers
     return result.images, {name: steps for name, steps in wrapper.skipped().items() if steps}
 
@@ -193,8 +259,9 @@ def test_first_block_cache_matches_diffusers(family, threshold, klein, zimage, m
 def test_mag_cache_matches_diffusers(family, klein, zimage, monkeypatch, tmp_path):
     folder = klein if family == "klein" else zimage
     ratios = [1.0, 1.1, 1.05, 1.02, 1.01, 1.0, 0.99, 0.98, 0.95, 0.9, 0.85, 0.8]  # resampled to STEPS, as diffusers
-    config = MagCacheConfig(threshold=0.06, max_skip_steps=2, retention_ratio=0.2, num_inference_steps=STEPS,
-                            mag_ratios=ratios)
+    config = MagCacheConfig(
+        threshold=0.06, max_skip_steps=2, retention_ratio=0.2, num_inference_steps=STEPS, mag_ratios=ratios
+    )
     want, want_skipped = reference(family, folder, config, monkeypatch)
     path = tmp_path / "ratios.json"
     path.write_text(json.dumps(ratios))

@@ -10,8 +10,14 @@ from imagegen import HFConfig
 class Flux2TransformerConfig(HFConfig):
     """`Flux2Transformer2DModel` config. Defaults are diffusers' (the FLUX.2-dev sizes); Klein's files set them."""
 
-    required = ("in_channels", "num_layers", "num_single_layers", "attention_head_dim", "num_attention_heads",
-                "joint_attention_dim")
+    required = (
+        "in_channels",
+        "num_layers",
+        "num_single_layers",
+        "attention_head_dim",
+        "num_attention_heads",
+        "joint_attention_dim",
+    )
 
     patch_size: int = 1
     in_channels: int = 128

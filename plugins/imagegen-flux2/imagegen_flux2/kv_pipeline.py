@@ -44,8 +44,10 @@ class Flux2KVPipeline(Flux2Pipeline):
 
     def check_kind(self, root: Path) -> None:
         if pipeline_class(root) != KV_PIPELINE:
-            raise WeightsError(f"{root} is not a FLUX.2 Klein KV checkpoint (model_index.json's _class_name is not "
-                               f"{KV_PIPELINE}); use 'flux2-klein-9b' for plain Klein folders.")
+            raise WeightsError(
+                f"{root} is not a FLUX.2 Klein KV checkpoint (model_index.json's _class_name is not "
+                f"{KV_PIPELINE}); use 'flux2-klein-9b' for plain Klein folders."
+            )
         self.distilled = True  # the KV model is step-distilled: no CFG
 
     # 1. prompts -> conditioning; reference images -> their K/V (cached)

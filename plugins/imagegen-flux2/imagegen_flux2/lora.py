@@ -10,19 +10,30 @@ from imagegen.lora import Targets, col_split, row_blocks, whole
 from .transformer import QKV_FUSIONS, Flux2Transformer
 
 # diffusers name in a double block -> BFL name
-DOUBLE = {"attn.to_qkv": "img_attn.qkv", "attn.to_added_qkv": "txt_attn.qkv", "attn.to_out.0": "img_attn.proj",
-          "attn.to_add_out": "txt_attn.proj", "ff.linear_in": "img_mlp.0", "ff.linear_out": "img_mlp.2",
-          "ff_context.linear_in": "txt_mlp.0", "ff_context.linear_out": "txt_mlp.2"}
+DOUBLE = {
+    "attn.to_qkv": "img_attn.qkv",
+    "attn.to_added_qkv": "txt_attn.qkv",
+    "attn.to_out.0": "img_attn.proj",
+    "attn.to_add_out": "txt_attn.proj",
+    "ff.linear_in": "img_mlp.0",
+    "ff.linear_out": "img_mlp.2",
+    "ff_context.linear_in": "txt_mlp.0",
+    "ff_context.linear_out": "txt_mlp.2",
+}
 # BFL name -> diffusers name of the layers outside the blocks
-OUTSIDE = {"img_in": "x_embedder", "txt_in": "context_embedder",
-           "time_in.in_layer": "time_guidance_embed.timestep_embedder.linear_1",
-           "time_in.out_layer": "time_guidance_embed.timestep_embedder.linear_2",
-           "guidance_in.in_layer": "time_guidance_embed.guidance_embedder.linear_1",
-           "guidance_in.out_layer": "time_guidance_embed.guidance_embedder.linear_2",
-           "final_layer.linear": "proj_out", "final_layer.adaLN_modulation.1": "norm_out.linear",
-           "single_stream_modulation.lin": "single_stream_modulation.linear",
-           "double_stream_modulation_img.lin": "double_stream_modulation_img.linear",
-           "double_stream_modulation_txt.lin": "double_stream_modulation_txt.linear"}
+OUTSIDE = {
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
+    "time_in.in_layer": "time_guidance_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_guidance_embed.timestep_embedder.linear_2",
+    "guidance_in.in_layer": "time_guidance_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_guidance_embed.guidance_embedder.linear_2",
+    "final_layer.linear": "proj_out",
+    "final_layer.adaLN_modulation.1": "norm_out.linear",
+    "single_stream_modulation.lin": "single_stream_modulation.linear",
+    "double_stream_modulation_img.lin": "double_stream_modulation_img.linear",
+    "double_stream_modulation_txt.lin": "double_stream_modulation_txt.linear",
+}
 # BFL's final layer emits (shift, scale), diffusers' norm_out (scale, shift): a BFL-named delta swaps its halves
 # (as diffusers' FLUX.1 converters do; its FLUX.2 converter maps the layer without swapping).
 SWAPPED = {"final_layer.adaLN_modulation.1"}
@@ -49,6 +60,11 @@ def lora_targets(model: Flux2Transformer) -> dict[str, Targets]:
         diffusers[name] = whole(name)
         bfl[theirs] = whole(name, swap_halves=theirs in SWAPPED)
     # some exports spell the double blocks "sformer_blocks" (diffusers accepts it)
-    diffusers.update({"sformer_blocks." + k.removeprefix("transformer_blocks."): v
-                      for k, v in diffusers.items() if k.startswith("transformer_blocks.")})
+    diffusers.update(
+        {
+            "sformer_blocks." + k.removeprefix("transformer_blocks."): v
+            for k, v in diffusers.items()
+            if k.startswith("transformer_blocks.")
+        }
+    )
     return {"diffusers": diffusers, "BFL": bfl}

@@ -134,8 +134,13 @@ class Flux2Pipeline(DiffusersPipeline):
         pixels = image_pixels(fit_area(request.init.image), request.width, request.height)
         init = self.vae.encode_latents(pixels.astype(self.vae.dtype))  # the mean ("argmax"), as diffusers
         tokens = [pack(init).astype(self.model_dtype)] + ([references] if references is not None else [])
-        return Conditioning(text, negative, mx.concatenate(tokens, axis=1), (init.shape[1:3], *grids),
-                            init_latents=pack(init).astype(mx.float32))
+        return Conditioning(
+            text,
+            negative,
+            mx.concatenate(tokens, axis=1),
+            (init.shape[1:3], *grids),
+            init_latents=pack(init).astype(mx.float32),
+        )
 
     def uses_cfg(self, request: imagegen.Request) -> bool:
         return not self.distilled and request.guidance is not None and request.guidance > 1
@@ -158,8 +163,12 @@ class Flux2Pipeline(DiffusersPipeline):
 
     # 2. initial noise, in diffusers' `latents=` layout [B, C, H/16, W/16]
     def latent_shape(self, request: imagegen.Request) -> tuple[int, int, int, int]:
-        return (request.batch_size, self.latent_channels, request.height // self.multiple,
-                request.width // self.multiple)
+        return (
+            request.batch_size,
+            self.latent_channels,
+            request.height // self.multiple,
+            request.width // self.multiple,
+        )
 
     def prepare_latents(self, request: imagegen.Request) -> mx.array | Start:
         if request.init is not None:
@@ -180,8 +189,9 @@ class Flux2Pipeline(DiffusersPipeline):
         return Start(None, pack(noise.transpose(0, 2, 3, 1)), mask, request.first_step)
 
     # 3. Euler steps over the transformer's velocity; inpainting blends the kept region back after each step
-    def denoise_steps(self, request: imagegen.Request, cond: Conditioning, latents: mx.array | Start
-                      ) -> Iterator[mx.array]:
+    def denoise_steps(
+        self, request: imagegen.Request, cond: Conditioning, latents: mx.array | Start
+    ) -> Iterator[mx.array]:
         start = latents if isinstance(latents, Start) else None
         if start is not None:
             start = replace(start, image_latents=mx.broadcast_to(cond.init_latents, start.noise.shape))
@@ -235,8 +245,15 @@ def reference_size(image: Image.Image) -> tuple[int, int]:
     return prepare_reference(image, 16).size
 
 
-def estimate_memory(spec: imagegen.ModelSpec, weights: Path | None, dtype: str, quantize: str | None,
-                    width: int, height: int, batch: int) -> int:
+def estimate_memory(
+    spec: imagegen.ModelSpec,
+    weights: Path | None,
+    dtype: str,
+    quantize: str | None,
+    width: int,
+    height: int,
+    batch: int,
+) -> int:
     """Peak bytes: the three components' weights plus the larger of the transformer's and the VAE's activations."""
     return diffusers_estimate(weights, dtype, quantize, width, height, batch, hidden_size)
 

@@ -82,9 +82,14 @@ def klein(size: str, base: bool) -> imagegen.ModelSpec:
 
 def with_small_decoder(spec: imagegen.ModelSpec) -> imagegen.ModelSpec:
     """The same model decoding with BFL's small decoder (its own repo, pulled separately)."""
-    return replace(spec, id=f"{spec.id}-small-decoder", aliases=(), family_default=False,
-                   description=f"{spec.description}, with the FLUX.2 small decoder (~1.4x faster decode)",
-                   extra={**spec.extra, "vae": SMALL_DECODER})
+    return replace(
+        spec,
+        id=f"{spec.id}-small-decoder",
+        aliases=(),
+        family_default=False,
+        description=f"{spec.description}, with the FLUX.2 small decoder (~1.4x faster decode)",
+        extra={**spec.extra, "vae": SMALL_DECODER},
+    )
 
 
 def demo() -> imagegen.ModelSpec | None:
@@ -97,7 +102,7 @@ def demo() -> imagegen.ModelSpec | None:
         id="flux2-demo",
         family="flux2",
         description=f"Tiny demo model (bundled; at most {width}x{height}) that draws "
-                    f"{settings.get('description', 'shapes')}",
+        f"{settings.get('description', 'shapes')}",
         load=load,
         bundled_weights=DEMO,
         default_steps=settings.get("default_steps", 4),

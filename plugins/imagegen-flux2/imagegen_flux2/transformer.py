@@ -195,15 +195,22 @@ class Flux2TransformerBlock(nn.Module):
         self.ff_context = Flux2FeedForward(dim, mlp_hidden)
 
     def __call__(
-        self, x: mx.array, context: mx.array, mod_img: Sequence[mx.array], mod_txt: Sequence[mx.array], rope: Rope,
+        self,
+        x: mx.array,
+        context: mx.array,
+        mod_img: Sequence[mx.array],
+        mod_txt: Sequence[mx.array],
+        rope: Rope,
         extra: KV | None = None,
     ) -> tuple[mx.array, mx.array]:
         shift, scale, gate, mlp_shift, mlp_scale, mlp_gate = mod_img
         c_shift, c_scale, c_gate, c_mlp_shift, c_mlp_scale, c_mlp_gate = mod_txt
         eps = self.eps
         attn, c_attn = self.attn(
-            _modulate(x, shift, scale, eps), None if context is None else _modulate(context, c_shift, c_scale, eps),
-            rope, extra,
+            _modulate(x, shift, scale, eps),
+            None if context is None else _modulate(context, c_shift, c_scale, eps),
+            rope,
+            extra,
         )
         x = x + gate * attn
         x = x + mlp_gate * self.ff(_modulate(x, mlp_shift, mlp_scale, eps))
@@ -329,15 +336,17 @@ class Flux2Transformer(PacedBlocks, nn.Module):
             raise ValueError(f"rope covers {rope[0].shape[-2]} tokens; inputs have {n_txt} text + {n_img} image")
         spread = self.sequence_parallel
         if spread is None:
-            return self._run(hidden_states, encoder_hidden_states, timestep, rope, guidance, reference_kv, wrapper,
-                             contexts)
+            return self._run(
+                hidden_states, encoder_hidden_states, timestep, rope, guidance, reference_kv, wrapper, contexts
+            )
         if wrapper is not None:  # each rank would decide on its own shard of the image, and the ranks part ways
             raise InvalidOptionError("A block-loop option (such as cache) does not combine with --gpus.")
         # Several ranks: each runs its shard of the image tokens (and the whole text); attention gathers k/v.
         cos, sin = (mx.concatenate([t[:n_txt], spread.shard(t[None, n_txt:])[0]]) for t in rope)
         with spread.active(n_txt, n_img):
-            out = self._run(spread.shard(hidden_states), encoder_hidden_states, timestep, (cos, sin), guidance,
-                            reference_kv)
+            out = self._run(
+                spread.shard(hidden_states), encoder_hidden_states, timestep, (cos, sin), guidance, reference_kv
+            )
         return spread.gather(out, n_img)
 
     def reference_kv(self, references: mx.array, rope: Rope, timestep: float = 0.0) -> list[KV]:
@@ -350,10 +359,18 @@ class Flux2Transformer(PacedBlocks, nn.Module):
             self._run(references, None, mx.full((b,), timestep), rope, None, plain=True)
         return list(kv)
 
-    def _run(self, hidden_states: mx.array, encoder_hidden_states: mx.array | None, timestep: mx.array, rope: Rope,
-             guidance: mx.array | None, reference_kv: Sequence[KV] | None = None,
-             wrapper: block_loop.LoopWrapper | None = None,
-             contexts: tuple[tuple[str, slice], ...] = (("cond", slice(None)),), plain: bool = False) -> mx.array:
+    def _run(
+        self,
+        hidden_states: mx.array,
+        encoder_hidden_states: mx.array | None,
+        timestep: mx.array,
+        rope: Rope,
+        guidance: mx.array | None,
+        reference_kv: Sequence[KV] | None = None,
+        wrapper: block_loop.LoopWrapper | None = None,
+        contexts: tuple[tuple[str, slice], ...] = (("cond", slice(None)),),
+        plain: bool = False,
+    ) -> mx.array:
         n_txt = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
         dtype = hidden_states.dtype
         # diffusers casts to the activation dtype before scaling back to [0, 1000]
@@ -368,8 +385,9 @@ class Flux2Transformer(PacedBlocks, nn.Module):
         x = self.x_embedder(hidden_states)
         context = None if encoder_hidden_states is None else self.context_embedder(encoder_hidden_states)
         # plain: the modules themselves (recording reads each call's arrays, which compiled blocks only trace)
-        every, double, single = (0, self.transformer_blocks, self.single_transformer_blocks) if plain else \
-            self.paced_blocks()
+        every, double, single = (
+            (0, self.transformer_blocks, self.single_transformer_blocks) if plain else self.paced_blocks()
+        )
         extra = list(reference_kv) if reference_kv is not None else [None] * (len(double) + len(single))
         pace = Pacer(every)
 
@@ -384,11 +402,11 @@ class Flux2Transformer(PacedBlocks, nn.Module):
                 x, context = block(x, context, mod_img, mod_txt, rope, kv)
                 pace(x, context)
             if context is None:  # the KV variant's reference pass: image tokens alone
-                for block, kv in zip(single, extra[len(double):]):
+                for block, kv in zip(single, extra[len(double) :]):
                     x = block(x, mod_single, rope, kv)
                 return x, None
             x = mx.concatenate([context, x], axis=1)
-            for block, kv in zip(single, extra[len(double):]):
+            for block, kv in zip(single, extra[len(double) :]):
                 x = block(x, mod_single, rope, kv)
                 pace(x)
             return x[:, n_txt:], x[:, :n_txt]

@@ -24,8 +24,13 @@ def kv_folder(tmp_path_factory, tiny_klein) -> tuple[Path, Flux2KleinKVPipeline]
     """The session's tiny Klein saved again as a KV checkpoint (folder/"kv")."""
     folder = tmp_path_factory.mktemp("klein-kv")
     plain = tiny_klein[1]
-    pipe = Flux2KleinKVPipeline(scheduler=plain.scheduler, vae=plain.vae, text_encoder=plain.text_encoder,
-                                tokenizer=plain.tokenizer, transformer=plain.transformer)
+    pipe = Flux2KleinKVPipeline(
+        scheduler=plain.scheduler,
+        vae=plain.vae,
+        text_encoder=plain.text_encoder,
+        tokenizer=plain.tokenizer,
+        transformer=plain.transformer,
+    )
     pipe.save_pretrained(folder / "kv")
     return folder, pipe
 
@@ -40,16 +45,23 @@ def test_editing_matches_diffusers_kv_pipeline(kv_folder):
     ours = Flux2KVPipeline(klein_kv(), folder / "kv", dtype="float32")
     latents = tiny.noise(1, seed=3)
     refs = references()
-    want = theirs(image=refs, prompt="make it blue", height=tiny.SIZE[1], width=tiny.SIZE[0], num_inference_steps=3,
-                  latents=torch.from_numpy(latents), max_sequence_length=ours.max_sequence_length,
-                  text_encoder_out_layers=ours.text_layers).images
-    got = ours.generate("make it blue", images=refs, latents=latents, steps=3, width=tiny.SIZE[0],
-                        height=tiny.SIZE[1]).images
+    want = theirs(
+        image=refs,
+        prompt="make it blue",
+        height=tiny.SIZE[1],
+        width=tiny.SIZE[0],
+        num_inference_steps=3,
+        latents=torch.from_numpy(latents),
+        max_sequence_length=ours.max_sequence_length,
+        text_encoder_out_layers=ours.text_layers,
+    ).images
+    got = ours.generate(
+        "make it blue", images=refs, latents=latents, steps=3, width=tiny.SIZE[0], height=tiny.SIZE[1]
+    ).images
     assert_images_match(got, want)
 
     def final_latents(**options) -> np.ndarray:
-        steps = ours.run("make it blue", latents=latents, steps=3, width=tiny.SIZE[0], height=tiny.SIZE[1],
-                             **options)
+        steps = ours.run("make it blue", latents=latents, steps=3, width=tiny.SIZE[0], height=tiny.SIZE[1], **options)
         return np.array([s.latents for s in steps if s.stage == "denoise"][-1])
 
     with_refs, alone = final_latents(images=refs), final_latents()
@@ -60,11 +72,18 @@ def test_text_to_image_without_references_matches_diffusers(kv_folder):
     folder, theirs = kv_folder
     ours = Flux2KVPipeline(klein_kv(), folder / "kv", dtype="float32")
     latents = tiny.noise(2, seed=4)
-    want = theirs(prompt=["a red fox", "a boat"], height=tiny.SIZE[1], width=tiny.SIZE[0], num_inference_steps=2,
-                  latents=torch.from_numpy(latents), max_sequence_length=ours.max_sequence_length,
-                  text_encoder_out_layers=ours.text_layers).images
-    got = ours.generate(["a red fox", "a boat"], latents=latents, steps=2, width=tiny.SIZE[0],
-                        height=tiny.SIZE[1]).images
+    want = theirs(
+        prompt=["a red fox", "a boat"],
+        height=tiny.SIZE[1],
+        width=tiny.SIZE[0],
+        num_inference_steps=2,
+        latents=torch.from_numpy(latents),
+        max_sequence_length=ours.max_sequence_length,
+        text_encoder_out_layers=ours.text_layers,
+    ).images
+    got = ours.generate(
+        ["a red fox", "a boat"], latents=latents, steps=2, width=tiny.SIZE[0], height=tiny.SIZE[1]
+    ).images
     assert_images_match(got, want)
 
 
@@ -73,8 +92,9 @@ def test_reference_kv_is_reused_across_requests(kv_folder):
     ours = Flux2KVPipeline(klein_kv(), folder / "kv", dtype="float32")
     refs, latents = references(), tiny.noise(1, seed=3)
     first = ours.generate("make it blue", images=refs, latents=latents, steps=2, width=64, height=48)
-    again = ours.generate("make it green", images=[r.copy() for r in refs], latents=latents, steps=2, width=64,
-                          height=48)
+    again = ours.generate(
+        "make it green", images=[r.copy() for r in refs], latents=latents, steps=2, width=64, height=48
+    )
     assert ours.reference_passes == 1  # same pictures (other objects, other prompt): no second reference pass
     assert not np.array_equal(np.asarray(first.images[0]), np.asarray(again.images[0]))
     ours.generate("make it blue", images=refs[:1], latents=latents, steps=2, width=64, height=48)

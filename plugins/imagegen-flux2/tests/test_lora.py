@@ -22,16 +22,28 @@ SIZE, noise = tiny.SIZE, tiny.noise
 
 PROMPT = "a red fox in the snow"
 # BFL name -> diffusers name of the double-block layers that are not fused q/k/v (diffusers' converter)
-DOUBLE = {"img_attn.proj": "attn.to_out.0", "txt_attn.proj": "attn.to_add_out", "img_mlp.0": "ff.linear_in",
-          "img_mlp.2": "ff.linear_out", "txt_mlp.0": "ff_context.linear_in", "txt_mlp.2": "ff_context.linear_out"}
-OUTSIDE = {"img_in": "x_embedder", "txt_in": "context_embedder", "time_in.in_layer":
-           "time_guidance_embed.timestep_embedder.linear_1", "time_in.out_layer":
-           "time_guidance_embed.timestep_embedder.linear_2", "final_layer.linear": "proj_out",
-           "single_stream_modulation.lin": "single_stream_modulation.linear",
-           "double_stream_modulation_img.lin": "double_stream_modulation_img.linear",
-           "double_stream_modulation_txt.lin": "double_stream_modulation_txt.linear"}
-QKV = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-       "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
+DOUBLE = {
+    "img_attn.proj": "attn.to_out.0",
+    "txt_attn.proj": "attn.to_add_out",
+    "img_mlp.0": "ff.linear_in",
+    "img_mlp.2": "ff.linear_out",
+    "txt_mlp.0": "ff_context.linear_in",
+    "txt_mlp.2": "ff_context.linear_out",
+}
+OUTSIDE = {
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
+    "time_in.in_layer": "time_guidance_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_guidance_embed.timestep_embedder.linear_2",
+    "final_layer.linear": "proj_out",
+    "single_stream_modulation.lin": "single_stream_modulation.linear",
+    "double_stream_modulation_img.lin": "double_stream_modulation_img.linear",
+    "double_stream_modulation_txt.lin": "double_stream_modulation_txt.linear",
+}
+QKV = {
+    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +62,15 @@ def diffusers_images(folder: Path, adapters: list[tuple[Path, float]], latents: 
         reference.load_lora_weights(str(path), adapter_name=name)
     if names:
         reference.set_adapters(names, [scale for _, scale in adapters])
-    return reference(prompt=PROMPT, latents=torch.from_numpy(latents), num_inference_steps=2,
-                     width=SIZE[0], height=SIZE[1]).images
+    return reference(
+        prompt=PROMPT, latents=torch.from_numpy(latents), num_inference_steps=2, width=SIZE[0], height=SIZE[1]
+    ).images
 
 
 def ours(pipe, adapters, latents: np.ndarray, **kw) -> list:
-    return pipe.generate(PROMPT, latents=latents, steps=2, width=SIZE[0], height=SIZE[1],
-                         loras=[(str(p), s) for p, s in adapters], **kw).images
+    return pipe.generate(
+        PROMPT, latents=latents, steps=2, width=SIZE[0], height=SIZE[1], loras=[(str(p), s) for p, s in adapters], **kw
+    ).images
 
 
 def check(checkpoint, ours_files, reference_files=None, seed: int = 0):
@@ -81,9 +95,15 @@ def test_peft_two_adapters_with_scales_then_switch_back(checkpoint, tmp_path):
     folder, shapes, pipe = checkpoint
     every = {k: v for k, v in shapes.items() if "guidance_embedder" not in k}
     first = save_adapter(tmp_path / "all.safetensors", random_lora(every, rank=4, seed=1, prefix="transformer."))
-    second = save_adapter(tmp_path / "some.safetensors",
-                          random_lora(blocks(shapes, "to_k", "add_v_proj", "ff.linear_in", "single_transformer"),
-                                      rank=2, seed=2, prefix="transformer."))
+    second = save_adapter(
+        tmp_path / "some.safetensors",
+        random_lora(
+            blocks(shapes, "to_k", "add_v_proj", "ff.linear_in", "single_transformer"),
+            rank=2,
+            seed=2,
+            prefix="transformer.",
+        ),
+    )
     latents = noise(1, 3)
     bare = ours(pipe, [], latents)
     check(checkpoint, [(first, 0.7), (second, 1.3)], seed=3)
@@ -116,11 +136,17 @@ def test_kohya_ai_toolkit_and_fal_together(checkpoint, tmp_path):
     bfl = bfl_shapes(shapes)
     # diffusers' kohya converter drops the modulation layers (with a warning); imagegen maps them (another test)
     kohya = {k.replace(".", "_"): v for k, v in bfl.items() if "modulation" not in k}
-    kohya = save_adapter(tmp_path / "kohya.safetensors", random_lora(
-        kohya, rank=4, seed=4, down="lora_down.weight", up="lora_up.weight", prefix="lora_unet_", alpha=2.0))
+    kohya = save_adapter(
+        tmp_path / "kohya.safetensors",
+        random_lora(
+            kohya, rank=4, seed=4, down="lora_down.weight", up="lora_up.weight", prefix="lora_unet_", alpha=2.0
+        ),
+    )
     toolkit = save_adapter(tmp_path / "toolkit.safetensors", random_lora(bfl, 2, 5, prefix="diffusion_model."))
-    fal = save_adapter(tmp_path / "fal.safetensors",
-                       random_lora(blocks(bfl, "double_blocks", "linear2"), 2, 6, prefix="base_model.model."))
+    fal = save_adapter(
+        tmp_path / "fal.safetensors",
+        random_lora(blocks(bfl, "double_blocks", "linear2"), 2, 6, prefix="base_model.model."),
+    )
     check(checkpoint, [(kohya, 0.8), (toolkit, 0.6), (fal, 1.0)], seed=5)
 
 
@@ -152,19 +178,36 @@ def test_lokr_lycoris_and_simpletuner_together(checkpoint, tmp_path):
     """LyCORIS (lycoris_ + underscored diffusers names, w2 rank-decomposed, alpha / rank) and SimpleTuner (bare
     dotted diffusers names, whole factors)."""
     _, shapes, _ = checkpoint
-    layers = blocks(shapes, "transformer_blocks.0.attn.to_q", "add_k_proj", "to_qkv_mlp_proj", "attn.to_out",
-                    "ff_context.linear_out")
+    layers = blocks(
+        shapes,
+        "transformer_blocks.0.attn.to_q",
+        "add_k_proj",
+        "to_qkv_mlp_proj",
+        "attn.to_out",
+        "ff_context.linear_out",
+    )
     lycoris = lokr({k.replace(".", "_"): v for k, v in layers.items()}, "lycoris_", 1, 0.5, 8, std=1.0)
-    simple = lokr(blocks(shapes, "to_v", "ff.linear_in", "single_transformer_blocks.0.attn.to_out"), "", None, 1e10, 9,
-                  std=0.7)
-    check(checkpoint, [(save_adapter(tmp_path / "lycoris.safetensors", lycoris), 1.0),
-                       (save_adapter(tmp_path / "simpletuner.safetensors", simple), 0.7)], seed=7)
+    simple = lokr(
+        blocks(shapes, "to_v", "ff.linear_in", "single_transformer_blocks.0.attn.to_out"), "", None, 1e10, 9, std=0.7
+    )
+    check(
+        checkpoint,
+        [
+            (save_adapter(tmp_path / "lycoris.safetensors", lycoris), 1.0),
+            (save_adapter(tmp_path / "simpletuner.safetensors", simple), 0.7),
+        ],
+        seed=7,
+    )
 
 
 def loha_delta(t: dict[str, torch.Tensor], key: str) -> torch.Tensor:
     rank = t[f"{key}.hada_w1_b"].shape[0]
-    return ((t[f"{key}.hada_w1_a"] @ t[f"{key}.hada_w1_b"]) * (t[f"{key}.hada_w2_a"] @ t[f"{key}.hada_w2_b"])
-            * t[f"{key}.alpha"] / rank)
+    return (
+        (t[f"{key}.hada_w1_a"] @ t[f"{key}.hada_w1_b"])
+        * (t[f"{key}.hada_w2_a"] @ t[f"{key}.hada_w2_b"])
+        * t[f"{key}.alpha"]
+        / rank
+    )
 
 
 def test_layouts_diffusers_does_not_read(checkpoint, tmp_path):
@@ -174,9 +217,11 @@ def test_layouts_diffusers_does_not_read(checkpoint, tmp_path):
     _, shapes, _ = checkpoint
     g = torch.Generator().manual_seed(10)
     loha, loha_ref = {}, {}
-    for name, diffusers_names in (("double_blocks.0.img_attn.qkv", QKV["img_attn.qkv"]),
-                                  ("double_blocks.0.txt_mlp.2", ("ff_context.linear_out",)),
-                                  ("single_blocks.0.linear2", None)):
+    for name, diffusers_names in (
+        ("double_blocks.0.img_attn.qkv", QKV["img_attn.qkv"]),
+        ("double_blocks.0.txt_mlp.2", ("ff_context.linear_out",)),
+        ("single_blocks.0.linear2", None),
+    ):
         key = "lora_unet_" + name.replace(".", "_")
         out, inp = bfl_shapes(shapes)[name]
         for w in ("w1", "w2"):
@@ -184,26 +229,39 @@ def test_layouts_diffusers_does_not_read(checkpoint, tmp_path):
             loha[f"{key}.hada_{w}_b"] = torch.randn(2, inp, generator=g)
         loha[f"{key}.alpha"] = torch.tensor(1.0)
         delta = loha_delta(loha, key)
-        targets = (["single_transformer_blocks.0.attn.to_out"] if diffusers_names is None
-                   else [f"transformer_blocks.0.{n}" for n in diffusers_names])
+        targets = (
+            ["single_transformer_blocks.0.attn.to_out"]
+            if diffusers_names is None
+            else [f"transformer_blocks.0.{n}" for n in diffusers_names]
+        )
         for target, rows in zip(targets, delta.chunk(len(targets))):
             loha_ref[f"transformer.{target}.lora_A.weight"] = torch.eye(inp)
             loha_ref[f"transformer.{target}.lora_B.weight"] = rows
-    default = random_lora(blocks(shapes, "transformer_blocks.0.attn.to_k", "single_transformer_blocks.0"), 3, 11,
-                          std=0.8)
-    default = {k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
-               for k, v in default.items()}
+    default = random_lora(
+        blocks(shapes, "transformer_blocks.0.attn.to_k", "single_transformer_blocks.0"), 3, 11, std=0.8
+    )
+    default = {
+        k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v for k, v in default.items()
+    }
     default_ref = {"transformer." + k.replace(".default.", "."): v for k, v in default.items()}
-    final = random_lora({"final_layer.adaLN_modulation.1": shapes["norm_out.linear"]}, 2, 12, 1.0,
-                        prefix="diffusion_model.")
+    final = random_lora(
+        {"final_layer.adaLN_modulation.1": shapes["norm_out.linear"]}, 2, 12, 1.0, prefix="diffusion_model."
+    )
     up = final["diffusion_model.final_layer.adaLN_modulation.1.lora_B.weight"]
-    final_ref = {"transformer.norm_out.linear.lora_A.weight":
-                 final["diffusion_model.final_layer.adaLN_modulation.1.lora_A.weight"],
-                 "transformer.norm_out.linear.lora_B.weight": torch.cat(up.chunk(2)[::-1])}
-    files = [(save_adapter(tmp_path / f"{n}.safetensors", t), s) for n, t, s in
-             (("loha", loha, 1.0), ("default", default, 0.8), ("final", final, 1.0))]
-    refs = [(save_adapter(tmp_path / f"{n}_ref.safetensors", t), s) for n, t, s in
-            (("loha", loha_ref, 1.0), ("default", default_ref, 0.8), ("final", final_ref, 1.0))]
+    final_ref = {
+        "transformer.norm_out.linear.lora_A.weight": final[
+            "diffusion_model.final_layer.adaLN_modulation.1.lora_A.weight"
+        ],
+        "transformer.norm_out.linear.lora_B.weight": torch.cat(up.chunk(2)[::-1]),
+    }
+    files = [
+        (save_adapter(tmp_path / f"{n}.safetensors", t), s)
+        for n, t, s in (("loha", loha, 1.0), ("default", default, 0.8), ("final", final, 1.0))
+    ]
+    refs = [
+        (save_adapter(tmp_path / f"{n}_ref.safetensors", t), s)
+        for n, t, s in (("loha", loha_ref, 1.0), ("default", default_ref, 0.8), ("final", final_ref, 1.0))
+    ]
     check(checkpoint, files, refs, seed=8)
 
 
@@ -228,8 +286,9 @@ def test_text_encoder_lora_applies_to_its_request_only(checkpoint, tmp_path):
     assert np.abs(got - np.asarray(bare)).max() > 0.1
     assert np.array_equal(np.asarray(pipe.embed_prompts([PROMPT])), np.asarray(bare))  # nothing left behind
     latents = noise(1, 9)
-    want = reference(prompt=PROMPT, latents=torch.from_numpy(latents), num_inference_steps=2,
-                     width=SIZE[0], height=SIZE[1]).images
+    want = reference(
+        prompt=PROMPT, latents=torch.from_numpy(latents), num_inference_steps=2, width=SIZE[0], height=SIZE[1]
+    ).images
     assert_images_match(ours(pipe, [(path, 0.9)], latents), want)
 
 

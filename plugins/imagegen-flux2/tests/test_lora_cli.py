@@ -16,10 +16,24 @@ from imagegen.cli import get_app
 from imagegen.image import read_metadata
 from imagegen.testing import random_lora, save_adapter
 
-SHAPES = {"transformer_blocks.0.attn.to_q": (192, 192), "transformer_blocks.1.ff.linear_in": (1152, 192),
-          "single_transformer_blocks.0.attn.to_out": (192, 768)}
-RUN = ("run", "-m", "flux2-demo", "a red circle on a blue background", "--seed", "3", "--steps", "2",
-       "--size", "64x64", "--quiet")
+SHAPES = {
+    "transformer_blocks.0.attn.to_q": (192, 192),
+    "transformer_blocks.1.ff.linear_in": (1152, 192),
+    "single_transformer_blocks.0.attn.to_out": (192, 768),
+}
+RUN = (
+    "run",
+    "-m",
+    "flux2-demo",
+    "a red circle on a blue background",
+    "--seed",
+    "3",
+    "--steps",
+    "2",
+    "--size",
+    "64x64",
+    "--quiet",
+)
 
 
 def invoke(*args: str):
@@ -102,8 +116,19 @@ def test_convert_writes_a_merged_folder(adapter, tmp_path):
     assert invoke(*RUN, "-o", "merged.png", "--weights", str(tmp_path / "merged")).exit_code == 0
     assert np.abs(pixels("merged.png") - pixels("styled.png")).max() <= 1
     # the demo's weights under the Klein 4B spec, which allows quantization
-    result = invoke("convert", "-m", "flux2-klein-4b", "--weights", str(DEMO), "--lora", str(adapter), "-q", "8",
-                    "-o", str(tmp_path / "q8"))
+    result = invoke(
+        "convert",
+        "-m",
+        "flux2-klein-4b",
+        "--weights",
+        str(DEMO),
+        "--lora",
+        str(adapter),
+        "-q",
+        "8",
+        "-o",
+        str(tmp_path / "q8"),
+    )
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "q8" / "transformer" / "quantization.json").read_text())["bits"] == 8
     q8 = ("-m", "flux2-klein-4b", "--weights", str(tmp_path / "q8"), "--dtype", "float32")
@@ -120,8 +145,14 @@ def test_server_names_adapters_from_its_folder_and_batch_rows_take_them(adapter,
     from imagegen.server import create_app
 
     assert invoke(*RUN, "-o", "styled.png", "--lora", f"{adapter}:0.8").exit_code == 0
-    body = {"model": "flux2-demo", "prompt": RUN[3], "seed": 3, "steps": 2, "size": "64x64",
-            "loras": [{"name": "style.safetensors", "scale": 0.8}]}
+    body = {
+        "model": "flux2-demo",
+        "prompt": RUN[3],
+        "seed": 3,
+        "steps": 2,
+        "size": "64x64",
+        "loras": [{"name": "style.safetensors", "scale": 0.8}],
+    }
     with TestClient(create_app(lora_dir=tmp_path)) as client:
         listed = client.get("/v1/loras").json()["data"]
         assert [(x["name"], len(x["sha256"])) for x in listed] == [("style.safetensors", 64)]
@@ -137,8 +168,15 @@ def test_server_names_adapters_from_its_folder_and_batch_rows_take_them(adapter,
     with TestClient(create_app()) as client:
         assert client.post("/v1/images/generations", json=body).status_code == 400
 
-    row = {"id": "one", "prompt": RUN[3], "model": "flux2-demo", "seed": 3, "steps": 2, "size": "64x64",
-           "loras": [f"{adapter}:0.8"]}
+    row = {
+        "id": "one",
+        "prompt": RUN[3],
+        "model": "flux2-demo",
+        "seed": 3,
+        "steps": 2,
+        "size": "64x64",
+        "loras": [f"{adapter}:0.8"],
+    }
     (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n")
     run_batch(tmp_path / "rows.jsonl", tmp_path / "batch")
     assert np.array_equal(pixels(tmp_path / "batch" / "one.png"), pixels("styled.png"))

@@ -27,8 +27,9 @@ def ours(folder: Path, is_base: bool) -> Flux2Pipeline:
 
 
 def diffusers_images(reference: Flux2KleinPipeline, latents: np.ndarray, steps: int, **kw) -> list[Image.Image]:
-    return reference(latents=torch.from_numpy(latents), num_inference_steps=steps, width=SIZE[0], height=SIZE[1],
-                     **kw).images
+    return reference(
+        latents=torch.from_numpy(latents), num_inference_steps=steps, width=SIZE[0], height=SIZE[1], **kw
+    ).images
 
 
 def test_text_to_image_matches_diffusers(tiny_klein):
@@ -67,8 +68,9 @@ def test_base_with_cfg_and_negative_prompt_matches_diffusers(tiny_klein_base):
     folder, reference = tiny_klein_base
     latents = noise(1, seed=7)
     negative_embeds, _ = reference.encode_prompt("blurry, dark")
-    want = diffusers_images(reference, latents, 3, prompt="a lighthouse", guidance_scale=4.0,
-                            negative_prompt_embeds=negative_embeds)
+    want = diffusers_images(
+        reference, latents, 3, prompt="a lighthouse", guidance_scale=4.0, negative_prompt_embeds=negative_embeds
+    )
     got = (
         ours(folder, True)
         .generate(
@@ -177,11 +179,14 @@ def test_cli_runs_on_a_diffusers_folder(tiny_klein, tmp_path):
     assert bad.exit_code == 1 and "does not support --negative" in bad.output
 
 
-@pytest.mark.parametrize("damage,message", [
-    ("truncate", "Cannot read"),
-    ("config", "do not fit Flux2Transformer: "),
-    ("index", "model_index.json is missing"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        ("truncate", "Cannot read"),
+        ("config", "do not fit Flux2Transformer: "),
+        ("index", "model_index.json is missing"),
+    ],
+)
 def test_damaged_folders_are_one_line_errors(tiny_klein, tmp_path, damage, message):
     from typer.testing import CliRunner
 
@@ -197,8 +202,21 @@ def test_damaged_folders_are_one_line_errors(tiny_klein, tmp_path, damage, messa
         (folder / "transformer" / "config.json").write_text(json.dumps({**config, "mlp_ratio": 4.0}))
     else:
         (folder / "model_index.json").unlink()
-    result = CliRunner().invoke(get_app(), ["run", "-m", "flux2-klein-4b", "--weights", str(folder), "x",
-                                            "--size", "64x48", "-o", str(tmp_path / "x.png")])
+    result = CliRunner().invoke(
+        get_app(),
+        [
+            "run",
+            "-m",
+            "flux2-klein-4b",
+            "--weights",
+            str(folder),
+            "x",
+            "--size",
+            "64x48",
+            "-o",
+            str(tmp_path / "x.png"),
+        ],
+    )
     lines = result.output.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == 1 and message in lines[0], result.output
     assert not (tmp_path / "x.png").exists()
@@ -212,9 +230,31 @@ def test_cli_quantize_tile_and_count(tiny_klein, tmp_path):
     from imagegen.cli import get_app
     from imagegen.image import read_metadata
 
-    result = CliRunner().invoke(get_app(), ["run", "-m", "flux2-klein-4b", "--weights", str(tiny_klein[0]), "a fox",
-                                            "--size", "64x48", "--steps", "1", "--seed", "9", "--quantize", "8",
-                                            "--tile", "-n", "2", "--json", "-o", str(tmp_path / "q.png")])
+    result = CliRunner().invoke(
+        get_app(),
+        [
+            "run",
+            "-m",
+            "flux2-klein-4b",
+            "--weights",
+            str(tiny_klein[0]),
+            "a fox",
+            "--size",
+            "64x48",
+            "--steps",
+            "1",
+            "--seed",
+            "9",
+            "--quantize",
+            "8",
+            "--tile",
+            "-n",
+            "2",
+            "--json",
+            "-o",
+            str(tmp_path / "q.png"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["seeds"] == [9, 10] and len(data["images"]) == 2
@@ -248,8 +288,25 @@ def test_cli_reference_image_sets_the_size_as_python_does(tiny_klein, tmp_path):
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (70, 100, 3), dtype=np.uint8)).save(tmp_path / "r.png")
     python = ours(folder, False).request("x", images=[tmp_path / "r.png"], seed=1)
     out = tmp_path / "edit.png"
-    args = ["run", "-m", "flux2-klein-4b", "--weights", str(folder), "x", "--image", str(tmp_path / "r.png"),
-            "--steps", "1", "--seed", "1", "--dtype", "float32", "--tile", "-o", str(out)]
+    args = [
+        "run",
+        "-m",
+        "flux2-klein-4b",
+        "--weights",
+        str(folder),
+        "x",
+        "--image",
+        str(tmp_path / "r.png"),
+        "--steps",
+        "1",
+        "--seed",
+        "1",
+        "--dtype",
+        "float32",
+        "--tile",
+        "-o",
+        str(out),
+    ]
     result = CliRunner().invoke(get_app(), args)
     assert result.exit_code == 0, result.output
     meta = read_metadata(out)
@@ -277,15 +334,24 @@ def left_mask() -> Image.Image:
 def test_torch_noise_matches_diffusers_generator(tiny_klein, tiny_klein_base):
     folder, reference = tiny_klein
     prompts = ["a red fox in the snow", "a boat"]
-    want = reference(prompt=prompts, num_inference_steps=2, width=SIZE[0], height=SIZE[1],
-                     generator=generator(21)).images
+    want = reference(
+        prompt=prompts, num_inference_steps=2, width=SIZE[0], height=SIZE[1], generator=generator(21)
+    ).images
     got = ours(folder, False).generate(prompts, steps=2, width=SIZE[0], height=SIZE[1], seed=21, noise="torch")
     assert_images_match(got.images, want)
     folder, reference = tiny_klein_base  # CFG, two images per prompt from one generator
-    want = reference(prompt="a lighthouse", num_inference_steps=2, guidance_scale=3.0, num_images_per_prompt=2,
-                     width=SIZE[0], height=SIZE[1], generator=generator(22)).images
-    got = ours(folder, True).generate("a lighthouse", steps=2, guidance=3.0, num_images=2, width=SIZE[0],
-                                      height=SIZE[1], seed=22, noise="torch")
+    want = reference(
+        prompt="a lighthouse",
+        num_inference_steps=2,
+        guidance_scale=3.0,
+        num_images_per_prompt=2,
+        width=SIZE[0],
+        height=SIZE[1],
+        generator=generator(22),
+    ).images
+    got = ours(folder, True).generate(
+        "a lighthouse", steps=2, guidance=3.0, num_images=2, width=SIZE[0], height=SIZE[1], seed=22, noise="torch"
+    )
     assert_images_match(got.images, want)
 
 
@@ -301,24 +367,31 @@ def test_inpaint_matches_diffusers(tiny_klein, with_reference):
     inpaint = Flux2KleinInpaintPipeline(**reference.components, is_distilled=True)
     refs = [picture(7, (64, 80))] if with_reference else []
     steps = []  # diffusers' packed latents after each step's blend
-    want = inpaint(prompt="a red door", image=picture(), mask_image=left_mask(), num_inference_steps=4,
-                   image_reference=refs[0] if refs else None, generator=generator(5),  # strength: default 0.8
-                   callback_on_step_end=lambda pipe, i, t, kw: steps.append(kw["latents"].numpy()) or {}).images
+    want = inpaint(
+        prompt="a red door",
+        image=picture(),
+        mask_image=left_mask(),
+        num_inference_steps=4,
+        image_reference=refs[0] if refs else None,
+        generator=generator(5),  # strength: default 0.8
+        callback_on_step_end=lambda pipe, i, t, kw: steps.append(kw["latents"].numpy()) or {},
+    ).images
     pipe = ours(folder, False)
-    got = pipe.generate("a red door", init_image=picture(), mask=left_mask(), images=refs, steps=4, seed=5,
-                        noise="torch")
+    got = pipe.generate(
+        "a red door", init_image=picture(), mask=left_mask(), images=refs, steps=4, seed=5, noise="torch"
+    )
     assert got.images[0].size == SIZE and got.request.run_steps == 4  # int(4 - 4 * 0.8) = 0: all four run
     assert_images_match(got.images, want)
     # The tiny model hardly lets a reference change pixels, so compare the latents too, against its effect.
-    run = pipe.run("a red door", init_image=picture(), mask=left_mask(), images=refs, steps=4, seed=5,
-                       noise="torch")
+    run = pipe.run("a red door", init_image=picture(), mask=left_mask(), images=refs, steps=4, seed=5, noise="torch")
     latents = last_latents(run)
     error = np.abs(latents - steps[-1]).max()
     print(f"latents max difference {error:.2e}")
     assert error < 2e-5
     if with_reference:
-        plain = last_latents(pipe.run("a red door", init_image=picture(), mask=left_mask(), steps=4, seed=5,
-                                          noise="torch"))
+        plain = last_latents(
+            pipe.run("a red door", init_image=picture(), mask=left_mask(), steps=4, seed=5, noise="torch")
+        )
         assert np.abs(plain - latents).max() > 50 * error
 
 
@@ -327,8 +400,15 @@ def test_img2img_is_inpainting_with_nothing_kept(tiny_klein):
 
     folder, reference = tiny_klein
     inpaint = Flux2KleinInpaintPipeline(**reference.components, is_distilled=True)
-    want = inpaint(prompt="a red door", image=picture(3), mask_image=Image.new("L", SIZE, 255), strength=0.5,
-                   num_inference_steps=4, generator=generator(6)).images
-    got = ours(folder, False).generate("a red door", init_image=picture(3), strength=0.5, steps=4, seed=6,
-                                       noise="torch")
+    want = inpaint(
+        prompt="a red door",
+        image=picture(3),
+        mask_image=Image.new("L", SIZE, 255),
+        strength=0.5,
+        num_inference_steps=4,
+        generator=generator(6),
+    ).images
+    got = ours(folder, False).generate(
+        "a red door", init_image=picture(3), strength=0.5, steps=4, seed=6, noise="torch"
+    )
     assert_images_match(got.images, want)

@@ -21,12 +21,24 @@ from imagegen.testing import assert_images_match, randomize_norms
 
 # config.json of black-forest-labs/FLUX.2-small-decoder: the FLUX.2 VAE with a narrower decoder (diffusers PR 13428)
 SMALL_DECODER_CONFIG = {
-    "_class_name": "AutoencoderKLFlux2", "act_fn": "silu", "batch_norm_eps": 0.0001, "batch_norm_momentum": 0.1,
-    "block_out_channels": [128, 256, 512, 512], "decoder_block_out_channels": [96, 192, 384, 384],
-    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "in_channels": 3, "out_channels": 3, "latent_channels": 32, "layers_per_block": 2,
-    "mid_block_add_attention": True, "norm_num_groups": 32, "patch_size": [2, 2], "sample_size": 1024,
-    "use_quant_conv": True, "use_post_quant_conv": True,
+    "_class_name": "AutoencoderKLFlux2",
+    "act_fn": "silu",
+    "batch_norm_eps": 0.0001,
+    "batch_norm_momentum": 0.1,
+    "block_out_channels": [128, 256, 512, 512],
+    "decoder_block_out_channels": [96, 192, 384, 384],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 32,
+    "layers_per_block": 2,
+    "mid_block_add_attention": True,
+    "norm_num_groups": 32,
+    "patch_size": [2, 2],
+    "sample_size": 1024,
+    "use_quant_conv": True,
+    "use_post_quant_conv": True,
 }
 SIZE = 64
 STEPS = 2
@@ -40,8 +52,10 @@ def test_small_decoder_config_builds_the_reference_decoder():
     kwargs = {k: v for k, v in SMALL_DECODER_CONFIG.items() if not k.startswith("_")}
     with torch.device("meta"):  # shapes only
         reference = RefAutoencoderKLFlux2(**kwargs).decoder.state_dict()
-    want = {k: tuple(v.shape[:1] + v.shape[2:] + v.shape[1:2]) if v.ndim == 4 else tuple(v.shape)
-            for k, v in reference.items()}
+    want = {
+        k: tuple(v.shape[:1] + v.shape[2:] + v.shape[1:2]) if v.ndim == 4 else tuple(v.shape)
+        for k, v in reference.items()
+    }
     assert ours == want
 
 
@@ -68,8 +82,15 @@ def latents() -> np.ndarray:
 
 def reference(vae) -> list:
     pipe = Flux2KleinPipeline.from_pretrained(DEMO, vae=vae, torch_dtype=torch.float32)
-    return pipe(prompt="a red square", latents=torch.from_numpy(latents()), num_inference_steps=STEPS, width=SIZE,
-                height=SIZE, max_sequence_length=32, text_encoder_out_layers=(1, 2, 3)).images
+    return pipe(
+        prompt="a red square",
+        latents=torch.from_numpy(latents()),
+        num_inference_steps=STEPS,
+        width=SIZE,
+        height=SIZE,
+        max_sequence_length=32,
+        text_encoder_out_layers=(1, 2, 3),
+    ).images
 
 
 def test_vae_folder_matches_diffusers(small_decoder):
@@ -110,7 +131,9 @@ def test_cli_vae_is_recorded_and_replayed(small_decoder, tmp_path, monkeypatch):
     again = CliRunner().invoke(get_app(), ["run", "--from", "a.png", "--vae", str(folder), "-o", "b.png"])
     assert again.exit_code == 0, again.output
     assert read_metadata(tmp_path / "b.png")["components"] == {"vae": str(folder)}
-    assert np.array_equal(np.asarray(imagegen.image.load_image(tmp_path / "a.png")),
-                          np.asarray(imagegen.image.load_image(tmp_path / "b.png")))
+    assert np.array_equal(
+        np.asarray(imagegen.image.load_image(tmp_path / "a.png")),
+        np.asarray(imagegen.image.load_image(tmp_path / "b.png")),
+    )
     missing = CliRunner().invoke(get_app(), [*args, "--vae", str(tmp_path / "nowhere")])
     assert missing.exit_code != 0 and "--vae" in missing.output and "Traceback" not in missing.output

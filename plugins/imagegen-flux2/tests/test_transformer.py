@@ -81,8 +81,14 @@ def diffusers_ids(batch: int, refs: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize(
     ("guidance_embeds", "use_guidance", "refs", "pace"),
-    [(False, False, False, 0), (False, False, True, 0), (True, True, True, 0), (True, False, False, 0),
-     (False, False, True, 1), (True, True, False, 2)],
+    [
+        (False, False, False, 0),
+        (False, False, True, 0),
+        (True, True, True, 0),
+        (True, False, False, 0),
+        (False, False, True, 1),
+        (True, True, False, 2),
+    ],
 )
 def test_matches_diffusers(tmp_path, guidance_embeds, use_guidance, refs, pace):
     """pace > 0: blocks compiled one by one with the host paced (imagegen.nn.pacing), the same numbers."""

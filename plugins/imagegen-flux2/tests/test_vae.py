@@ -15,17 +15,35 @@ from imagegen_flux2.vae import AutoencoderKLFlux2, Flux2VAEConfig, patchify_late
 from imagegen.testing import randomize_norms
 
 TINY = dict(
-    block_out_channels=(32, 64), decoder_block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8, latent_channels=8,
+    block_out_channels=(32, 64),
+    decoder_block_out_channels=(16, 32),
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    layers_per_block=1,
+    norm_num_groups=8,
+    latent_channels=8,
     sample_size=16,
 )
 # vae/config.json of black-forest-labs/FLUX.2-klein-4B (shared by every FLUX.2 model)
 FLUX2_CONFIG = {
-    "_class_name": "AutoencoderKLFlux2", "act_fn": "silu", "batch_norm_eps": 0.0001, "batch_norm_momentum": 0.1,
-    "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4, "force_upcast": True, "in_channels": 3, "out_channels": 3,
-    "latent_channels": 32, "layers_per_block": 2, "mid_block_add_attention": True, "norm_num_groups": 32,
-    "patch_size": [2, 2], "sample_size": 1024, "use_quant_conv": True, "use_post_quant_conv": True,
+    "_class_name": "AutoencoderKLFlux2",
+    "act_fn": "silu",
+    "batch_norm_eps": 0.0001,
+    "batch_norm_momentum": 0.1,
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "force_upcast": True,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 32,
+    "layers_per_block": 2,
+    "mid_block_add_attention": True,
+    "norm_num_groups": 32,
+    "patch_size": [2, 2],
+    "sample_size": 1024,
+    "use_quant_conv": True,
+    "use_post_quant_conv": True,
 }
 
 

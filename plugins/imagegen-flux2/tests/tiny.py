@@ -21,14 +21,32 @@ SCHEDULER = DEMO / "scheduler"  # Klein's scheduler_config.json, as the bundled 
 def build(folder: Path, distilled: bool, layers: int = 28) -> Flux2KleinPipeline:
     """A tiny Klein checkpoint saved by diffusers; the Qwen3 has `layers` layers (28 reaches Klein's 9/18/27)."""
     make_tokenizer(folder / "tokenizer")
-    make_qwen3(folder / "text_encoder", vocab_size=VOCAB, hidden_size=16, intermediate_size=32,
-               num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    make_qwen3(
+        folder / "text_encoder",
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+    )
     torch.manual_seed(2)
     transformer = Flux2Transformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=48, timestep_guidance_channels=32, axes_dims_rope=[2, 2, 2, 2], guidance_embeds=False)
-    vae = AutoencoderKLFlux2(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, latent_channels=4,
-                             sample_size=32)
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=48,
+        timestep_guidance_channels=32,
+        axes_dims_rope=[2, 2, 2, 2],
+        guidance_embeds=False,
+    )
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, latent_channels=4, sample_size=32
+    )
     for model in (transformer, vae):
         randomize_norms(model)
     with torch.no_grad():

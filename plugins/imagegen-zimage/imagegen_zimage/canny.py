@@ -34,8 +34,10 @@ def canny_thresholds(value: Any) -> tuple[int, int]:
     except (TypeError, ValueError):
         low = high = None
     if low is None or high is None or isinstance(pair[0], bool) or not 0 <= low <= high <= 1000:
-        raise InvalidOptionError(f"canny must be LOW,HIGH thresholds with 0 <= LOW <= HIGH <= 1000 (or 'default' for "
-                                 f"{DEFAULT_THRESHOLDS[0]},{DEFAULT_THRESHOLDS[1]}), got {value!r}.")
+        raise InvalidOptionError(
+            f"canny must be LOW,HIGH thresholds with 0 <= LOW <= HIGH <= 1000 (or 'default' for "
+            f"{DEFAULT_THRESHOLDS[0]},{DEFAULT_THRESHOLDS[1]}), got {value!r}."
+        )
     _cv2()
     return int(low) if low.is_integer() else low, int(high) if high.is_integer() else high
 

@@ -22,14 +22,30 @@ if TYPE_CHECKING:
 CONTROL_SCALE = 0.75  # diffusers' controlnet_conditioning_scale default
 
 OPTIONS = (
-    imagegen.Option("control_image", "image", "Control image for the ControlNet loaded with --controlnet (edges, "
-                    "depth, pose, ...); with --init-image and --mask: ControlNet inpainting.",
-                    flag="--control-image"),
-    imagegen.Option("control_scale", "float", f"How strongly the ControlNet steers (default {CONTROL_SCALE}).",
-                    minimum=0, flag="--control-scale"),
-    imagegen.Option("canny", "any", "Steer with the canny edges of the control image: LOW,HIGH thresholds, or "
-                    "'default' (100,200); needs OpenCV (the zimage plugin's canny extra).", convert=canny_thresholds,
-                    dump=list, load=lambda value, folders: canny_thresholds(value), flag="--canny"),
+    imagegen.Option(
+        "control_image",
+        "image",
+        "Control image for the ControlNet loaded with --controlnet (edges, "
+        "depth, pose, ...); with --init-image and --mask: ControlNet inpainting.",
+        flag="--control-image",
+    ),
+    imagegen.Option(
+        "control_scale",
+        "float",
+        f"How strongly the ControlNet steers (default {CONTROL_SCALE}).",
+        minimum=0,
+        flag="--control-scale",
+    ),
+    imagegen.Option(
+        "canny",
+        "any",
+        "Steer with the canny edges of the control image: LOW,HIGH thresholds, or "
+        "'default' (100,200); needs OpenCV (the zimage plugin's canny extra).",
+        convert=canny_thresholds,
+        dump=list,
+        load=lambda value, folders: canny_thresholds(value),
+        flag="--canny",
+    ),
 )
 NAMES = tuple(o.name for o in OPTIONS)
 
@@ -43,18 +59,25 @@ def check_control(request: imagegen.Request, controlnet: ZImageControlNet | None
             raise InvalidOptionError(f"{given} needs a control image (control_image, --control-image).")
         return False
     if controlnet is None:
-        raise InvalidOptionError("control_image needs a ControlNet: load the model with --controlnet DIR "
-                                 "(Python: spec.pipeline(controlnet=DIR)).")
+        raise InvalidOptionError(
+            "control_image needs a ControlNet: load the model with --controlnet DIR "
+            "(Python: spec.pipeline(controlnet=DIR))."
+        )
     init = request.init
     if init is not None and init.mask is None:
-        raise InvalidOptionError("With a control image, an init image needs a mask (ControlNet inpainting); "
-                                 "ControlNet img2img is not supported.")
+        raise InvalidOptionError(
+            "With a control image, an init image needs a mask (ControlNet inpainting); "
+            "ControlNet img2img is not supported."
+        )
     if init is not None and init.strength != 1.0:
-        raise InvalidOptionError("ControlNet inpainting repaints the masked region from noise: strength does not "
-                                 "apply.")
+        raise InvalidOptionError(
+            "ControlNet inpainting repaints the masked region from noise: strength does not apply."
+        )
     if init is not None and controlnet.config.control_in_dim != 2 * channels + 1:
-        raise InvalidOptionError(f"ControlNet inpainting needs a ControlNet with control_in_dim {2 * channels + 1} "
-                                 f"(Union 2.x); the loaded one has {controlnet.config.control_in_dim}.")
+        raise InvalidOptionError(
+            f"ControlNet inpainting needs a ControlNet with control_in_dim {2 * channels + 1} "
+            f"(Union 2.x); the loaded one has {controlnet.config.control_in_dim}."
+        )
     cached = [name for name in block_loop.options() if request.option(name) is not None]
     if cached:
         raise InvalidOptionError(f"{cached[0]} does not combine with a ControlNet yet.")

@@ -57,8 +57,9 @@ class ZImageControlBlock(ZImageTransformerBlock):
         return c, self.after_proj(c)
 
 
-def run_control(blocks: Sequence[Callable], c: mx.array, x: mx.array, rope: Rope, adaln: mx.array,
-                pace: Pacer) -> tuple[mx.array, list[mx.array]]:
+def run_control(
+    blocks: Sequence[Callable], c: mx.array, x: mx.array, rope: Rope, adaln: mx.array, pace: Pacer
+) -> tuple[mx.array, list[mx.array]]:
     """The control stream through `blocks`: (its final state, one hint per block)."""
     hints = []
     for block in blocks:
@@ -105,23 +106,37 @@ class ZImageControlNet(PacedBlocks, nn.Module):
         mine, theirs = self.config, transformer.config
         for field in ("dim", "n_heads", "n_refiner_layers", "qk_norm"):
             if getattr(mine, field) != getattr(theirs, field):
-                raise WeightsError(f"{where}: {field} {getattr(mine, field)} does not match the transformer's "
-                                   f"{getattr(theirs, field)}: this ControlNet is for another model.")
+                raise WeightsError(
+                    f"{where}: {field} {getattr(mine, field)} does not match the transformer's "
+                    f"{getattr(theirs, field)}: this ControlNet is for another model."
+                )
         channels = theirs.in_channels
         if mine.control_in_dim not in (channels, 2 * channels + 1):
-            raise WeightsError(f"{where}: control_in_dim {mine.control_in_dim} must be the transformer's "
-                               f"{channels} latent channels or {2 * channels + 1} (control, mask, masked image).")
+            raise WeightsError(
+                f"{where}: control_in_dim {mine.control_in_dim} must be the transformer's "
+                f"{channels} latent channels or {2 * channels + 1} (control, mask, masked image)."
+            )
         if transformer.patch_key not in self.control_all_x_embedder:
-            raise WeightsError(f"{where}: all_patch_size / all_f_patch_size lack the transformer's patch "
-                               f"{transformer.patch_key}.")
-        for field, limit in (("control_layers_places", theirs.n_layers),
-                             ("control_refiner_layers_places", theirs.n_refiner_layers)):
+            raise WeightsError(
+                f"{where}: all_patch_size / all_f_patch_size lack the transformer's patch {transformer.patch_key}."
+            )
+        for field, limit in (
+            ("control_layers_places", theirs.n_layers),
+            ("control_refiner_layers_places", theirs.n_refiner_layers),
+        ):
             places = getattr(mine, field) or ()
             if any(not 0 <= place < limit for place in places):
                 raise WeightsError(f"{where}: {field} {list(places)} must be layer indices below {limit}.")
 
-    def hints(self, transformer: ZImageTransformer, group: Group, start: Prologue, context: mx.array, scale: mx.array,
-              pace: Pacer) -> dict[int, mx.array]:
+    def hints(
+        self,
+        transformer: ZImageTransformer,
+        group: Group,
+        start: Prologue,
+        context: mx.array,
+        scale: mx.array,
+        pace: Pacer,
+    ) -> dict[int, mx.array]:
         """{transformer layer: hint} for one layout group; `context` [Bg, H, W, control_in_dim] in NHWC latents."""
         config, dtype = self.config, start.image.dtype
         _, control_layers, *refiner = self.paced_blocks()  # compiled one by one when the pipeline paces
@@ -143,8 +158,9 @@ class ZImageControlNet(PacedBlocks, nn.Module):
                     image = image + steer[index]
                 pace(image)
         unified = mx.concatenate([image, start.cap], axis=1)
-        _, found = run_control(control_layers, mx.concatenate([c, start.cap], axis=1), unified, group.rope,
-                               start.adaln, pace)
+        _, found = run_control(
+            control_layers, mx.concatenate([c, start.cap], axis=1), unified, group.rope, start.adaln, pace
+        )
         return {place: hint * scale for place, hint in zip(config.control_layers_places, found)}
 
 
@@ -157,15 +173,23 @@ class ControlInput:
     context: mx.array
     scale: mx.array
 
-    def __call__(self, transformer: ZImageTransformer, group: Group, start: Prologue,
-                 pace: Pacer) -> dict[int, mx.array]:
+    def __call__(
+        self, transformer: ZImageTransformer, group: Group, start: Prologue, pace: Pacer
+    ) -> dict[int, mx.array]:
         context = self.context if group.index is None else self.context[group.index]
         return self.net.hints(transformer, group, start, context, self.scale, pace)
 
 
-def block_samples(net: ZImageControlNet, transformer: ZImageTransformer, latents: mx.array, t: mx.array,
-                  cap_feats: mx.array, context: mx.array, cap_lens: Sequence[int], scale: float = 1.0
-                  ) -> dict[int, list[mx.array]]:
+def block_samples(
+    net: ZImageControlNet,
+    transformer: ZImageTransformer,
+    latents: mx.array,
+    t: mx.array,
+    cap_feats: mx.array,
+    context: mx.array,
+    cap_lens: Sequence[int],
+    scale: float = 1.0,
+) -> dict[int, list[mx.array]]:
     """What diffusers' ZImageControlNetModel.forward returns, per sample: {layer: [hint of sample i, over its image
     tokens then its caption run]} (diffusers pads the samples to the longest)."""
     b, h, w, _ = latents.shape
@@ -183,8 +207,7 @@ def block_samples(net: ZImageControlNet, transformer: ZImageTransformer, latents
     return samples  # type: ignore[return-value]
 
 
-def load_controlnet(folder: Path, transformer: ZImageTransformer, dtype: str, quantize: str | None
-                    ) -> ZImageControlNet:
+def load_controlnet(folder: Path, transformer: ZImageTransformer, dtype: str, quantize: str | None) -> ZImageControlNet:
     """A ControlNet folder in diffusers' layout (config.json + safetensors), checked against the transformer before
     its weights are read."""
     config_file = Path(folder) / "config.json"
@@ -197,5 +220,8 @@ def load_controlnet(folder: Path, transformer: ZImageTransformer, dtype: str, qu
 def controlnet_quant_predicate(path: str, module: nn.Module) -> bool:
     """As the transformer's: the control blocks' attention and feed-forward Linears; the adaLN modulation, the patch
     embedder and the hint projections stay in the load dtype (every hint is added straight into the stream)."""
-    return (path.startswith(("control_layers.", "control_noise_refiner.")) and ".adaLN_modulation." not in path
-            and not path.endswith(("before_proj", "after_proj")))
+    return (
+        path.startswith(("control_layers.", "control_noise_refiner."))
+        and ".adaLN_modulation." not in path
+        and not path.endswith(("before_proj", "after_proj"))
+    )

@@ -26,13 +26,20 @@ def lora_targets(model: ZImageTransformer) -> dict[str, Targets]:
             diffusers.update({ours + name: whole(ours + name) for name in names})
             original.update({ours + theirs: whole(ours + name) for theirs, name in ORIGINAL.items()})
     for key in model.all_x_embedder:
-        for name in (f"all_x_embedder.{key}", f"all_final_layer.{key}.linear",
-                     f"all_final_layer.{key}.adaLN_modulation.1"):
+        for name in (
+            f"all_x_embedder.{key}",
+            f"all_final_layer.{key}.linear",
+            f"all_final_layer.{key}.adaLN_modulation.1",
+        ):
             diffusers[name] = whole(name)
     patch = model.patch_key
-    original.update({"x_embedder": whole(f"all_x_embedder.{patch}"),
-                     "final_layer.linear": whole(f"all_final_layer.{patch}.linear"),
-                     "final_layer.adaLN_modulation.1": whole(f"all_final_layer.{patch}.adaLN_modulation.1")})
+    original.update(
+        {
+            "x_embedder": whole(f"all_x_embedder.{patch}"),
+            "final_layer.linear": whole(f"all_final_layer.{patch}.linear"),
+            "final_layer.adaLN_modulation.1": whole(f"all_final_layer.{patch}.adaLN_modulation.1"),
+        }
+    )
     for name in ("t_embedder.mlp.0", "t_embedder.mlp.2", "cap_embedder.1"):
         diffusers[name] = whole(name)
     return {"diffusers": diffusers, "original": original}

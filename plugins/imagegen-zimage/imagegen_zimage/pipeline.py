@@ -46,10 +46,20 @@ def _off_or_number(value: Any) -> Any:
 
 
 OPTIONS = (
-    imagegen.Option("cfg_normalization", "float", "Cap the CFG prediction's norm at this times the conditional's "
-                    "(0 or false: off; true: 1).", minimum=0, convert=_off_or_number),
-    imagegen.Option("cfg_truncation", "float", "Stop CFG once the normalized time (1 - sigma) passes this "
-                    "(1: never).", minimum=0, maximum=1),
+    imagegen.Option(
+        "cfg_normalization",
+        "float",
+        "Cap the CFG prediction's norm at this times the conditional's (0 or false: off; true: 1).",
+        minimum=0,
+        convert=_off_or_number,
+    ),
+    imagegen.Option(
+        "cfg_truncation",
+        "float",
+        "Stop CFG once the normalized time (1 - sigma) passes this (1: never).",
+        minimum=0,
+        maximum=1,
+    ),
 )
 
 
@@ -64,12 +74,17 @@ class ZImagePipeline(DiffusersPipeline):
         """Turbo and base share every shape; their scheduler configs tell them apart (shift 3.0 vs 6.0, no dynamic
         shifting), as is_distilled does for FLUX.2 Klein. Folders with other schedulers (fine-tunes) pass."""
         config = scheduler.FlowMatchEulerConfig.from_file(root / "scheduler" / "scheduler_config.json")
-        other = None if config.use_dynamic_shifting else {TURBO_SHIFT: "zimage-turbo", BASE_SHIFT: "zimage"}.get(
-            config.shift)
+        other = (
+            None
+            if config.use_dynamic_shifting
+            else {TURBO_SHIFT: "zimage-turbo", BASE_SHIFT: "zimage"}.get(config.shift)
+        )
         if other is not None and other != self.spec.id and self.spec.id in ("zimage-turbo", "zimage"):
             kind = "Z-Image Turbo" if other == "zimage-turbo" else "Z-Image base"
-            raise WeightsError(f"{root} holds a {kind} checkpoint (scheduler shift {config.shift}), which does not "
-                               f"fit '{self.spec.id}': use --model {other}.")
+            raise WeightsError(
+                f"{root} holds a {kind} checkpoint (scheduler shift {config.shift}), which does not "
+                f"fit '{self.spec.id}': use --model {other}."
+            )
 
     def __init__(self, *args: Any, controlnet: str | Path | None = None, **kwargs: Any):
         """`controlnet`: a ZImageControlNetModel folder in diffusers' layout, or a cached repo id (recorded in
@@ -79,8 +94,9 @@ class ZImagePipeline(DiffusersPipeline):
         if controlnet is not None:
             self.components["controlnet"] = str(controlnet)
             with self.loading("controlnet"):
-                self.controlnet = load_controlnet(hub.resolve_component(controlnet, "--controlnet"), self.transformer,
-                                                  self.dtype, self.quantize)
+                self.controlnet = load_controlnet(
+                    hub.resolve_component(controlnet, "--controlnet"), self.transformer, self.dtype, self.quantize
+                )
             self.controlnet.pace(self.paced)
 
     def weights_changed(self) -> None:
@@ -93,8 +109,13 @@ class ZImagePipeline(DiffusersPipeline):
         if getattr(self, "controlnet", None) is not None:  # its blocks are paced like the transformer's
             self.controlnet.pace(every)
 
-    def forward(self, layout: Layout, wrapper: block_loop.LoopWrapper | None = None,
-                control: mx.array | None = None, scale: float = 1.0):
+    def forward(
+        self,
+        layout: Layout,
+        wrapper: block_loop.LoopWrapper | None = None,
+        control: mx.array | None = None,
+        scale: float = 1.0,
+    ):
         """The transformer for one layout: paced, or compiled once per layout (the layout holds no arrays
         mx.compile could take as inputs, so it is closed over; its captions and grid are the key); uncompiled around
         a plugin's block-loop wrapper. `control`: the ControlNet's context for these rows, steering with `scale`."""
@@ -183,17 +204,22 @@ class ZImagePipeline(DiffusersPipeline):
     def schedule(self, request: imagegen.Request, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
         """(sigmas, the transformer's time input per step) for a latent grid of h x w."""
         cfg = self.scheduler
-        mu = scheduler.linear_mu((h // 2) * (w // 2), cfg.base_image_seq_len, cfg.max_image_seq_len,
-                                 cfg.base_shift if cfg.base_shift is not None else 0.5,
-                                 cfg.max_shift if cfg.max_shift is not None else 1.15)
+        mu = scheduler.linear_mu(
+            (h // 2) * (w // 2),
+            cfg.base_image_seq_len,
+            cfg.max_image_seq_len,
+            cfg.base_shift if cfg.base_shift is not None else 0.5,
+            cfg.max_shift if cfg.max_shift is not None else 1.15,
+        )
         custom = np.linspace(1.0, 1.0 / request.steps, request.steps, dtype=np.float32)  # torch.linspace
         sigmas = scheduler.sigmas(cfg, request.steps, custom, mu)
         timesteps = scheduler.timesteps(sigmas, cfg.num_train_timesteps)
         return sigmas, (np.float32(1000) - timesteps) / np.float32(1000)
 
     # 3. Euler steps; CFG per step unless truncated; inpainting blends the kept region back after each step
-    def denoise_steps(self, request: imagegen.Request, cond: Conditioning, latents: mx.array | Start
-                      ) -> Iterator[mx.array]:
+    def denoise_steps(
+        self, request: imagegen.Request, cond: Conditioning, latents: mx.array | Start
+    ) -> Iterator[mx.array]:
         start = latents if isinstance(latents, Start) else None
         b, h, w, _ = (start.noise if start else latents).shape
         sigmas, t_norms = self.schedule(request, h, w)
@@ -206,8 +232,9 @@ class ZImagePipeline(DiffusersPipeline):
             pad = [mx.pad(t, [(0, 0), (0, width - t.shape[1]), (0, 0)]) for t in (cond.text, cond.negative)]
             both = mx.concatenate(pad)
             control = None if cond.control is None else mx.concatenate([cond.control, cond.control])
-            forward_cfg = self.forward(self.transformer.layout(cond.lengths + cond.negative_lengths, h, w), wrapper,
-                                       control, scale)
+            forward_cfg = self.forward(
+                self.transformer.layout(cond.lengths + cond.negative_lengths, h, w), wrapper, control, scale
+            )
         truncation = request.option("cfg_truncation", 1.0)
         normalization = request.option("cfg_normalization", 0.0)
         for i in range(request.first_step, request.steps):
@@ -236,8 +263,15 @@ def renormalize(prediction: mx.array, conditional: mx.array, factor: float) -> m
     return mx.where(norm > limit, prediction * (limit / norm), prediction)
 
 
-def estimate_memory(spec: imagegen.ModelSpec, weights: Path | None, dtype: str, quantize: str | None,
-                    width: int, height: int, batch: int) -> int:
+def estimate_memory(
+    spec: imagegen.ModelSpec,
+    weights: Path | None,
+    dtype: str,
+    quantize: str | None,
+    width: int,
+    height: int,
+    batch: int,
+) -> int:
     """Peak bytes: weights plus the larger of the transformer's (CFG doubles its batch) and the VAE's activations."""
     cfg = 2 if spec.accepts("guidance") else 1
     return diffusers_estimate(weights, dtype, quantize, width, height, batch, hidden_size, cfg)

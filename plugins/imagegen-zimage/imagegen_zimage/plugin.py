@@ -27,8 +27,10 @@ def variant(turbo: bool) -> imagegen.ModelSpec:
         default_steps=9 if turbo else 50,
         default_guidance=None if turbo else 5.0,
         tasks=(imagegen.TEXT_TO_IMAGE, imagegen.IMAGE_EDIT),  # edits repaint the image (img2img, inpainting)
-        options=frozenset({"latents", "tile", "init_image", "mask", "strength", "outpaint"}
-                          | (set() if turbo else {"guidance", "negative_prompt"})),
+        options=frozenset(
+            {"latents", "tile", "init_image", "mask", "strength", "outpaint"}
+            | (set() if turbo else {"guidance", "negative_prompt"})
+        ),
         extra_options=CONTROL_OPTIONS if turbo else OPTIONS + CONTROL_OPTIONS,
         default_strength=(0.6, 1.0),  # ZImageImg2ImgPipeline / ZImageInpaintPipeline
         quantize_modes=ALL_MODES,

@@ -36,8 +36,10 @@ T_MID_DIM = 1024  # TimestepEmbedder's mid_size in ZImageTransformer2DModel
 
 Rope = tuple[mx.array, mx.array]  # rope_tables' full-width cos, sin: [1, L, 1, head_dim]
 # Checkpoint projections fused at load, per block: one matmul instead of three (attention) or two (SwiGLU)
-FUSIONS = {"attention.to_qkv": ("attention.to_q", "attention.to_k", "attention.to_v"),
-           "feed_forward.w13": ("feed_forward.w1", "feed_forward.w3")}
+FUSIONS = {
+    "attention.to_qkv": ("attention.to_q", "attention.to_k", "attention.to_v"),
+    "feed_forward.w13": ("feed_forward.w1", "feed_forward.w3"),
+}
 
 
 def _round_up(n: int, multiple: int = SEQ_MULTI_OF) -> int:
@@ -102,8 +104,16 @@ class Prologue:
 Control = Callable[["ZImageTransformer", Group, Prologue, Pacer], dict[int, mx.array]]
 
 
-def _group(cap_lens: Sequence[int], index: Sequence[int] | None, run: int, ht: int, wt: int, image_tokens: int,
-           axes_dims: tuple[int, ...], theta: float) -> Group:
+def _group(
+    cap_lens: Sequence[int],
+    index: Sequence[int] | None,
+    run: int,
+    ht: int,
+    wt: int,
+    image_tokens: int,
+    axes_dims: tuple[int, ...],
+    theta: float,
+) -> Group:
     """Positions as diffusers' patchify_and_embed builds them: caption token j at (1 + j, 0, 0),
     image token (h, w) at (run + 1, h, w), image padding tokens at (0, 0, 0)."""
     n = ht * wt
@@ -128,8 +138,15 @@ def _group(cap_lens: Sequence[int], index: Sequence[int] | None, run: int, ht: i
 
 
 @lru_cache(maxsize=16)
-def build_layout(cap_lens: tuple[int, ...], height: int, width: int, patch_size: int,
-                 axes_dims: tuple[int, ...], axes_lens: tuple[int, ...], theta: float) -> Layout:
+def build_layout(
+    cap_lens: tuple[int, ...],
+    height: int,
+    width: int,
+    patch_size: int,
+    axes_dims: tuple[int, ...],
+    axes_lens: tuple[int, ...],
+    theta: float,
+) -> Layout:
     """The layout of diffusers' patchify_and_embed / _prepare_sequence for one image per caption (F = 1)."""
     if not cap_lens or min(cap_lens) < 1:
         raise InvalidOptionError(f"Every sample needs at least one caption token, got lengths {cap_lens}")
@@ -149,8 +166,7 @@ def build_layout(cap_lens: tuple[int, ...], height: int, width: int, patch_size:
     )
     placed = [i for index in members.values() for i in index]
     order = None if placed == sorted(placed) else mx.array(np.argsort(placed))
-    return Layout(cap_lens=cap_lens, height=height, width=width, image_tokens=image_tokens, groups=groups,
-                  order=order)
+    return Layout(cap_lens=cap_lens, height=height, width=width, image_tokens=image_tokens, groups=groups, order=order)
 
 
 class TimestepEmbedder(nn.Module):
@@ -287,11 +303,25 @@ class ZImageTransformer(PacedBlocks, nn.Module):
     def layout(self, cap_lens: Sequence[int], height: int, width: int) -> Layout:
         """The per-run layout for captions of `cap_lens` valid tokens and a latent grid height x width."""
         cfg = self.config
-        return build_layout(tuple(int(n) for n in cap_lens), int(height), int(width), self.patch_size,
-                            tuple(cfg.axes_dims), tuple(cfg.axes_lens), float(cfg.rope_theta))
+        return build_layout(
+            tuple(int(n) for n in cap_lens),
+            int(height),
+            int(width),
+            self.patch_size,
+            tuple(cfg.axes_dims),
+            tuple(cfg.axes_lens),
+            float(cfg.rope_theta),
+        )
 
-    def __call__(self, latents: mx.array, t: mx.array, cap_feats: mx.array, layout: Layout,
-                 wrapper: block_loop.LoopWrapper | None = None, control: Control | None = None) -> mx.array:
+    def __call__(
+        self,
+        latents: mx.array,
+        t: mx.array,
+        cap_feats: mx.array,
+        layout: Layout,
+        wrapper: block_loop.LoopWrapper | None = None,
+        control: Control | None = None,
+    ) -> mx.array:
         """latents [B, H, W, C]; t [B] = 1 - sigma (diffusers' (1000 - timestep) / 1000); cap_feats
         [B, L, cap_feat_dim] with sample i's layout.cap_lens[i] valid tokens first (L >= the longest); `wrapper`: a
         plugin's block-loop wrapper for this run (imagegen.block_loop), applied to the main layers; `control`: a
@@ -301,15 +331,23 @@ class ZImageTransformer(PacedBlocks, nn.Module):
         to get the flow-matching velocity, as diffusers' pipeline does."""
         t = mx.broadcast_to(t, latents.shape[:1])
         outs = [
-            self._forward(*(a if g.index is None else a[g.index] for a in (latents, t, cap_feats)), layout, g, i,
-                          wrapper, control)
+            self._forward(
+                *(a if g.index is None else a[g.index] for a in (latents, t, cap_feats)), layout, g, i, wrapper, control
+            )
             for i, g in enumerate(layout.groups)
         ]
         out = outs[0] if len(outs) == 1 else mx.concatenate(outs)
         return out if layout.order is None else out[layout.order]
 
-    def prologue(self, latents: mx.array, t: mx.array, cap_feats: mx.array, layout: Layout, group: Group,
-                 pace: Pacer | None = None) -> Prologue:
+    def prologue(
+        self,
+        latents: mx.array,
+        t: mx.array,
+        cap_feats: mx.array,
+        layout: Layout,
+        group: Group,
+        pace: Pacer | None = None,
+    ) -> Prologue:
         """Everything before the main layers for one group: the embedded image tokens (padded with x_pad_token),
         the timestep embedding, the image tokens after the noise refiner and the caption after the context one."""
         dtype = self.x_pad_token.dtype
@@ -334,9 +372,17 @@ class ZImageTransformer(PacedBlocks, nn.Module):
             pace(cap)
         return Prologue(embedded, adaln, x, cap, noise_refiner)
 
-    def _forward(self, latents: mx.array, t: mx.array, cap_feats: mx.array, layout: Layout, group: Group,
-                 group_index: int = 0, wrapper: block_loop.LoopWrapper | None = None,
-                 control: Control | None = None) -> mx.array:
+    def _forward(
+        self,
+        latents: mx.array,
+        t: mx.array,
+        cap_feats: mx.array,
+        layout: Layout,
+        group: Group,
+        group_index: int = 0,
+        wrapper: block_loop.LoopWrapper | None = None,
+        control: Control | None = None,
+    ) -> mx.array:
         b, h, w, c = latents.shape
         p = self.patch_size
         every, _, _, layers = self.paced_blocks()

@@ -20,16 +20,35 @@ import imagegen
 from imagegen.testing import randomize_norms
 from imagegen.weights import load_module
 
-TRANSFORMER = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=4, n_refiner_layers=2,
-                   n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[8, 4, 4], axes_lens=[256, 32, 32])
+TRANSFORMER = dict(
+    all_patch_size=(2,),
+    all_f_patch_size=(1,),
+    in_channels=4,
+    dim=32,
+    n_layers=4,
+    n_refiner_layers=2,
+    n_heads=2,
+    n_kv_heads=2,
+    cap_feat_dim=16,
+    axes_dims=[8, 4, 4],
+    axes_lens=[256, 32, 32],
+)
 SHARED = dict(all_patch_size=(2,), all_f_patch_size=(1,), dim=32, n_refiner_layers=2, n_heads=2, n_kv_heads=2)
 # (control_layers_places, control_refiner_layers_places, add_control_noise_refiner, control_in_dim) per release
 KINDS = {
     "1.0": dict(control_layers_places=[0, 2], control_in_dim=4),
-    "2.0": dict(control_layers_places=[0, 1, 3], control_refiner_layers_places=[0, 1],
-                add_control_noise_refiner="control_layers", control_in_dim=9),
-    "2.1": dict(control_layers_places=[0, 2, 3], control_refiner_layers_places=[0, 1],
-                add_control_noise_refiner="control_noise_refiner", control_in_dim=9),
+    "2.0": dict(
+        control_layers_places=[0, 1, 3],
+        control_refiner_layers_places=[0, 1],
+        add_control_noise_refiner="control_layers",
+        control_in_dim=9,
+    ),
+    "2.1": dict(
+        control_layers_places=[0, 2, 3],
+        control_refiner_layers_places=[0, 1],
+        add_control_noise_refiner="control_noise_refiner",
+        control_in_dim=9,
+    ),
 }
 CAP_LENS = (7, 40)  # caption runs of 32 and 64 tokens: two layout groups
 GRID = (6, 10)  # latent H x W: 15 image tokens, padded to 32
@@ -85,13 +104,19 @@ def test_hints_match_diffusers(transformer, tmp_path, kind):
     net = load_controlnet(tmp_path, model, "float32", None)
     latents, context, caps, t = inputs(KINDS[kind]["control_in_dim"])
     with torch.no_grad():
-        want = net_ref(torch_layout(latents), torch.from_numpy(t), [torch.from_numpy(c) for c in caps],
-                       torch_layout(context), conditioning_scale=0.7)
+        want = net_ref(
+            torch_layout(latents),
+            torch.from_numpy(t),
+            [torch.from_numpy(c) for c in caps],
+            torch_layout(context),
+            conditioning_scale=0.7,
+        )
     padded = np.zeros((len(caps), max(CAP_LENS), 16), np.float32)
     for i, c in enumerate(caps):
         padded[i, : len(c)] = c
-    got = block_samples(net, model, mx.array(latents), mx.array(t), mx.array(padded), mx.array(context), CAP_LENS,
-                        scale=0.7)
+    got = block_samples(
+        net, model, mx.array(latents), mx.array(t), mx.array(padded), mx.array(context), CAP_LENS, scale=0.7
+    )
     assert sorted(got) == sorted(want) == KINDS[kind]["control_layers_places"]
     worst = 0.0
     for place, hints in want.items():
@@ -125,8 +150,9 @@ def test_transformer_with_hints_matches_diffusers(transformer, tmp_path, pace):
     control = ControlInput(net, mx.array(context), mx.array(0.75))
     model.pace(pace)
     net.pace(pace)
-    got = np.array(model(mx.array(latents), mx.array(t), mx.array(padded), model.layout(CAP_LENS, *GRID),
-                         control=control))
+    got = np.array(
+        model(mx.array(latents), mx.array(t), mx.array(padded), model.layout(CAP_LENS, *GRID), control=control)
+    )
     model.pace(0)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
 
@@ -151,11 +177,14 @@ def ZImageControlNetConfig_2_1():  # noqa: N802 (a config, named as the release)
     return ZImageControlNetConfig(**SHARED, **KINDS["2.1"])
 
 
-@pytest.mark.parametrize("field, value, words", [
-    ("dim", 64, "dim 64 does not match the transformer's 32"),
-    ("control_in_dim", 5, "control_in_dim 5 must be the transformer's 4 latent channels or 9"),
-    ("control_layers_places", [0, 4], "control_layers_places [0, 4] must be layer indices below 4"),
-])
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("dim", 64, "dim 64 does not match the transformer's 32"),
+        ("control_in_dim", 5, "control_in_dim 5 must be the transformer's 4 latent channels or 9"),
+        ("control_layers_places", [0, 4], "control_layers_places [0, 4] must be layer indices below 4"),
+    ],
+)
 def test_a_controlnet_for_another_model_is_refused(transformer, tmp_path, field, value, words):
     _, model = transformer
     config = {**SHARED, **KINDS["1.0"], field: value}

@@ -37,13 +37,29 @@ def python_image(folders):
     """What Python draws with a control image and scale 0.6: the other front ends must draw the same."""
     model, net = folders
     pipe = variant(turbo=True).pipeline(weights=model, dtype="float32", controlnet=net)
-    return pipe.generate("a house", control_image=pipeline_tests.control_picture(), control_scale=0.6,
-                         **GENERATE).images[0]
+    return pipe.generate(
+        "a house", control_image=pipeline_tests.control_picture(), control_scale=0.6, **GENERATE
+    ).images[0]
 
 
 def run_args(model, *more: str) -> list[str]:
-    return ["run", "-m", "zimage-turbo", "--weights", str(model), "a house", "--size", f"{SIZE[0]}x{SIZE[1]}",
-            "--steps", "2", "--seed", "3", "--dtype", "float32", *more]
+    return [
+        "run",
+        "-m",
+        "zimage-turbo",
+        "--weights",
+        str(model),
+        "a house",
+        "--size",
+        f"{SIZE[0]}x{SIZE[1]}",
+        "--steps",
+        "2",
+        "--seed",
+        "3",
+        "--dtype",
+        "float32",
+        *more,
+    ]
 
 
 def same(path, image) -> None:
@@ -54,8 +70,11 @@ def test_cli_run_records_and_replays_the_control(folders, python_image, tmp_path
     model, net = folders
     monkeypatch.chdir(tmp_path)
     pipeline_tests.control_picture().save("pose.png")
-    result = invoke(*run_args(model, "--controlnet", str(net), "--control-image", "pose.png", "--control-scale",
-                              "0.6", "-o", "out.png"))
+    result = invoke(
+        *run_args(
+            model, "--controlnet", str(net), "--control-image", "pose.png", "--control-scale", "0.6", "-o", "out.png"
+        )
+    )
     assert result.exit_code == 0, result.output
     same("out.png", python_image)
     meta = read_metadata("out.png")
@@ -76,10 +95,14 @@ def test_cli_refusals_are_one_line(folders, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     pipeline_tests.control_picture().save("pose.png")
     cases = [
-        (["run", "-m", "flux2-klein-4b", "x", "--controlnet", str(net)], "Model 'flux2-klein-4b' does not support "
-                                                                          "--controlnet"),
-        (["run", "-m", "flux2-klein-4b", "x", "--control-image", "pose.png"], "Model 'flux2-klein-4b' does not "
-                                                                            "support --control-image."),
+        (
+            ["run", "-m", "flux2-klein-4b", "x", "--controlnet", str(net)],
+            "Model 'flux2-klein-4b' does not support --controlnet",
+        ),
+        (
+            ["run", "-m", "flux2-klein-4b", "x", "--control-image", "pose.png"],
+            "Model 'flux2-klein-4b' does not support --control-image.",
+        ),
         (run_args(model, "--control-scale", "-1", "--control-image", "pose.png"), "--control-scale must be >= 0"),
         (run_args(model, "--controlnet", str(tmp_path / "nowhere")), "--controlnet"),
         (run_args(model, "--control-scale", "0.5"), "control_scale needs a control image"),
@@ -95,11 +118,21 @@ def test_batch_row_with_a_control_image(folders, python_image, tmp_path):
 
     model, net = folders
     pipeline_tests.control_picture().save(tmp_path / "pose.png")
-    row = {"id": "house", "prompt": "a house", "size": f"{SIZE[0]}x{SIZE[1]}", "steps": 2, "seed": 3,
-           "options": {"control_image": "pose.png", "control_scale": 0.6}}  # relative to the prompts file
+    row = {
+        "id": "house",
+        "prompt": "a house",
+        "size": f"{SIZE[0]}x{SIZE[1]}",
+        "steps": 2,
+        "seed": 3,
+        "options": {"control_image": "pose.png", "control_scale": 0.6},
+    }  # relative to the prompts file
     (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n")
-    summary = run_batch(tmp_path / "rows.jsonl", tmp_path / "out", Defaults(model="zimage-turbo"),
-                        LoadOptions(weights=str(model), dtype="float32", controlnet=str(net)))
+    summary = run_batch(
+        tmp_path / "rows.jsonl",
+        tmp_path / "out",
+        Defaults(model="zimage-turbo"),
+        LoadOptions(weights=str(model), dtype="float32", controlnet=str(net)),
+    )
     assert summary.done == 1 and summary.failed == 0
     same(tmp_path / "out" / "house.png", python_image)
     assert read_metadata(tmp_path / "out" / "house.png")["options"]["control_image"] == "pose.png"
@@ -113,8 +146,16 @@ class TinyZImage:
 
     @imagegen.hookimpl
     def register_models(self, register):
-        register(dataclasses.replace(variant(turbo=True), id="zimage-tiny", hf_repo=None, bundled_weights=self.model,
-                                     default_dtype="float32", family_default=False))
+        register(
+            dataclasses.replace(
+                variant(turbo=True),
+                id="zimage-tiny",
+                hf_repo=None,
+                bundled_weights=self.model,
+                default_dtype="float32",
+                family_default=False,
+            )
+        )
 
 
 def test_server_takes_the_control_image_as_an_upload(folders, python_image):
@@ -130,10 +171,18 @@ def test_server_takes_the_control_image_as_an_upload(folders, python_image):
     try:
         pose = io.BytesIO()
         pipeline_tests.control_picture().save(pose, format="PNG")
-        form = {"model": "zimage-tiny", "prompt": "a house", "size": f"{SIZE[0]}x{SIZE[1]}", "steps": "2",
-                "seed": "3", "options": json.dumps({"control_scale": 0.6})}
-        with serve_in_thread(models=["zimage-tiny"], controlnet=str(net)) as (url, _), \
-                httpx.Client(base_url=url, timeout=60) as http:
+        form = {
+            "model": "zimage-tiny",
+            "prompt": "a house",
+            "size": f"{SIZE[0]}x{SIZE[1]}",
+            "steps": "2",
+            "seed": "3",
+            "options": json.dumps({"control_scale": 0.6}),
+        }
+        with (
+            serve_in_thread(models=["zimage-tiny"], controlnet=str(net)) as (url, _),
+            httpx.Client(base_url=url, timeout=60) as http,
+        ):
             upload = {"control_image": ("pose.png", pose.getvalue())}
             response = http.post("/v1/images/edits", data=form, files=upload)
             assert response.status_code == 200, response.text
@@ -141,8 +190,10 @@ def test_server_takes_the_control_image_as_an_upload(folders, python_image):
             image = Image.open(io.BytesIO(data))
             assert_images_match([image.convert("RGB")], [python_image], max_diff=0)
             assert json.loads(image.text["imagegen"])["options"]["control_image"] == "pose.png"
-            named = http.post("/v1/images/generations", json={"model": "zimage-tiny", "prompt": "x",
-                                                               "options": {"control_image": "/etc/passwd"}})
+            named = http.post(
+                "/v1/images/generations",
+                json={"model": "zimage-tiny", "prompt": "x", "options": {"control_image": "/etc/passwd"}},
+            )
             assert named.status_code == 400 and "cannot be given over HTTP" in named.text  # no server paths
         with pytest.raises(imagegen.InvalidOptionError, match="none of the served models"):
             with serve_in_thread(models=["flux2-demo"], controlnet=str(net)):
@@ -175,8 +226,11 @@ def test_canny_steers_with_the_edges_and_replays(folders, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     photo = base.picture(4)
     photo.save("photo.png")
-    result = invoke(*run_args(model, "--controlnet", str(net), "--control-image", "photo.png", "--canny", "20,60",
-                              "-o", "edges.png"))
+    result = invoke(
+        *run_args(
+            model, "--controlnet", str(net), "--control-image", "photo.png", "--canny", "20,60", "-o", "edges.png"
+        )
+    )
     assert result.exit_code == 0, result.output
     edges = cv2.Canny(np.asarray(photo), 20, 60)
     assert 0 < (edges > 0).mean() < 0.5  # a real edge map

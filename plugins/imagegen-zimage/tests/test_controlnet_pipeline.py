@@ -17,8 +17,12 @@ base = sibling_module(__file__, "test_pipeline")  # its pictures and masks
 SIZE = base.SIZE
 SHARED = dict(all_patch_size=(2,), all_f_patch_size=(1,), dim=32, n_refiner_layers=1, n_heads=2, n_kv_heads=2)
 UNION_1 = dict(control_layers_places=[0, 1], control_in_dim=4)  # the 1.0 layout: control image latents only
-UNION_2 = dict(control_layers_places=[0, 1], control_refiner_layers_places=[0],  # 2.1: control, mask, masked image
-               add_control_noise_refiner="control_noise_refiner", control_in_dim=9)
+UNION_2 = dict(
+    control_layers_places=[0, 1],
+    control_refiner_layers_places=[0],  # 2.1: control, mask, masked image
+    add_control_noise_refiner="control_noise_refiner",
+    control_in_dim=9,
+)
 
 
 def make_controlnet(folder, config: dict, seed: int) -> ZImageControlNetModel:
@@ -37,8 +41,10 @@ def make_controlnet(folder, config: dict, seed: int) -> ZImageControlNetModel:
 def turbo(tmp_path_factory, tiny_zimage):
     """The session's tiny Z-Image Turbo and two ControlNets for it (the 1.0 and 2.1 layouts)."""
     root = tmp_path_factory.mktemp("zimage-control")
-    nets = {name: (root / name, make_controlnet(root / name, config, seed))
-            for name, config, seed in (("union1", UNION_1, 5), ("union2", UNION_2, 6))}
+    nets = {
+        name: (root / name, make_controlnet(root / name, config, seed))
+        for name, config, seed in (("union1", UNION_1, 5), ("union2", UNION_2, 6))
+    }
     return *tiny_zimage, nets
 
 
@@ -60,11 +66,24 @@ def test_controlnet_pipeline_matches_diffusers(turbo, net, scale):
     scaled = {} if scale is None else {"controlnet_conditioning_scale": scale}
     reference = ZImageControlNetPipeline(**pipe.components, controlnet=nets[net][1])
     copy = list(prompts) if isinstance(prompts, list) else prompts  # diffusers templates a list in place
-    want = reference(prompt=copy, control_image=control_picture(), latents=torch.from_numpy(latents),
-                     num_inference_steps=3, guidance_scale=0.0, width=SIZE[0], height=SIZE[1], **scaled).images
+    want = reference(
+        prompt=copy,
+        control_image=control_picture(),
+        latents=torch.from_numpy(latents),
+        num_inference_steps=3,
+        guidance_scale=0.0,
+        width=SIZE[0],
+        height=SIZE[1],
+        **scaled,
+    ).images
     options = {} if scale is None else {"control_scale": scale}
-    got = ours(folder, nets[net][0]).generate(prompts, control_image=control_picture(), latents=latents, steps=3,
-                                              width=SIZE[0], height=SIZE[1], **options).images
+    got = (
+        ours(folder, nets[net][0])
+        .generate(
+            prompts, control_image=control_picture(), latents=latents, steps=3, width=SIZE[0], height=SIZE[1], **options
+        )
+        .images
+    )
     assert_images_match(got, want)
     plain = ours(folder).generate(prompts, latents=latents, steps=3, width=SIZE[0], height=SIZE[1]).images
     assert np.abs(np.asarray(plain[0], np.int16) - np.asarray(got[0], np.int16)).max() > 5  # the control counts
@@ -76,12 +95,30 @@ def test_controlnet_with_cfg_matches_diffusers(turbo, tiny_zimage_base):
     folder, pipe = tiny_zimage_base
     latents = base.noise(1, seed=4)
     reference = ZImageControlNetPipeline(**pipe.components, controlnet=nets["union1"][1])
-    want = reference(prompt="a lighthouse", negative_prompt="blurry", control_image=control_picture(2),
-                     latents=torch.from_numpy(latents), num_inference_steps=3, guidance_scale=4.0, width=SIZE[0],
-                     height=SIZE[1]).images
-    got = ours(folder, nets["union1"][0], turbo=False).generate(
-        "a lighthouse", negative_prompt="blurry", guidance=4.0, control_image=control_picture(2), latents=latents,
-        steps=3, width=SIZE[0], height=SIZE[1]).images
+    want = reference(
+        prompt="a lighthouse",
+        negative_prompt="blurry",
+        control_image=control_picture(2),
+        latents=torch.from_numpy(latents),
+        num_inference_steps=3,
+        guidance_scale=4.0,
+        width=SIZE[0],
+        height=SIZE[1],
+    ).images
+    got = (
+        ours(folder, nets["union1"][0], turbo=False)
+        .generate(
+            "a lighthouse",
+            negative_prompt="blurry",
+            guidance=4.0,
+            control_image=control_picture(2),
+            latents=latents,
+            steps=3,
+            width=SIZE[0],
+            height=SIZE[1],
+        )
+        .images
+    )
     assert_images_match(got, want)
 
 
@@ -89,12 +126,27 @@ def test_controlnet_inpaint_matches_diffusers(turbo):
     folder, pipe, nets = turbo
     latents = base.noise(1, seed=5)
     reference = ZImageControlNetInpaintPipeline(**pipe.components, controlnet=nets["union2"][1])
-    want = reference(prompt="a boat", image=base.picture(1), mask_image=base.square_mask(),
-                     control_image=control_picture(), latents=torch.from_numpy(latents), num_inference_steps=3,
-                     guidance_scale=0.0, width=SIZE[0], height=SIZE[1]).images
-    got = ours(folder, nets["union2"][0]).generate("a boat", init_image=base.picture(1), mask=base.square_mask(),
-                                                   control_image=control_picture(), latents=latents, steps=3,
-                                                   width=SIZE[0], height=SIZE[1])
+    want = reference(
+        prompt="a boat",
+        image=base.picture(1),
+        mask_image=base.square_mask(),
+        control_image=control_picture(),
+        latents=torch.from_numpy(latents),
+        num_inference_steps=3,
+        guidance_scale=0.0,
+        width=SIZE[0],
+        height=SIZE[1],
+    ).images
+    got = ours(folder, nets["union2"][0]).generate(
+        "a boat",
+        init_image=base.picture(1),
+        mask=base.square_mask(),
+        control_image=control_picture(),
+        latents=latents,
+        steps=3,
+        width=SIZE[0],
+        height=SIZE[1],
+    )
     assert_images_match(got.images, want)
     assert got.request.run_steps == 3  # from noise, as diffusers: no strength
 
@@ -104,14 +156,23 @@ def test_control_requests_that_cannot_run_are_refused(turbo):
     plain, union1, union2 = ours(folder), ours(folder, nets["union1"][0]), ours(folder, nets["union2"][0])
     size = dict(width=SIZE[0], height=SIZE[1], steps=1)
     cases = [
-        (plain, dict(control_image=control_picture()), "control_image needs a ControlNet: load the model with "
-                                                       "--controlnet DIR"),
+        (
+            plain,
+            dict(control_image=control_picture()),
+            "control_image needs a ControlNet: load the model with --controlnet DIR",
+        ),
         (union1, dict(control_scale=0.5), "control_scale needs a control image"),
         (union1, dict(control_image=control_picture(), init_image=base.picture()), "an init image needs a mask"),
-        (union2, dict(control_image=control_picture(), init_image=base.picture(), mask=base.square_mask(),
-                      strength=0.5), "strength does not apply"),
-        (union1, dict(control_image=control_picture(), init_image=base.picture(), mask=base.square_mask()),
-         "needs a ControlNet with control_in_dim 9 (Union 2.x); the loaded one has 4"),
+        (
+            union2,
+            dict(control_image=control_picture(), init_image=base.picture(), mask=base.square_mask(), strength=0.5),
+            "strength does not apply",
+        ),
+        (
+            union1,
+            dict(control_image=control_picture(), init_image=base.picture(), mask=base.square_mask()),
+            "needs a ControlNet with control_in_dim 9 (Union 2.x); the loaded one has 4",
+        ),
     ]
     for pipe, options, words in cases:
         with pytest.raises(imagegen.InvalidOptionError, match=words.replace("(", r"\(").replace(")", r"\)")):
@@ -126,11 +187,28 @@ def test_controlnet_inpaint_torch_noise_matches_diffusers_generator(turbo):
     """noise="torch": the seed's float32 draw of ZImageControlNetInpaintPipeline (the VAE means take no draws)."""
     folder, pipe, nets = turbo
     reference = ZImageControlNetInpaintPipeline(**pipe.components, controlnet=nets["union2"][1])
-    want = reference(prompt="a boat", image=base.picture(2), mask_image=base.square_mask(),
-                     control_image=control_picture(3), num_inference_steps=2, guidance_scale=0.0, width=SIZE[0],
-                     height=SIZE[1], controlnet_conditioning_scale=1.0,
-                     generator=torch.Generator("cpu").manual_seed(21)).images
-    got = ours(folder, nets["union2"][0]).generate("a boat", init_image=base.picture(2), mask=base.square_mask(),
-                                                   control_image=control_picture(3), control_scale=1.0, steps=2,
-                                                   seed=21, noise="torch", width=SIZE[0], height=SIZE[1])
+    want = reference(
+        prompt="a boat",
+        image=base.picture(2),
+        mask_image=base.square_mask(),
+        control_image=control_picture(3),
+        num_inference_steps=2,
+        guidance_scale=0.0,
+        width=SIZE[0],
+        height=SIZE[1],
+        controlnet_conditioning_scale=1.0,
+        generator=torch.Generator("cpu").manual_seed(21),
+    ).images
+    got = ours(folder, nets["union2"][0]).generate(
+        "a boat",
+        init_image=base.picture(2),
+        mask=base.square_mask(),
+        control_image=control_picture(3),
+        control_scale=1.0,
+        steps=2,
+        seed=21,
+        noise="torch",
+        width=SIZE[0],
+        height=SIZE[1],
+    )
     assert_images_match(got.images, want)

@@ -26,8 +26,9 @@ def checkpoint(tiny_zimage):
 
 
 def ours(pipe, adapters, latents: np.ndarray) -> list:
-    return pipe.generate(PROMPT, latents=latents, steps=2, width=SIZE[0], height=SIZE[1],
-                         loras=[(str(p), s) for p, s in adapters]).images
+    return pipe.generate(
+        PROMPT, latents=latents, steps=2, width=SIZE[0], height=SIZE[1], loras=[(str(p), s) for p, s in adapters]
+    ).images
 
 
 def check(checkpoint, files, reference_files=None, seed: int = 0) -> None:
@@ -40,8 +41,14 @@ def check(checkpoint, files, reference_files=None, seed: int = 0) -> None:
     for name, (path, _) in zip(names, reference_files or files):
         reference.load_lora_weights(str(path), adapter_name=name)
     reference.set_adapters(names, [scale for _, scale in reference_files or files])
-    want = reference(prompt=PROMPT, latents=torch.from_numpy(latents), num_inference_steps=2, guidance_scale=0.0,
-                     width=SIZE[0], height=SIZE[1]).images
+    want = reference(
+        prompt=PROMPT,
+        latents=torch.from_numpy(latents),
+        num_inference_steps=2,
+        guidance_scale=0.0,
+        width=SIZE[0],
+        height=SIZE[1],
+    ).images
     got = ours(pipe, files, latents)
     assert_images_match(got, want)
     bare = ours(pipe, [], latents)
@@ -57,8 +64,9 @@ def test_peft_and_diffsynth_default_two_adapters(checkpoint, tmp_path):
     _, shapes, _ = checkpoint
     peft = save_adapter(tmp_path / "peft.safetensors", random_lora(shapes, 4, 1, prefix="transformer."))
     default = random_lora(pick(shapes, "attention.to_k", "feed_forward.w3", "noise_refiner"), 2, 2, std=0.6)
-    default = {k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
-               for k, v in default.items()}
+    default = {
+        k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v for k, v in default.items()
+    }
     check(checkpoint, [(peft, 0.7), (save_adapter(tmp_path / "default.safetensors", default), 1.2)], seed=1)
 
 
@@ -67,23 +75,52 @@ def test_kohya_ai_toolkit_and_fused_qkv_dot_format(checkpoint, tmp_path):
     the kohya dot format on the original fused attention.qkv (lora.down / lora.up), and Anime-Z's dot format whose
     fused qkv and bare out repeat its split layers (ignored, as diffusers ignores them)."""
     _, shapes, _ = checkpoint
-    kohya = random_lora({k.replace(".", "_"): v for k, v in shapes.items()}, 4, 3, down="lora_down.weight",
-                        up="lora_up.weight", prefix="lora_unet_", alpha=2.0)
-    toolkit = random_lora(pick(shapes, "layers.1.", "context_refiner"), 2, 4, 0.5, prefix="diffusion_model.",
-                          alpha=4.0)
+    kohya = random_lora(
+        {k.replace(".", "_"): v for k, v in shapes.items()},
+        4,
+        3,
+        down="lora_down.weight",
+        up="lora_up.weight",
+        prefix="lora_unet_",
+        alpha=2.0,
+    )
+    toolkit = random_lora(pick(shapes, "layers.1.", "context_refiner"), 2, 4, 0.5, prefix="diffusion_model.", alpha=4.0)
     dim = shapes["layers.0.attention.to_q"][1]
-    fused = random_lora({"layers_0_attention_qkv": (3 * dim, dim)}, 2, 5, 0.6, down="lora.down.weight",
-                        up="lora.up.weight", prefix="lora_unet_", alpha=1.0)
+    fused = random_lora(
+        {"layers_0_attention_qkv": (3 * dim, dim)},
+        2,
+        5,
+        0.6,
+        down="lora.down.weight",
+        up="lora.up.weight",
+        prefix="lora_unet_",
+        alpha=1.0,
+    )
     anime = {f"layers_1_attention_{n}": (dim, dim) for n in ("to_q", "to_k", "to_v", "to_out_0", "out")}
-    anime = random_lora({**anime, "layers_1_attention_qkv": (3 * dim, dim)}, 2, 8, 0.6, down="lora.down.weight",
-                        up="lora.up.weight", prefix="lora_unet_")
-    check(checkpoint, [(save_adapter(tmp_path / "kohya.safetensors", kohya), 0.8),
-                       (save_adapter(tmp_path / "toolkit.safetensors", toolkit), 1.0),
-                       (save_adapter(tmp_path / "fused.safetensors", fused), 1.0),
-                       (save_adapter(tmp_path / "anime.safetensors", anime), 1.0)], seed=2)
+    anime = random_lora(
+        {**anime, "layers_1_attention_qkv": (3 * dim, dim)},
+        2,
+        8,
+        0.6,
+        down="lora.down.weight",
+        up="lora.up.weight",
+        prefix="lora_unet_",
+    )
+    check(
+        checkpoint,
+        [
+            (save_adapter(tmp_path / "kohya.safetensors", kohya), 0.8),
+            (save_adapter(tmp_path / "toolkit.safetensors", toolkit), 1.0),
+            (save_adapter(tmp_path / "fused.safetensors", fused), 1.0),
+            (save_adapter(tmp_path / "anime.safetensors", anime), 1.0),
+        ],
+        seed=2,
+    )
     report = checkpoint[2].loras().plan(LoraSpec(str(tmp_path / "anime.safetensors"))).parsed.report
-    assert sorted(r.key.split(".")[0] for r in report if r.status == "ignored") == [
-        "lora_unet_layers_1_attention_out"] * 2 + ["lora_unet_layers_1_attention_qkv"] * 2
+    assert (
+        sorted(r.key.split(".")[0] for r in report if r.status == "ignored")
+        == ["lora_unet_layers_1_attention_out"] * 2 + ["lora_unet_layers_1_attention_qkv"] * 2
+    )
 
 
 def test_lokr_ai_toolkit(checkpoint, tmp_path):
@@ -107,18 +144,30 @@ def test_comfyui_fused_qkv_hand_mapped(checkpoint, tmp_path):
     which diffusers does not read: mapped by hand to its layout (q/k/v share lora_A and split lora_B)."""
     _, shapes, _ = checkpoint
     dim = shapes["layers.0.attention.to_q"][1]
-    original = {"layers.0.attention.qkv": (3 * dim, dim), "noise_refiner.0.attention.out": (dim, dim),
-                "x_embedder": shapes["all_x_embedder.2-1"], "final_layer.linear": shapes["all_final_layer.2-1.linear"]}
+    original = {
+        "layers.0.attention.qkv": (3 * dim, dim),
+        "noise_refiner.0.attention.out": (dim, dim),
+        "x_embedder": shapes["all_x_embedder.2-1"],
+        "final_layer.linear": shapes["all_final_layer.2-1.linear"],
+    }
     comfy = random_lora(original, 2, 7, 0.6, prefix="diffusion_model.")
     ref = {}
-    for name, target in (("noise_refiner.0.attention.out", "noise_refiner.0.attention.to_out.0"),
-                         ("x_embedder", "all_x_embedder.2-1"), ("final_layer.linear", "all_final_layer.2-1.linear")):
+    for name, target in (
+        ("noise_refiner.0.attention.out", "noise_refiner.0.attention.to_out.0"),
+        ("x_embedder", "all_x_embedder.2-1"),
+        ("final_layer.linear", "all_final_layer.2-1.linear"),
+    ):
         for ab in ("lora_A", "lora_B"):
             ref[f"transformer.{target}.{ab}.weight"] = comfy[f"diffusion_model.{name}.{ab}.weight"]
     ups = comfy["diffusion_model.layers.0.attention.qkv.lora_B.weight"].chunk(3)
     for proj, up in zip(("to_q", "to_k", "to_v"), ups):
         ref[f"transformer.layers.0.attention.{proj}.lora_A.weight"] = comfy[
-            "diffusion_model.layers.0.attention.qkv.lora_A.weight"]
+            "diffusion_model.layers.0.attention.qkv.lora_A.weight"
+        ]
         ref[f"transformer.layers.0.attention.{proj}.lora_B.weight"] = up
-    check(checkpoint, [(save_adapter(tmp_path / "comfy.safetensors", comfy), 0.9)],
-          [(save_adapter(tmp_path / "comfy_ref.safetensors", ref), 0.9)], seed=4)
+    check(
+        checkpoint,
+        [(save_adapter(tmp_path / "comfy.safetensors", comfy), 0.9)],
+        [(save_adapter(tmp_path / "comfy_ref.safetensors", ref), 0.9)],
+        seed=4,
+    )

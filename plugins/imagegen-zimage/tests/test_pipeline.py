@@ -25,8 +25,9 @@ def ours(folder: Path, turbo: bool) -> imagegen.Pipeline:
 
 def reference(pipe, prompt, latents, steps, **kw) -> list[Image.Image]:
     prompt = list(prompt) if isinstance(prompt, list) else prompt  # diffusers templates the list in place
-    return pipe(prompt=prompt, latents=torch.from_numpy(latents), num_inference_steps=steps, width=SIZE[0],
-                height=SIZE[1], **kw).images
+    return pipe(
+        prompt=prompt, latents=torch.from_numpy(latents), num_inference_steps=steps, width=SIZE[0], height=SIZE[1], **kw
+    ).images
 
 
 def test_turbo_matches_diffusers(tiny_zimage):
@@ -38,18 +39,32 @@ def test_turbo_matches_diffusers(tiny_zimage):
     assert_images_match(got, want)
 
 
-@pytest.mark.parametrize("options", [
-    {},
-    {"cfg_normalization": 1.0},
-    {"cfg_truncation": 0.1},  # normalized times are 0, 0.14, 0.4: CFG only on the first step
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"cfg_normalization": 1.0},
+        {"cfg_truncation": 0.1},  # normalized times are 0, 0.14, 0.4: CFG only on the first step
+    ],
+)
 def test_base_cfg_matches_diffusers(tiny_zimage_base, options):
     folder, pipe = tiny_zimage_base
     latents = noise(1, seed=5)
-    want = reference(pipe, "a lighthouse at dusk", latents, 3, guidance_scale=4.0, negative_prompt="blurry",
-                     **options)
-    got = ours(folder, False).generate("a lighthouse at dusk", negative_prompt="blurry", guidance=4.0,
-                                       latents=latents, steps=3, width=SIZE[0], height=SIZE[1], **options).images
+    want = reference(pipe, "a lighthouse at dusk", latents, 3, guidance_scale=4.0, negative_prompt="blurry", **options)
+    got = (
+        ours(folder, False)
+        .generate(
+            "a lighthouse at dusk",
+            negative_prompt="blurry",
+            guidance=4.0,
+            latents=latents,
+            steps=3,
+            width=SIZE[0],
+            height=SIZE[1],
+            **options,
+        )
+        .images
+    )
     assert_images_match(got, want)
     if options:  # the option really changed the picture
         plain = reference(pipe, "a lighthouse at dusk", latents, 3, guidance_scale=4.0, negative_prompt="blurry")
@@ -60,15 +75,21 @@ def test_base_default_negative_and_batch(tiny_zimage_base):
     folder, pipe = tiny_zimage_base
     latents = noise(2, seed=6)
     want = reference(pipe, ["a cat", "two dogs on a sofa"], latents, 2, guidance_scale=3.0)
-    got = ours(folder, False).generate(["a cat", "two dogs on a sofa"], guidance=3.0, latents=latents, steps=2,
-                                       width=SIZE[0], height=SIZE[1]).images
+    got = (
+        ours(folder, False)
+        .generate(
+            ["a cat", "two dogs on a sofa"], guidance=3.0, latents=latents, steps=2, width=SIZE[0], height=SIZE[1]
+        )
+        .images
+    )
     assert_images_match(got, want)
 
 
 def test_dynamic_shift_scheduler(tmp_path):
     """The Z-Image base scheduler may shift with mu: the pipeline passes calculate_shift's mu."""
-    pipe = build(tmp_path, {"num_train_timesteps": 1000, "use_dynamic_shifting": True, "base_shift": 0.5,
-                            "max_shift": 1.15})
+    pipe = build(
+        tmp_path, {"num_train_timesteps": 1000, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15}
+    )
     latents = noise(1, seed=2)
     got = ours(tmp_path, True).generate("x", latents=latents, steps=2, width=SIZE[0], height=SIZE[1]).images
     assert_images_match(got, reference(pipe, "x", latents, 2, guidance_scale=0.0))
@@ -93,15 +114,44 @@ def test_cli_model_options_and_reproduction(tiny_zimage_base, tmp_path):
     from imagegen.image import read_metadata
 
     out = tmp_path / "z.png"
-    args = ["run", "-m", "zimage", "--weights", str(tiny_zimage_base[0]), "a cat", "--size", "64x48", "--steps", "2",
-            "--seed", "1", "--dtype", "float32", "-o", str(out)]
-    result = CliRunner().invoke(get_app(), [*args, "--option", "cfg_truncation=0.1", "-O", "cfg_normalization=true",
-                                            "--negative", "dark", "--guidance", "3"])
+    args = [
+        "run",
+        "-m",
+        "zimage",
+        "--weights",
+        str(tiny_zimage_base[0]),
+        "a cat",
+        "--size",
+        "64x48",
+        "--steps",
+        "2",
+        "--seed",
+        "1",
+        "--dtype",
+        "float32",
+        "-o",
+        str(out),
+    ]
+    result = CliRunner().invoke(
+        get_app(),
+        [
+            *args,
+            "--option",
+            "cfg_truncation=0.1",
+            "-O",
+            "cfg_normalization=true",
+            "--negative",
+            "dark",
+            "--guidance",
+            "3",
+        ],
+    )
     assert result.exit_code == 0, result.output
     meta = read_metadata(out)
     assert meta["options"] == {"cfg_truncation": 0.1, "cfg_normalization": True}
-    again = CliRunner().invoke(get_app(), ["run", "--from", str(out), "--weights", str(tiny_zimage_base[0]),
-                                           "-o", str(tmp_path / "again.png")])
+    again = CliRunner().invoke(
+        get_app(), ["run", "--from", str(out), "--weights", str(tiny_zimage_base[0]), "-o", str(tmp_path / "again.png")]
+    )
     assert again.exit_code == 0, again.output
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "again.png")))
     bad = CliRunner().invoke(get_app(), [*args, "--option", "cfg_truncation=2"])
@@ -124,14 +174,23 @@ def square_mask() -> Image.Image:
 def test_turbo_torch_noise_matches_diffusers_generator(tiny_zimage):
     folder, pipe = tiny_zimage
     prompts = ["a red fox in the snow", "a boat"]
-    want = pipe(prompt=list(prompts), num_inference_steps=2, width=SIZE[0], height=SIZE[1], guidance_scale=0.0,
-                num_images_per_prompt=2, generator=torch.Generator("cpu").manual_seed(11)).images
-    got = ours(folder, True).generate(prompts, steps=2, width=SIZE[0], height=SIZE[1], seed=11, noise="torch",
-                                      num_images=2)
+    want = pipe(
+        prompt=list(prompts),
+        num_inference_steps=2,
+        width=SIZE[0],
+        height=SIZE[1],
+        guidance_scale=0.0,
+        num_images_per_prompt=2,
+        generator=torch.Generator("cpu").manual_seed(11),
+    ).images
+    got = ours(folder, True).generate(
+        prompts, steps=2, width=SIZE[0], height=SIZE[1], seed=11, noise="torch", num_images=2
+    )
     assert_images_match(got.images, want)
     # image 3 of that call alone, from the metadata's (index, count)
-    third = ours(folder, True).generate("a boat", steps=2, width=SIZE[0], height=SIZE[1], seed=11, noise="torch",
-                                        noise_slot=(2, 4))
+    third = ours(folder, True).generate(
+        "a boat", steps=2, width=SIZE[0], height=SIZE[1], seed=11, noise="torch", noise_slot=(2, 4)
+    )
     assert_images_match(third.images, want[2:3])
 
 
@@ -140,8 +199,13 @@ def test_img2img_matches_diffusers(tiny_zimage):
 
     folder, pipe = tiny_zimage
     reference_pipe = ZImageImg2ImgPipeline(**pipe.components)
-    want = reference_pipe(prompt="a red fox", image=picture(), num_inference_steps=4, guidance_scale=0.0,
-                          generator=torch.Generator("cpu").manual_seed(4)).images  # strength: default 0.6
+    want = reference_pipe(
+        prompt="a red fox",
+        image=picture(),
+        num_inference_steps=4,
+        guidance_scale=0.0,
+        generator=torch.Generator("cpu").manual_seed(4),
+    ).images  # strength: default 0.6
     got = ours(folder, True).generate("a red fox", init_image=picture(), steps=4, seed=4, noise="torch")
     assert got.request.run_steps == 3 and got.images[0].size == SIZE
     assert_images_match(got.images, want)
@@ -152,12 +216,27 @@ def test_base_inpaint_with_cfg_and_negative_matches_diffusers(tiny_zimage_base):
 
     folder, pipe = tiny_zimage_base
     reference_pipe = ZImageInpaintPipeline(**pipe.components)
-    want = reference_pipe(prompt="a lighthouse", negative_prompt="blurry", image=picture(1), mask_image=square_mask(),
-                          strength=0.8, num_inference_steps=4, guidance_scale=4.0,
-                          generator=torch.Generator("cpu").manual_seed(9)).images
-    got = ours(folder, False).generate("a lighthouse", negative_prompt="blurry", init_image=picture(1),
-                                       mask=np.asarray(square_mask()), strength=0.8, steps=4, guidance=4.0, seed=9,
-                                       noise="torch")
+    want = reference_pipe(
+        prompt="a lighthouse",
+        negative_prompt="blurry",
+        image=picture(1),
+        mask_image=square_mask(),
+        strength=0.8,
+        num_inference_steps=4,
+        guidance_scale=4.0,
+        generator=torch.Generator("cpu").manual_seed(9),
+    ).images
+    got = ours(folder, False).generate(
+        "a lighthouse",
+        negative_prompt="blurry",
+        init_image=picture(1),
+        mask=np.asarray(square_mask()),
+        strength=0.8,
+        steps=4,
+        guidance=4.0,
+        seed=9,
+        noise="torch",
+    )
     assert_images_match(got.images, want)
 
 
@@ -190,11 +269,43 @@ def test_cli_inpaint_matches_diffusers_and_replays(tiny_zimage_base, tmp_path, m
     picture(2).save("photo.png")
     square_mask().save("mask.png")
     want = ZImageInpaintPipeline(**pipe.components)(
-        prompt="a lighthouse", negative_prompt="blurry", image=picture(2), mask_image=square_mask(), strength=0.7,
-        num_inference_steps=4, guidance_scale=4.0, generator=torch.Generator("cpu").manual_seed(8)).images
-    args = ["run", "-m", "zimage", "--weights", str(folder), "a lighthouse", "--negative", "blurry", "--guidance", "4",
-            "--init-image", "photo.png", "--mask", "mask.png", "--strength", "0.7", "--steps", "4", "--seed", "8",
-            "--noise", "torch", "--dtype", "float32", "-o", "out.png"]
+        prompt="a lighthouse",
+        negative_prompt="blurry",
+        image=picture(2),
+        mask_image=square_mask(),
+        strength=0.7,
+        num_inference_steps=4,
+        guidance_scale=4.0,
+        generator=torch.Generator("cpu").manual_seed(8),
+    ).images
+    args = [
+        "run",
+        "-m",
+        "zimage",
+        "--weights",
+        str(folder),
+        "a lighthouse",
+        "--negative",
+        "blurry",
+        "--guidance",
+        "4",
+        "--init-image",
+        "photo.png",
+        "--mask",
+        "mask.png",
+        "--strength",
+        "0.7",
+        "--steps",
+        "4",
+        "--seed",
+        "8",
+        "--noise",
+        "torch",
+        "--dtype",
+        "float32",
+        "-o",
+        "out.png",
+    ]
     result = CliRunner().invoke(get_app(), args)
     assert result.exit_code == 0, result.output
     assert_images_match([Image.open("out.png").convert("RGB")], want)

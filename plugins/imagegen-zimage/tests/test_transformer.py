@@ -15,9 +15,21 @@ from imagegen.testing import randomize_norms
 from imagegen.weights import load_module
 
 TINY = dict(
-    all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2, n_refiner_layers=1,
-    n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=16, rope_theta=256.0, t_scale=1000.0,
-    axes_dims=[8, 4, 4], axes_lens=[256, 32, 32],
+    all_patch_size=(2,),
+    all_f_patch_size=(1,),
+    in_channels=16,
+    dim=32,
+    n_layers=2,
+    n_refiner_layers=1,
+    n_heads=2,
+    n_kv_heads=2,
+    norm_eps=1e-5,
+    qk_norm=True,
+    cap_feat_dim=16,
+    rope_theta=256.0,
+    t_scale=1000.0,
+    axes_dims=[8, 4, 4],
+    axes_lens=[256, 32, 32],
 )
 CAP_LENS = (7, 40, 20)  # caption runs of 32, 64, 32 tokens: pad tokens, and two groups out of batch order
 GRID = (8, 10)  # latent H x W: 20 image tokens, padded to 32 with x_pad_token
@@ -104,4 +116,3 @@ def test_quant_predicate_keeps_embedders_modulation_and_final_layer(models):
     assert "layers.0.feed_forward.w13" in picked
     assert "context_refiner.0.attention.to_out.0" in picked
     assert not any("adaLN" in p or "embedder" in p or "final_layer" in p for p in picked)
-
