@@ -59,10 +59,7 @@ def resolve_weights(spec: ModelSpec, weights: str | Path | None = None) -> Path 
             f"No folder '{weights}' and no cached repo at {repo_cache_dir(str(weights))}; "
             f"download it with `imagegen pull {spec.id} --repo {weights}`."
         )
-        found = _folder_or_snapshot(weights, uncached)
-        if found is None:
-            raise WeightsNotFoundError(f"Weights folder not found: {path}")
-        return found
+        return _folder_or_snapshot(weights, uncached, f"Weights folder not found: {path}")
     if spec.bundled_weights is not None and Path(spec.bundled_weights).is_dir():
         return Path(spec.bundled_weights)
     if spec.hf_repo:
@@ -84,20 +81,17 @@ def resolve_component(source: str | Path, flag: str) -> Path:
         f"{repo_cache_dir(str(source))}; download it with `imagegen pull MODEL --repo "
         f"{source}`."
     )
-    found = _folder_or_snapshot(source, uncached)
-    if found is None:
-        raise WeightsNotFoundError(f"{flag} {source}: folder not found.")
-    return found
+    return _folder_or_snapshot(source, uncached, f"{flag} {source}: folder not found.")
 
 
-def _folder_or_snapshot(source: str | Path, uncached: str) -> Path | None:
-    """`source` as a folder, or the cached snapshot of the Hugging Face repo id it names (WeightsNotFoundError
-    `uncached` when that repo is not downloaded); None when it is neither."""
+def _folder_or_snapshot(source: str | Path, uncached: str, missing: str) -> Path:
+    """`source` as a folder, or the cached snapshot of the Hugging Face repo id it names; WeightsNotFoundError
+    `uncached` when that repo is not downloaded, `missing` when it is neither."""
     path = Path(source).expanduser()
     if path.is_dir():
         return path
     if not _looks_like_repo_id(str(source)):
-        return None
+        raise WeightsNotFoundError(missing)
     snapshot = cached_snapshot(str(source))
     if snapshot is None:
         raise WeightsNotFoundError(uncached)
