@@ -192,21 +192,26 @@ def test_img2img_matches_diffusers(tiny_zimage):
     assert_images_match(got.images, want)
 
 
-def test_base_inpaint_with_cfg_and_negative_matches_diffusers(tiny_zimage_base):
+def inpaint_reference(pipe, image: Image.Image, strength: float, seed: int) -> list[Image.Image]:
+    """diffusers' Z-Image base inpainting of `image` under square_mask(): "a lighthouse", negative "blurry",
+    guidance 4, 4 steps, torch noise from `seed`."""
     from diffusers import ZImageInpaintPipeline
 
-    folder, pipe = tiny_zimage_base
-    reference_pipe = ZImageInpaintPipeline(**pipe.components)
-    want = reference_pipe(
+    return ZImageInpaintPipeline(**pipe.components)(
         prompt="a lighthouse",
         negative_prompt="blurry",
-        image=picture(1),
+        image=image,
         mask_image=square_mask(),
-        strength=0.8,
+        strength=strength,
         num_inference_steps=4,
         guidance_scale=4.0,
-        generator=torch.Generator("cpu").manual_seed(9),
+        generator=torch.Generator("cpu").manual_seed(seed),
     ).images
+
+
+def test_base_inpaint_with_cfg_and_negative_matches_diffusers(tiny_zimage_base):
+    folder, pipe = tiny_zimage_base
+    want = inpaint_reference(pipe, picture(1), strength=0.8, seed=9)
     got = ours(folder, False).generate(
         "a lighthouse",
         negative_prompt="blurry",
@@ -239,7 +244,6 @@ def test_img2img_refuses_bad_input(tiny_zimage, tmp_path):
 def test_cli_inpaint_matches_diffusers_and_replays(tiny_zimage_base, tmp_path, monkeypatch):
     import shutil
 
-    from diffusers import ZImageInpaintPipeline
     from typer.testing import CliRunner
 
     from imagegen.cli import get_app
@@ -249,16 +253,7 @@ def test_cli_inpaint_matches_diffusers_and_replays(tiny_zimage_base, tmp_path, m
     monkeypatch.chdir(tmp_path)
     picture(2).save("photo.png")
     square_mask().save("mask.png")
-    want = ZImageInpaintPipeline(**pipe.components)(
-        prompt="a lighthouse",
-        negative_prompt="blurry",
-        image=picture(2),
-        mask_image=square_mask(),
-        strength=0.7,
-        num_inference_steps=4,
-        guidance_scale=4.0,
-        generator=torch.Generator("cpu").manual_seed(8),
-    ).images
+    want = inpaint_reference(pipe, picture(2), strength=0.7, seed=8)
     args = [
         "run",
         "-m",
