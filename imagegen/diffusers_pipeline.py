@@ -121,17 +121,21 @@ class DiffusersPipeline(Pipeline):
 
 
 def estimate_memory(
+    spec: ModelSpec,
     weights: Path | None,
     dtype: str,
     quantize: str | None,
     width: int,
     height: int,
     batch: int,
+    *,
     hidden_size: Callable[[Path], int],
-    cfg: int = 1,
+    cfg_doubles: bool = False,
 ) -> int:
-    """Peak bytes of a diffusers-layout pipeline: its weights plus the larger of the transformer's activations
-    (`cfg` doubles the batch) and the VAE's; 0 when the weights are not at hand."""
+    """A diffusers-layout family's spec hook (bind `hidden_size` with functools.partial): peak bytes of its weights
+    plus the larger of the transformer's activations (with `cfg_doubles`, a model taking guidance runs twice the
+    batch) and the VAE's; 0 when the weights are not at hand."""
+    cfg = 2 if cfg_doubles and spec.accepts("guidance") else 1
     if weights is None or not (Path(weights) / "transformer").is_dir():
         return 0
     root = Path(weights)

@@ -53,19 +53,13 @@ def resolve_weights(spec: ModelSpec, weights: str | Path | None = None) -> Path 
         return None
     if weights is not None:
         path = Path(weights).expanduser()
-        if path.is_dir():
-            return path
-        if path.exists():
+        if path.exists() and not path.is_dir():
             raise WeightsNotFoundError(f"--weights {weights} is a file; pass the model's folder.")
-        if _looks_like_repo_id(str(weights)):
-            snapshot = cached_snapshot(str(weights))
-            if snapshot is not None:
-                return snapshot
-            raise WeightsNotFoundError(
-                f"No folder '{weights}' and no cached repo at {repo_cache_dir(str(weights))}; "
-                f"download it with `imagegen pull {spec.id} --repo {weights}`."
-            )
-        raise WeightsNotFoundError(f"Weights folder not found: {path}")
+        uncached = (
+            f"No folder '{weights}' and no cached repo at {repo_cache_dir(str(weights))}; "
+            f"download it with `imagegen pull {spec.id} --repo {weights}`."
+        )
+        return _folder_or_snapshot(weights, uncached, f"Weights folder not found: {path}")
     if spec.bundled_weights is not None and Path(spec.bundled_weights).is_dir():
         return Path(spec.bundled_weights)
     if spec.hf_repo:
@@ -82,19 +76,26 @@ def resolve_weights(spec: ModelSpec, weights: str | Path | None = None) -> Path 
 def resolve_component(source: str | Path, flag: str) -> Path:
     """The folder of one component given apart from the model's weights (`flag`, e.g. --vae): a folder, or the
     cached snapshot of a Hugging Face repo id; WeightsNotFoundError otherwise."""
+    uncached = (
+        f"{flag} {source}: no such folder and no cached repo at "
+        f"{repo_cache_dir(str(source))}; download it with `imagegen pull MODEL --repo "
+        f"{source}`."
+    )
+    return _folder_or_snapshot(source, uncached, f"{flag} {source}: folder not found.")
+
+
+def _folder_or_snapshot(source: str | Path, uncached: str, missing: str) -> Path:
+    """`source` as a folder, or the cached snapshot of the Hugging Face repo id it names; WeightsNotFoundError
+    `uncached` when that repo is not downloaded, `missing` when it is neither."""
     path = Path(source).expanduser()
     if path.is_dir():
         return path
-    if _looks_like_repo_id(str(source)):
-        snapshot = cached_snapshot(str(source))
-        if snapshot is not None:
-            return snapshot
-        raise WeightsNotFoundError(
-            f"{flag} {source}: no such folder and no cached repo at "
-            f"{repo_cache_dir(str(source))}; download it with `imagegen pull MODEL --repo "
-            f"{source}`."
-        )
-    raise WeightsNotFoundError(f"{flag} {source}: folder not found.")
+    if not _looks_like_repo_id(str(source)):
+        raise WeightsNotFoundError(missing)
+    snapshot = cached_snapshot(str(source))
+    if snapshot is None:
+        raise WeightsNotFoundError(uncached)
+    return snapshot
 
 
 def weights_present(spec: ModelSpec) -> Path | None:

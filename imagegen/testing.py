@@ -163,6 +163,82 @@ def make_qwen3(
     return model
 
 
+# The tiny parts of the families' pipeline checkpoints (their plugins' tests/tiny.py and the cache plugin's parity
+# test), as diffusers' constructor arguments: the transformers are the smallest that keep every code path.
+PIPELINE_VOCAB = 416  # make_tokenizer's vocabulary with its added tokens
+KLEIN_TRANSFORMER = dict(
+    patch_size=1,
+    in_channels=16,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=48,
+    timestep_guidance_channels=32,
+    axes_dims_rope=[2, 2, 2, 2],
+    guidance_embeds=False,
+)
+ZIMAGE_TRANSFORMER = dict(
+    all_patch_size=(2,),
+    all_f_patch_size=(1,),
+    in_channels=4,
+    dim=32,
+    n_layers=2,
+    n_refiner_layers=1,
+    n_heads=2,
+    n_kv_heads=2,
+    cap_feat_dim=16,
+    axes_dims=[8, 4, 4],
+    axes_lens=[1024, 32, 32],
+)
+PIPELINE_VAE = dict(
+    block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, latent_channels=4, sample_size=32
+)
+# Z-Image's VAE is the FLUX.1 AutoencoderKL
+ZIMAGE_VAE = dict(
+    **PIPELINE_VAE,
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+
+
+def make_text_parts(folder: Path, layers: int) -> dict:
+    """The tiny tokenizer and Qwen3 text encoder (`layers` layers) of a pipeline checkpoint, saved in
+    folder/tokenizer and folder/text_encoder; returns them loaded, as diffusers' pipelines take them."""
+    make_tokenizer(folder / "tokenizer")
+    make_qwen3(
+        folder / "text_encoder",
+        vocab_size=PIPELINE_VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+    )
+    return {
+        "text_encoder": transformers.Qwen3ForCausalLM.from_pretrained(folder / "text_encoder").eval(),
+        "tokenizer": transformers.AutoTokenizer.from_pretrained(folder / "tokenizer"),
+    }
+
+
+def draw(pipeline, prompt, latents, steps: int, size: tuple[int, int], **options) -> list:
+    """imagegen's images from the given initial latents at size (width, height): a parity test's side."""
+    return pipeline.generate(prompt, latents=latents, steps=steps, width=size[0], height=size[1], **options).images
+
+
+def draw_reference(pipe, latents, steps: int, size: tuple[int, int], **kwargs) -> list:
+    """diffusers' images from the same latents (numpy) at size (width, height); kwargs as the pipeline takes them."""
+    latents = torch.from_numpy(latents)
+    return pipe(latents=latents, num_inference_steps=steps, width=size[0], height=size[1], **kwargs).images
+
+
 def assert_images_match(got: list, want: list, max_diff: int = 2) -> int:
     """Two lists of PIL images agree within `max_diff` (of 255) per pixel, and the reference is not flat (a
     flat picture would prove nothing). Prints and returns the largest difference."""

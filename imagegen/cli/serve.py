@@ -89,6 +89,16 @@ def serve(
         raise typer.Exit(distributed.launch([sys.executable, "-m", "imagegen", *sys.argv[1:]], gpus))
     if gpus != 1 and ranks.rank() != 0:  # a rank that mirrors rank 0's pipelines
         return ranks.follow()
+    # what both servers take
+    common = dict(
+        host=host,
+        port=port,
+        models=model or (),
+        keep_alive=keep_alive,
+        api_key=api_key,
+        max_memory=max_memory,
+        max_queue=max_queue,
+    )
     if ray is not None:
         if lora_dir is not None or controlnet is not None:
             flag = "--lora-dir" if lora_dir is not None else "--controlnet"
@@ -98,32 +108,9 @@ def serve(
         require_ray(serve=True)
         from ..scaleout.serve import run_serve
 
-        return run_serve(
-            ray,
-            host=host,
-            port=port,
-            models=model or (),
-            keep_alive=keep_alive,
-            api_key=api_key,
-            replicas=replicas,
-            min_replicas=min_replicas,
-            max_replicas=max_replicas,
-            max_memory=max_memory,
-            max_queue=max_queue,
-        )
+        return run_serve(ray, replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas, **common)
     if (replicas, min_replicas, max_replicas) != (None, None, None):
         raise InvalidOptionError("--replicas, --min-replicas and --max-replicas need --ray.")
 
     with ranks.lead(gpus) if gpus != 1 else contextlib.nullcontext():
-        run_server(
-            host=host,
-            port=port,
-            models=model or (),
-            keep_alive=keep_alive,
-            api_key=api_key,
-            max_memory=max_memory,
-            max_queue=max_queue,
-            shutdown_grace=grace,
-            lora_dir=lora_dir,
-            controlnet=controlnet,
-        )
+        run_server(shutdown_grace=grace, lora_dir=lora_dir, controlnet=controlnet, **common)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -224,24 +224,12 @@ class AutoencoderKL(nn.Module):
         """Diffusion latents -> VAE latents: z / scaling_factor + shift_factor (pipeline_z_image.py)."""
         return latents / self.config.scaling_factor + (self.config.shift_factor or 0.0)
 
-    def encode_latents(
-        self,
-        images: mx.array,
-        key: mx.array | None = None,
-        tile: bool | None = False,
-        tile_size: int | None = None,
-        tile_overlap: float = 0.25,
-    ) -> mx.array:
-        """images -> the normalized latents a diffusion model works on (mean, or a sample drawn with key)."""
-        return self.normalize_latents(self.encode(images, key, tile, tile_size, tile_overlap))
+    def encode_latents(self, images: mx.array, key: mx.array | None = None, **tiling: Any) -> mx.array:
+        """images -> the normalized latents a diffusion model works on (mean, or a sample drawn with key); `tiling`
+        are encode's tile, tile_size and tile_overlap."""
+        return self.normalize_latents(self.encode(images, key, **tiling))
 
-    def decode_latents(
-        self,
-        latents: mx.array,
-        tile: bool | None = False,
-        tile_size: int | None = None,
-        tile_overlap: float = 0.25,
-        group: mx.distributed.Group | None = None,
-    ) -> mx.array:
-        """Normalized diffusion latents -> images (what the pipelines do before vae.decode)."""
-        return self.decode(self.denormalize_latents(latents), tile, tile_size, tile_overlap, group)
+    def decode_latents(self, latents: mx.array, **options: Any) -> mx.array:
+        """Normalized diffusion latents -> images (what the pipelines do before vae.decode); `options` are decode's
+        tile, tile_size, tile_overlap and group."""
+        return self.decode(self.denormalize_latents(latents), **options)

@@ -263,14 +263,11 @@ def run_serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     models: Sequence[str] = (),
-    keep_alive: str | float | None = "5m",
     api_key: str | None = None,
-    replicas: int | None = None,
-    min_replicas: int | None = None,
-    max_replicas: int | None = None,
-    **limits: Any,
+    **deployment: Any,
 ) -> None:
-    """Deploy on a Ray cluster (see imagegen.scaleout.connect for `address`) and serve until Ctrl-C."""
+    """Deploy on a Ray cluster (see imagegen.scaleout.connect for `address`) and serve until Ctrl-C; `deployment`
+    are build_app's other arguments (keep_alive, replicas, min_replicas, max_replicas and limits)."""
     from .. import registry
     from ..server import require_serve_extra
     from ..server.app import is_loopback
@@ -282,7 +279,7 @@ def run_serve(
     started = connect(address)
     try:
         serve.start(http_options={"host": host, "port": port})
-        app = build_app(models, keep_alive, api_key, replicas, min_replicas, max_replicas, **limits)
+        app = build_app(models, api_key=api_key, **deployment)
         serve.run(app, name=APP_NAME, route_prefix="/")
         if not is_loopback(host) and not api_key:
             log.warning("imagegen serve: listening on %s without an API key; anyone who can reach it can use it", host)

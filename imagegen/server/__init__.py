@@ -36,20 +36,13 @@ def create_app(
     return build(models, keep_alive, api_key, **limits)
 
 
-def run_server(
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    models: Sequence[str] = (),
-    keep_alive: str | float | None = "5m",
-    api_key: str | None = None,
-    log_level: str = "info",
-    **limits: Any,
-) -> None:
-    """Serve until Ctrl-C. See imagegen.server.app.run_server; limits are imagegen.server.settings.Limits."""
+def run_server(*args: Any, **options: Any) -> None:
+    """Serve until Ctrl-C: imagegen.server.app.run_server, imported when called (it needs the serve extra);
+    limits are imagegen.server.settings.Limits."""
     require_serve_extra()
     from .app import run_server as serve
 
-    serve(host, port, models, keep_alive, api_key, log_level, **limits)
+    serve(*args, **options)
 
 
 __all__ = ["create_app", "require_serve_extra", "run_server"]

@@ -25,12 +25,18 @@ from diffusers.hooks._helpers import TransformerBlockRegistry
 from diffusers.hooks.hooks import CacheContext, _set_cache_context
 from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
 from imagegen_cache import plugin
-from transformers import AutoTokenizer, Qwen3ForCausalLM
 
 import imagegen
-from imagegen.testing import assert_images_match, make_qwen3, make_tokenizer, randomize_norms
+from imagegen.testing import (
+    KLEIN_TRANSFORMER,
+    PIPELINE_VAE,
+    ZIMAGE_TRANSFORMER,
+    ZIMAGE_VAE,
+    assert_images_match,
+    make_text_parts,
+    randomize_norms,
+)
 
-VOCAB = 416  # the test tokenizer's vocabulary with its added tokens
 SIZE = (64, 48)  # width, height
 STEPS = 7
 PROMPT, NEGATIVE = "a red fox in the snow", "blurry"
@@ -45,50 +51,14 @@ KLEIN_SCHEDULER = {
 }
 KLEIN_TEXT = {"text_encoder_out_layers": [1, 2, 3], "max_sequence_length": 32}  # a short prompt, a small encoder
 ZIMAGE_SCHEDULER = {"num_train_timesteps": 1000, "shift": 6.0, "use_dynamic_shifting": False}  # Z-Image (base)'s
-VAE = {
-    "block_out_channels": (8, 8, 8, 8),
-    "layers_per_block": 1,
-    "norm_num_groups": 4,
-    "latent_channels": 4,
-    "sample_size": 32,
-}  # both families' VAEs, tiny; Z-Image's is the FLUX.1 AutoencoderKL
-
-
-def text_parts(folder: Path, layers: int) -> dict:
-    make_tokenizer(folder / "tokenizer")
-    make_qwen3(
-        folder / "text_encoder",
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=8,
-    )
-    return {
-        "text_encoder": Qwen3ForCausalLM.from_pretrained(folder / "text_encoder").eval(),
-        "tokenizer": AutoTokenizer.from_pretrained(folder / "tokenizer"),
-    }
 
 
 def build_klein(folder: Path) -> Flux2KleinPipeline:
     """Klein base: 2 double + 2 single blocks, so the cache has a first block, middle blocks and a last one."""
-    text = text_parts(folder, layers=4)
+    text = make_text_parts(folder, layers=4)
     torch.manual_seed(2)
-    transformer = Flux2Transformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=48,
-        timestep_guidance_channels=32,
-        axes_dims_rope=[2, 2, 2, 2],
-        guidance_embeds=False,
-    )
-    vae = AutoencoderKLFlux2(**VAE)
+    transformer = Flux2Transformer2DModel(**{**KLEIN_TRANSFORMER, "num_layers": 2, "num_single_layers": 2})
+    vae = AutoencoderKLFlux2(**PIPELINE_VAE)
     for model in (transformer, vae):
         randomize_norms(model)
     pipe = Flux2KleinPipeline(
@@ -104,25 +74,10 @@ def build_klein(folder: Path) -> Flux2KleinPipeline:
 
 
 def build_zimage(folder: Path) -> ZImagePipeline:
-    text = text_parts(folder, layers=3)
+    text = make_text_parts(folder, layers=3)
     torch.manual_seed(3)
-    transformer = ZImageTransformer2DModel(
-        all_patch_size=(2,),
-        all_f_patch_size=(1,),
-        in_channels=4,
-        dim=32,
-        n_layers=3,
-        n_refiner_layers=1,
-        n_heads=2,
-        n_kv_heads=2,
-        cap_feat_dim=16,
-        axes_dims=[8, 4, 4],
-        axes_lens=[1024, 32, 32],
-    )
-    blocks = {"down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4}
-    vae = AutoencoderKL(
-        **VAE, **blocks, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False
-    )
+    transformer = ZImageTransformer2DModel(**{**ZIMAGE_TRANSFORMER, "n_layers": 3})
+    vae = AutoencoderKL(**ZIMAGE_VAE)
     for model in (transformer, vae):
         randomize_norms(model)
     pipe = ZImagePipeline(

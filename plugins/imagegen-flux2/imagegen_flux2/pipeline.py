@@ -245,18 +245,9 @@ def reference_size(image: Image.Image) -> tuple[int, int]:
     return prepare_reference(image, 16).size
 
 
-def estimate_memory(
-    spec: imagegen.ModelSpec,
-    weights: Path | None,
-    dtype: str,
-    quantize: str | None,
-    width: int,
-    height: int,
-    batch: int,
-) -> int:
-    """Peak bytes: the three components' weights plus the larger of the transformer's and the VAE's activations."""
-    return diffusers_estimate(weights, dtype, quantize, width, height, batch, hidden_size)
-
-
 def hidden_size(root: Path) -> int:
     return Flux2TransformerConfig.from_file(root / "transformer" / "config.json").inner_dim
+
+
+# Peak bytes: the three components' weights plus the larger of the transformer's and the VAE's activations.
+estimate_memory = partial(diffusers_estimate, hidden_size=hidden_size)

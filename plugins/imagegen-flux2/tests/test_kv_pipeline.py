@@ -7,14 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from diffusers import Flux2KleinKVPipeline
 from imagegen_flux2.kv_pipeline import Flux2KVPipeline
 from imagegen_flux2.plugin import klein, klein_kv
 from PIL import Image
 
 import imagegen
-from imagegen.testing import assert_images_match, sibling_module
+from imagegen.testing import assert_images_match, draw, draw_reference, sibling_module
 
 tiny = sibling_module(__file__, "tiny")
 
@@ -45,19 +44,17 @@ def test_editing_matches_diffusers_kv_pipeline(kv_folder):
     ours = Flux2KVPipeline(klein_kv(), folder / "kv", dtype="float32")
     latents = tiny.noise(1, seed=3)
     refs = references()
-    want = theirs(
+    want = draw_reference(
+        theirs,
+        latents,
+        3,
+        tiny.SIZE,
         image=refs,
         prompt="make it blue",
-        height=tiny.SIZE[1],
-        width=tiny.SIZE[0],
-        num_inference_steps=3,
-        latents=torch.from_numpy(latents),
         max_sequence_length=ours.max_sequence_length,
         text_encoder_out_layers=ours.text_layers,
-    ).images
-    got = ours.generate(
-        "make it blue", images=refs, latents=latents, steps=3, width=tiny.SIZE[0], height=tiny.SIZE[1]
-    ).images
+    )
+    got = draw(ours, "make it blue", latents, 3, tiny.SIZE, images=refs)
     assert_images_match(got, want)
 
     def final_latents(**options) -> np.ndarray:
@@ -72,18 +69,16 @@ def test_text_to_image_without_references_matches_diffusers(kv_folder):
     folder, theirs = kv_folder
     ours = Flux2KVPipeline(klein_kv(), folder / "kv", dtype="float32")
     latents = tiny.noise(2, seed=4)
-    want = theirs(
+    want = draw_reference(
+        theirs,
+        latents,
+        2,
+        tiny.SIZE,
         prompt=["a red fox", "a boat"],
-        height=tiny.SIZE[1],
-        width=tiny.SIZE[0],
-        num_inference_steps=2,
-        latents=torch.from_numpy(latents),
         max_sequence_length=ours.max_sequence_length,
         text_encoder_out_layers=ours.text_layers,
-    ).images
-    got = ours.generate(
-        ["a red fox", "a boat"], latents=latents, steps=2, width=tiny.SIZE[0], height=tiny.SIZE[1]
-    ).images
+    )
+    got = draw(ours, ["a red fox", "a boat"], latents, 2, tiny.SIZE)
     assert_images_match(got, want)
 
 

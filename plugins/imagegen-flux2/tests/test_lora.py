@@ -15,7 +15,15 @@ from peft.tuners.lokr.layer import factorization
 
 from imagegen import LoraError
 from imagegen.lora import text_adapters
-from imagegen.testing import assert_images_match, linear_shapes, random_lora, save_adapter, sibling_module
+from imagegen.testing import (
+    assert_images_match,
+    draw,
+    draw_reference,
+    linear_shapes,
+    random_lora,
+    save_adapter,
+    sibling_module,
+)
 
 tiny = sibling_module(__file__, "tiny")
 SIZE, noise = tiny.SIZE, tiny.noise
@@ -62,15 +70,11 @@ def diffusers_images(folder: Path, adapters: list[tuple[Path, float]], latents: 
         reference.load_lora_weights(str(path), adapter_name=name)
     if names:
         reference.set_adapters(names, [scale for _, scale in adapters])
-    return reference(
-        prompt=PROMPT, latents=torch.from_numpy(latents), num_inference_steps=2, width=SIZE[0], height=SIZE[1]
-    ).images
+    return draw_reference(reference, latents, 2, SIZE, prompt=PROMPT)
 
 
 def ours(pipe, adapters, latents: np.ndarray, **kw) -> list:
-    return pipe.generate(
-        PROMPT, latents=latents, steps=2, width=SIZE[0], height=SIZE[1], loras=[(str(p), s) for p, s in adapters], **kw
-    ).images
+    return draw(pipe, PROMPT, latents, 2, SIZE, loras=[(str(p), s) for p, s in adapters], **kw)
 
 
 def check(checkpoint, ours_files, reference_files=None, seed: int = 0):
@@ -286,9 +290,7 @@ def test_text_encoder_lora_applies_to_its_request_only(checkpoint, tmp_path):
     assert np.abs(got - np.asarray(bare)).max() > 0.1
     assert np.array_equal(np.asarray(pipe.embed_prompts([PROMPT])), np.asarray(bare))  # nothing left behind
     latents = noise(1, 9)
-    want = reference(
-        prompt=PROMPT, latents=torch.from_numpy(latents), num_inference_steps=2, width=SIZE[0], height=SIZE[1]
-    ).images
+    want = draw_reference(reference, latents, 2, SIZE, prompt=PROMPT)
     assert_images_match(ours(pipe, [(path, 0.9)], latents), want)
 
 

@@ -10,13 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import Flux2KleinPipeline
 from imagegen_flux2.pipeline import Flux2Pipeline
 from imagegen_flux2.plugin import klein
 from PIL import Image
 
 import imagegen
-from imagegen.testing import assert_images_match, sibling_module, smooth_picture
+from imagegen.testing import assert_images_match, draw, draw_reference, sibling_module, smooth_picture
 
 tiny = sibling_module(__file__, "tiny")
 SIZE, noise = tiny.SIZE, tiny.noise
@@ -26,20 +25,21 @@ def ours(folder: Path, is_base: bool) -> Flux2Pipeline:
     return klein("4B", base=is_base).pipeline(weights=folder, dtype="float32")
 
 
-def diffusers_images(reference: Flux2KleinPipeline, latents: np.ndarray, steps: int, **kw) -> list[Image.Image]:
-    return reference(
-        latents=torch.from_numpy(latents), num_inference_steps=steps, width=SIZE[0], height=SIZE[1], **kw
-    ).images
+def run_cli(folder: Path, prompt: str, *flags: str):
+    """`imagegen run -m flux2-klein-4b --weights folder prompt flags...` through typer's test runner."""
+    from typer.testing import CliRunner
+
+    from imagegen.cli import get_app
+
+    return CliRunner().invoke(get_app(), ["run", "-m", "flux2-klein-4b", "--weights", str(folder), prompt, *flags])
 
 
 def test_text_to_image_matches_diffusers(tiny_klein):
     folder, reference = tiny_klein
     latents = noise(2)
     prompts = ["a red fox in the snow", "Café 🦊 at night"]
-    want = reference(
-        prompt=prompts, latents=torch.from_numpy(latents), num_inference_steps=3, width=SIZE[0], height=SIZE[1]
-    ).images
-    got = ours(folder, False).generate(prompts, latents=latents, steps=3, width=SIZE[0], height=SIZE[1]).images
+    want = draw_reference(reference, latents, 3, SIZE, prompt=prompts)
+    got = draw(ours(folder, False), prompts, latents, 3, SIZE)
     assert_images_match(got, want)
 
 
@@ -48,12 +48,8 @@ def test_two_reference_images_match_diffusers(tiny_klein):
     rng = np.random.default_rng(5)
     refs = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in ((80, 64), (64, 72))]
     latents = noise(1, seed=3)
-    want = diffusers_images(reference, latents, 2, image=refs, prompt="make it blue")
-    got = (
-        ours(folder, False)
-        .generate("make it blue", images=refs, latents=latents, steps=2, width=SIZE[0], height=SIZE[1])
-        .images
-    )
+    want = draw_reference(reference, latents, 2, SIZE, image=refs, prompt="make it blue")
+    got = draw(ours(folder, False), "make it blue", latents, 2, SIZE, images=refs)
     assert_images_match(got, want)
 
 
@@ -68,30 +64,14 @@ def test_base_with_cfg_and_negative_prompt_matches_diffusers(tiny_klein_base):
     folder, reference = tiny_klein_base
     latents = noise(1, seed=7)
     negative_embeds, _ = reference.encode_prompt("blurry, dark")
-    want = diffusers_images(
-        reference, latents, 3, prompt="a lighthouse", guidance_scale=4.0, negative_prompt_embeds=negative_embeds
+    want = draw_reference(
+        reference, latents, 3, SIZE, prompt="a lighthouse", guidance_scale=4.0, negative_prompt_embeds=negative_embeds
     )
-    got = (
-        ours(folder, True)
-        .generate(
-            "a lighthouse",
-            negative_prompt="blurry, dark",
-            guidance=4.0,
-            latents=latents,
-            steps=3,
-            width=SIZE[0],
-            height=SIZE[1],
-        )
-        .images
-    )
+    got = draw(ours(folder, True), "a lighthouse", latents, 3, SIZE, negative_prompt="blurry, dark", guidance=4.0)
     assert_images_match(got, want)
     # diffusers' default negative is the empty prompt
-    want = diffusers_images(reference, latents, 2, prompt="a lighthouse", guidance_scale=2.5)
-    got = (
-        ours(folder, True)
-        .generate("a lighthouse", guidance=2.5, latents=latents, steps=2, width=SIZE[0], height=SIZE[1])
-        .images
-    )
+    want = draw_reference(reference, latents, 2, SIZE, prompt="a lighthouse", guidance_scale=2.5)
+    got = draw(ours(folder, True), "a lighthouse", latents, 2, SIZE, guidance=2.5)
     assert_images_match(got, want)
 
 
@@ -103,18 +83,16 @@ def test_checkpoint_settings_short_prompts(tiny_klein, tmp_path):
     shutil.copytree(folder, copy)
     (copy / "imagegen.json").write_text(json.dumps(settings))
     latents = noise(1, seed=4)
-    want = reference(
+    want = draw_reference(
+        reference,
+        latents,
+        2,
+        SIZE,
         prompt="a tiny red circle",
-        latents=torch.from_numpy(latents),
-        num_inference_steps=2,
-        width=SIZE[0],
-        height=SIZE[1],
         max_sequence_length=40,
         text_encoder_out_layers=(1, 2, 3),
-    ).images
-    got = (
-        ours(copy, False).generate("a tiny red circle", latents=latents, steps=2, width=SIZE[0], height=SIZE[1]).images
     )
+    got = draw(ours(copy, False), "a tiny red circle", latents, 2, SIZE)
     assert_images_match(got, want)
 
 
@@ -124,9 +102,7 @@ def test_seeded_noise_is_diffusers_latents_layout(tiny_klein):
     pipe = ours(folder, False)
     request = pipe.request("x", width=SIZE[0], height=SIZE[1], seed=42, steps=2)
     latents = np.array(imagegen.seeded_noise(pipe.latent_shape(request), request.seeds))
-    want = reference(
-        prompt="x", latents=torch.from_numpy(latents), num_inference_steps=2, width=SIZE[0], height=SIZE[1]
-    ).images
+    want = draw_reference(reference, latents, 2, SIZE, prompt="x")
     assert_images_match(pipe.generate("x", width=SIZE[0], height=SIZE[1], seed=42, steps=2).images, want)
 
 
@@ -143,39 +119,16 @@ def test_rejects_wrong_latents_variant_mismatch_and_negative_on_distilled(tiny_k
 
 
 def test_cli_runs_on_a_diffusers_folder(tiny_klein, tmp_path):
-    from typer.testing import CliRunner
-
-    from imagegen.cli import get_app
     from imagegen.image import read_metadata
 
     out = tmp_path / "fox.png"
-    result = CliRunner().invoke(
-        get_app(),
-        [
-            "run",
-            "--model",
-            "flux2-klein-4b",
-            "--weights",
-            str(tiny_klein[0]),
-            "a fox",
-            "--size",
-            "64x48",
-            "--steps",
-            "2",
-            "--seed",
-            "3",
-            "-o",
-            str(out),
-            "--dtype",
-            "float32",
-        ],
+    result = run_cli(
+        tiny_klein[0], "a fox", "--size", "64x48", "--steps", "2", "--seed", "3", "-o", str(out), "--dtype", "float32"
     )
     assert result.exit_code == 0, result.output
     meta = read_metadata(out)
     assert meta["weights"]["source"] == str(tiny_klein[0]) and meta["steps"] == 2 and meta["dtype"] == "float32"
-    bad = CliRunner().invoke(
-        get_app(), ["run", "--model", "flux2-klein-4b", "--weights", str(tiny_klein[0]), "x", "--negative", "no"]
-    )
+    bad = run_cli(tiny_klein[0], "x", "--negative", "no")
     assert bad.exit_code == 1 and "does not support --negative" in bad.output
 
 
@@ -188,10 +141,6 @@ def test_cli_runs_on_a_diffusers_folder(tiny_klein, tmp_path):
     ],
 )
 def test_damaged_folders_are_one_line_errors(tiny_klein, tmp_path, damage, message):
-    from typer.testing import CliRunner
-
-    from imagegen.cli import get_app
-
     folder = tmp_path / "damaged"
     shutil.copytree(tiny_klein[0], folder)
     if damage == "truncate":
@@ -202,21 +151,7 @@ def test_damaged_folders_are_one_line_errors(tiny_klein, tmp_path, damage, messa
         (folder / "transformer" / "config.json").write_text(json.dumps({**config, "mlp_ratio": 4.0}))
     else:
         (folder / "model_index.json").unlink()
-    result = CliRunner().invoke(
-        get_app(),
-        [
-            "run",
-            "-m",
-            "flux2-klein-4b",
-            "--weights",
-            str(folder),
-            "x",
-            "--size",
-            "64x48",
-            "-o",
-            str(tmp_path / "x.png"),
-        ],
-    )
+    result = run_cli(folder, "x", "--size", "64x48", "-o", str(tmp_path / "x.png"))
     lines = result.output.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == 1 and message in lines[0], result.output
     assert not (tmp_path / "x.png").exists()
@@ -225,36 +160,10 @@ def test_damaged_folders_are_one_line_errors(tiny_klein, tmp_path, damage, messa
 def test_cli_quantize_tile_and_count(tiny_klein, tmp_path):
     """--quantize, --tile, --count and --json through the real pipeline (tiny layers stay unquantized where their
     width is not a multiple of the group size; the option still travels to the loader and the metadata)."""
-    from typer.testing import CliRunner
-
-    from imagegen.cli import get_app
     from imagegen.image import read_metadata
 
-    result = CliRunner().invoke(
-        get_app(),
-        [
-            "run",
-            "-m",
-            "flux2-klein-4b",
-            "--weights",
-            str(tiny_klein[0]),
-            "a fox",
-            "--size",
-            "64x48",
-            "--steps",
-            "1",
-            "--seed",
-            "9",
-            "--quantize",
-            "8",
-            "--tile",
-            "-n",
-            "2",
-            "--json",
-            "-o",
-            str(tmp_path / "q.png"),
-        ],
-    )
+    flags = ["--size", "64x48", "--steps", "1", "--seed", "9", "--quantize", "8", "--tile", "-n", "2", "--json"]
+    result = run_cli(tiny_klein[0], "a fox", *flags, "-o", str(tmp_path / "q.png"))
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["seeds"] == [9, 10] and len(data["images"]) == 2
@@ -279,35 +188,15 @@ def test_latents_stay_float32_between_steps(tiny_klein):
 def test_cli_reference_image_sets_the_size_as_python_does(tiny_klein, tmp_path):
     """`imagegen run --image ref.png` without --size draws at the reference's size (issue 18 item 20), the size
     `generate(images=[ref])` picks; --tile is recorded and replayed by --from."""
-    from typer.testing import CliRunner
 
-    from imagegen.cli import get_app
     from imagegen.image import read_metadata
 
     folder, _ = tiny_klein
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (70, 100, 3), dtype=np.uint8)).save(tmp_path / "r.png")
     python = ours(folder, False).request("x", images=[tmp_path / "r.png"], seed=1)
     out = tmp_path / "edit.png"
-    args = [
-        "run",
-        "-m",
-        "flux2-klein-4b",
-        "--weights",
-        str(folder),
-        "x",
-        "--image",
-        str(tmp_path / "r.png"),
-        "--steps",
-        "1",
-        "--seed",
-        "1",
-        "--dtype",
-        "float32",
-        "--tile",
-        "-o",
-        str(out),
-    ]
-    result = CliRunner().invoke(get_app(), args)
+    flags = ["--image", str(tmp_path / "r.png"), "--steps", "1", "--seed", "1", "--dtype", "float32", "--tile"]
+    result = run_cli(folder, "x", *flags, "-o", str(out))
     assert result.exit_code == 0, result.output
     meta = read_metadata(out)
     assert (meta["width"], meta["height"]) == (python.width, python.height) == (96, 64)

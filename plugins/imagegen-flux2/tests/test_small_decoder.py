@@ -17,28 +17,15 @@ from typer.testing import CliRunner
 import imagegen
 from imagegen.cli import get_app
 from imagegen.image import read_metadata
-from imagegen.testing import assert_images_match, randomize_norms
+from imagegen.testing import assert_images_match, randomize_norms, sibling_module
 
-# config.json of black-forest-labs/FLUX.2-small-decoder: the FLUX.2 VAE with a narrower decoder (diffusers PR 13428)
+tiny = sibling_module(__file__, "tiny")
+
+# config.json of black-forest-labs/FLUX.2-small-decoder: the FLUX.2 VAE's (without force_upcast) with a narrower
+# decoder (diffusers PR 13428)
 SMALL_DECODER_CONFIG = {
-    "_class_name": "AutoencoderKLFlux2",
-    "act_fn": "silu",
-    "batch_norm_eps": 0.0001,
-    "batch_norm_momentum": 0.1,
-    "block_out_channels": [128, 256, 512, 512],
+    **{k: v for k, v in tiny.VAE_CONFIG.items() if k != "force_upcast"},
     "decoder_block_out_channels": [96, 192, 384, 384],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "in_channels": 3,
-    "out_channels": 3,
-    "latent_channels": 32,
-    "layers_per_block": 2,
-    "mid_block_add_attention": True,
-    "norm_num_groups": 32,
-    "patch_size": [2, 2],
-    "sample_size": 1024,
-    "use_quant_conv": True,
-    "use_post_quant_conv": True,
 }
 SIZE = 64
 STEPS = 2

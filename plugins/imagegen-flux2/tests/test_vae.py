@@ -12,7 +12,9 @@ from diffusers import AutoencoderKLFlux2 as RefAutoencoderKLFlux2
 from diffusers import Flux2KleinPipeline
 from imagegen_flux2.vae import AutoencoderKLFlux2, Flux2VAEConfig, patchify_latents, unpatchify_latents
 
-from imagegen.testing import randomize_norms
+from imagegen.testing import randomize_norms, sibling_module
+
+tiny = sibling_module(__file__, "tiny")
 
 TINY = dict(
     block_out_channels=(32, 64),
@@ -24,27 +26,6 @@ TINY = dict(
     latent_channels=8,
     sample_size=16,
 )
-# vae/config.json of black-forest-labs/FLUX.2-klein-4B (shared by every FLUX.2 model)
-FLUX2_CONFIG = {
-    "_class_name": "AutoencoderKLFlux2",
-    "act_fn": "silu",
-    "batch_norm_eps": 0.0001,
-    "batch_norm_momentum": 0.1,
-    "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "force_upcast": True,
-    "in_channels": 3,
-    "out_channels": 3,
-    "latent_channels": 32,
-    "layers_per_block": 2,
-    "mid_block_add_attention": True,
-    "norm_num_groups": 32,
-    "patch_size": [2, 2],
-    "sample_size": 1024,
-    "use_quant_conv": True,
-    "use_post_quant_conv": True,
-}
 
 
 def nhwc(t: torch.Tensor) -> mx.array:
@@ -91,7 +72,7 @@ def test_patchify_matches_pipeline():
 
 
 def test_config_of_flux2():
-    config = Flux2VAEConfig.from_dict(FLUX2_CONFIG)
+    config = Flux2VAEConfig.from_dict(tiny.VAE_CONFIG)
     assert config.latent_channels == 32 and config.patch_size == (2, 2) and config.force_upcast
     assert config.unknown_keys == ()
     assert Flux2VAEConfig() == Flux2VAEConfig.from_dict({})  # the defaults are the FLUX.2 VAE

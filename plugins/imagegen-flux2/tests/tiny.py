@@ -1,5 +1,6 @@
 """The tiny random FLUX.2 Klein checkpoint of the pipeline tests (diffusers layout, saved by diffusers), as diffusers'
-`get_dummy_components` builds one; conftest.py builds it once per session."""
+`get_dummy_components` builds one; conftest.py builds it once per session. Also the real FLUX.2 VAE config the VAE
+tests check our classes against."""
 
 from __future__ import annotations
 
@@ -9,44 +10,41 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
 from imagegen_flux2.plugin import DEMO
-from transformers import AutoTokenizer, Qwen3ForCausalLM
 
-from imagegen.testing import make_qwen3, make_tokenizer, randomize_norms
+from imagegen.testing import KLEIN_TRANSFORMER, PIPELINE_VAE, make_text_parts, randomize_norms
 
-VOCAB = 416  # the test tokenizer's vocabulary with its added tokens
 SIZE = (64, 48)  # width, height: a 4x3 grid of latent tokens
 SCHEDULER = DEMO / "scheduler"  # Klein's scheduler_config.json, as the bundled demo ships it
+
+# vae/config.json of black-forest-labs/FLUX.2-klein-4B (shared by every FLUX.2 model)
+VAE_CONFIG = {
+    "_class_name": "AutoencoderKLFlux2",
+    "act_fn": "silu",
+    "batch_norm_eps": 0.0001,
+    "batch_norm_momentum": 0.1,
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "force_upcast": True,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 32,
+    "layers_per_block": 2,
+    "mid_block_add_attention": True,
+    "norm_num_groups": 32,
+    "patch_size": [2, 2],
+    "sample_size": 1024,
+    "use_quant_conv": True,
+    "use_post_quant_conv": True,
+}
 
 
 def build(folder: Path, distilled: bool, layers: int = 28) -> Flux2KleinPipeline:
     """A tiny Klein checkpoint saved by diffusers; the Qwen3 has `layers` layers (28 reaches Klein's 9/18/27)."""
-    make_tokenizer(folder / "tokenizer")
-    make_qwen3(
-        folder / "text_encoder",
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=8,
-    )
+    text = make_text_parts(folder, layers)
     torch.manual_seed(2)
-    transformer = Flux2Transformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=48,
-        timestep_guidance_channels=32,
-        axes_dims_rope=[2, 2, 2, 2],
-        guidance_embeds=False,
-    )
-    vae = AutoencoderKLFlux2(
-        block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, latent_channels=4, sample_size=32
-    )
+    transformer = Flux2Transformer2DModel(**KLEIN_TRANSFORMER)
+    vae = AutoencoderKLFlux2(**PIPELINE_VAE)
     for model in (transformer, vae):
         randomize_norms(model)
     with torch.no_grad():
@@ -55,10 +53,9 @@ def build(folder: Path, distilled: bool, layers: int = 28) -> Flux2KleinPipeline
     pipe = Flux2KleinPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(SCHEDULER),
         vae=vae.eval(),
-        text_encoder=Qwen3ForCausalLM.from_pretrained(folder / "text_encoder").eval(),
-        tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"),
         transformer=transformer.eval(),
         is_distilled=distilled,
+        **text,
     )
     pipe.save_pretrained(folder)
     return pipe

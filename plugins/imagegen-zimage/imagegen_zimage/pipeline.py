@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -263,19 +264,9 @@ def renormalize(prediction: mx.array, conditional: mx.array, factor: float) -> m
     return mx.where(norm > limit, prediction * (limit / norm), prediction)
 
 
-def estimate_memory(
-    spec: imagegen.ModelSpec,
-    weights: Path | None,
-    dtype: str,
-    quantize: str | None,
-    width: int,
-    height: int,
-    batch: int,
-) -> int:
-    """Peak bytes: weights plus the larger of the transformer's (CFG doubles its batch) and the VAE's activations."""
-    cfg = 2 if spec.accepts("guidance") else 1
-    return diffusers_estimate(weights, dtype, quantize, width, height, batch, hidden_size, cfg)
-
-
 def hidden_size(root: Path) -> int:
     return ZImageTransformerConfig.from_file(root / "transformer" / "config.json").dim
+
+
+# Peak bytes: weights plus the larger of the transformer's (CFG doubles its batch) and the VAE's activations.
+estimate_memory = partial(diffusers_estimate, hidden_size=hidden_size, cfg_doubles=True)

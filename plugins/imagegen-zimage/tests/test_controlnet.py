@@ -17,22 +17,10 @@ from imagegen_zimage.controlnet import ZImageControlNet, block_samples, load_con
 from imagegen_zimage.transformer import ZImageTransformer
 
 import imagegen
-from imagegen.testing import randomize_norms
+from imagegen.testing import ZIMAGE_TRANSFORMER, randomize_norms
 from imagegen.weights import load_module
 
-TRANSFORMER = dict(
-    all_patch_size=(2,),
-    all_f_patch_size=(1,),
-    in_channels=4,
-    dim=32,
-    n_layers=4,
-    n_refiner_layers=2,
-    n_heads=2,
-    n_kv_heads=2,
-    cap_feat_dim=16,
-    axes_dims=[8, 4, 4],
-    axes_lens=[256, 32, 32],
-)
+TRANSFORMER = {**ZIMAGE_TRANSFORMER, "n_layers": 4, "n_refiner_layers": 2, "axes_lens": [256, 32, 32]}
 SHARED = dict(all_patch_size=(2,), all_f_patch_size=(1,), dim=32, n_refiner_layers=2, n_heads=2, n_kv_heads=2)
 # (control_layers_places, control_refiner_layers_places, add_control_noise_refiner, control_in_dim) per release
 KINDS = {

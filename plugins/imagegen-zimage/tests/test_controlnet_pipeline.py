@@ -11,7 +11,7 @@ from diffusers import ZImageControlNetInpaintPipeline, ZImageControlNetModel, ZI
 from imagegen_zimage.plugin import variant
 
 import imagegen
-from imagegen.testing import assert_images_match, randomize_norms, sibling_module, smooth_picture
+from imagegen.testing import assert_images_match, draw, draw_reference, randomize_norms, sibling_module, smooth_picture
 
 base = sibling_module(__file__, "test_pipeline")  # its pictures and masks
 SIZE = base.SIZE
@@ -66,26 +66,13 @@ def test_controlnet_pipeline_matches_diffusers(turbo, net, scale):
     scaled = {} if scale is None else {"controlnet_conditioning_scale": scale}
     reference = ZImageControlNetPipeline(**pipe.components, controlnet=nets[net][1])
     copy = list(prompts) if isinstance(prompts, list) else prompts  # diffusers templates a list in place
-    want = reference(
-        prompt=copy,
-        control_image=control_picture(),
-        latents=torch.from_numpy(latents),
-        num_inference_steps=3,
-        guidance_scale=0.0,
-        width=SIZE[0],
-        height=SIZE[1],
-        **scaled,
-    ).images
-    options = {} if scale is None else {"control_scale": scale}
-    got = (
-        ours(folder, nets[net][0])
-        .generate(
-            prompts, control_image=control_picture(), latents=latents, steps=3, width=SIZE[0], height=SIZE[1], **options
-        )
-        .images
+    want = draw_reference(
+        reference, latents, 3, SIZE, prompt=copy, control_image=control_picture(), guidance_scale=0.0, **scaled
     )
+    options = {} if scale is None else {"control_scale": scale}
+    got = draw(ours(folder, nets[net][0]), prompts, latents, 3, SIZE, control_image=control_picture(), **options)
     assert_images_match(got, want)
-    plain = ours(folder).generate(prompts, latents=latents, steps=3, width=SIZE[0], height=SIZE[1]).images
+    plain = draw(ours(folder), prompts, latents, 3, SIZE)
     assert np.abs(np.asarray(plain[0], np.int16) - np.asarray(got[0], np.int16)).max() > 5  # the control counts
 
 
@@ -95,29 +82,25 @@ def test_controlnet_with_cfg_matches_diffusers(turbo, tiny_zimage_base):
     folder, pipe = tiny_zimage_base
     latents = base.noise(1, seed=4)
     reference = ZImageControlNetPipeline(**pipe.components, controlnet=nets["union1"][1])
-    want = reference(
+    want = draw_reference(
+        reference,
+        latents,
+        3,
+        SIZE,
         prompt="a lighthouse",
         negative_prompt="blurry",
         control_image=control_picture(2),
-        latents=torch.from_numpy(latents),
-        num_inference_steps=3,
         guidance_scale=4.0,
-        width=SIZE[0],
-        height=SIZE[1],
-    ).images
-    got = (
-        ours(folder, nets["union1"][0], turbo=False)
-        .generate(
-            "a lighthouse",
-            negative_prompt="blurry",
-            guidance=4.0,
-            control_image=control_picture(2),
-            latents=latents,
-            steps=3,
-            width=SIZE[0],
-            height=SIZE[1],
-        )
-        .images
+    )
+    got = draw(
+        ours(folder, nets["union1"][0], turbo=False),
+        "a lighthouse",
+        latents,
+        3,
+        SIZE,
+        negative_prompt="blurry",
+        guidance=4.0,
+        control_image=control_picture(2),
     )
     assert_images_match(got, want)
 
@@ -126,17 +109,17 @@ def test_controlnet_inpaint_matches_diffusers(turbo):
     folder, pipe, nets = turbo
     latents = base.noise(1, seed=5)
     reference = ZImageControlNetInpaintPipeline(**pipe.components, controlnet=nets["union2"][1])
-    want = reference(
+    want = draw_reference(
+        reference,
+        latents,
+        3,
+        SIZE,
         prompt="a boat",
         image=base.picture(1),
         mask_image=base.square_mask(),
         control_image=control_picture(),
-        latents=torch.from_numpy(latents),
-        num_inference_steps=3,
         guidance_scale=0.0,
-        width=SIZE[0],
-        height=SIZE[1],
-    ).images
+    )
     got = ours(folder, nets["union2"][0]).generate(
         "a boat",
         init_image=base.picture(1),

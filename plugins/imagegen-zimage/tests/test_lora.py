@@ -11,7 +11,15 @@ from diffusers import ZImagePipeline
 from imagegen_zimage.plugin import variant
 
 from imagegen.lora import LoraSpec
-from imagegen.testing import assert_images_match, linear_shapes, random_lora, save_adapter, sibling_module
+from imagegen.testing import (
+    assert_images_match,
+    draw,
+    draw_reference,
+    linear_shapes,
+    random_lora,
+    save_adapter,
+    sibling_module,
+)
 
 tiny = sibling_module(__file__, "tiny")
 SIZE, noise = tiny.SIZE, tiny.noise
@@ -26,9 +34,7 @@ def checkpoint(tiny_zimage):
 
 
 def ours(pipe, adapters, latents: np.ndarray) -> list:
-    return pipe.generate(
-        PROMPT, latents=latents, steps=2, width=SIZE[0], height=SIZE[1], loras=[(str(p), s) for p, s in adapters]
-    ).images
+    return draw(pipe, PROMPT, latents, 2, SIZE, loras=[(str(p), s) for p, s in adapters])
 
 
 def check(checkpoint, files, reference_files=None, seed: int = 0) -> None:
@@ -41,14 +47,7 @@ def check(checkpoint, files, reference_files=None, seed: int = 0) -> None:
     for name, (path, _) in zip(names, reference_files or files):
         reference.load_lora_weights(str(path), adapter_name=name)
     reference.set_adapters(names, [scale for _, scale in reference_files or files])
-    want = reference(
-        prompt=PROMPT,
-        latents=torch.from_numpy(latents),
-        num_inference_steps=2,
-        guidance_scale=0.0,
-        width=SIZE[0],
-        height=SIZE[1],
-    ).images
+    want = draw_reference(reference, latents, 2, SIZE, prompt=PROMPT, guidance_scale=0.0)
     got = ours(pipe, files, latents)
     assert_images_match(got, want)
     bare = ours(pipe, [], latents)

@@ -13,7 +13,7 @@ from imagegen_zimage.plugin import variant
 from PIL import Image
 
 import imagegen
-from imagegen.testing import assert_images_match, sibling_module, smooth_picture
+from imagegen.testing import assert_images_match, draw, draw_reference, sibling_module, smooth_picture
 
 tiny = sibling_module(__file__, "tiny")
 SIZE, build, noise = tiny.SIZE, tiny.build, tiny.noise
@@ -25,9 +25,7 @@ def ours(folder: Path, turbo: bool) -> imagegen.Pipeline:
 
 def reference(pipe, prompt, latents, steps, **kw) -> list[Image.Image]:
     prompt = list(prompt) if isinstance(prompt, list) else prompt  # diffusers templates the list in place
-    return pipe(
-        prompt=prompt, latents=torch.from_numpy(latents), num_inference_steps=steps, width=SIZE[0], height=SIZE[1], **kw
-    ).images
+    return draw_reference(pipe, latents, steps, SIZE, prompt=prompt, **kw)
 
 
 def test_turbo_matches_diffusers(tiny_zimage):
@@ -35,7 +33,7 @@ def test_turbo_matches_diffusers(tiny_zimage):
     latents = noise(2)
     prompts = ["a red fox in the snow", "Café 🦊"]  # different caption lengths in one batch
     want = reference(pipe, prompts, latents, 3, guidance_scale=0.0)
-    got = ours(folder, True).generate(prompts, latents=latents, steps=3, width=SIZE[0], height=SIZE[1]).images
+    got = draw(ours(folder, True), prompts, latents, 3, SIZE)
     assert_images_match(got, want)
 
 
@@ -51,19 +49,8 @@ def test_base_cfg_matches_diffusers(tiny_zimage_base, options):
     folder, pipe = tiny_zimage_base
     latents = noise(1, seed=5)
     want = reference(pipe, "a lighthouse at dusk", latents, 3, guidance_scale=4.0, negative_prompt="blurry", **options)
-    got = (
-        ours(folder, False)
-        .generate(
-            "a lighthouse at dusk",
-            negative_prompt="blurry",
-            guidance=4.0,
-            latents=latents,
-            steps=3,
-            width=SIZE[0],
-            height=SIZE[1],
-            **options,
-        )
-        .images
+    got = draw(
+        ours(folder, False), "a lighthouse at dusk", latents, 3, SIZE, negative_prompt="blurry", guidance=4.0, **options
     )
     assert_images_match(got, want)
     if options:  # the option really changed the picture
@@ -75,13 +62,7 @@ def test_base_default_negative_and_batch(tiny_zimage_base):
     folder, pipe = tiny_zimage_base
     latents = noise(2, seed=6)
     want = reference(pipe, ["a cat", "two dogs on a sofa"], latents, 2, guidance_scale=3.0)
-    got = (
-        ours(folder, False)
-        .generate(
-            ["a cat", "two dogs on a sofa"], guidance=3.0, latents=latents, steps=2, width=SIZE[0], height=SIZE[1]
-        )
-        .images
-    )
+    got = draw(ours(folder, False), ["a cat", "two dogs on a sofa"], latents, 2, SIZE, guidance=3.0)
     assert_images_match(got, want)
 
 
@@ -91,7 +72,7 @@ def test_dynamic_shift_scheduler(tmp_path):
         tmp_path, {"num_train_timesteps": 1000, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15}
     )
     latents = noise(1, seed=2)
-    got = ours(tmp_path, True).generate("x", latents=latents, steps=2, width=SIZE[0], height=SIZE[1]).images
+    got = draw(ours(tmp_path, True), "x", latents, 2, SIZE)
     assert_images_match(got, reference(pipe, "x", latents, 2, guidance_scale=0.0))
 
 
@@ -211,21 +192,26 @@ def test_img2img_matches_diffusers(tiny_zimage):
     assert_images_match(got.images, want)
 
 
-def test_base_inpaint_with_cfg_and_negative_matches_diffusers(tiny_zimage_base):
+def inpaint_reference(pipe, image: Image.Image, strength: float, seed: int) -> list[Image.Image]:
+    """diffusers' Z-Image base inpainting of `image` under square_mask(): "a lighthouse", negative "blurry",
+    guidance 4, 4 steps, torch noise from `seed`."""
     from diffusers import ZImageInpaintPipeline
 
-    folder, pipe = tiny_zimage_base
-    reference_pipe = ZImageInpaintPipeline(**pipe.components)
-    want = reference_pipe(
+    return ZImageInpaintPipeline(**pipe.components)(
         prompt="a lighthouse",
         negative_prompt="blurry",
-        image=picture(1),
+        image=image,
         mask_image=square_mask(),
-        strength=0.8,
+        strength=strength,
         num_inference_steps=4,
         guidance_scale=4.0,
-        generator=torch.Generator("cpu").manual_seed(9),
+        generator=torch.Generator("cpu").manual_seed(seed),
     ).images
+
+
+def test_base_inpaint_with_cfg_and_negative_matches_diffusers(tiny_zimage_base):
+    folder, pipe = tiny_zimage_base
+    want = inpaint_reference(pipe, picture(1), strength=0.8, seed=9)
     got = ours(folder, False).generate(
         "a lighthouse",
         negative_prompt="blurry",
@@ -258,7 +244,6 @@ def test_img2img_refuses_bad_input(tiny_zimage, tmp_path):
 def test_cli_inpaint_matches_diffusers_and_replays(tiny_zimage_base, tmp_path, monkeypatch):
     import shutil
 
-    from diffusers import ZImageInpaintPipeline
     from typer.testing import CliRunner
 
     from imagegen.cli import get_app
@@ -268,16 +253,7 @@ def test_cli_inpaint_matches_diffusers_and_replays(tiny_zimage_base, tmp_path, m
     monkeypatch.chdir(tmp_path)
     picture(2).save("photo.png")
     square_mask().save("mask.png")
-    want = ZImageInpaintPipeline(**pipe.components)(
-        prompt="a lighthouse",
-        negative_prompt="blurry",
-        image=picture(2),
-        mask_image=square_mask(),
-        strength=0.7,
-        num_inference_steps=4,
-        guidance_scale=4.0,
-        generator=torch.Generator("cpu").manual_seed(8),
-    ).images
+    want = inpaint_reference(pipe, picture(2), strength=0.7, seed=8)
     args = [
         "run",
         "-m",

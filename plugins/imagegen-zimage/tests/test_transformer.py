@@ -11,26 +11,18 @@ from diffusers import ZImageTransformer2DModel
 from imagegen_zimage.config import ZImageTransformerConfig
 from imagegen_zimage.transformer import ZImageTransformer, quant_predicate
 
-from imagegen.testing import randomize_norms
+from imagegen.testing import ZIMAGE_TRANSFORMER, randomize_norms
 from imagegen.weights import load_module
 
-TINY = dict(
-    all_patch_size=(2,),
-    all_f_patch_size=(1,),
-    in_channels=16,
-    dim=32,
-    n_layers=2,
-    n_refiner_layers=1,
-    n_heads=2,
-    n_kv_heads=2,
-    norm_eps=1e-5,
-    qk_norm=True,
-    cap_feat_dim=16,
-    rope_theta=256.0,
-    t_scale=1000.0,
-    axes_dims=[8, 4, 4],
-    axes_lens=[256, 32, 32],
-)
+TINY = {
+    **ZIMAGE_TRANSFORMER,
+    "in_channels": 16,
+    "norm_eps": 1e-5,
+    "qk_norm": True,
+    "rope_theta": 256.0,
+    "t_scale": 1000.0,
+    "axes_lens": [256, 32, 32],
+}
 CAP_LENS = (7, 40, 20)  # caption runs of 32, 64, 32 tokens: pad tokens, and two groups out of batch order
 GRID = (8, 10)  # latent H x W: 20 image tokens, padded to 32 with x_pad_token
 
