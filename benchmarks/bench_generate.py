@@ -226,19 +226,7 @@ class ModelBench:
                 "folder": str(self.folder),
             }
 
-        needs_folder = {
-            "load",
-            "encode",
-            "step",
-            "scaling",
-            "batch",
-            "refs",
-            "decode",
-            "e2e",
-            "parity",
-            "quant",
-            "compile",
-        }
+        needs_folder = set(SECTIONS) - {"floor"}  # every section but the GEMM floor times a checkpoint
         if self.wants(*needs_folder) and self.args.impls & {"imagegen", "diffusers"}:
             self.ready = self.section("setup", "torch", body, required=True)
 

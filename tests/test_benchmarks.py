@@ -129,20 +129,24 @@ def test_report_writes_tables_and_readme_section(klein, tmp_path):
     tmp, _ = klein
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n## Performance\n\n<!-- bench:start -->\nold\n<!-- bench:end -->\n\n## After\n")
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "report.py"),
-            str(tmp / "out.jsonl"),
-            "--results-dir",
-            str(tmp_path / "results"),
-            "--readme",
-            str(readme),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+
+    def report(target: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "benchmarks" / "report.py"),
+                str(tmp / "out.jsonl"),
+                "--results-dir",
+                str(tmp_path / "results"),
+                "--readme",
+                str(target),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    done = report(readme)
     assert done.returncode == 0, done.stderr
     (markdown,) = (tmp_path / "results").glob("*.md")
     assert (tmp_path / "results" / f"{markdown.stem}.jsonl").is_file()
@@ -161,20 +165,7 @@ def test_report_writes_tables_and_readme_section(klein, tmp_path):
 
     no_markers = tmp_path / "PLAIN.md"
     no_markers.write_text("nothing here\n")
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "report.py"),
-            str(tmp / "out.jsonl"),
-            "--results-dir",
-            str(tmp_path / "results"),
-            "--readme",
-            str(no_markers),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = report(no_markers)
     assert done.returncode == 0 and "no <!-- bench:start -->" in done.stdout and "| model |" in done.stdout
     assert no_markers.read_text() == "nothing here\n"
 
