@@ -19,10 +19,15 @@ import mlx.nn as nn
 DEQUANTIZE_TOKENS = int(os.environ.get("IMAGEGEN_DEQUANTIZE_TOKENS", "256"))
 
 
-def dense_weight(layer: nn.QuantizedLinear, dtype: mx.Dtype | None) -> mx.array:
-    """The layer's weight [out, in] dequantized into `dtype` (the same values quantized_matmul multiplies by)."""
+def dense_weight(layer: nn.QuantizedLinear, dtype: mx.Dtype | None, after: mx.array | None = None) -> mx.array:
+    """The layer's weight [out, in] dequantized into `dtype` (the same values quantized_matmul multiplies by).
+
+    `after`: an array the dequantization waits for. A dequantization depends on weights alone, so MLX may schedule
+    every layer's at the start of an evaluation and hold all the dense copies at once (a 4-bit model then peaks
+    near its bf16 size); waiting for the layer's input keeps one dense weight alive at a time."""
+    weight = layer["weight"] if after is None else mx.depends(layer["weight"], after)
     return mx.dequantize(
-        layer["weight"],
+        weight,
         layer["scales"],
         layer.get("biases"),
         group_size=layer.group_size,
@@ -41,7 +46,7 @@ class QuantizedLinear(nn.QuantizedLinear):
             return super().__call__(x)
         # affine: the scales' dtype, promoted with x's in the GEMM as quantized_matmul does (float modes' scales
         # are bytes: x's dtype)
-        weight = dense_weight(self, None if self.mode == "affine" else x.dtype)
+        weight = dense_weight(self, None if self.mode == "affine" else x.dtype, after=x)
         return mx.addmm(self["bias"], x, weight.T) if "bias" in self else x @ weight.T
 
 
