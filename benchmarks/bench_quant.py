@@ -6,7 +6,8 @@ the dense bf16 GEMM for scale) at Klein 4B's layer shapes, for a sweep of token 
 
 One JSON line per (mode, shape, tokens) with `quantized_ms`, `dequantized_ms` (imagegen's dense path), `dense_ms`
 (a bf16 weight), and a last line per mode with the smallest token count from which the dense path is faster at
-every larger count (`crossover_tokens`): the value for IMAGEGEN_DEQUANTIZE_TOKENS."""
+every larger count (`crossover_tokens`): the value for IMAGEGEN_DEQUANTIZE_TOKENS. Section `dequantize`: MLX's
+mx.dequantize against imagegen's affine kernel (imagegen.nn.affine_dequantize) per layer shape, in GB/s moved."""
 
 from __future__ import annotations
 
@@ -27,12 +28,14 @@ SHAPES = ((3072, 3072), (3072, 9216), (9216, 3072))  # (in, out): attention proj
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--modes", default="8,4,mxfp8,mxfp4,nvfp4")
+    p.add_argument("--sections", default="dequantize,matmul", help="comma list of dequantize, matmul")
     p.add_argument("--tokens", default=None, help=f"comma list (default {','.join(map(str, TOKENS))}; tiny 8,32)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--tiny", action="store_true", help="CPU, 128-wide layers")
     args = p.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    args.sections = {s.strip() for s in args.sections.split(",") if s.strip()}
     args.tokens = [int(t) for t in (args.tokens or ("8,32" if args.tiny else ",".join(map(str, TOKENS)))).split(",")]
     return args
 
@@ -61,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
 
     shapes = ((128, 128),) if args.tiny else SHAPES
     repeats = 2 if args.tiny else args.repeats
-    for mode in args.modes:
+    if "dequantize" in args.sections:
+        dequantize_section(recorder, shapes, repeats)
+    for mode in args.modes if "matmul" in args.sections else ():
         s = quantize.scheme(quantize.normalize_mode(mode))
         faster: dict[int, bool] = {}
         for d_in, d_out in shapes:
@@ -99,6 +104,32 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     return 0
+
+
+def dequantize_section(recorder, shapes, repeats: int) -> None:
+    """MLX's affine dequantize vs imagegen's kernel (the one quantized layers run on CUDA) per shape and bit width."""
+    from imagegen.nn import affine_dequantize
+
+    for bits in (8, 4):
+        for d_in, d_out in shapes:
+            w, scales, biases = mx.quantize(mx.random.normal((d_out, d_in)).astype(mx.bfloat16), 64, bits)
+            mx.eval(w, scales, biases)
+            mlx_ms = median_ms(repeats, lambda: mx.dequantize(w, scales, biases, group_size=64, bits=bits))
+            ours_ms = median_ms(repeats, lambda: affine_dequantize.dequantize(w, scales, biases, 64, bits))
+            moved = (w.nbytes + scales.nbytes + biases.nbytes + d_in * d_out * 2) / 1e9  # read codes, write bf16
+            recorder.emit(
+                {
+                    "section": "dequantize",
+                    "bits": bits,
+                    "shape": f"{d_out}x{d_in}",
+                    "mlx_ms": round(mlx_ms, 4),
+                    "imagegen_ms": round(ours_ms, 4),
+                    "speedup": round(mlx_ms / ours_ms, 2),
+                    "mlx_gb_s": round(moved / mlx_ms * 1e3),
+                    "imagegen_gb_s": round(moved / ours_ms * 1e3),
+                    "fused": affine_dequantize.cuda_kernels.available(),
+                }
+            )
 
 
 if __name__ == "__main__":

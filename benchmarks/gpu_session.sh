@@ -2,7 +2,7 @@
 # Issues 22, 23 and 25 on the GPU machine, one part after another; JSON lines under $OUT, then one GOAL line per goal.
 #
 #   bash benchmarks/gpu_session.sh [PART ...]     # PARTS: tests quant vae throughput cold (default: all, in order);
-#   also vae-sweep kv lora cache controlnet, and on two GPUs distributed ray
+#   also vae-sweep kv lora cache decoder controlnet, and on two GPUs distributed ray
 #
 # Needs the wheels installed (/tmp/site: see /work/shared/gpu/install.sh; pytest among them for `tests`). imagegen
 # need not be installed: the source tree and its plugins go on PYTHONPATH. Each part has a time limit (seconds,
@@ -73,6 +73,9 @@ for part in "${parts[@]}"; do
     cache)  # issue 23: step caching at 50 steps, Klein base 4B (speed-up, PSNR/SSIM vs uncached)
       run cache "$(limit cache 300)" $PY benchmarks/bench_cache.py --models flux2-klein-base-4b --sections cache \
         --out "$OUT/cache.jsonl" "${T[@]}" ;;
+    decoder)  # issue 23: the standard and BFL's small FLUX.2 decoder at 1024 px, imagegen and diffusers
+      run decoder "$(limit decoder 150)" $PY benchmarks/bench_cache.py --sections decode \
+        --out "$OUT/decoder.jsonl" "${T[@]/--tiny/--quick}" ;;
     vae-sweep)  # issue 22: every layer pacing x conv-strip size at 1024 px (which meets 30 ms within diffusers' memory)
       run vae-sweep "$(limit vae_sweep 150)" $PY benchmarks/bench_vae.py --sizes 1024 --sweep --workdir "$WORK" \
         --out "$OUT/vae-sweep.jsonl" "${T[@]}" ;;
@@ -91,7 +94,7 @@ for part in "${parts[@]}"; do
       run ray "$(limit ray 300)" $PY benchmarks/bench_ray.py --sections scaling --scale 1,2 --images 48 \
         --work "$WORK/ray" --out "$OUT/ray.jsonl" "${T[@]}" ;;
     *)
-      echo "unknown part '$part' (parts: tests quant vae vae-sweep throughput cold kv lora cache controlnet" \
+      echo "unknown part '$part' (parts: tests quant vae vae-sweep throughput cold kv lora cache decoder controlnet" \
         "distributed ray)" >&2 ;;
   esac
 done

@@ -14,6 +14,8 @@ import os
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import affine_dequantize
+
 # Rows (tokens x batch) from which a layer dequantizes; 0 turns the dense path off. benchmarks/bench_quant.py
 # measures where the two paths cross per mode.
 DEQUANTIZE_TOKENS = int(os.environ.get("IMAGEGEN_DEQUANTIZE_TOKENS", "256"))
@@ -26,6 +28,10 @@ def dense_weight(layer: nn.QuantizedLinear, dtype: mx.Dtype | None, after: mx.ar
     every layer's at the start of an evaluation and hold all the dense copies at once (a 4-bit model then peaks
     near its bf16 size); waiting for the layer's input keeps one dense weight alive at a time."""
     weight = layer["weight"] if after is None else mx.depends(layer["weight"], after)
+    if layer.mode == "affine":  # a faster kernel on CUDA
+        return affine_dequantize.dequantize(
+            weight, layer["scales"], layer["biases"], layer.group_size, layer.bits, dtype
+        )
     return mx.dequantize(
         weight,
         layer["scales"],
