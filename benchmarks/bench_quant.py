@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -114,8 +115,8 @@ def dequantize_section(recorder, shapes, repeats: int) -> None:
         for d_in, d_out in shapes:
             w, scales, biases = mx.quantize(mx.random.normal((d_out, d_in)).astype(mx.bfloat16), 64, bits)
             mx.eval(w, scales, biases)
-            mlx_ms = median_ms(repeats, lambda: mx.dequantize(w, scales, biases, group_size=64, bits=bits))
-            ours_ms = median_ms(repeats, lambda: affine_dequantize.dequantize(w, scales, biases, 64, bits))
+            mlx_ms = median_ms(repeats, partial(mx.dequantize, group_size=64, bits=bits), w, scales, biases)
+            ours_ms = median_ms(repeats, affine_dequantize.dequantize, w, scales, biases, 64, bits)
             moved = (w.nbytes + scales.nbytes + biases.nbytes + d_in * d_out * 2) / 1e9  # read codes, write bf16
             recorder.emit(
                 {
