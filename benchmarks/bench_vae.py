@@ -71,6 +71,12 @@ def imagegen_variants(size: int, tiny: bool, sweep: bool = False) -> list[tuple[
             for every, ahead in ((1, 0), (1, 1), (2, 0), (2, 1), (3, 0), (4, 0))
             for name, bytes_ in (("2gb", 1 << 31), ("4gb", 1 << 32), ("none", 1 << 50))
         ]
+        # small stages one layer ahead, large ones waiting (vae_blocks.AHEAD_BELOW_BYTES): at 1024 px the stages
+        # take 17 (mid, first up), 67, 268 and 537 MB inputs
+        variants += [
+            (f"imagegen-ahead-below-{mb}mb-strips-none", {"ahead_below": mb << 20, "workspace": 1 << 50})
+            for mb in (32, 96, 300)
+        ]
     return variants
 
 
@@ -85,13 +91,14 @@ def run_imagegen(args: argparse.Namespace, folder: Path, recorder: Recorder, out
     mx.eval(vae.parameters())
     weights_gb = mx.get_active_memory() / 1e9
     channels = vae.config.latent_channels
-    defaults = (cuda_kernels.ENABLED, blocks.LAYER_PACING, blocks.CONV_WORKSPACE_BYTES)
+    defaults = (cuda_kernels.ENABLED, blocks.LAYER_PACING, blocks.CONV_WORKSPACE_BYTES, blocks.AHEAD_BELOW_BYTES)
     for size in args.sizes:
         z = mx.array(latents(size, channels)).transpose(0, 2, 3, 1).astype(mx.bfloat16)
         for name, settings in imagegen_variants(size, args.tiny, args.sweep):
             cuda_kernels.ENABLED = settings.get("fused", defaults[0])
             blocks.LAYER_PACING = settings.get("pacing", defaults[1])
             blocks.CONV_WORKSPACE_BYTES = settings.get("workspace", defaults[2])
+            blocks.AHEAD_BELOW_BYTES = settings.get("ahead_below", defaults[3])
             try:
                 t = time_mlx(lambda z=z: vae.decode(z), args.warmup, args.repeats)
                 record = {
@@ -109,7 +116,7 @@ def run_imagegen(args: argparse.Namespace, folder: Path, recorder: Recorder, out
                     {"section": "vae", "impl": name, "size": f"{size}x{size}", "error": f"{type(e).__name__}: {e}"}
                 )
             finally:
-                cuda_kernels.ENABLED, blocks.LAYER_PACING, blocks.CONV_WORKSPACE_BYTES = defaults
+                cuda_kernels.ENABLED, blocks.LAYER_PACING, blocks.CONV_WORKSPACE_BYTES, blocks.AHEAD_BELOW_BYTES = defaults
                 free_memory()
 
 

@@ -12,7 +12,8 @@ from imagegen.nn import cuda_kernels
 from imagegen.nn import group_norm as gn
 from imagegen.nn.vae_blocks import GroupNorm
 
-SHAPES = [((1, 16, 16, 128), 32), ((2, 8, 12, 512), 32), ((1, 9, 7, 64), 8)]
+# the last two: BFL's small decoder's widths (96 and 384 channels in 32 groups: 96 packs, blocks of 192 threads)
+SHAPES = [((1, 16, 16, 128), 32), ((2, 8, 12, 512), 32), ((1, 9, 7, 64), 8), ((1, 10, 6, 96), 32), ((1, 8, 8, 384), 32)]
 
 
 def reference(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, groups: int, eps: float, silu: bool) -> np.ndarray:

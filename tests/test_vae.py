@@ -174,3 +174,28 @@ def test_conv_strips_match_one_convolution_and_bound_memory(monkeypatch):
     np.testing.assert_allclose(np.array(strips), np.array(whole), rtol=1e-5, atol=1e-5)
     unfolded = x.nbytes * 9
     assert mx.get_peak_memory() - start < unfolded / 2  # never the whole unfolded input at once
+
+
+def test_small_stages_run_one_layer_ahead(monkeypatch):
+    """AHEAD_BELOW_BYTES: stages whose input is at most that size keep a layer in flight, larger ones wait for each
+    layer as LAYER_PACING says; the decode is the same either way."""
+    from imagegen.nn import vae_blocks as blocks
+
+    stage = blocks.ResnetStage(8, 8, num_layers=2, groups=4)
+    x = mx.random.normal((1, 6, 6, 8), key=mx.random.key(1))
+    made = []
+
+    class Recorded(blocks.Pacer):
+        def __init__(self, every, ahead):
+            made.append((every, ahead))
+            super().__init__(every, ahead)
+
+    monkeypatch.setattr(blocks, "Pacer", Recorded)
+    monkeypatch.setattr(blocks, "LAYER_PACING", (1, 0))
+    waiting = stage(x)
+    monkeypatch.setattr(blocks, "AHEAD_BELOW_BYTES", x.nbytes)
+    ahead = stage(x)
+    monkeypatch.setattr(blocks, "AHEAD_BELOW_BYTES", x.nbytes - 1)
+    stage(x)
+    assert made == [(1, 0), (1, 1), (1, 0)]
+    assert mx.array_equal(waiting, ahead)

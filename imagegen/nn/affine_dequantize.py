@@ -28,8 +28,7 @@ _KERNEL = """
   Pack<T, PER> values;
   for (int j = 0; j < PER; ++j) {
     const unsigned int q = (codes.v[j * BITS / 32] >> ((j * BITS) % 32)) & ((1u << BITS) - 1u);
-    const T product = static_cast<T>(scale * static_cast<float>(q));  // rounded as MLX's T-typed product is
-    values.v[j] = static_cast<T>(static_cast<float>(product) + bias);
+    values.v[j] = static_cast<T>(scale * static_cast<float>(q) + bias);  // one rounding, in float as MLX's kernel
   }
   *reinterpret_cast<Pack<T, PER>*>(out + i * PER) = values;
 """

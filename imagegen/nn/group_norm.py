@@ -24,11 +24,12 @@ import mlx.core as mx
 from . import cuda_kernels
 from .cuda_kernels import PACK_HEADER
 
-THREADS = 256
+THREADS = 256  # at most, per block; the statistics pass uses the largest multiple of its packs per row
 BLOCKS = 1024  # statistics blocks per image: enough to fill every SM several times
 
 # x [B, N, C]; shift [B, G] float32; out [B, chunks, C / P, 2] float32 (sum and sum of squares of x - shift).
-# Threads of a block keep one pack of P channels each (THREADS is a multiple of C / P), stepping over the rows.
+# Threads of a block keep one pack of P channels each (THREADS, the block's size, is a multiple of C / P), stepping
+# over the rows.
 _STATS = """
   const int t = threadIdx.x;
   const long n = x_shape[1];
@@ -121,12 +122,18 @@ def _pack(x: mx.array, groups: int) -> int:
     return math.gcd(16 // x.itemsize, x.shape[-1] // groups)
 
 
+def _stats_threads(x: mx.array, groups: int) -> int:
+    """Threads per statistics block: whole rows of packs (96 packs, BFL's small decoder: 192 threads)."""
+    packs = x.shape[-1] // _pack(x, groups)
+    return THREADS // packs * packs
+
+
 def supported(x: mx.array, groups: int) -> bool:
-    """Whether the kernels run for x [B, H, W, C] now (a CUDA GPU, a float type, packs that tile a block)."""
+    """Whether the kernels run for x [B, H, W, C] now (a CUDA GPU, a float type, a row of packs fits a block)."""
     if not cuda_kernels.available() or x.ndim != 4 or x.dtype not in (mx.float32, mx.bfloat16, mx.float16):
         return False
     c = x.shape[-1]
-    return c % groups == 0 and THREADS % (c // _pack(x, groups)) == 0 and c % (16 // x.itemsize) == 0
+    return c % groups == 0 and _stats_threads(x, groups) > 0 and c % (16 // x.itemsize) == 0
 
 
 @mx.compile
@@ -150,16 +157,16 @@ def group_norm(
     a map's rows (an imagegen.nn.row_split.RowSplit), whose statistics are summed over every band."""
     b, h, w, c = x.shape
     rows = x.reshape(b, h * w, c)
-    pack = _pack(x, groups)
-    blocks = min(BLOCKS, max(1, h * w // (THREADS // (c // pack))))
+    pack, threads = _pack(x, groups), _stats_threads(x, groups)
+    blocks = min(BLOCKS, max(1, h * w // (threads // (c // pack))))
     first = x[:, 0, 0, :: c // groups].astype(mx.float32)  # each group's shift: one of its own values
     if split is not None:  # one shift for all bands: the mean of theirs
         first = split.sum(first) / split.size
     partial = _stats_kernel()(
         inputs=[rows, first],
-        template=[("T", x.dtype), ("P", pack), ("THREADS", THREADS)],
-        grid=(blocks * THREADS, b, 1),
-        threadgroup=(THREADS, 1, 1),
+        template=[("T", x.dtype), ("P", pack), ("THREADS", threads)],
+        grid=(blocks * threads, b, 1),
+        threadgroup=(threads, 1, 1),
         output_shapes=[(b, blocks, c // pack, 2)],
         output_dtypes=[mx.float32],
     )[0]

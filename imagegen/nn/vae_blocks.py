@@ -26,6 +26,10 @@ QUERY_CHUNK = 4096
 # each layer had the lowest peak for about the same time (benchmarks/profile_vae_memory.py, results in its docstring).
 CONV_WORKSPACE_BYTES = 1 << 33
 LAYER_PACING = (1, 0)
+# Stages whose input holds at most this many bytes keep one layer ahead (LAYER_PACING's `ahead` at least 1): their
+# layers are short, so waiting for each one starves the GPU, and their temporaries are small; larger stages keep
+# LAYER_PACING. 0: every stage as LAYER_PACING says.
+AHEAD_BELOW_BYTES = 0
 
 
 def _group_rows(x: mx.array, groups: int) -> mx.array:
@@ -198,7 +202,10 @@ class UNetMidBlock2D(nn.Module):
 
 def _run_layers(layers, x: mx.array) -> mx.array:
     """Apply layers in turn, bounding how many layers' temporaries are alive at once (LAYER_PACING)."""
-    pace = Pacer(*LAYER_PACING)
+    every, ahead = LAYER_PACING
+    if every and x.nbytes <= AHEAD_BELOW_BYTES:
+        ahead = max(ahead, 1)
+    pace = Pacer(every, ahead)
     for layer in layers:
         x = layer(x)
         pace(x)
