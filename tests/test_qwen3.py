@@ -156,3 +156,25 @@ def test_layers_past_the_last_needed_stay_on_disk(tmp_path):
     got = lazy.forward_with_layer_outputs(mx.array(ids), mx.array(mask), [1, -1])  # later layers load on demand
     for g, f in zip(got, full):
         np.testing.assert_array_equal(np.array(g), np.array(f))
+
+
+def test_quantized_layers_do_not_pile_up_dense_weights():
+    """A quantized encoder's dense temporaries (imagegen.nn.quantized_linear) stay about two layers', not the whole
+    stack's: each dequantization waits for its layer's input, and the stack keeps one layer in flight (the GPU's
+    command batches otherwise hold a batch's temporaries; issue 22: a 4-bit Klein 4B peaked above 8 GB)."""
+    from imagegen import quantize as q
+    from imagegen.nn import quantized_linear
+
+    config = Qwen3Config(
+        **{**TINY, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 8, "head_dim": 64}
+    )
+    model = Qwen3Model(config)
+    q.quantize_model(model, "4")
+    mx.eval(model.parameters())
+    ids = mx.zeros((1, quantized_linear.DEQUANTIZE_TOKENS), mx.int32)
+    start = mx.get_active_memory()
+    mx.reset_peak_memory()
+    mx.eval(model(ids))
+    transient = mx.get_peak_memory() - start
+    dense_layer = 4 * (3 * 256 * 1024 + 2 * 256 * 256 + 2 * 256 * 128)  # float32 MLP + q, o + k, v weights
+    assert transient < 3 * dense_layer, transient / dense_layer  # all eight layers: 8 and more

@@ -18,6 +18,7 @@ from pydantic import model_validator
 
 from ..config import HFConfig
 from ..nn import attention, causal_mask, combine_masks, padding_mask
+from ..nn.pacing import Pacer
 from ..quantize import keep_high_precision
 from ..weights import load_model
 
@@ -169,8 +170,12 @@ class Qwen3Model(nn.Module):
         pad = padding_mask(attention_mask) if attention_mask is not None else None
         mask = combine_masks(causal_mask(input_ids.shape[1])[None, None], pad)
         states = {0: x} if 0 in wanted else {}
+        # one layer in flight: quantized layers dequantize their weights into temporaries that would otherwise pile
+        # up over the whole stack (a 4-bit encoder held gigabytes of them)
+        pace = Pacer(1)
         for i, layer in enumerate(self.layers[:last]):
             x = layer(x, mask, self._periods)
+            pace(x)
             if i + 1 in wanted:
                 states[i + 1] = x
         if last == len(self.layers):
