@@ -116,7 +116,9 @@ def run_imagegen(args: argparse.Namespace, folder: Path, recorder: Recorder, out
                     {"section": "vae", "impl": name, "size": f"{size}x{size}", "error": f"{type(e).__name__}: {e}"}
                 )
             finally:
-                cuda_kernels.ENABLED, blocks.LAYER_PACING, blocks.CONV_WORKSPACE_BYTES, blocks.AHEAD_BELOW_BYTES = defaults
+                (cuda_kernels.ENABLED, blocks.LAYER_PACING, blocks.CONV_WORKSPACE_BYTES, blocks.AHEAD_BELOW_BYTES) = (
+                    defaults
+                )
                 free_memory()
 
 
