@@ -35,7 +35,9 @@ PROMPTS = (
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="flux2-klein-4b")
-    p.add_argument("--rows", type=int, default=8, help="rows per batch run")
+    p.add_argument(
+        "--rows", type=int, default=32, help="rows per batch run (the last row's PNG overlaps nothing: a long run)"
+    )
     p.add_argument("--batches", default="1,2,4", help="images per generate call")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/imagegen-bench"))
     p.add_argument("--reuse", action="store_true")
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                 Row(
                     id=f"r{i}",
                     line=i + 1,
-                    prompt=f"{PROMPTS[i % len(PROMPTS)]} ({overlap})",
+                    prompt=f"{PROMPTS[i % len(PROMPTS)]} ({overlap}, {i})",  # a new prompt each row: no cache
                     model=spec.id,
                     seed=i,
                     width=size,
