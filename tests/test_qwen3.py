@@ -169,7 +169,9 @@ def test_quantized_layers_do_not_pile_up_dense_weights():
         **{**TINY, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 8, "head_dim": 64}
     )
     model = Qwen3Model(config)
+    assert not model.quantized  # unquantized: the stack stays one graph
     q.quantize_model(model, "4")
+    assert model.quantized
     mx.eval(model.parameters())
     ids = mx.zeros((1, quantized_linear.DEQUANTIZE_TOKENS), mx.int32)
     start = mx.get_active_memory()

@@ -192,6 +192,7 @@ def test_small_stages_run_one_layer_ahead(monkeypatch):
 
     monkeypatch.setattr(blocks, "Pacer", Recorded)
     monkeypatch.setattr(blocks, "LAYER_PACING", (1, 0))
+    monkeypatch.setattr(blocks, "AHEAD_BELOW_BYTES", 0)
     waiting = stage(x)
     monkeypatch.setattr(blocks, "AHEAD_BELOW_BYTES", x.nbytes)
     ahead = stage(x)

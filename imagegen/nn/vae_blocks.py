@@ -28,8 +28,9 @@ CONV_WORKSPACE_BYTES = 1 << 33
 LAYER_PACING = (1, 0)
 # Stages whose input holds at most this many bytes keep one layer ahead (LAYER_PACING's `ahead` at least 1): their
 # layers are short, so waiting for each one starves the GPU, and their temporaries are small; larger stages keep
-# LAYER_PACING. 0: every stage as LAYER_PACING says.
-AHEAD_BELOW_BYTES = 0
+# LAYER_PACING. 0: every stage as LAYER_PACING says. H200, 1024 px decode (stage inputs 17, 17, 67, 268, 537 MB):
+# 96 MB took 37.0 -> 33.3 ms at the same peak; 300 MB 29.8 ms but 0.67 GB more (benchmarks/bench_vae.py --sweep).
+AHEAD_BELOW_BYTES = 96 << 20
 
 
 def _group_rows(x: mx.array, groups: int) -> mx.array:

@@ -144,6 +144,11 @@ class Qwen3Model(nn.Module):
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self._periods = rope_periods(config.head_dim, config.theta)
 
+    @property
+    def quantized(self) -> bool:
+        """Whether any layer holds quantized weights."""
+        return any(isinstance(m, nn.QuantizedLinear) for m in self.layers[0].modules()) if self.layers else False
+
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Strip Qwen3ForCausalLM's `model.` prefix and drop its head (absent anyway when tied to the embedding)."""
         return {k.removeprefix("model."): v for k, v in weights.items() if not k.startswith("lm_head.")}
@@ -170,9 +175,10 @@ class Qwen3Model(nn.Module):
         pad = padding_mask(attention_mask) if attention_mask is not None else None
         mask = combine_masks(causal_mask(input_ids.shape[1])[None, None], pad)
         states = {0: x} if 0 in wanted else {}
-        # one layer in flight: quantized layers dequantize their weights into temporaries that would otherwise pile
-        # up over the whole stack (a 4-bit encoder held gigabytes of them)
-        pace = Pacer(1)
+        # quantized: one layer in flight, or the dense temporaries of their weights (imagegen.nn.quantized_linear)
+        # pile up over the stack in the GPU's command batches; unquantized, one graph (pacing cost a bf16 Klein
+        # prompt 5 ms on an H200)
+        pace = Pacer(1 if self.quantized else 0)
         for i, layer in enumerate(self.layers[:last]):
             x = layer(x, mask, self._periods)
             pace(x)
