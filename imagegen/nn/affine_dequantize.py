@@ -7,12 +7,9 @@ bit widths) mx.dequantize runs. Both round as MLX does: the product, then the su
 
 from __future__ import annotations
 
-from functools import cache
-
 import mlx.core as mx
 
 from . import cuda_kernels
-from .cuda_kernels import PACK_HEADER
 
 THREADS = 256
 PER = 16  # values per thread: 16 bytes of 8-bit or 8 bytes of 4-bit codes; every supported group size is a multiple
@@ -34,16 +31,8 @@ _KERNEL = """
 """
 
 
-@cache
 def _kernel():
-    return mx.fast.cuda_kernel(
-        name="imagegen_affine_dequantize",
-        input_names=["w", "scales", "biases"],
-        output_names=["out"],
-        source=_KERNEL,
-        header=PACK_HEADER,
-        ensure_row_contiguous=True,
-    )
+    return cuda_kernels.kernel("imagegen_affine_dequantize", ["w", "scales", "biases"], ["out"], _KERNEL)
 
 
 def dequantize(

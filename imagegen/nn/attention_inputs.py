@@ -17,7 +17,6 @@ import mlx.nn as nn
 
 from ..rope import apply_rope_tables
 from . import cuda_kernels
-from .cuda_kernels import PACK_HEADER
 
 Source = tuple[mx.array, nn.RMSNorm, nn.RMSNorm]  # projection [B, L, >= 3 * H * D], norm of q, norm of k
 
@@ -95,14 +94,7 @@ def _kernel(sources: int, eps: float):
     )
     inputs = (["xa", "xb", "wqa", "wka", "wqb", "wkb"] if two else ["xb", "wqb", "wkb"]) + ["cos", "sin"]
     outputs = ["q_out", "k_out", "v_out"] if two else ["q_out", "k_out"]
-    return mx.fast.cuda_kernel(
-        name=f"imagegen_qk_norm_rope_{sources}",
-        input_names=inputs,
-        output_names=outputs,
-        source=source,
-        header=PACK_HEADER,
-        ensure_row_contiguous=False,
-    )
+    return cuda_kernels.kernel(f"imagegen_qk_norm_rope_{sources}", inputs, outputs, source, row_contiguous=False)
 
 
 def _fused_ok(sources: Sequence[Source], head_dim: int, cos: mx.array) -> bool:

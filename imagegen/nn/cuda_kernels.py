@@ -6,7 +6,9 @@ replace run, with the same results up to float rounding order."""
 from __future__ import annotations
 
 import os
-from functools import lru_cache
+from collections.abc import Sequence
+from functools import cache, lru_cache
+from typing import Any
 
 import mlx.core as mx
 
@@ -38,3 +40,20 @@ __device__ inline void load_row(const T* p, long stride, float* out) {
   }
 }
 """
+
+
+def kernel(name: str, inputs: Sequence[str], outputs: Sequence[str], source: str, row_contiguous: bool = True) -> Any:
+    """mx.fast.cuda_kernel with the packed-access header above, built once per name (MLX compiles it at first use)."""
+    return _kernel(name, tuple(inputs), tuple(outputs), source, row_contiguous)
+
+
+@cache
+def _kernel(name: str, inputs: tuple[str, ...], outputs: tuple[str, ...], source: str, row_contiguous: bool) -> Any:
+    return mx.fast.cuda_kernel(
+        name=name,
+        input_names=list(inputs),
+        output_names=list(outputs),
+        source=source,
+        header=PACK_HEADER,
+        ensure_row_contiguous=row_contiguous,
+    )

@@ -16,13 +16,11 @@ runs (imagegen.nn.cuda_kernels)."""
 from __future__ import annotations
 
 import math
-from functools import cache
 from typing import Any
 
 import mlx.core as mx
 
 from . import cuda_kernels
-from .cuda_kernels import PACK_HEADER
 
 THREADS = 256  # at most, per block; the statistics pass uses the largest multiple of its packs per row
 BLOCKS = 1024  # statistics blocks per image: enough to fill every SM several times
@@ -93,28 +91,12 @@ _APPLY = """
 """
 
 
-@cache
 def _stats_kernel():
-    return mx.fast.cuda_kernel(
-        name="imagegen_group_norm_stats",
-        input_names=["x", "shift"],
-        output_names=["out"],
-        source=_STATS,
-        header=PACK_HEADER,
-        ensure_row_contiguous=True,
-    )
+    return cuda_kernels.kernel("imagegen_group_norm_stats", ["x", "shift"], ["out"], _STATS)
 
 
-@cache
 def _apply_kernel():
-    return mx.fast.cuda_kernel(
-        name="imagegen_group_norm_apply",
-        input_names=["x", "scale", "shift"],
-        output_names=["out"],
-        source=_APPLY,
-        header=PACK_HEADER,
-        ensure_row_contiguous=True,
-    )
+    return cuda_kernels.kernel("imagegen_group_norm_apply", ["x", "scale", "shift"], ["out"], _APPLY)
 
 
 def _pack(x: mx.array, groups: int) -> int:

@@ -6,13 +6,10 @@ reads the strided halves element by element); elsewhere the plain expression run
 
 from __future__ import annotations
 
-from functools import cache
-
 import mlx.core as mx
 import mlx.nn as nn
 
 from . import cuda_kernels
-from .cuda_kernels import PACK_HEADER
 
 THREADS = 256
 
@@ -38,16 +35,8 @@ _KERNEL = """
 """
 
 
-@cache
 def _kernel():
-    return mx.fast.cuda_kernel(
-        name="imagegen_swiglu",
-        input_names=["x"],
-        output_names=["out"],
-        source=_KERNEL,
-        header=PACK_HEADER,
-        ensure_row_contiguous=True,
-    )
+    return cuda_kernels.kernel("imagegen_swiglu", ["x"], ["out"], _KERNEL)
 
 
 def swiglu(x: mx.array, start: int = 0) -> mx.array:
