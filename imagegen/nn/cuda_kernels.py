@@ -43,7 +43,7 @@ __device__ inline void load_row(const T* p, long stride, float* out) {
 
 
 def kernel(name: str, inputs: Sequence[str], outputs: Sequence[str], source: str, row_contiguous: bool = True) -> Any:
-    """mx.fast.cuda_kernel with the packed-access header above, built once per name (MLX compiles it at first use)."""
+    """mx.fast.cuda_kernel with the packed-access header above, built once (MLX compiles it at its first launch)."""
     return _kernel(name, tuple(inputs), tuple(outputs), source, row_contiguous)
 
 
