@@ -77,7 +77,9 @@ for part in "${parts[@]}"; do
       run decoder "$(limit decoder 150)" $PY benchmarks/bench_cache.py --sections decode \
         --out "$OUT/decoder.jsonl" "${T[@]/--tiny/--quick}" ;;
     vae-sweep)  # issue 22: every layer pacing x conv-strip size at 1024 px (which meets 30 ms within diffusers' memory)
-      run vae-sweep "$(limit vae_sweep 150)" $PY benchmarks/bench_vae.py --sizes 1024 --sweep --workdir "$WORK" \
+      sizes=1024
+      [ -n "${TINY:-}" ] && sizes=32  # a 1024 px decode takes minutes on the CPU
+      run vae-sweep "$(limit vae_sweep 150)" $PY benchmarks/bench_vae.py --sizes $sizes --sweep --workdir "$WORK" \
         --out "$OUT/vae-sweep.jsonl" "${T[@]}" ;;
     controlnet)  # issue 23: a Z-Image step with vs without a ControlNet (Union 2.1 layout), imagegen vs diffusers
       run controlnet "$(limit controlnet 240)" $PY benchmarks/bench_controlnet.py --layouts 2.1 \
