@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import runpy
+from pathlib import Path
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -103,24 +106,9 @@ def test_bfloat16_and_quantized_stay_close(tmp_path):
 
 
 def test_real_configs_build_with_their_shapes():
-    qwen3_4b = dict(
-        hidden_size=2560,
-        intermediate_size=9728,
-        num_hidden_layers=36,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        vocab_size=151936,
-        rope_theta=1000000,
-        rope_scaling=None,
-        tie_word_embeddings=True,
-        sliding_window=None,
-        use_sliding_window=False,
-        max_window_layers=36,
-        architectures=["Qwen3ForCausalLM"],
-        torch_dtype="bfloat16",
-    )
-    qwen3_8b = {**qwen3_4b, "hidden_size": 4096, "intermediate_size": 12288, "tie_word_embeddings": False}
+    # Qwen/Qwen3-4B's and -8B's config.json, as the benchmarks write them
+    families = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "families.py"))
+    qwen3_4b, qwen3_8b = families["QWEN3_4B"], families["QWEN3_8B"]
     for config, params in ((qwen3_4b, 4_022_468_096), (qwen3_8b, 7_568_405_504)):
         cfg = Qwen3Config.from_dict(config)
         model = Qwen3Model(cfg)  # lazy: nothing is allocated; counts match Qwen's model cards (no lm_head)
