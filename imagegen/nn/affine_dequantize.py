@@ -3,7 +3,8 @@
 On CUDA one thread turns 16 packed values into 16 outputs with one vector load and two 16-byte stores; MLX's own
 kernel reads one byte and writes one or two values per thread, well below the memory bandwidth, and the dense path of
 quantized layers (imagegen.nn.quantized_linear) runs it on every layer of every step. Elsewhere (CPU, Metal, other
-bit widths) mx.dequantize runs. Both round as MLX does: the product, then the sum, in the scales' dtype."""
+bit widths) mx.dequantize runs. Both compute scale * q + bias in float32 and round once to the scales' dtype, so
+they agree to the bit (bf16; float32 up to a fused multiply-add)."""
 
 from __future__ import annotations
 
