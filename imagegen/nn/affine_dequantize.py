@@ -17,7 +17,9 @@ PER = 16  # values per thread: 16 bytes of 8-bit or 8 bytes of 4-bit codes; ever
 
 _KERNEL = """
   const long i = long(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= COUNT) return;
+  long words = 1;
+  for (int d = 0; d < w_ndim; ++d) words *= w_shape[d];
+  if (i >= words * 32 / BITS / PER) return;
   constexpr int WORDS = PER * BITS / 32;
   const Pack<unsigned int, WORDS> codes = *reinterpret_cast<const Pack<unsigned int, WORDS>*>(w + i * WORDS);
   const long group = i * PER / GROUP;
@@ -51,7 +53,7 @@ def dequantize_fused(w: mx.array, scales: mx.array, biases: mx.array, group_size
     count = w.size * 32 // bits // PER
     return _kernel()(
         inputs=[w, scales, biases],
-        template=[("T", scales.dtype), ("BITS", bits), ("GROUP", group_size), ("PER", PER), ("COUNT", count)],
+        template=[("T", scales.dtype), ("BITS", bits), ("GROUP", group_size), ("PER", PER)],
         grid=(count, 1, 1),
         threadgroup=(THREADS, 1, 1),
         output_shapes=[shape],

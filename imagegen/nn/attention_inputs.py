@@ -36,13 +36,12 @@ _KERNEL = """
   const T* x;
   const T* wq;
   const T* wk;
-  long cs;  // the projection's column stride (1 unless it is a view)
   {select}
   const int d0 = lane * PER;
-  x += (h * D + d0) * cs;
+  x += h * D + d0;
   float v[2][PER], c[PER], s[PER];
-  load_row<T, PER>(x, cs, v[0]);
-  load_row<T, PER>(x + H * D * cs, cs, v[1]);
+  load_row<T, PER>(x, 1, v[0]);
+  load_row<T, PER>(x + H * D, 1, v[1]);
   load_row<float, PER>(cos + l * D + d0, 1, c);
   load_row<float, PER>(sin + l * D + d0, 1, s);
   float ss[2] = {{0.f, 0.f}};
@@ -70,14 +69,14 @@ _KERNEL = """
   {copy_v}
 """
 
-_SELECT_ONE = "x = xb + b * xb_strides[0] + l * xb_strides[1]; cs = xb_strides[2]; wq = wqb; wk = wkb;"
+_SELECT_ONE = "x = xb + (b * xb_shape[1] + l) * xb_shape[2]; wq = wqb; wk = wkb;"
 _SELECT_TWO = """if (l < first_len) {
-    x = xa + b * xa_strides[0] + l * xa_strides[1]; cs = xa_strides[2]; wq = wqa; wk = wka;
+    x = xa + (b * xa_shape[1] + l) * xa_shape[2]; wq = wqa; wk = wka;
   } else {
-    x = xb + b * xb_strides[0] + (l - first_len) * xb_strides[1]; cs = xb_strides[2]; wq = wqb; wk = wkb;
+    x = xb + (b * xb_shape[1] + l - first_len) * xb_shape[2]; wq = wqb; wk = wkb;
   }"""
 _COPY_V = """float vv[PER];
-  load_row<T, PER>(x + 2 * H * D * cs, cs, vv);
+  load_row<T, PER>(x + 2 * H * D, 1, vv);
   Pack<T, PER> y;
   for (int i = 0; i < PER; ++i) y.v[i] = static_cast<T>(vv[i]);
   *reinterpret_cast<Pack<T, PER>*>(v_out + out) = y;"""
@@ -94,7 +93,7 @@ def _kernel(sources: int, eps: float):
     )
     inputs = (["xa", "xb", "wqa", "wka", "wqb", "wkb"] if two else ["xb", "wqb", "wkb"]) + ["cos", "sin"]
     outputs = ["q_out", "k_out", "v_out"] if two else ["q_out", "k_out"]
-    return cuda_kernels.kernel(f"imagegen_qk_norm_rope_{sources}", inputs, outputs, source, row_contiguous=False)
+    return cuda_kernels.kernel(f"imagegen_qk_norm_rope_{sources}", inputs, outputs, source)
 
 
 def _fused_ok(sources: Sequence[Source], head_dim: int, cos: mx.array) -> bool:
