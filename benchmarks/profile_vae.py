@@ -7,6 +7,7 @@ import json
 import statistics
 import sys
 import time
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -33,8 +34,38 @@ def emit(**record) -> None:
     print(json.dumps(record), flush=True)
 
 
+def _nearest_then_conv(x: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
+    b, h, w, c = x.shape
+    big = mx.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+    return mx.conv2d(big, weight, padding=1) + bias
+
+
+def upsample_variants(size: int) -> None:
+    """The decoder's three upsamplings at this image size: the phase form (Upsample2D) against nearest upsampling
+    then a 3x3 conv, and the phase form's two passes alone (the 2x2 conv, the interleaving copy)."""
+    for side, c in ((size // 8, 512), (size // 4, 512), (size // 2, 256)):
+        up = blocks.Upsample2D(c)
+        up.set_dtype(mx.bfloat16)
+        mx.eval(up.parameters())
+        x = mx.random.normal((1, side, side, c)).astype(mx.bfloat16)
+        weight, bias = up.conv.weight, up.conv.bias
+        phases = blocks._phase_weights(weight)
+        z = mx.conv2d(x, phases, padding=1)
+        mx.eval(phases, z)
+        emit(
+            what="upsample",
+            shape=[side, side, c],
+            phases_ms=timed(up, x),
+            nearest_then_conv_ms=timed(_nearest_then_conv, x, weight, bias),
+            phase_conv_ms=timed(partial(mx.conv2d, padding=1), x, phases),
+            interleave_ms=timed(blocks._interleave, z, bias),
+        )
+
+
 def main() -> None:
     size = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 1024
+    if "--upsample" in sys.argv:
+        return upsample_variants(size)
     vae = AutoencoderKLFlux2(Flux2VAEConfig())
     vae.set_dtype(mx.bfloat16)
     if "--as-loaded" in sys.argv:  # conv weights as views of a transposed layout, as sanitize leaves them
