@@ -14,6 +14,7 @@ import mlx.nn as nn
 from imagegen_flux2.vae import AutoencoderKLFlux2, Flux2VAEConfig
 from mlx.utils import tree_map
 
+from imagegen.nn import phase_upsample
 from imagegen.nn import vae_blocks as blocks
 
 
@@ -49,7 +50,7 @@ def upsample_variants(size: int) -> None:
         mx.eval(up.parameters())
         x = mx.random.normal((1, side, side, c)).astype(mx.bfloat16)
         weight, bias = up.conv.weight, up.conv.bias
-        phases = blocks._phase_weights(weight)
+        phases = phase_upsample.phase_weights(weight)
         z = mx.conv2d(x, phases, padding=1)
         mx.eval(phases, z)
         emit(
@@ -58,7 +59,7 @@ def upsample_variants(size: int) -> None:
             phases_ms=timed(up, x),
             nearest_then_conv_ms=timed(_nearest_then_conv, x, weight, bias),
             phase_conv_ms=timed(partial(mx.conv2d, padding=1), x, phases),
-            interleave_ms=timed(blocks._interleave, z, bias),
+            interleave_ms=timed(phase_upsample.interleave, z, bias),
         )
 
 

@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
-from imagegen.nn import affine_dequantize, attention_inputs, cuda_kernels, group_norm, nvrtc, swiglu
+from imagegen.nn import affine_dequantize, attention_inputs, cuda_kernels, group_norm, nvrtc, phase_upsample, swiglu
 
 
 def _nvrtc_found() -> bool:
@@ -60,6 +60,7 @@ def test_every_kernel_compiles_and_gets_its_shapes_at_run_time(launches, cache):
     for bits, group in ((4, 64), (8, 32)):
         w, scales, biases = mx.quantize(mx.zeros((64, 128)), group, bits)
         affine_dequantize.dequantize_fused(w, scales.astype(mx.bfloat16), biases.astype(mx.bfloat16), group, bits)
+    phase_upsample.interleave_fused(mx.zeros((1, 5, 4, 4 * 64), mx.bfloat16), mx.zeros((64,), mx.bfloat16))
 
     names = [c["name"] for c in launches]
     assert names == ["imagegen_swiglu"] + ["imagegen_group_norm_stats", "imagegen_group_norm_apply"] * 3 + [
@@ -67,12 +68,14 @@ def test_every_kernel_compiles_and_gets_its_shapes_at_run_time(launches, cache):
         "imagegen_qk_norm_rope_1",
         "imagegen_affine_dequantize",
         "imagegen_affine_dequantize",
+        "imagegen_phase_interleave",
     ]
     assert all(c["compiled_source"][:4] == b"\x7fELF" and c["ensure_row_contiguous"] for c in launches)
     assert launches[0]["scalars"] == [2, 5, 192]  # x's shape
     assert launches[7]["scalars"] == [1, 3, 384, 1, 5, 416]  # xa's and xb's
     assert launches[9]["scalars"] == [64, 16]  # 4-bit codes: 128 columns in 16 words
-    assert len(list(cache.glob("*.cubin"))) == 11  # one file per instantiation: the next process compiles nothing
+    assert launches[11]["scalars"] == [1, 5, 4, 256] and launches[11]["grid"] == (1 * 8 * 6 * 64 // 8, 1, 1)
+    assert len(list(cache.glob("*.cubin"))) == 12  # one file per instantiation: the next process compiles nothing
 
 
 def test_device_code_is_compiled_once_then_read_from_disk(monkeypatch, cache):

@@ -176,25 +176,6 @@ def test_conv_strips_match_one_convolution_and_bound_memory(monkeypatch):
     assert mx.get_peak_memory() - start < unfolded / 2  # never the whole unfolded input at once
 
 
-@pytest.mark.parametrize("strip_rows", [None, 2])
-def test_upsample_phases_match_nearest_upsampling_then_conv(monkeypatch, strip_rows):
-    """Upsample2D as four 2x2 convolutions of the small input equals nearest 2x upsampling then the 3x3 conv
-    (diffusers' Upsample2D), whole or in strips of rows."""
-    from imagegen.nn import vae_blocks as blocks
-
-    up = blocks.Upsample2D(8)
-    up.conv.weight = mx.random.normal(up.conv.weight.shape, key=mx.random.key(2))
-    up.conv.bias = mx.random.normal(up.conv.bias.shape, key=mx.random.key(3))
-    x = mx.random.normal((2, 7, 5, 8), key=mx.random.key(4))
-    if strip_rows:
-        monkeypatch.setattr(blocks, "CONV_WORKSPACE_BYTES", 2 * 6 * 4 * 8 * 4 * strip_rows)
-    nearest = mx.repeat(mx.repeat(x, 2, axis=1), 2, axis=2)
-    want = mx.conv2d(nearest, up.conv.weight, padding=1) + up.conv.bias
-    got = up(x)
-    assert got.shape == (2, 14, 10, 8)
-    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
-
-
 def test_small_stages_run_one_layer_ahead(monkeypatch):
     """AHEAD_BELOW_BYTES: stages whose input is at most that size keep a layer in flight, larger ones wait for each
     layer as LAYER_PACING says; the decode is the same either way."""

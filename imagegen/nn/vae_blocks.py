@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import group_norm as cuda_group_norm
-from . import row_split
+from . import phase_upsample, row_split
 from .pacing import Pacer
 
 RESNET_EPS = 1e-6  # diffusers' Encoder/Decoder pass resnet_eps=1e-6 to every block and norm
@@ -173,35 +173,9 @@ class Downsample2D(nn.Module):
         return y + self.conv.bias
 
 
-# Nearest 2x upsampling then a 3x3 conv, as four 2x2 convs of the small input: output pixel (2i + a, 2j + b) sees
-# input rows i - 1 + a, i + a (and columns likewise), each weighted by a sum of the 3x3 kernel's rows: for a = 0
-# [w0, w1 + w2], for a = 1 [w0 + w1, w2]. 16 taps per input pixel instead of 36, and the 4x larger upsampled input
-# is never written.
-_PHASE_TAPS = mx.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], dtype=mx.float32)  # [phase, tap, 3x3 row]
-
-
-def _phase_weights(weight: mx.array) -> mx.array:
-    """[O, 3, 3, I] -> [(a, b, O), 2, 2, I]: the 2x2 kernel of each output phase (a: row, b: column)."""
-    o, _, _, i = weight.shape
-    w = mx.einsum("aud,bve,odei->abouvi", _PHASE_TAPS, _PHASE_TAPS, weight.astype(mx.float32))
-    return w.reshape(4 * o, 2, 2, i).astype(weight.dtype)
-
-
-def _interleave(z: mx.array, bias: mx.array) -> mx.array:
-    """z [B, h + 1, w + 1, (a, b, C)] (phase (a, b) of output (i, j) at z[i + a, j + b]) -> [B, 2h, 2w, C] + bias, in
-    one copy: a strided view puts each phase where it lands, the bias add writes it contiguous."""
-    b, h1, w1, c4 = z.shape
-    c = c4 // 4
-    row, col = w1 * c4, c4
-    view = mx.as_strided(
-        z, (b, h1 - 1, 2, w1 - 1, 2, c), (h1 * row, row, row + 2 * c, col, col + c, 1)
-    )  # [B, i, a, j, b, C]
-    return (view + bias).reshape(b, 2 * (h1 - 1), 2 * (w1 - 1), c)
-
-
 class Upsample2D(nn.Module):
-    """Nearest-neighbour 2x upsampling, then a 3x3 conv (computed as the four phases above; strips of rows as
-    Conv3x3 when the input is very large)."""
+    """Nearest-neighbour 2x upsampling, then a 3x3 conv: computed as four 2x2 convs of the small input
+    (imagegen.nn.phase_upsample), in strips of rows as Conv3x3 when the input is very large."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -209,15 +183,15 @@ class Upsample2D(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         b, h, w, c = x.shape
-        weight, bias = _phase_weights(self.conv.weight), self.conv.bias
+        weight, bias = phase_upsample.phase_weights(self.conv.weight), self.conv.bias
         rows = max(1, CONV_WORKSPACE_BYTES // (b * (w + 1) * 4 * c * x.itemsize))
         split = row_split.current()
         if rows >= h and split is None:
-            return _interleave(mx.conv2d(x, weight, padding=1), bias)
+            return phase_upsample.interleave(mx.conv2d(x, weight, padding=1), bias)
         x = split.with_halo(x) if split is not None else mx.pad(x, [(0, 0), (1, 1), (0, 0), (0, 0)])
         strips = []
         for i in range(0, h, rows):
-            strips.append(_interleave(mx.conv2d(x[:, i : i + rows + 2], weight, padding=(0, 1)), bias))
+            strips.append(phase_upsample.interleave(mx.conv2d(x[:, i : i + rows + 2], weight, padding=(0, 1)), bias))
             mx.eval(strips[-1])
         return mx.concatenate(strips, axis=1)
 
