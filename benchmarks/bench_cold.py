@@ -93,8 +93,12 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         generate(seed)
         times[name] = time.perf_counter() - t
     times["in_process_s"] = time.perf_counter() - start
-    named = {f"{name.removesuffix('_s')}_stages_s": stages[seed] for name, seed in (("first_s", 0), ("second_s", 1))}
-    return {k: round(v, 3) for k, v in times.items()} | {"size": size, "steps": steps} | (named if stages else {})
+    named = {}
+    if stages:  # imagegen's per-stage seconds (diffusers reports none)
+        named = {
+            f"{name.removesuffix('_s')}_stages_s": stages[seed] for name, seed in (("first_s", 0), ("second_s", 1))
+        }
+    return {k: round(v, 3) for k, v in times.items()} | {"size": size, "steps": steps} | named
 
 
 # ---- the parent ------------------------------------------------------------------------------

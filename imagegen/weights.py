@@ -8,10 +8,10 @@ Tensors are read on several CPU streams at once (READ_STREAMS).
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -71,15 +71,16 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-@cache
-def _read_streams() -> tuple[mx.Stream, ...]:
-    return tuple(mx.new_stream(mx.cpu) for _ in range(READ_STREAMS))
+_streams = threading.local()  # MLX streams belong to the thread that made them: a pool per thread
 
 
 def _load(f: Path) -> dict[str, mx.array]:
-    """A file's tensors, lazily; the k-th read on stream k % READ_STREAMS (one lazy mx.load per stream: each
-    tensor's read is bound to the stream of the load that made it)."""
-    loads = [mx.load(str(f), stream=s) for s in _read_streams()]
+    """A file's tensors, lazily, the k-th read on this thread's CPU stream k % READ_STREAMS (one lazy mx.load per
+    stream: each tensor's read is bound to the stream of the load that made it). As with MLX's default streams, an
+    unevaluated tensor can only be evaluated on the thread that loaded it."""
+    if not hasattr(_streams, "pool"):
+        _streams.pool = [mx.new_stream(mx.cpu) for _ in range(READ_STREAMS)]
+    loads = [mx.load(str(f), stream=s) for s in _streams.pool]
     return {name: loads[k % len(loads)][name] for k, name in enumerate(loads[0])}
 
 
@@ -192,6 +193,7 @@ def load_module(
         return record
     record = read_record(folder)
     sources: dict[str, Path] = {}
+
     weights = read_safetensors(folder, sources)
     if record is None:  # a checkpoint in the reference layout; our own saves are already MLX layout
         sanitize = getattr(module, "sanitize", None)

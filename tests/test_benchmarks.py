@@ -267,3 +267,33 @@ def test_controlnet_benchmark_compares_with_diffusers_on_shared_weights(tmp_path
     assert steps == [(layout, step) for layout in ("1.0", "2.1") for step in ("bare", "controlnet", "overhead")]
     for record in (r for r in records if r.get("step") == "overhead"):
         assert record["controlled_output_rel_err"] < 1e-4 and record["imagegen"] > 0 and record["diffusers"] > 0
+
+
+def test_cold_start_benchmark_times_both_frameworks_in_new_processes(tmp_path):
+    """benchmarks/bench_cold.py: each framework's import, load, first and second image in fresh processes (tiny
+    Klein on the CPU); imagegen's records also split each image by stage."""
+    out = tmp_path / "cold.jsonl"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "bench_cold.py"),
+            "--tiny",
+            "--runs",
+            "1",
+            "--impls",
+            "imagegen,diffusers",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = {r["impl"]: r for r in map(json.loads, out.read_text().splitlines()) if r.get("run") == 1}
+    assert set(runs) == {"imagegen", "diffusers"}
+    for record in runs.values():
+        assert "error" not in record and record["load_s"] > 0 and record["second_s"] > 0
+    assert set(runs["imagegen"]["first_stages_s"]) == {"encode", "denoise", "decode", "total"}

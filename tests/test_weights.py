@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import mlx.core as mx
 import mlx.nn as mlx_nn
@@ -54,6 +55,28 @@ def test_single_file_loads_and_casts(tmp_path):
         np.array(model.conv.weight.astype(mx.float32)),
         state["conv.weight"].permute(0, 2, 3, 1).bfloat16().float().numpy(),
     )
+
+
+def test_loads_on_any_thread(tmp_path):
+    """Tensors are read on CPU streams (weights.READ_STREAMS), which MLX binds to the thread that made them: each
+    thread gets its own, so a server's worker thread loads as the main thread does, and the evaluated weights are
+    usable anywhere."""
+    state = torch_state()
+    save_file(state, tmp_path / "model.safetensors")
+    loaded = {}
+
+    def load(name):
+        loaded[name] = Tiny()
+        load_module(loaded[name], tmp_path, dtype="float32")
+
+    load("main")
+    worker = threading.Thread(target=load, args=("worker",))
+    worker.start()
+    worker.join()
+    load("main again")
+    for model in loaded.values():
+        np.testing.assert_array_equal(np.array(model.proj_out.weight), state["proj_out.weight"].numpy())
+        np.testing.assert_array_equal(np.array(model.proj_in.bias), state["proj_in.bias"].numpy())
 
 
 def test_sharded_folder_with_index(tmp_path):
