@@ -77,6 +77,12 @@ def imagegen_variants(size: int, tiny: bool, sweep: bool = False) -> list[tuple[
             (f"imagegen-ahead-below-{mb}mb-strips-none", {"ahead_below": mb << 20, "workspace": 1 << 50})
             for mb in (32, 96, 300)
         ]
+        # the host waits before each upsampling (vae_blocks.UPSAMPLE_WAITS): its 4x larger output then never
+        # coexists with the layers still in flight
+        variants += [
+            (f"imagegen-ahead-below-{mb}mb-upsample-waits", {"ahead_below": mb << 20, "upsample_waits": True})
+            for mb in (96, 300)
+        ]
     return variants
 
 
@@ -91,7 +97,8 @@ def run_imagegen(args: argparse.Namespace, folder: Path, recorder: Recorder, out
     mx.eval(vae.parameters())
     weights_gb = mx.get_active_memory() / 1e9
     channels = vae.config.latent_channels
-    defaults = (cuda_kernels.ENABLED, blocks.LAYER_PACING, blocks.CONV_WORKSPACE_BYTES, blocks.AHEAD_BELOW_BYTES)
+    knobs = ("LAYER_PACING", "CONV_WORKSPACE_BYTES", "AHEAD_BELOW_BYTES", "UPSAMPLE_WAITS")
+    defaults = (cuda_kernels.ENABLED, *(getattr(blocks, k) for k in knobs))
     for size in args.sizes:
         z = mx.array(latents(size, channels)).transpose(0, 2, 3, 1).astype(mx.bfloat16)
         for name, settings in imagegen_variants(size, args.tiny, args.sweep):
@@ -99,6 +106,7 @@ def run_imagegen(args: argparse.Namespace, folder: Path, recorder: Recorder, out
             blocks.LAYER_PACING = settings.get("pacing", defaults[1])
             blocks.CONV_WORKSPACE_BYTES = settings.get("workspace", defaults[2])
             blocks.AHEAD_BELOW_BYTES = settings.get("ahead_below", defaults[3])
+            blocks.UPSAMPLE_WAITS = settings.get("upsample_waits", defaults[4])
             try:
                 t = time_mlx(lambda z=z: vae.decode(z), args.warmup, args.repeats)
                 record = {
@@ -116,9 +124,9 @@ def run_imagegen(args: argparse.Namespace, folder: Path, recorder: Recorder, out
                     {"section": "vae", "impl": name, "size": f"{size}x{size}", "error": f"{type(e).__name__}: {e}"}
                 )
             finally:
-                (cuda_kernels.ENABLED, blocks.LAYER_PACING, blocks.CONV_WORKSPACE_BYTES, blocks.AHEAD_BELOW_BYTES) = (
-                    defaults
-                )
+                cuda_kernels.ENABLED = defaults[0]
+                for knob, value in zip(knobs, defaults[1:]):
+                    setattr(blocks, knob, value)
                 free_memory()
 
 

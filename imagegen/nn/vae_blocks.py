@@ -31,6 +31,8 @@ LAYER_PACING = (1, 0)
 # LAYER_PACING. 0: every stage as LAYER_PACING says. H200, 1024 px decode (stage inputs 17, 17, 67, 268, 537 MB):
 # 96 MB took 37.0 -> 33.3 ms at the same peak; 300 MB 29.8 ms but 0.67 GB more (benchmarks/bench_vae.py --sweep).
 AHEAD_BELOW_BYTES = 96 << 20
+# Whether the host waits for the layers in flight before an upsampling, whose output is 4x its input.
+UPSAMPLE_WAITS = False
 
 
 def _group_rows(x: mx.array, groups: int) -> mx.array:
@@ -218,6 +220,8 @@ def _run_layers(layers, x: mx.array) -> mx.array:
         ahead = max(ahead, 1)
     pace = Pacer(every, ahead)
     for layer in layers:
+        if UPSAMPLE_WAITS and every and isinstance(layer, Upsample2D):
+            mx.eval(x)
         x = layer(x)
         pace(x)
     return x
