@@ -228,6 +228,11 @@ def goals(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         ratio = ours[0]["wall_s"] / theirs[0]["wall_s"]
         record["first_cold_vs_diffusers"] = round(ratio, 3)
         record["first_cold_met"] = ratio <= 0.5
+    if len(ours) > 1 and len(theirs) > 1 and "error" not in ours[1] and "error" not in theirs[1]:
+        # a process after the first finds MLX's kernels compiled (what every run after a machine's first sees)
+        ratio = ours[1]["wall_s"] / theirs[1]["wall_s"]
+        record["later_cold_vs_diffusers"] = round(ratio, 3)
+        record["later_cold_met"] = ratio <= 0.5
     if len(ours) > 1 and "error" not in ours[1]:
         second = ours[1]
         bound = second["load_s"] + 2 * second["second_s"]
