@@ -23,7 +23,7 @@ from pathlib import Path
 from ..kernel_cache import kernel_cache_dir
 
 HEADERS = ("cuda_bf16.h", "cuda_fp16.h")
-_LIBRARY_NAMES = ("libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so")
+_LIBRARY_NAMES = ("libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so", "nvrtc64_130_0.dll", "nvrtc64_120_0.dll")
 _lock = threading.Lock()
 _compiled: dict[str, bytes] = {}  # this process: cache key -> device code
 
