@@ -251,18 +251,22 @@ def test_imagegen_bench_table_and_errors(klein):
     assert result.exit_code == 1 and result.output.startswith("Error:") and "multiple of 16" in result.output
 
 
-def test_controlnet_benchmark_compares_with_diffusers_on_shared_weights(tmp_path):
-    """benchmarks/bench_controlnet.py: a step bare and steered (1.0 and 2.1 layouts) in both frameworks, on the same
-    weights: the controlled outputs agree (float32 on the CPU)."""
-    out = tmp_path / "controlnet.jsonl"
+def _tiny_benchmark(script: str, out: Path, *args: str) -> list[dict]:
+    """Run benchmarks/<script> --tiny writing JSON lines to `out`; its records."""
     done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench_controlnet.py"), "--tiny", "--out", str(out)],
+        [sys.executable, str(REPO / "benchmarks" / script), "--tiny", "--out", str(out), *args],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    records = [json.loads(line) for line in out.read_text().splitlines()]
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_controlnet_benchmark_compares_with_diffusers_on_shared_weights(tmp_path):
+    """benchmarks/bench_controlnet.py: a step bare and steered (1.0 and 2.1 layouts) in both frameworks, on the same
+    weights: the controlled outputs agree (float32 on the CPU)."""
+    records = _tiny_benchmark("bench_controlnet.py", tmp_path / "controlnet.jsonl")
     steps = [(r["layout"], r["step"]) for r in records if "step" in r]
     assert steps == [(layout, step) for layout in ("1.0", "2.1") for step in ("bare", "controlnet", "overhead")]
     for record in (r for r in records if r.get("step") == "overhead"):
@@ -272,27 +276,9 @@ def test_controlnet_benchmark_compares_with_diffusers_on_shared_weights(tmp_path
 def test_cold_start_benchmark_times_both_frameworks_in_new_processes(tmp_path):
     """benchmarks/bench_cold.py: each framework's import, load, first and second image in fresh processes (tiny
     Klein on the CPU); imagegen's records also split each image by stage."""
-    out = tmp_path / "cold.jsonl"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "bench_cold.py"),
-            "--tiny",
-            "--runs",
-            "1",
-            "--impls",
-            "imagegen,diffusers",
-            "--workdir",
-            str(tmp_path / "work"),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    runs = {r["impl"]: r for r in map(json.loads, out.read_text().splitlines()) if r.get("run") == 1}
+    args = ("--runs", "1", "--impls", "imagegen,diffusers", "--workdir", str(tmp_path / "work"))
+    records = _tiny_benchmark("bench_cold.py", tmp_path / "cold.jsonl", *args)
+    runs = {r["impl"]: r for r in records if r.get("run") == 1}
     assert set(runs) == {"imagegen", "diffusers"}
     for record in runs.values():
         assert "error" not in record and record["load_s"] > 0 and record["second_s"] > 0
