@@ -77,12 +77,6 @@ def imagegen_variants(size: int, tiny: bool, sweep: bool = False) -> list[tuple[
             (f"imagegen-ahead-below-{mb}mb-strips-none", {"ahead_below": mb << 20, "workspace": 1 << 50})
             for mb in (32, 96, 300)
         ]
-        # the host waits before each upsampling (vae_blocks.UPSAMPLE_WAITS): its 4x larger output then never
-        # coexists with the layers still in flight
-        variants += [
-            (f"imagegen-ahead-below-{mb}mb-upsample-waits", {"ahead_below": mb << 20, "upsample_waits": True})
-            for mb in (96, 300)
-        ]
     return variants
 
 
@@ -97,7 +91,7 @@ def run_imagegen(args: argparse.Namespace, folder: Path, recorder: Recorder, out
     mx.eval(vae.parameters())
     weights_gb = mx.get_active_memory() / 1e9
     channels = vae.config.latent_channels
-    knobs = ("LAYER_PACING", "CONV_WORKSPACE_BYTES", "AHEAD_BELOW_BYTES", "UPSAMPLE_WAITS")
+    knobs = ("LAYER_PACING", "CONV_WORKSPACE_BYTES", "AHEAD_BELOW_BYTES")
     defaults = (cuda_kernels.ENABLED, *(getattr(blocks, k) for k in knobs))
     for size in args.sizes:
         z = mx.array(latents(size, channels)).transpose(0, 2, 3, 1).astype(mx.bfloat16)
@@ -106,7 +100,6 @@ def run_imagegen(args: argparse.Namespace, folder: Path, recorder: Recorder, out
             blocks.LAYER_PACING = settings.get("pacing", defaults[1])
             blocks.CONV_WORKSPACE_BYTES = settings.get("workspace", defaults[2])
             blocks.AHEAD_BELOW_BYTES = settings.get("ahead_below", defaults[3])
-            blocks.UPSAMPLE_WAITS = settings.get("upsample_waits", defaults[4])
             try:
                 t = time_mlx(lambda z=z: vae.decode(z), args.warmup, args.repeats)
                 record = {

@@ -193,7 +193,6 @@ def load_module(
         return record
     record = read_record(folder)
     sources: dict[str, Path] = {}
-
     weights = read_safetensors(folder, sources)
     if record is None:  # a checkpoint in the reference layout; our own saves are already MLX layout
         sanitize = getattr(module, "sanitize", None)

@@ -30,9 +30,8 @@ LAYER_PACING = (1, 0)
 # layers are short, so waiting for each one starves the GPU, and their temporaries are small; larger stages keep
 # LAYER_PACING. 0: every stage as LAYER_PACING says. H200, 1024 px decode (stage inputs 17, 17, 67, 268, 537 MB):
 # 96 MB took 37.0 -> 33.3 ms at the same peak; 300 MB 29.8 ms but 0.67 GB more (benchmarks/bench_vae.py --sweep).
+# With the phase upsampling (imagegen.nn.phase_upsample): 96 MB 30.7 ms at 2.15 GB, 300 MB 29.3 ms at 2.85 GB.
 AHEAD_BELOW_BYTES = 96 << 20
-# Whether the host waits for the layers in flight before an upsampling, whose output is 4x its input.
-UPSAMPLE_WAITS = False
 
 
 def _group_rows(x: mx.array, groups: int) -> mx.array:
@@ -220,8 +219,6 @@ def _run_layers(layers, x: mx.array) -> mx.array:
         ahead = max(ahead, 1)
     pace = Pacer(every, ahead)
     for layer in layers:
-        if UPSAMPLE_WAITS and every and isinstance(layer, Upsample2D):
-            mx.eval(x)
         x = layer(x)
         pace(x)
     return x
