@@ -70,7 +70,7 @@ def test_every_kernel_compiles_and_gets_its_shapes_at_run_time(launches, cache):
         "imagegen_affine_dequantize",
         "imagegen_phase_interleave",
     ]
-    assert all(c["compiled_source"][:4] == b"\x7fELF" and c["ensure_row_contiguous"] for c in launches)
+    assert all(c["compiled_source"].startswith(nvrtc.ELF) and c["ensure_row_contiguous"] for c in launches)
     assert launches[0]["scalars"] == [2, 5, 192]  # x's shape
     assert launches[7]["scalars"] == [1, 3, 384, 1, 5, 416]  # xa's and xb's
     assert launches[9]["scalars"] == [64, 16]  # 4-bit codes: 128 columns in 16 words
@@ -82,7 +82,7 @@ def test_device_code_is_compiled_once_then_read_from_disk(monkeypatch, cache):
     compiled = []
     monkeypatch.setattr(nvrtc, "version", lambda: "13.0")
     monkeypatch.setattr(
-        nvrtc, "_nvrtc_compile", lambda source, name, arch: compiled.append(name) or b"cubin:" + source.encode()
+        nvrtc, "_nvrtc_compile", lambda source, name, arch: compiled.append(name) or nvrtc.ELF + source.encode()
     )
     first = nvrtc.compile_cubin("source", "k", "sm_90a")
     assert nvrtc.compile_cubin("source", "k", "sm_90a") == first  # this process's memory
@@ -91,15 +91,20 @@ def test_device_code_is_compiled_once_then_read_from_disk(monkeypatch, cache):
     assert [p.suffix for p in cache.iterdir()] == [".cubin"]  # written under a temporary name, then renamed
     nvrtc.compile_cubin("source", "k", "sm_100a")  # another GPU, another file
     assert compiled == ["k", "k"]
+    damaged = next(cache.glob("*sm_90a*.cubin"))
+    damaged.write_bytes(b"garbage")
+    monkeypatch.setattr(nvrtc, "_compiled", {})
+    assert nvrtc.compile_cubin("source", "k", "sm_90a") == first and compiled == ["k", "k", "k"]  # compiled again
+    assert damaged.read_bytes() == first
 
 
 def test_with_the_cache_off_nothing_is_written(monkeypatch, tmp_path):
     monkeypatch.setenv("IMAGEGEN_KERNEL_CACHE", "off")
     monkeypatch.setattr(nvrtc, "_compiled", {})
     monkeypatch.setattr(nvrtc, "version", lambda: "13.0")
-    monkeypatch.setattr(nvrtc, "_nvrtc_compile", lambda source, name, arch: b"cubin")
+    monkeypatch.setattr(nvrtc, "_nvrtc_compile", lambda source, name, arch: nvrtc.ELF + b"cubin")
     assert nvrtc.cache_folder() is None
-    assert nvrtc.compile_cubin("source", "k", "sm_90a") == b"cubin"
+    assert nvrtc.compile_cubin("source", "k", "sm_90a") == nvrtc.ELF + b"cubin"
 
 
 def test_kernel_bodies_get_shapes_not_strides():

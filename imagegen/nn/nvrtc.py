@@ -23,6 +23,7 @@ from pathlib import Path
 from ..kernel_cache import kernel_cache_dir
 
 HEADERS = ("cuda_bf16.h", "cuda_fp16.h")
+ELF = b"\x7fELF"  # how every cubin starts
 _LIBRARY_NAMES = ("libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so", "nvrtc64_130_0.dll", "nvrtc64_120_0.dll")
 _lock = threading.Lock()
 _compiled: dict[str, bytes] = {}  # this process: cache key -> device code
@@ -140,7 +141,7 @@ def compile_cubin(source: str, name: str, arch: str | None = None) -> bytes:
             cubin = path.read_bytes() if path is not None else None
         except OSError:
             cubin = None
-        if not cubin:
+        if not cubin or not cubin.startswith(ELF):  # missing, or not device code (a damaged file): compile again
             cubin = _nvrtc_compile(source, name, arch)
             if path is not None:
                 _save(path, cubin)
