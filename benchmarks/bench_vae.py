@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--sweep", action="store_true", help="also every layer pacing x conv-strip size")
+    p.add_argument("--only", default=None, help="comma-separated imagegen variant names: just these")
     args = p.parse_args(argv)
     args.sizes = [int(s) for s in (args.sizes or ("32,64" if args.tiny else "1024,2048")).split(",")]
     args.impls = {s.strip() for s in args.impls.split(",")}
@@ -77,6 +78,11 @@ def imagegen_variants(size: int, tiny: bool, sweep: bool = False) -> list[tuple[
             (f"imagegen-ahead-below-{mb}mb-strips-none", {"ahead_below": mb << 20, "workspace": 1 << 50})
             for mb in (32, 96, 300)
         ]
+        # ... and each stage that ran ahead waits for its last layer (vae_blocks.STAGE_END_WAITS)
+        variants += [
+            (f"imagegen-ahead-below-{mb}mb-stage-end-waits", {"ahead_below": mb << 20, "stage_end_waits": True})
+            for mb in (96, 300)
+        ]
     return variants
 
 
@@ -91,15 +97,18 @@ def run_imagegen(args: argparse.Namespace, folder: Path, recorder: Recorder, out
     mx.eval(vae.parameters())
     weights_gb = mx.get_active_memory() / 1e9
     channels = vae.config.latent_channels
-    knobs = ("LAYER_PACING", "CONV_WORKSPACE_BYTES", "AHEAD_BELOW_BYTES")
+    knobs = ("LAYER_PACING", "CONV_WORKSPACE_BYTES", "AHEAD_BELOW_BYTES", "STAGE_END_WAITS")
     defaults = (cuda_kernels.ENABLED, *(getattr(blocks, k) for k in knobs))
     for size in args.sizes:
         z = mx.array(latents(size, channels)).transpose(0, 2, 3, 1).astype(mx.bfloat16)
         for name, settings in imagegen_variants(size, args.tiny, args.sweep):
+            if args.only and name not in args.only.split(","):
+                continue
             cuda_kernels.ENABLED = settings.get("fused", defaults[0])
             blocks.LAYER_PACING = settings.get("pacing", defaults[1])
             blocks.CONV_WORKSPACE_BYTES = settings.get("workspace", defaults[2])
             blocks.AHEAD_BELOW_BYTES = settings.get("ahead_below", defaults[3])
+            blocks.STAGE_END_WAITS = settings.get("stage_end_waits", defaults[4])
             try:
                 t = time_mlx(lambda z=z: vae.decode(z), args.warmup, args.repeats)
                 record = {

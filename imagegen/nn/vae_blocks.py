@@ -32,6 +32,9 @@ LAYER_PACING = (1, 0)
 # 96 MB took 37.0 -> 33.3 ms at the same peak; 300 MB 29.8 ms but 0.67 GB more (benchmarks/bench_vae.py --sweep).
 # With the phase upsampling (imagegen.nn.phase_upsample): 96 MB 30.7 ms at 2.15 GB, 300 MB 29.3 ms at 2.85 GB.
 AHEAD_BELOW_BYTES = 96 << 20
+# Whether a stage that ran ahead waits for its last layer before the next stage starts (whose buffers would
+# otherwise be allocated while the last layer's are still held).
+STAGE_END_WAITS = False
 
 
 def _group_rows(x: mx.array, groups: int) -> mx.array:
@@ -221,6 +224,8 @@ def _run_layers(layers, x: mx.array) -> mx.array:
     for layer in layers:
         x = layer(x)
         pace(x)
+    if STAGE_END_WAITS and every and ahead:
+        mx.eval(x)
     return x
 
 
