@@ -6,7 +6,9 @@ Activations stay NHWC and in the model dtype from end to end; only group-norm st
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -97,6 +99,24 @@ class GroupNorm(nn.Module):
         return _group_norm(x, self.weight, self.bias, self.num_groups, self.eps, silu)
 
 
+def _in_strips(x: mx.array, unfolded_row_bytes: int, convolve: Callable[[mx.array, Any], mx.array]) -> mx.array:
+    """convolve(x, padding) for a conv with a one-pixel halo, x [B, H, W, C]: whole (padding 1) when the unfolded
+    input (`unfolded_row_bytes` per row of x) fits CONV_WORKSPACE_BYTES and x is not split over ranks, else in strips
+    of rows, each evaluated before the next (one workspace at a time). The strips carry their top and bottom halo
+    (the neighbouring bands' rows when split over ranks, else zeros); columns pad in the conv (padding (0, 1))."""
+    h = x.shape[1]
+    rows = max(1, CONV_WORKSPACE_BYTES // unfolded_row_bytes)
+    split = row_split.current()
+    if rows >= h and split is None:
+        return convolve(x, 1)
+    x = split.with_halo(x) if split is not None else mx.pad(x, [(0, 0), (1, 1), (0, 0), (0, 0)])
+    strips = []
+    for i in range(0, h, rows):
+        strips.append(convolve(x[:, i : i + rows + 2], (0, 1)))
+        mx.eval(strips[-1])
+    return mx.concatenate(strips, axis=1)
+
+
 class Conv3x3(nn.Conv2d):
     """nn.Conv2d(kernel 3, stride 1, padding 1) evaluated in strips of rows: the same result, bounded memory."""
 
@@ -104,18 +124,10 @@ class Conv3x3(nn.Conv2d):
         super().__init__(in_channels, out_channels, 3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
-        b, h, w, c = x.shape
-        rows = max(1, CONV_WORKSPACE_BYTES // (b * w * 9 * c * x.itemsize))
-        split = row_split.current()
-        if rows >= h and split is None:
-            return mx.conv2d(x, self.weight, padding=1) + self.bias
-        # the top and bottom halo (the neighbouring bands' rows when split over ranks); columns pad in the conv
-        x = split.with_halo(x) if split is not None else mx.pad(x, [(0, 0), (1, 1), (0, 0), (0, 0)])
-        strips = []
-        for i in range(0, h, rows):
-            strips.append(mx.conv2d(x[:, i : i + rows + 2], self.weight, padding=(0, 1)) + self.bias)
-            mx.eval(strips[-1])  # one workspace at a time
-        return mx.concatenate(strips, axis=1)
+        b, _, w, c = x.shape
+        return _in_strips(
+            x, b * w * 9 * c * x.itemsize, lambda x, padding: mx.conv2d(x, self.weight, padding=padding) + self.bias
+        )
 
 
 class ResnetBlock2D(nn.Module):
@@ -186,18 +198,13 @@ class Upsample2D(nn.Module):
         self.conv = Conv3x3(channels, channels)
 
     def __call__(self, x: mx.array) -> mx.array:
-        b, h, w, c = x.shape
+        b, _, w, c = x.shape
         weight, bias = phase_upsample.phase_weights(self.conv.weight), self.conv.bias
-        rows = max(1, CONV_WORKSPACE_BYTES // (b * (w + 1) * 4 * c * x.itemsize))
-        split = row_split.current()
-        if rows >= h and split is None:
-            return phase_upsample.interleave(mx.conv2d(x, weight, padding=1), bias)
-        x = split.with_halo(x) if split is not None else mx.pad(x, [(0, 0), (1, 1), (0, 0), (0, 0)])
-        strips = []
-        for i in range(0, h, rows):
-            strips.append(phase_upsample.interleave(mx.conv2d(x[:, i : i + rows + 2], weight, padding=(0, 1)), bias))
-            mx.eval(strips[-1])
-        return mx.concatenate(strips, axis=1)
+        return _in_strips(
+            x,
+            b * (w + 1) * 4 * c * x.itemsize,
+            lambda x, padding: phase_upsample.interleave(mx.conv2d(x, weight, padding=padding), bias),
+        )
 
 
 class UNetMidBlock2D(nn.Module):
