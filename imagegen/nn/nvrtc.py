@@ -20,6 +20,8 @@ import threading
 from functools import cache
 from pathlib import Path
 
+import mlx.core as mx
+
 from ..kernel_cache import kernel_cache_dir
 
 HEADERS = ("cuda_bf16.h", "cuda_fp16.h")
@@ -86,8 +88,6 @@ def version() -> str:
 def device_arch() -> str:
     """The default GPU's architecture as NVRTC names it: sm_90a on an H100/H200 (the 'a' features, as MLX
     compiles its own kernels from compute capability 9 on)."""
-    import mlx.core as mx
-
     info = mx.device_info(mx.gpu)
     major, minor = int(info["compute_capability_major"]), int(info["compute_capability_minor"])
     return f"sm_{major}{minor}{'a' if major >= 9 else ''}"
