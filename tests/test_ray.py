@@ -187,6 +187,36 @@ def test_a_row_that_kills_its_workers_fails_alone(hello_plugin, crash_plugin, tm
     assert summary.failures[0]["id"] == "boom" and "its worker died 3 times" in summary.failures[0]["error"]
 
 
+@pytest.mark.parametrize("older_came_back", [True, False])
+def test_a_death_is_blamed_on_the_oldest_row_that_did_not_come_back(monkeypatch, older_came_back):
+    """Pool.lost: the worker held an older row and the one that killed it. If the older row's result came back
+    before the death (the driver has not read it yet), the death counts for the newer row; if it did not, the
+    older row was the one running. (Blaming a finished row let the killing row go again uncounted: one more
+    replaced worker in test_a_row_that_kills_its_workers_fails_alone, now and then.)"""
+    from ray.exceptions import RayActorError
+
+    from imagegen.batch import Row
+    from imagegen.scaleout import batch as ray_batch
+
+    older, newer = (
+        ray_batch.Task(0, 0, order, Row(name, order + 1, "x", "hello", 0)) for order, name in enumerate("ab")
+    )
+
+    def get(ref):
+        if ref == "newer" or not older_came_back:
+            raise RayActorError()
+        return "outcome"
+
+    monkeypatch.setattr(ray_batch.ray, "get", get)
+    monkeypatch.setattr(ray_batch.ray, "kill", lambda actor, no_restart: None)
+    pool = object.__new__(ray_batch.Pool)
+    pool.in_flight, pool.culprits, pool.actors, pool.generations = {"older": older}, {}, ["dead"], [0]
+    pool._new = lambda: "replacement"
+    assert pool.lost(newer) is older_came_back  # the newer row's error told first
+    assert pool.culprits == {(0, 0): "b" if older_came_back else "a"}
+    assert (pool.actors, pool.generations) == (["replacement"], [1])
+
+
 def test_workers_that_cannot_start_stop_the_batch(hello_plugin, crash_plugin, tmp_path):
     crash_plugin.unlink()  # registered here, but the workers cannot import it
     prompts = tmp_path / "p.jsonl"

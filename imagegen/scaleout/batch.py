@@ -128,11 +128,14 @@ class Pool:
 
     def lost(self, task: Task) -> bool:
         """A task's worker died: replace it (on the first of its tasks to tell); True if this task's row
-        was the one running."""
+        was the one running: the oldest of the actor's rows that did not come back. A row whose result came
+        back before the death was not running, even if the driver has not read it yet (blaming it would let
+        the row that killed the worker go again without counting)."""
         key = (task.slot, task.generation)
         if key not in self.culprits:
-            mates = [t for t in self.in_flight.values() if (t.slot, t.generation) == key]
-            self.culprits[key] = min([task, *mates], key=lambda t: t.order).row.id
+            mates = [ref for ref, t in self.in_flight.items() if (t.slot, t.generation) == key]
+            unfinished = [task, *(self.in_flight[ref] for ref in mates if not _came_back(ref))]
+            self.culprits[key] = min(unfinished, key=lambda t: t.order).row.id
             ray.kill(self.actors[task.slot], no_restart=True)
             self.actors[task.slot] = self._new()
             self.generations[task.slot] += 1
@@ -141,6 +144,17 @@ class Pool:
     def close(self) -> None:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
+
+
+def _came_back(ref: Any) -> bool:
+    """Whether a task of a dead actor returned before the actor died (its tasks all resolve once it is dead)."""
+    try:
+        ray.get(ref)
+    except WORKER_LOST:
+        return False
+    except ray.exceptions.RayError:  # it came back, with an error of its own
+        pass
+    return True
 
 
 def run_on_ray(
