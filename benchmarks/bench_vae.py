@@ -21,6 +21,8 @@ import numpy as np
 from common import Recorder, errors, free_memory, need, round_floats, start_run, time_torch
 from families import FLUX2_VAE, FLUX2_VAE_TINY, _randomize_norms
 
+from imagegen.nn.pacing import Pacer
+
 GOAL_MS = {1024: 30.0, 2048: 170.0}
 
 
@@ -83,7 +85,28 @@ def imagegen_variants(size: int, tiny: bool, sweep: bool = False) -> list[tuple[
             (f"imagegen-ahead-below-{mb}mb-stage-end-waits", {"ahead_below": mb << 20, "stage_end_waits": True})
             for mb in (96, 300)
         ]
+        # the pacing before 2026-11-30: a waiting layer's graph built only after the previous layer finished
+        variants += [
+            ("imagegen-build-after-wait", {"pacer": BuildAfterWait}),
+            (
+                "imagegen-ahead-below-300mb-stage-end-waits-build-after-wait",
+                {"ahead_below": 300 << 20, "stage_end_waits": True, "pacer": BuildAfterWait},
+            ),
+        ]
     return variants
+
+
+class BuildAfterWait(Pacer):
+    """imagegen.nn.pacing.Pacer as it was: with ahead 0 each layer is evaluated (and waited for) as soon as its
+    graph is built, so the GPU idles while the host builds the next layer's graph."""
+
+    def __call__(self, *arrays: mx.array) -> None:
+        if self.every and not self.ahead:
+            self.count += 1
+            if self.count % self.every == 0:
+                mx.eval(*arrays)
+            return
+        super().__call__(*arrays)
 
 
 def run_imagegen(args: argparse.Namespace, folder: Path, recorder: Recorder, outputs: dict[int, np.ndarray]) -> None:
@@ -99,6 +122,7 @@ def run_imagegen(args: argparse.Namespace, folder: Path, recorder: Recorder, out
     channels = vae.config.latent_channels
     knobs = ("LAYER_PACING", "CONV_WORKSPACE_BYTES", "AHEAD_BELOW_BYTES", "STAGE_END_WAITS")
     defaults = (cuda_kernels.ENABLED, *(getattr(blocks, k) for k in knobs))
+    pacer = blocks.Pacer
     for size in args.sizes:
         z = mx.array(latents(size, channels)).transpose(0, 2, 3, 1).astype(mx.bfloat16)
         for name, settings in imagegen_variants(size, args.tiny, args.sweep):
@@ -109,6 +133,7 @@ def run_imagegen(args: argparse.Namespace, folder: Path, recorder: Recorder, out
             blocks.CONV_WORKSPACE_BYTES = settings.get("workspace", defaults[2])
             blocks.AHEAD_BELOW_BYTES = settings.get("ahead_below", defaults[3])
             blocks.STAGE_END_WAITS = settings.get("stage_end_waits", defaults[4])
+            blocks.Pacer = settings.get("pacer", pacer)
             try:
                 t = time_mlx(lambda z=z: vae.decode(z), args.warmup, args.repeats)
                 record = {
@@ -129,6 +154,7 @@ def run_imagegen(args: argparse.Namespace, folder: Path, recorder: Recorder, out
                 cuda_kernels.ENABLED = defaults[0]
                 for knob, value in zip(knobs, defaults[1:]):
                     setattr(blocks, knob, value)
+                blocks.Pacer = pacer
                 free_memory()
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from . import distributed, hub, scheduler
 from .config import read_pipeline_index
-from .image import to_pil
+from .image import to_bytes, to_pil
 from .memory import pipeline_weight_bytes
 from .nn.compiled import CompileCache
 from .pipeline import Pipeline, Request
@@ -115,8 +115,9 @@ class DiffusersPipeline(Pipeline):
             image = self.vae.decode_latents(
                 one[None], tile=bool(request.tile), group=spread.group if spread is not None else None
             )
-            mx.eval(image)  # on every rank: each takes part in the decode's collectives
-            images.extend(to_pil(image) if spread is None or spread.rank == 0 else [])
+            pixels = to_bytes(image)
+            mx.eval(pixels)  # on every rank: each takes part in the decode's collectives
+            images.extend(to_pil(pixels) if spread is None or spread.rank == 0 else [])
         return images
 
 

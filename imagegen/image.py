@@ -51,12 +51,17 @@ def from_array(array: np.ndarray) -> Image.Image:
     return Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array)
 
 
-def to_pil(images: mx.array) -> list[Image.Image]:
-    """NHWC images in [-1, 1] (decoder output) -> PIL, rounded as diffusers' postprocess does."""
+def to_bytes(images: mx.array) -> mx.array:
+    """NHWC images in [-1, 1] (decoder output) -> uint8 pixels, rounded as diffusers' postprocess does: its
+    (x * 255).round() in float32 (half to even, as numpy), on the device, so bytes, not floats, reach the host and
+    the host does no per-pixel work (~10 ms of a 1024 px image). Lazy: evaluate it with the decode, one graph."""
     x = mx.clip(images.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
-    # diffusers' (x * 255).round() in float32 (half to even, as numpy), on the device: bytes, not floats, reach
-    # the host, and the host does no per-pixel work (~10 ms of a 1024 px image)
-    pixels = np.array(mx.round(x * 255).astype(mx.uint8))
+    return mx.round(x * 255).astype(mx.uint8)
+
+
+def to_pil(images: mx.array) -> list[Image.Image]:
+    """NHWC images in [-1, 1] (decoder output) or their `to_bytes` -> PIL."""
+    pixels = np.array(images if images.dtype == mx.uint8 else to_bytes(images))
     return [Image.fromarray(a) for a in pixels]
 
 

@@ -108,3 +108,24 @@ def test_compile_cache_keeps_by_key_until_cleared():
     del first  # MLX drops a trace when its last compiled function is freed: nothing else may hold one
     cache.clear()
     assert mx.allclose(cache(("step", (3, 4), 16, 16), block)(x), before + 1)
+
+
+def test_waiting_pacer_builds_the_next_graph_before_it_waits(monkeypatch):
+    """ahead 0: a segment is launched only after the previous one finished (its temporaries are gone), yet the host
+    returns right after each launch, so the next segment's graph is built while the GPU runs; ahead 1 launches first
+    and then waits for the previous segment."""
+    calls = []
+    monkeypatch.setattr(mx, "eval", lambda *a: calls.append(("wait", a[0].item())))
+    monkeypatch.setattr(mx, "async_eval", lambda *a: calls.append(("launch", a[0].item())))
+    a, b = mx.array(1), mx.array(2)
+    for ahead, want in (
+        (0, [("launch", 1), ("wait", 1), ("launch", 2), ("wait", 2)]),
+        (1, [("launch", 1), ("launch", 2), ("wait", 1), ("wait", 2)]),
+    ):
+        calls.clear()
+        pace = Pacer(1, ahead)
+        pace(a)
+        pace(b)
+        pace.finish()
+        pace.finish()  # nothing left to wait for
+        assert calls == want

@@ -13,6 +13,7 @@ import torch
 from mlx.utils import tree_flatten
 
 from imagegen.errors import WeightsError
+from imagegen.nn.attention import right_padded_length
 from imagegen.testing import TINY_QWEN3 as TINY
 from imagegen.testing import make_qwen3
 from imagegen.text.qwen3 import Qwen3Config, Qwen3Model, load_qwen3
@@ -21,9 +22,9 @@ LENGTHS = (13, 8, 3)  # a right-padded batch of three prompts
 PAD_ID = 7
 
 
-def padded_batch(vocab: int = TINY["vocab_size"], lengths=LENGTHS, seed: int = 1):
+def padded_batch(vocab: int = TINY["vocab_size"], lengths=LENGTHS, seed: int = 1, length: int | None = None):
     rng = np.random.default_rng(seed)
-    length = max(lengths)
+    length = length or max(lengths)
     ids = rng.integers(0, vocab, size=(len(lengths), length))
     mask = np.arange(length)[None] < np.array(lengths)[:, None]
     ids[~mask] = PAD_ID
@@ -54,11 +55,18 @@ CASES = {
 }
 
 
+# (lengths, padded length): rows of different lengths run with a boolean mask; rows of one length (a single
+# prompt, as the pipelines encode) run mask-free (imagegen.nn.attention.padded_causal_attention)
+BATCHES = {"unequal": (LENGTHS, None), "one-padded": ((8,), 13), "two-padded": ((5, 5), 13), "unpadded": ((13,), 13)}
+
+
+@pytest.mark.parametrize("batch", list(BATCHES))
 @pytest.mark.parametrize("case", list(CASES))
-def test_every_hidden_state_matches_transformers(tmp_path, case):
+def test_every_hidden_state_matches_transformers(tmp_path, case, batch):
     ref = make_qwen3(tmp_path / "text_encoder", **CASES[case])
     model = load_qwen3(tmp_path / "text_encoder", dtype="float32")
-    ids, mask = padded_batch()
+    lengths, padded = BATCHES[batch]
+    ids, mask = padded_batch(lengths=lengths, length=padded)
     want = reference_hidden_states(ref, ids, mask)
     n = TINY["num_hidden_layers"]
     asked = [*range(n + 1), -2, -1]
@@ -168,3 +176,29 @@ def test_quantized_layers_do_not_pile_up_dense_weights():
     transient = mx.get_peak_memory() - start
     dense_layer = 4 * (3 * 256 * 1024 + 2 * 256 * 256 + 2 * 256 * 128)  # float32 MLP + q, o + k, v weights
     assert transient < 3 * dense_layer, transient / dense_layer  # all eight layers: 8 and more
+
+
+@pytest.mark.parametrize(("lengths", "masked"), [((8,), False), ((5, 5), False), ((8, 3), True)])
+def test_rows_of_one_length_attend_without_a_mask(tmp_path, monkeypatch, lengths, masked):
+    """A mask reaches the attention kernel only for rows of different lengths; one length runs causal calls."""
+    make_qwen3(tmp_path / "text_encoder")
+    model = load_qwen3(tmp_path / "text_encoder", dtype="float32")
+    seen, sdpa = [], mx.fast.scaled_dot_product_attention
+    monkeypatch.setattr(
+        mx.fast,
+        "scaled_dot_product_attention",
+        lambda *a, mask=None, **k: seen.append(mask) or sdpa(*a, mask=mask, **k),
+    )
+    ids, mask = padded_batch(lengths=lengths, length=13)
+    mx.eval(model.forward_with_layer_outputs(mx.array(ids), mx.array(mask), [-1]))
+    arrays = [m for m in seen if isinstance(m, mx.array)]
+    assert (len(arrays) == len(seen)) if masked else (not arrays and "causal" in seen)
+
+
+def test_right_padded_length():
+    assert right_padded_length(None, 7) == 7
+    assert right_padded_length(mx.array([[1, 1, 0, 0], [1, 1, 0, 0]]), 4) == 2
+    assert right_padded_length(mx.array([[1, 1, 1, 1]]), 4) == 4
+    assert right_padded_length(mx.array([[1, 1, 0, 0], [1, 0, 0, 0]]), 4) is None  # rows of different lengths
+    assert right_padded_length(mx.array([[0, 1, 1, 1]]), 4) is None  # left padding
+    assert right_padded_length(mx.array([[0, 0, 0, 0]]), 4) is None  # nothing to attend to

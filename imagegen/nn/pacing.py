@@ -17,8 +17,9 @@ from .compiled import CompileCache
 
 class Pacer:
     """Call after each block with its outputs; a no-op when `every` is 0 (the whole step stays one graph).
-    `ahead`: segments the GPU may run ahead of the host: 1 keeps it fed (transformers), 0 waits for each one
-    (the VAE, whose layers' temporaries are large)."""
+    `ahead`: segments the GPU may run ahead of the host: 1 keeps it fed (transformers), 0 lets a segment start only
+    once the previous one has finished (the VAE, whose layers' temporaries are large). Either way the host builds
+    the next segment's graph while the GPU runs the current one: waiting happens just before the next launch."""
 
     def __init__(self, every: int, ahead: int = 1):
         self.every, self.ahead = every, ahead
@@ -31,13 +32,21 @@ class Pacer:
         self.count += 1
         if self.count % self.every:
             return
-        if not self.ahead:
-            mx.eval(*arrays)
-            return
-        mx.async_eval(*arrays)
-        if self.pending is not None:
-            mx.eval(*self.pending)  # already scheduled: waits for the previous segment only
+        if self.ahead:
+            mx.async_eval(*arrays)
+            self.finish()  # already scheduled: waits for the previous segment only
+        else:
+            # the previous segment's temporaries are freed before this one's are allocated (its launch), yet this
+            # one's graph was built while the previous ran: the GPU idles for the wait and launch alone
+            self.finish()
+            mx.async_eval(*arrays)
         self.pending = arrays
+
+    def finish(self) -> None:
+        """Wait for the last scheduled segment (so whatever follows allocates after its temporaries are gone)."""
+        if self.pending is not None:
+            mx.eval(*self.pending)
+            self.pending = None
 
 
 class PacedBlocks:

@@ -231,8 +231,8 @@ def _run_layers(layers, x: mx.array) -> mx.array:
     for layer in layers:
         x = layer(x)
         pace(x)
-    if STAGE_END_WAITS and every and ahead:
-        mx.eval(x)
+    if not ahead or STAGE_END_WAITS:  # the next stage allocates after this one's last layer is done
+        pace.finish()
     return x
 
 

@@ -1,0 +1,140 @@
+"""Where a pipeline's end-to-end time goes: each stage (prompt encode, the denoise loop, the VAE decode, the images
+made host-ready) timed on the wall clock and on the GPU (every CUDA kernel, through torch.profiler's CUPTI tracer
+as in profile_step.py). A stage whose wall time is far above its kernels' time waits on the host (graph building,
+launches, synchronisation), not on the GPU.
+
+    python3 benchmarks/profile_pipeline.py FOLDER [--model flux2-klein-4b] [--size 1024] [--out x.jsonl]
+
+FOLDER: a diffusers-layout checkpoint of the model (bench_generate.py --keep leaves one, random weights)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from common import Recorder, ensure_imports, header
+from profile_step import group
+
+from imagegen.cli.bench import clear_prompt_cache, evaluate, time_mlx
+
+PROMPT = "a red fox sitting in fresh snow at dawn, telephoto, soft golden light, detailed fur"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", type=Path)
+    p.add_argument("--model", default="flux2-klein-4b")
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def kernels(fn) -> dict[str, Any]:
+    """GPU time of one evaluated call of fn, by kernel group, with the kernel count and the wall time around it."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    evaluate(fn())
+    mx.synchronize()
+    totals: dict[str, float] = defaultdict(float)
+    count = 0
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        evaluate(fn())
+        mx.synchronize()
+        wall = time.perf_counter() - start
+        torch.cuda.synchronize()
+    for event in prof.events():
+        if event.device_type.name == "CUDA":
+            totals[event.name] += event.time_range.elapsed_us()
+            count += 1
+    groups: dict[str, float] = defaultdict(float)
+    for name, us in totals.items():
+        groups[group(name)] += us
+    top = sorted(totals.items(), key=lambda kv: -kv[1])[:12]
+    return {
+        "gpu_ms": round(sum(totals.values()) / 1e3, 3),
+        "profiled_wall_ms": round(wall * 1e3, 3),
+        "kernels": count,
+        "by_group_ms": {g: round(v / 1e3, 3) for g, v in sorted(groups.items(), key=lambda kv: -kv[1])},
+        "top_ms": [[n[:100], round(v / 1e3, 3)] for n, v in top],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    ensure_imports()
+    from imagegen import registry
+    from imagegen.image import to_pil
+
+    recorder = Recorder(args.out)
+    recorder.emit(header({**vars(args), "folder": str(args.folder), "out": str(args.out)}))
+    pipe = registry.get(args.model).pipeline(weights=args.folder, dtype="bfloat16")
+    size, r = args.size, args.repeats
+    request = pipe.request(PROMPT, width=size, height=size, seed=0)
+    for _ in range(2):  # warm: kernels built, blocks traced
+        pipe.generate(request)
+
+    def encode():
+        clear_prompt_cache(pipe)
+        return pipe.encode(request)
+
+    conditioning = evaluate(encode())
+
+    def denoise():
+        latents = None
+        for latents in pipe.denoise_steps(request, conditioning, pipe.prepare_latents(request)):
+            mx.eval(latents)
+        return latents
+
+    latents = denoise()
+    vae_latents = pipe.vae_latents(request, latents).astype(pipe.vae.dtype)
+    image = evaluate(pipe.vae.decode_latents(vae_latents))
+
+    def host_images():
+        return to_pil(image)
+
+    def decode_and_postprocess_one_graph():  # the pixels' bytes computed in the decode's own graph
+        pixels = pipe.vae.decode_latents(vae_latents)
+        x = mx.clip(pixels.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
+        return mx.round(x * 255).astype(mx.uint8)
+
+    stages = {
+        "encode": encode,
+        "denoise": denoise,
+        "vae_decode": lambda: pipe.vae.decode_latents(vae_latents),
+        "host_images": host_images,
+        "pipeline_decode": lambda: pipe.decode(request, latents),
+        "decode_postprocess_one_graph": decode_and_postprocess_one_graph,
+        "generate": lambda: pipe.generate(request).images,
+    }
+    model = pipe.text_encoder.model
+    plain_layers = list(model.layers)
+
+    def encode_compiled_layers():  # an experiment: each Qwen3 layer one compiled graph (shapes fixed per prompt)
+        model.layers = compiled_layers
+        try:
+            return encode()
+        finally:
+            model.layers = plain_layers
+
+    compiled_layers = [mx.compile(layer) for layer in plain_layers]
+    stages["encode_compiled_layers"] = encode_compiled_layers
+    for name, fn in stages.items():
+        record = {"section": "stage", "model": args.model, "size": size, "stage": name, **time_mlx(fn, 1, r).record()}
+        try:
+            record.update(kernels(fn))
+        except Exception as e:  # noqa: BLE001 - no CUDA or no CUPTI: the wall times still stand
+            record["kernels"] = f"unavailable: {type(e).__name__}: {e}"[:200]
+        recorder.emit(record)
+    timings = pipe.generate(request).timings
+    recorder.emit({"section": "generate_timings", "ms": {k: round(v * 1e3, 2) for k, v in timings.items()}})
+
+
+if __name__ == "__main__":
+    main()
