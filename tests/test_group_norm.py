@@ -43,10 +43,10 @@ class Emulated:
         params = dict(template)
         b, n, c = x.shape
         p, threads, blocks = params["P"], params["THREADS"], grid[0] // threadgroup[0]
-        packs, cg = c // p, c // first.shape[1]
+        packs = c // p
         step = threads // packs
         rows = (-(-n // blocks) + step - 1) // step * step
-        d = x - np.repeat(first, cg, axis=1)[:, None, :]
+        d = x - first[:, None, :]  # per-channel offsets
         out = np.zeros(output_shapes[0], np.float32)
         for block in range(blocks):
             part = d[:, block * rows : min((block + 1) * rows, n)]
@@ -65,12 +65,18 @@ class Emulated:
 
 @pytest.mark.parametrize("shape, groups", SHAPES)
 @pytest.mark.parametrize("silu", [False, True])
-def test_host_side_with_emulated_kernels_matches_torch(shape, groups, silu, monkeypatch):
+@pytest.mark.parametrize("input_bias", [False, True])
+def test_host_side_with_emulated_kernels_matches_torch(shape, groups, silu, input_bias, monkeypatch):
+    """input_bias: the norm of x + a per-channel bias (the convolution's before it) without adding it first."""
     monkeypatch.setattr(gn, "_stats_kernel", lambda: Emulated.stats)
     monkeypatch.setattr(gn, "_apply_kernel", lambda: Emulated.apply)
     x, w, b = inputs(shape)
-    got = gn.group_norm(mx.array(x), mx.array(w), mx.array(b), groups, 1e-6, silu)
-    np.testing.assert_allclose(np.array(got), reference(x, w, b, groups, 1e-6, silu), rtol=1e-4, atol=1e-4)
+    extra = np.random.default_rng(5).normal(0, 2, shape[-1]).astype(np.float32) if input_bias else None
+    got = gn.group_norm(
+        mx.array(x), mx.array(w), mx.array(b), groups, 1e-6, silu, input_bias=None if extra is None else mx.array(extra)
+    )
+    want = reference(x if extra is None else x + extra, w, b, groups, 1e-6, silu)
+    np.testing.assert_allclose(np.array(got), want, rtol=1e-4, atol=1e-4)
 
 
 def test_the_portable_path_runs_off_cuda():
@@ -108,3 +114,30 @@ def test_kernels_match_the_portable_path_and_float64(shape, groups, dtype, silu,
     else:  # one rounding to bf16 (the portable path rounds twice): no worse than it
         assert np.abs(fused - want).max() <= np.abs(plain - want).max() * 1.01 + 1e-6
         assert np.abs(fused - plain).max() <= 2**-6 * max(1.0, np.abs(want).max())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not cuda_kernels._cuda(), reason="the CUDA group norm runs on CUDA only")
+@pytest.mark.parametrize("shape, groups", [SHAPES[0], SHAPES[3], ((1, 128, 128, 256), 32)])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_kernels_with_an_input_bias_match_the_norm_of_the_sum(shape, groups, dtype, monkeypatch):
+    """norm(x, input_bias=b) is norm(x + b) with the sum never rounded to the activation dtype."""
+    x, w, b = inputs(shape, seed=4)
+    norm = GroupNorm(groups, shape[-1])
+    norm.weight, norm.bias = mx.array(w).astype(dtype), mx.array(b).astype(dtype)
+    xs = mx.array(x).astype(dtype)
+    extra = mx.array(np.random.default_rng(6).normal(0, 2, shape[-1]).astype(np.float32)).astype(dtype)
+    fused = np.array(norm(xs, silu=True, input_bias=extra).astype(mx.float32))
+    want = reference(
+        np.array(xs.astype(mx.float32)) + np.array(extra.astype(mx.float32)),
+        np.array(norm.weight.astype(mx.float32)),
+        np.array(norm.bias.astype(mx.float32)),
+        groups,
+        norm.eps,
+        True,
+    )
+    monkeypatch.setattr(cuda_kernels, "ENABLED", False)
+    plain = np.array(norm(xs, silu=True, input_bias=extra).astype(mx.float32))  # adds first, in the dtype
+    tolerance = 1e-4 if dtype == mx.float32 else 2**-6 * max(1.0, np.abs(want).max())
+    np.testing.assert_allclose(fused, want, rtol=1e-4, atol=tolerance)
+    assert np.abs(fused - want).max() <= np.abs(plain - want).max() * 1.01 + 1e-4

@@ -10,6 +10,10 @@ per norm, 3x a 3x3 convolution of the same tensor, and the decoder runs 30 of th
 2. per-group mean and variance -> per-channel scale and shift (tiny MLX ops on [B, C]).
 3. one element-wise pass: x * scale + shift, SiLU, in packed loads and stores.
 
+`input_bias`: the norm of x + input_bias (per channel), the bias of the convolution before it, which then never
+makes its own pass over the tensor: the statistics subtract a per-channel offset anyway, and the apply pass's shift
+absorbs input_bias * scale.
+
 Three reads and one write of the tensor become one write and two reads. Elsewhere (CPU, Metal) the portable path
 runs (imagegen.nn.cuda_kernels)."""
 
@@ -25,7 +29,7 @@ from . import cuda_kernels
 THREADS = 256  # at most, per block; the statistics pass uses the largest multiple of its packs per row
 BLOCKS = 1024  # statistics blocks per image: enough to fill every SM several times
 
-# x [B, N, C]; shift [B, G] float32; out [B, chunks, C / P, 2] float32 (sum and sum of squares of x - shift).
+# x [B, N, C]; shift [B, C] float32; out [B, chunks, C / P, 2] float32 (sum and sum of squares of x - shift).
 # Threads of a block keep one pack of P channels each (THREADS, the block's size, is a multiple of C / P), stepping
 # over the rows.
 _STATS = """
@@ -34,20 +38,20 @@ _STATS = """
   const int c = x_shape[2];
   const int packs = c / P;
   const int step = THREADS / packs;
-  const int cg = c / shift_shape[1];
   const int pack = t % packs;
   const long b = blockIdx.y;
   const long rows = ((n + gridDim.x - 1) / gridDim.x + step - 1) / step * step;
   const long first = long(blockIdx.x) * rows;
   const long last = min(first + rows, n);
-  const float k = shift[b * shift_shape[1] + pack * P / cg];
+  float k[P];
+  for (int j = 0; j < P; ++j) k[j] = shift[b * c + pack * P + j];
   const T* base = x + b * n * c + pack * P;
   float s1 = 0.f, s2 = 0.f;
   for (long row = first + t / packs; row < last; row += step) {
     float v[P];
     load_row<T, P>(base + row * c, 1, v);
     for (int j = 0; j < P; ++j) {
-      const float d = v[j] - k;
+      const float d = v[j] - k[j];
       s1 += d;
       s2 += d * d;
     }
@@ -120,32 +124,49 @@ def supported(x: mx.array, groups: int) -> bool:
 
 @mx.compile
 def _scale_shift(
-    sums: mx.array, first: mx.array, weight: mx.array, bias: mx.array, eps: mx.array, count: mx.array
+    sums: mx.array,
+    first: mx.array,
+    weight: mx.array,
+    bias: mx.array,
+    input_bias: mx.array,
+    eps: mx.array,
+    count: mx.array,
 ) -> tuple[mx.array, mx.array]:
-    """Per-channel scale and shift [B, C] from the summed statistics [B, G, 2] of x - first."""
+    """Per-channel scale and shift [B, C] for x (whose norm is that of x + input_bias) from the summed statistics
+    [B, G, 2] of x + input_bias - first."""
     groups, c = first.shape[1], weight.shape[0]
     m = sums[..., 0] / count
     var = mx.maximum(sums[..., 1] / count - m * m, 0.0)
     rstd = mx.repeat(mx.rsqrt(var + eps), c // groups, axis=1)
     mean = mx.repeat(first + m, c // groups, axis=1)
     scale = rstd * weight.astype(mx.float32)
-    return scale, bias.astype(mx.float32) - mean * scale
+    return scale, bias.astype(mx.float32) + (input_bias.astype(mx.float32) - mean) * scale
 
 
 def group_norm(
-    x: mx.array, weight: mx.array, bias: mx.array, groups: int, eps: float, silu: bool, split: Any = None
+    x: mx.array,
+    weight: mx.array,
+    bias: mx.array,
+    groups: int,
+    eps: float,
+    silu: bool,
+    split: Any = None,
+    input_bias: mx.array | None = None,
 ) -> mx.array:
-    """torch.nn.GroupNorm (then SiLU) of x [B, H, W, C] on CUDA; check `supported` first. `split`: x is one band of
-    a map's rows (an imagegen.nn.row_split.RowSplit), whose statistics are summed over every band."""
+    """torch.nn.GroupNorm (then SiLU) of x [B, H, W, C] (plus `input_bias` [C], if given) on CUDA; check `supported`
+    first. `split`: x is one band of a map's rows (an imagegen.nn.row_split.RowSplit), whose statistics are summed
+    over every band."""
     b, h, w, c = x.shape
     rows = x.reshape(b, h * w, c)
     pack, threads = _pack(x, groups), _stats_threads(x, groups)
     blocks = min(BLOCKS, max(1, h * w // (threads // (c // pack))))
-    first = x[:, 0, 0, :: c // groups].astype(mx.float32)  # each group's shift: one of its own values
+    input_bias = mx.zeros((c,), mx.float32) if input_bias is None else input_bias.astype(mx.float32)
+    first = x[:, 0, 0, :: c // groups].astype(mx.float32) + input_bias[:: c // groups]  # a value of each group
     if split is not None:  # one shift for all bands: the mean of theirs
         first = split.sum(first) / split.size
+    offsets = mx.repeat(first, c // groups, axis=1) - input_bias  # x - offsets = x + input_bias - first
     partial = _stats_kernel()(
-        inputs=[rows, first],
+        inputs=[rows, offsets],
         template=[("T", x.dtype), ("P", pack), ("THREADS", threads)],
         grid=(blocks * threads, b, 1),
         threadgroup=(threads, 1, 1),
@@ -157,7 +178,13 @@ def group_norm(
     if split is not None:
         sums, height = split.sum(sums), split.total_rows(x)
     scale, shift = _scale_shift(
-        sums, first, weight, bias, mx.array(eps, mx.float32), mx.array(height * w * (c // groups), mx.float32)
+        sums,
+        first,
+        weight,
+        bias,
+        input_bias,
+        mx.array(eps, mx.float32),
+        mx.array(height * w * (c // groups), mx.float32),
     )
     per = 16 // x.itemsize
     out = _apply_kernel()(

@@ -81,7 +81,7 @@ def _affine(rows: mx.array, weight: mx.array, bias: mx.array, shape: tuple[int, 
 
 class GroupNorm(nn.Module):
     """torch.nn.GroupNorm on NHWC input (keys weight, bias), optionally fused with the SiLU that follows it (on CUDA
-    in two passes over the tensor: imagegen.nn.group_norm)."""
+    in two passes over the tensor: imagegen.nn.group_norm) and with the bias of the convolution before it."""
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = RESNET_EPS):
         super().__init__()
@@ -90,10 +90,15 @@ class GroupNorm(nn.Module):
         self.weight = mx.ones((num_channels,))
         self.bias = mx.zeros((num_channels,))
 
-    def __call__(self, x: mx.array, silu: bool = False) -> mx.array:
+    def __call__(self, x: mx.array, silu: bool = False, input_bias: mx.array | None = None) -> mx.array:
+        """The norm of x + input_bias [C] (a convolution's bias, left out of its output: one pass fewer)."""
         split = row_split.current()  # set: x is one band of the map's rows, statistics are over every band
         if cuda_group_norm.supported(x, self.num_groups):
-            return cuda_group_norm.group_norm(x, self.weight, self.bias, self.num_groups, self.eps, silu, split)
+            return cuda_group_norm.group_norm(
+                x, self.weight, self.bias, self.num_groups, self.eps, silu, split, input_bias
+            )
+        if input_bias is not None:
+            x = x + input_bias
         if split is not None:
             return _split_group_norm(x, self.weight, self.bias, self.num_groups, self.eps, silu, split)
         return _group_norm(x, self.weight, self.bias, self.num_groups, self.eps, silu)
@@ -117,17 +122,28 @@ def _in_strips(x: mx.array, unfolded_row_bytes: int, convolve: Callable[[mx.arra
     return mx.concatenate(strips, axis=1)
 
 
+def _conv(x: mx.array, weight: mx.array, padding: Any, bias: mx.array | None) -> mx.array:
+    y = mx.conv2d(x, weight, padding=padding)
+    return y if bias is None else y + bias
+
+
+@partial(mx.compile, shapeless=True)
+def _residual(x: mx.array, h: mx.array, bias: mx.array) -> mx.array:
+    """x + (h + bias) in one pass: a resnet's sum with its last convolution's bias (rounded as two adds)."""
+    return x + (h + bias)
+
+
 class Conv3x3(nn.Conv2d):
     """nn.Conv2d(kernel 3, stride 1, padding 1) evaluated in strips of rows: the same result, bounded memory."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(in_channels, out_channels, 3, padding=1)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, add_bias: bool = True) -> mx.array:
+        """add_bias False: the caller adds self.bias in a pass it makes anyway (a norm, a residual sum)."""
         b, _, w, c = x.shape
-        return _in_strips(
-            x, b * w * 9 * c * x.itemsize, lambda x, padding: mx.conv2d(x, self.weight, padding=padding) + self.bias
-        )
+        bias = self.bias if add_bias else None
+        return _in_strips(x, b * w * 9 * c * x.itemsize, lambda x, padding: _conv(x, self.weight, padding, bias))
 
 
 class ResnetBlock2D(nn.Module):
@@ -143,11 +159,12 @@ class ResnetBlock2D(nn.Module):
             self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def __call__(self, x: mx.array) -> mx.array:
-        h = self.conv1(self.norm1(x, silu=True))
-        h = self.conv2(self.norm2(h, silu=True))
+        # the convolutions' biases join the passes that follow them: conv1's the norm, conv2's the residual sum
+        h = self.conv1(self.norm1(x, silu=True), add_bias=False)
+        h = self.conv2(self.norm2(h, silu=True, input_bias=self.conv1.bias), add_bias=False)
         if "conv_shortcut" in self:
             x = self.conv_shortcut(x)
-        return x + h
+        return _residual(x, h, self.conv2.bias)
 
 
 class Attention(nn.Module):
