@@ -80,19 +80,8 @@ def imagegen_variants(size: int, tiny: bool, sweep: bool = False) -> list[tuple[
             (f"imagegen-ahead-below-{mb}mb-strips-none", {"ahead_below": mb << 20, "workspace": 1 << 50})
             for mb in (32, 96, 300)
         ]
-        # ... and each stage that ran ahead waits for its last layer (vae_blocks.STAGE_END_WAITS)
-        variants += [
-            (f"imagegen-ahead-below-{mb}mb-stage-end-waits", {"ahead_below": mb << 20, "stage_end_waits": True})
-            for mb in (96, 300)
-        ]
-        # the pacing before 2026-11-30: a waiting layer's graph built only after the previous layer finished
-        variants += [
-            ("imagegen-build-after-wait", {"pacer": BuildAfterWait}),
-            (
-                "imagegen-ahead-below-300mb-stage-end-waits-build-after-wait",
-                {"ahead_below": 300 << 20, "stage_end_waits": True, "pacer": BuildAfterWait},
-            ),
-        ]
+        # the pacing before: a waiting layer's graph built only after the previous layer finished
+        variants.append(("imagegen-build-after-wait", {"pacer": BuildAfterWait}))
     return variants
 
 
@@ -120,7 +109,7 @@ def run_imagegen(args: argparse.Namespace, folder: Path, recorder: Recorder, out
     mx.eval(vae.parameters())
     weights_gb = mx.get_active_memory() / 1e9
     channels = vae.config.latent_channels
-    knobs = ("LAYER_PACING", "CONV_WORKSPACE_BYTES", "AHEAD_BELOW_BYTES", "STAGE_END_WAITS")
+    knobs = ("LAYER_PACING", "CONV_WORKSPACE_BYTES", "AHEAD_BELOW_BYTES")
     defaults = (cuda_kernels.ENABLED, *(getattr(blocks, k) for k in knobs))
     pacer = blocks.Pacer
     for size in args.sizes:
@@ -132,7 +121,6 @@ def run_imagegen(args: argparse.Namespace, folder: Path, recorder: Recorder, out
             blocks.LAYER_PACING = settings.get("pacing", defaults[1])
             blocks.CONV_WORKSPACE_BYTES = settings.get("workspace", defaults[2])
             blocks.AHEAD_BELOW_BYTES = settings.get("ahead_below", defaults[3])
-            blocks.STAGE_END_WAITS = settings.get("stage_end_waits", defaults[4])
             blocks.Pacer = settings.get("pacer", pacer)
             try:
                 t = time_mlx(lambda z=z: vae.decode(z), args.warmup, args.repeats)

@@ -2,7 +2,7 @@
 # Issues 22, 23 and 25 on the GPU machine, one part after another; JSON lines under $OUT, then one GOAL line per goal.
 #
 #   bash benchmarks/gpu_session.sh [PART ...]     # PARTS: tests quant vae throughput cold (default: all, in order);
-#   also vae-sweep kv lora cache decoder controlnet, and on two GPUs distributed ray
+#   also vae-sweep profile kv lora cache decoder controlnet, and on two GPUs distributed ray
 #
 # Needs the wheels installed (/tmp/site: see /work/shared/gpu/install.sh; pytest among them for `tests`). imagegen
 # need not be installed: the source tree and its plugins go on PYTHONPATH. Each part has a time limit (seconds,
@@ -77,6 +77,13 @@ for part in "${parts[@]}"; do
     decoder)  # issue 23: the standard and BFL's small FLUX.2 decoder at 1024 px, imagegen and diffusers
       run decoder "$(limit decoder 150)" $PY benchmarks/bench_cache.py --sections decode \
         --out "$OUT/decoder.jsonl" "${T[@]/--tiny/--quick}" ;;
+    profile)  # issue 22: where Klein 4B's end to end goes, stage by stage: wall clock against GPU kernel time
+      run profile-e2e "$(limit profile_e2e 220)" $PY benchmarks/bench_generate.py --models flux2-klein-4b \
+        --sections e2e --impls imagegen --keep --workdir "$WORK" --out "$OUT/profile-e2e.jsonl" "${T[@]}"
+      size=1024
+      [ -n "${TINY:-}" ] && size=64
+      run profile "$(limit profile 200)" $PY benchmarks/profile_pipeline.py "$WORK/flux2-klein-4b" --size $size \
+        --out "$OUT/profile.jsonl" ;;
     vae-sweep)  # issue 22: every layer pacing x conv-strip size at 1024 px (which meets 30 ms within diffusers' memory)
       sizes=1024
       [ -n "${TINY:-}" ] && sizes=32  # a 1024 px decode takes minutes on the CPU
@@ -97,7 +104,7 @@ for part in "${parts[@]}"; do
       run ray "$(limit ray 300)" $PY benchmarks/bench_ray.py --sections scaling --scale 1,2 --images 48 \
         --work "$WORK/ray" --out "$OUT/ray.jsonl" "${T[@]}" ;;
     *)
-      echo "unknown part '$part' (parts: tests quant vae vae-sweep throughput cold kv lora cache decoder controlnet" \
+      echo "unknown part '$part' (parts: tests quant vae vae-sweep profile throughput cold kv lora cache decoder controlnet" \
         "distributed ray)" >&2 ;;
   esac
 done

@@ -96,13 +96,12 @@ def main(argv: list[str] | None = None) -> None:
     vae_latents = pipe.vae_latents(request, latents).astype(pipe.vae.dtype)
     image = evaluate(pipe.vae.decode_latents(vae_latents))
 
-    def host_images():
+    def host_images():  # the decoded image's bytes to PIL
         return to_pil(image)
 
-    def decode_and_postprocess_one_graph():  # the pixels' bytes computed in the decode's own graph
-        pixels = pipe.vae.decode_latents(vae_latents)
-        x = mx.clip(pixels.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
-        return mx.round(x * 255).astype(mx.uint8)
+    def generate():  # the whole run, the prompt encoded again
+        clear_prompt_cache(pipe)
+        return pipe.generate(request).images
 
     stages = {
         "encode": encode,
@@ -110,21 +109,8 @@ def main(argv: list[str] | None = None) -> None:
         "vae_decode": lambda: pipe.vae.decode_latents(vae_latents),
         "host_images": host_images,
         "pipeline_decode": lambda: pipe.decode(request, latents),
-        "decode_postprocess_one_graph": decode_and_postprocess_one_graph,
-        "generate": lambda: pipe.generate(request).images,
+        "generate": generate,
     }
-    model = pipe.text_encoder.model
-    plain_layers = list(model.layers)
-
-    def encode_compiled_layers():  # an experiment: each Qwen3 layer one compiled graph (shapes fixed per prompt)
-        model.layers = compiled_layers
-        try:
-            return encode()
-        finally:
-            model.layers = plain_layers
-
-    compiled_layers = [mx.compile(layer) for layer in plain_layers]
-    stages["encode_compiled_layers"] = encode_compiled_layers
     for name, fn in stages.items():
         record = {"section": "stage", "model": args.model, "size": size, "stage": name, **time_mlx(fn, 1, r).record()}
         try:
@@ -132,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         except Exception as e:  # noqa: BLE001 - no CUDA or no CUPTI: the wall times still stand
             record["kernels"] = f"unavailable: {type(e).__name__}: {e}"[:200]
         recorder.emit(record)
+    clear_prompt_cache(pipe)
     timings = pipe.generate(request).timings
     recorder.emit({"section": "generate_timings", "ms": {k: round(v * 1e3, 2) for k, v in timings.items()}})
 

@@ -251,6 +251,23 @@ def test_imagegen_bench_table_and_errors(klein):
     assert result.exit_code == 1 and result.output.startswith("Error:") and "multiple of 16" in result.output
 
 
+def test_pipeline_profile_times_every_stage(klein):
+    """benchmarks/profile_pipeline.py on the kept tiny checkpoint: every stage's wall time (and, on CUDA, its
+    kernels' GPU time; here the record says why not)."""
+    tmp, _ = klein
+    out = tmp / "profile.jsonl"
+    script = REPO / "benchmarks" / "profile_pipeline.py"
+    folder = tmp / "work" / "flux2-klein-4b"
+    args = [sys.executable, str(script), str(folder), "--size", "64", "--repeats", "1", "--out", str(out)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    stages = {r["stage"]: r for r in records if r.get("section") == "stage"}
+    assert list(stages) == ["encode", "denoise", "vae_decode", "host_images", "pipeline_decode", "generate"]
+    assert all(r["ms"] > 0 and ("gpu_ms" in r or r["kernels"].startswith("unavailable")) for r in stages.values())
+    assert set(records[-1]["ms"]) >= {"encode", "denoise", "decode", "total"}
+
+
 def _tiny_benchmark(script: str, out: Path, *args: str) -> list[dict]:
     """Run benchmarks/<script> --tiny writing JSON lines to `out`; its records."""
     done = subprocess.run(

@@ -200,9 +200,3 @@ def test_small_stages_run_one_layer_ahead(monkeypatch):
     stage(x)
     assert made == [(1, 0), (1, 1), (1, 0)]
     assert mx.array_equal(waiting, ahead)
-    # STAGE_END_WAITS: a stage that ran ahead is evaluated before it returns
-    monkeypatch.setattr(blocks, "AHEAD_BELOW_BYTES", x.nbytes)
-    monkeypatch.setattr(blocks, "STAGE_END_WAITS", True)
-    evaluated, evaluate = [], mx.eval
-    monkeypatch.setattr(mx, "eval", lambda *a: evaluated.append(a) or evaluate(*a))
-    assert mx.array_equal(stage(x), waiting) and len(evaluated) == 2  # the Pacer's wait for layer 1, then the end

@@ -30,13 +30,11 @@ CONV_WORKSPACE_BYTES = 1 << 33
 LAYER_PACING = (1, 0)
 # Stages whose input holds at most this many bytes keep one layer ahead (LAYER_PACING's `ahead` at least 1): their
 # layers are short, so waiting for each one starves the GPU, and their temporaries are small; larger stages keep
-# LAYER_PACING. 0: every stage as LAYER_PACING says. H200, 1024 px decode (stage inputs 17, 17, 67, 268, 537 MB):
-# 96 MB took 37.0 -> 33.3 ms at the same peak; 300 MB 29.8 ms but 0.67 GB more (benchmarks/bench_vae.py --sweep).
-# With the phase upsampling (imagegen.nn.phase_upsample): 96 MB 30.7 ms at 2.15 GB, 300 MB 29.3 ms at 2.85 GB.
+# LAYER_PACING. 0: every stage as LAYER_PACING says. H200, 1024 px decode (stage inputs 17, 17, 67, 268, 537 MB),
+# benchmarks/bench_vae.py --sweep: 96 MB 28.6-29.6 ms at 2.15 GB above the weights, 300 MB 27.1 ms at 2.58 GB
+# (2.85 GB in an earlier run: peaks of layers run ahead vary with timing); also waiting at the end of each stage
+# that ran ahead gave nothing reliable (30.0-34.1 ms).
 AHEAD_BELOW_BYTES = 96 << 20
-# Whether a stage that ran ahead waits for its last layer before the next stage starts (whose buffers would
-# otherwise be allocated while the last layer's are still held).
-STAGE_END_WAITS = False
 
 
 def _group_rows(x: mx.array, groups: int) -> mx.array:
@@ -248,7 +246,7 @@ def _run_layers(layers, x: mx.array) -> mx.array:
     for layer in layers:
         x = layer(x)
         pace(x)
-    if not ahead or STAGE_END_WAITS:  # the next stage allocates after this one's last layer is done
+    if not ahead:  # the next stage allocates after this one's last layer is done
         pace.finish()
     return x
 
