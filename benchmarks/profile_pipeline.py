@@ -14,6 +14,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import mlx.core as mx
 from common import Recorder, ensure_imports, header
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     ensure_imports()
     from imagegen import registry
     from imagegen.image import to_pil
+    from imagegen.text import qwen3
 
     recorder = Recorder(args.out)
     recorder.emit(header({**vars(args), "folder": str(args.folder), "out": str(args.out)}))
@@ -103,6 +105,16 @@ def main(argv: list[str] | None = None) -> None:
         clear_prompt_cache(pipe)
         return pipe.generate(request).images
 
+    lengths = iter(range(1, 1000))
+
+    def encode_new_length():  # a prompt of a length not seen before (a server's usual case): new attention shapes
+        clear_prompt_cache(pipe)
+        return pipe.encode(pipe.request(PROMPT + " and" * next(lengths), width=size, height=size, seed=0))
+
+    def encode_new_length_masked():  # the same with the boolean mask every row length used to get
+        with patch.object(qwen3, "right_padded_length", lambda mask, length: None):
+            return encode_new_length()
+
     stages = {
         "encode": encode,
         "denoise": denoise,
@@ -110,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
         "host_images": host_images,
         "pipeline_decode": lambda: pipe.decode(request, latents),
         "generate": generate,
+        "encode_new_length": encode_new_length,
+        "encode_new_length_masked": encode_new_length_masked,
     }
     for name, fn in stages.items():
         record = {"section": "stage", "model": args.model, "size": size, "stage": name, **time_mlx(fn, 1, r).record()}

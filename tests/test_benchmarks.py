@@ -263,7 +263,16 @@ def test_pipeline_profile_times_every_stage(klein):
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
     stages = {r["stage"]: r for r in records if r.get("section") == "stage"}
-    assert list(stages) == ["encode", "denoise", "vae_decode", "host_images", "pipeline_decode", "generate"]
+    assert list(stages) == [
+        "encode",
+        "denoise",
+        "vae_decode",
+        "host_images",
+        "pipeline_decode",
+        "generate",
+        "encode_new_length",
+        "encode_new_length_masked",
+    ]
     assert all(r["ms"] > 0 and ("gpu_ms" in r or r["kernels"].startswith("unavailable")) for r in stages.values())
     assert set(records[-1]["ms"]) >= {"encode", "denoise", "decode", "total"}
 
