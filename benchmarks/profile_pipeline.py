@@ -111,9 +111,12 @@ def main(argv: list[str] | None = None) -> None:
         clear_prompt_cache(pipe)
         return pipe.encode(pipe.request(PROMPT + " and" * next(lengths), width=size, height=size, seed=0))
 
-    def encode_new_length_masked():  # the same with the boolean mask every row length used to get
-        with patch.object(qwen3, "right_padded_length", lambda mask, length: None):
-            return encode_new_length()
+    def plain_boolean_mask(q, k, v, mask=None, scale=None):  # imagegen.nn.attention before: MLX expands the mask
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5, mask=mask)
+
+    def encode_boolean_mask():
+        with patch.object(qwen3, "attention", plain_boolean_mask):
+            return encode()
 
     stages = {
         "encode": encode,
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         "pipeline_decode": lambda: pipe.decode(request, latents),
         "generate": generate,
         "encode_new_length": encode_new_length,
-        "encode_new_length_masked": encode_new_length_masked,
+        "encode_boolean_mask": encode_boolean_mask,
     }
     for name, fn in stages.items():
         record = {"section": "stage", "model": args.model, "size": size, "stage": name, **time_mlx(fn, 1, r).record()}

@@ -271,7 +271,7 @@ def test_pipeline_profile_times_every_stage(klein):
         "pipeline_decode",
         "generate",
         "encode_new_length",
-        "encode_new_length_masked",
+        "encode_boolean_mask",
     ]
     assert all(r["ms"] > 0 and ("gpu_ms" in r or r["kernels"].startswith("unavailable")) for r in stages.values())
     assert set(records[-1]["ms"]) >= {"encode", "denoise", "decode", "total"}

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import mlx.core as mx
-import numpy as np
 
 from ..distributed import current as sequence_parallel
 
@@ -19,33 +18,13 @@ def attention(
 
     mask: boolean (True = attend) or additive, broadcastable to [B, H, Lq, Lk], or "causal". Returns [B, H, Lq, D]."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if isinstance(mask, mx.array) and mask.dtype != mx.bool_:
+    if isinstance(mask, mx.array):
+        # additive at the mask's own shape: MLX broadcasts it as a view, while a boolean mask is made a full
+        # [B, H, Lq, Lk] bias on every call on CUDA (a quarter of a Qwen3 prompt encode's GPU time on an H200);
+        # the most negative value, as MLX's own fallback uses, keeps a row with no allowed key finite
+        mask = mx.where(mask, 0.0, mx.finfo(q.dtype).min).astype(q.dtype) if mask.dtype == mx.bool_ else mask
         mask = mask.astype(q.dtype)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-
-
-def padded_causal_attention(q: mx.array, k: mx.array, v: mx.array, length: int) -> mx.array:
-    """What attention with causal_mask AND padding_mask gives for sequences whose first `length` positions are real
-    tokens and the rest right padding, without a mask: the real queries attend causally over the real keys, the
-    padding queries over every real key. Two mask-free fused calls (MLX turns a boolean mask into a [B, H, L, L]
-    bias on every call: a quarter of a Qwen3 prompt encode's GPU time). q, k, v: [B, H, L, D]."""
-    keys, values = k[:, :, :length], v[:, :, :length]
-    real = attention(q[:, :, :length], keys, values, mask="causal")
-    if length == q.shape[2]:
-        return real
-    return mx.concatenate([real, attention(q[:, :, length:], keys, values)], axis=2)
-
-
-def right_padded_length(attention_mask: mx.array | None, length: int) -> int | None:
-    """The real tokens' count when every row of a [B, L] 1/0 mask is the same run of ones followed by zeros (right
-    padding, as the tokenizers here pad); None otherwise (rows of different lengths, or not right padding)."""
-    if attention_mask is None:
-        return length
-    rows = np.array(attention_mask).astype(bool)
-    count = int(rows[0].sum())
-    if count == 0 or not (rows == (np.arange(rows.shape[1]) < count)).all():
-        return None
-    return count
 
 
 def causal_mask(length: int, offset: int = 0) -> mx.array:

@@ -18,7 +18,6 @@ from pydantic import model_validator
 
 from ..config import HFConfig
 from ..nn import attention, causal_mask, combine_masks, padding_mask
-from ..nn.attention import padded_causal_attention, right_padded_length
 from ..nn.pacing import Pacer
 from ..quantize import keep_high_precision
 from ..weights import load_model
@@ -97,9 +96,7 @@ class Qwen3Attention(nn.Module):
         self.q_norm = nn.RMSNorm(d, eps=cfg.rms_norm_eps)
         self.k_norm = nn.RMSNorm(d, eps=cfg.rms_norm_eps)
 
-    def __call__(self, x: mx.array, mask: mx.array | int, periods: mx.array) -> mx.array:
-        """mask: boolean [B or 1, 1, L, L], or the count of real tokens when every row is that many followed by
-        right padding (then no mask is built: imagegen.nn.attention.padded_causal_attention)."""
+    def __call__(self, x: mx.array, mask: mx.array, periods: mx.array) -> mx.array:
         b, length, _ = x.shape
         d = self.head_dim
         q = self.q_norm(self.q_proj(x).reshape(b, length, -1, d)).transpose(0, 2, 1, 3)
@@ -107,7 +104,7 @@ class Qwen3Attention(nn.Module):
         v = self.v_proj(x).reshape(b, length, -1, d).transpose(0, 2, 1, 3)
         q = mx.fast.rope(q, d, traditional=False, base=None, scale=1.0, offset=0, freqs=periods)
         k = mx.fast.rope(k, d, traditional=False, base=None, scale=1.0, offset=0, freqs=periods)
-        out = padded_causal_attention(q, k, v, mask) if isinstance(mask, int) else attention(q, k, v, mask=mask)
+        out = attention(q, k, v, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, length, -1))
 
 
@@ -130,7 +127,7 @@ class Qwen3DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
-    def __call__(self, x: mx.array, mask: mx.array | int, periods: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, mask: mx.array, periods: mx.array) -> mx.array:
         x = x + self.self_attn(self.input_layernorm(x), mask, periods)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -174,11 +171,11 @@ class Qwen3Model(nn.Module):
         wanted = self.resolve_layers(layers)
         last = max(wanted)
         x = self.embed_tokens(input_ids)
-        # causal AND key is a real token; right padding leaves no row fully masked. Rows of one length need no mask.
-        mask = right_padded_length(attention_mask, input_ids.shape[1])
-        if mask is None:
-            pad = padding_mask(attention_mask)
-            mask = combine_masks(causal_mask(input_ids.shape[1])[None, None], pad)
+        # causal AND key is a real token: [B or 1, 1, L, L]; right padding leaves no row fully masked. One mask over
+        # the padded length, not mask-free calls split at the prompt's length: those were faster per call, but each
+        # new prompt length is a new attention shape, ~65 ms of cuDNN planning on an H200.
+        pad = padding_mask(attention_mask) if attention_mask is not None else None
+        mask = combine_masks(causal_mask(input_ids.shape[1])[None, None], pad)
         states = {0: x} if 0 in wanted else {}
         # quantized: one layer in flight, or the dense temporaries of their weights (imagegen.nn.quantized_linear)
         # pile up over the stack in the GPU's command batches; unquantized, one graph (pacing cost a bf16 Klein
