@@ -75,11 +75,8 @@ def imagegen_variants(size: int, tiny: bool, sweep: bool = False) -> list[tuple[
             for name, bytes_ in (("2gb", 1 << 31), ("4gb", 1 << 32), ("none", 1 << 50))
         ]
         # small stages one layer ahead, large ones waiting (vae_blocks.AHEAD_BELOW_BYTES): at 1024 px the stages
-        # take 17 (mid, first up), 67, 268 and 537 MB inputs
-        variants += [
-            (f"imagegen-ahead-below-{mb}mb-strips-none", {"ahead_below": mb << 20, "workspace": 1 << 50})
-            for mb in (32, 96, 300)
-        ]
+        # take 17 (mid, first up), 67, 268 and 537 MB inputs, at 2048 px four times those
+        variants += [(f"imagegen-ahead-below-{mb}mb", {"ahead_below": mb << 20}) for mb in (32, 96, 300, 600)]
         # the pacing before: a waiting layer's graph built only after the previous layer finished
         variants.append(("imagegen-build-after-wait", {"pacer": BuildAfterWait}))
     return variants

@@ -28,13 +28,13 @@ QUERY_CHUNK = 4096
 # each layer had the lowest peak for about the same time (benchmarks/profile_vae_memory.py, results in its docstring).
 CONV_WORKSPACE_BYTES = 1 << 33
 LAYER_PACING = (1, 0)
-# Stages whose input holds at most this many bytes keep one layer ahead (LAYER_PACING's `ahead` at least 1): their
-# layers are short, so waiting for each one starves the GPU, and their temporaries are small; larger stages keep
-# LAYER_PACING. 0: every stage as LAYER_PACING says. H200, 1024 px decode (stage inputs 17, 17, 67, 268, 537 MB),
-# benchmarks/bench_vae.py --sweep: 96 MB 28.6-29.6 ms at 2.15 GB above the weights, 300 MB 27.1 ms at 2.58 GB
-# (2.85 GB in an earlier run: peaks of layers run ahead vary with timing); also waiting at the end of each stage
-# that ran ahead gave nothing reliable (30.0-34.1 ms).
-AHEAD_BELOW_BYTES = 96 << 20
+# Stages whose input holds at most this many bytes keep one layer ahead (LAYER_PACING's `ahead` at least 1): waiting
+# for each layer starves the GPU (an H200 idles ~8 ms of a 30 ms 1024 px decode waiting for the host to launch the
+# next layer), and their temporaries are small enough; larger stages keep LAYER_PACING. 0: every stage as
+# LAYER_PACING says. Stage inputs at 1024 px: 17 (mid, first up), 17, 67, 268 and 537 MB, so 600 MB runs every
+# 1024 px stage ahead and makes the two largest of a 2048 px decode wait (benchmarks/bench_vae.py --sweep, H200,
+# results in benchmarks/results/).
+AHEAD_BELOW_BYTES = 600 << 20
 
 
 def _group_rows(x: mx.array, groups: int) -> mx.array:
