@@ -22,7 +22,8 @@ def attention(
         # additive at the mask's own shape: MLX broadcasts it as a view, while a boolean mask is made a full
         # [B, H, Lq, Lk] bias on every call on CUDA (a quarter of a Qwen3 prompt encode's GPU time on an H200);
         # the most negative value, as MLX's own fallback uses, keeps a row with no allowed key finite
-        mask = mx.where(mask, 0.0, mx.finfo(q.dtype).min).astype(q.dtype) if mask.dtype == mx.bool_ else mask
+        if mask.dtype == mx.bool_:
+            mask = mx.where(mask, 0.0, mx.finfo(q.dtype).min)
         mask = mask.astype(q.dtype)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 

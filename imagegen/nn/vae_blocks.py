@@ -25,7 +25,8 @@ QUERY_CHUNK = 4096
 # coexist. Convolutions whose unfolded input would pass this many bytes run in strips of rows, each evaluated before
 # the next; the blocks also pace their graphs layer by layer (imagegen.nn.pacing) with LAYER_PACING = (every,
 # ahead): (1, 0) waits for each layer, (1, 1) keeps two in flight, (0, 0) leaves the decode one graph; waiting for
-# each layer had the lowest peak for about the same time (benchmarks/profile_vae_memory.py, results in its docstring).
+# each layer has the lowest peak (benchmarks/profile_vae_memory.py, results in its docstring), and the large stages
+# keep it (AHEAD_BELOW_BYTES).
 CONV_WORKSPACE_BYTES = 1 << 33
 LAYER_PACING = (1, 0)
 # Stages whose input holds at most this many bytes keep one layer ahead (LAYER_PACING's `ahead` at least 1): waiting
