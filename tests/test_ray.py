@@ -211,10 +211,41 @@ def test_a_death_is_blamed_on_the_oldest_row_that_did_not_come_back(monkeypatch,
     monkeypatch.setattr(ray_batch.ray, "kill", lambda actor, no_restart: None)
     pool = object.__new__(ray_batch.Pool)
     pool.in_flight, pool.culprits, pool.actors, pool.generations = {"older": older}, {}, ["dead"], [0]
+    pool.turns = [2]
     pool._new = lambda: "replacement"
     assert pool.lost(newer) is older_came_back  # the newer row's error told first
     assert pool.culprits == {(0, 0): "b" if older_came_back else "a"}
-    assert (pool.actors, pool.generations) == (["replacement"], [1])
+    assert (pool.actors, pool.generations, pool.turns) == (["replacement"], [1], [0])
+
+
+def test_a_worker_generates_its_rows_in_the_order_sent(monkeypatch):
+    """Ray starts a threaded actor's calls in any order: a row's generation waits for the turns sent before it,
+    so the oldest row a dead worker held that did not come back is the one it was generating."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from imagegen.batch import Row
+    from imagegen.scaleout import batch as ray_batch
+
+    order = []
+
+    class Runner:
+        def generate(self, row):
+            order.append(row.id)
+            return row.id
+
+    worker = object.__new__(ray_batch.BatchWorker)
+    worker.runner, worker.device = Runner(), ThreadPoolExecutor(max_workers=1)
+    worker.turns, worker.next_turn = threading.Condition(), 0
+    rows = [Row(name, i + 1, "x", "hello", 0) for i, name in enumerate("abc")]
+    monkeypatch.setattr(ray_batch, "encoded", lambda generated: generated)
+    late = [threading.Thread(target=worker.run, args=(rows[i], i)) for i in (2, 1)]  # later turns call first
+    for thread in late:
+        thread.start()
+    assert worker.run(rows[0], 0) == "a"
+    for thread in late:
+        thread.join(timeout=10)
+    assert order == ["a", "b", "c"]
 
 
 def test_workers_that_cannot_start_stop_the_batch(hello_plugin, crash_plugin, tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,16 +35,26 @@ class BatchWorker:
     """The Ray actor: the driver's in-process plugins, then a RowRunner (over `gpus` ranks it launches when
     `gpus` > 1: imagegen.batch_ranks). It takes ROWS_IN_FLIGHT calls at once (a threaded actor) so a row's PNG
     is encoded while the next row generates, as the local Writer does; the generations themselves run one after
-    another on one thread of their own (MLX work, or the ranks' connection, stays on one thread)."""
+    another on one thread of their own (MLX work, or the ranks' connection, stays on one thread), in the order
+    the driver sent them (`turn`: Ray starts a threaded actor's calls in any order), so the driver knows which row
+    a dead worker was generating."""
 
     def __init__(self, load: LoadOptions, plugins: list[PluginRef], gpus: int = 1):
         setup_worker(plugins)
         self.runner = RankedRowRunner(load, gpus) if gpus > 1 else RowRunner(load)
         self.device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imagegen-device")
+        self.turns = threading.Condition()
+        self.next_turn = 0
 
-    def run(self, row: Row) -> RowOutcome:
+    def run(self, row: Row, turn: int) -> RowOutcome:
+        """Generate `row` once the rows sent before it (turns 0 .. turn - 1 of this actor) have started."""
+        with self.turns:
+            self.turns.wait_for(lambda: self.next_turn == turn)
+            generation = self.device.submit(self.runner.generate, row)
+            self.next_turn += 1
+            self.turns.notify_all()
         try:
-            generated = self.device.submit(self.runner.generate, row).result()
+            generated = generation.result()
         except RanksEnded:  # this actor cannot generate any more: end it, so the pool replaces it
             os._exit(1)
         return encoded(generated)
@@ -101,6 +112,7 @@ class Pool:
         self.load, self.plugins, self.gpus_per_worker = load, forwarded_plugins(), gpus_per_worker
         self.actors = [self._new() for _ in range(count)]
         self.generations = [0] * count
+        self.turns = [0] * count  # rows sent to each slot's current actor
         self.in_flight: dict[Any, Task] = {}  # ObjectRef -> Task, in the order sent
         self.culprits: dict[tuple[int, int], str] = {}  # (slot, generation) of a dead actor -> the row it ran
         self.sent = 0
@@ -118,7 +130,9 @@ class Pool:
             if len(self.held(slot)) >= ROWS_IN_FLIGHT:
                 return
             row = queue.popleft()
-            self.in_flight[self.actors[slot].run.remote(row)] = Task(slot, self.generations[slot], self.sent, row)
+            ref = self.actors[slot].run.remote(row, self.turns[slot])
+            self.in_flight[ref] = Task(slot, self.generations[slot], self.sent, row)
+            self.turns[slot] += 1
             self.sent += 1
 
     def next_done(self) -> tuple[Task, Any]:
@@ -139,6 +153,7 @@ class Pool:
             ray.kill(self.actors[task.slot], no_restart=True)
             self.actors[task.slot] = self._new()
             self.generations[task.slot] += 1
+            self.turns[task.slot] = 0
         return self.culprits[key] == task.row.id
 
     def close(self) -> None:
