@@ -87,18 +87,20 @@ def worker_resources(workers: int | None, gpus_per_worker: int = 1) -> tuple[int
 
 @dataclass(frozen=True)
 class Task:
-    """A row sent to a worker: which slot, which actor of that slot (its generation), in which order."""
+    """A row sent to a worker: which slot, and which actor of that slot (its generation)."""
 
     slot: int
     generation: int
-    order: int
     row: Row
 
 
 class Pool:
-    """The worker slots and the rows they hold. A slot's actor is replaced when it dies (its generation
-    counts up); of the rows a dead actor held, only the one it was running (the oldest: an actor runs its
-    rows in order) counts a death, so rows queued behind a row that kills workers are not failed with it."""
+    """The worker slots and the rows they hold. A slot's actor is replaced when it dies (its generation counts
+    up). A death counts against a row only when the dead actor held no other row that had not come back: an actor
+    generates its rows in order, but the row before the one it was generating may still be on its way back, so
+    with two rows out neither is known to have killed it. Both then go again alone, one per worker with nothing
+    else in flight there (`suspects`), and the next death is certain; rows queued behind a row that kills
+    workers are never failed with it."""
 
     def __init__(self, count: int, options: dict[str, Any], load: LoadOptions, gpus_per_worker: int = 1):
         env = runtime_env()
@@ -114,8 +116,8 @@ class Pool:
         self.generations = [0] * count
         self.turns = [0] * count  # rows sent to each slot's current actor
         self.in_flight: dict[Any, Task] = {}  # ObjectRef -> Task, in the order sent
-        self.culprits: dict[tuple[int, int], str] = {}  # (slot, generation) of a dead actor -> the row it ran
-        self.sent = 0
+        self.culprits: dict[tuple[int, int], str | None] = {}  # (slot, generation) of a dead actor -> the row it ran
+        self.suspects: set[str] = set()  # rows a worker died holding alongside another: they run alone
 
     def _new(self) -> Any:
         return self.actor_class.remote(self.load, self.plugins, self.gpus_per_worker)
@@ -123,17 +125,25 @@ class Pool:
     def held(self, slot: int) -> list[Task]:
         return [t for t in self.in_flight.values() if (t.slot, t.generation) == (slot, self.generations[slot])]
 
+    def takes(self, slot: int, row: Row) -> bool:
+        """Whether `slot` may take `row` now: a suspect only an idle worker, any other row a worker with room
+        that holds no suspect."""
+        held = self.held(slot)
+        if row.id in self.suspects:
+            return not held
+        return len(held) < ROWS_IN_FLIGHT and not any(t.row.id in self.suspects for t in held)
+
     def send(self, queue: deque[Row]) -> None:
-        """Keep every worker ROWS_IN_FLIGHT rows deep."""
+        """Keep every worker ROWS_IN_FLIGHT rows deep (in the queue's order: a suspect waits for an idle worker)."""
         while queue:
-            slot = min(range(len(self.actors)), key=lambda s: len(self.held(s)))
-            if len(self.held(slot)) >= ROWS_IN_FLIGHT:
+            slots = [s for s in range(len(self.actors)) if self.takes(s, queue[0])]
+            if not slots:
                 return
+            slot = min(slots, key=lambda s: len(self.held(s)))
             row = queue.popleft()
             ref = self.actors[slot].run.remote(row, self.turns[slot])
-            self.in_flight[ref] = Task(slot, self.generations[slot], self.sent, row)
+            self.in_flight[ref] = Task(slot, self.generations[slot], row)
             self.turns[slot] += 1
-            self.sent += 1
 
     def next_done(self) -> tuple[Task, Any]:
         """The next task to come back (the oldest first among those ready) and its ObjectRef."""
@@ -141,20 +151,26 @@ class Pool:
         return self.in_flight.pop(ref), ref
 
     def lost(self, task: Task) -> bool:
-        """A task's worker died: replace it (on the first of its tasks to tell); True if this task's row
-        was the one running: the oldest of the actor's rows that did not come back. A row whose result came
-        back before the death was not running, even if the driver has not read it yet (blaming it would let
-        the row that killed the worker go again without counting)."""
+        """A task's worker died: replace it (on the first of its tasks to tell); True if this task's row killed
+        it: the one row of the actor that did not come back (a row whose result came back before the death, even
+        if the driver has not read it yet, was not running). With several, none is blamed and all become
+        suspects."""
         key = (task.slot, task.generation)
         if key not in self.culprits:
             mates = [ref for ref, t in self.in_flight.items() if (t.slot, t.generation) == key]
             unfinished = [task, *(self.in_flight[ref] for ref in mates if not _came_back(ref))]
-            self.culprits[key] = min(unfinished, key=lambda t: t.order).row.id
+            self.culprits[key] = task.row.id if len(unfinished) == 1 else None
+            if len(unfinished) > 1:
+                self.suspects.update(t.row.id for t in unfinished)
             ray.kill(self.actors[task.slot], no_restart=True)
             self.actors[task.slot] = self._new()
             self.generations[task.slot] += 1
             self.turns[task.slot] = 0
         return self.culprits[key] == task.row.id
+
+    def ended(self, row: Row) -> None:
+        """`row` is written (an image or a failure): it is no longer a suspect."""
+        self.suspects.discard(row.id)
 
     def close(self) -> None:
         for actor in self.actors:
@@ -211,6 +227,7 @@ def run_on_ray(
                     outputs.finish(
                         RowOutcome(task.row, "", error=f"its worker died {deaths[task.row.id]} times ({error_text(e)})")
                     )
+                    pool.ended(task.row)
                 else:
                     queue.appendleft(task.row)
                     outputs.summary.retried += 1
@@ -218,6 +235,7 @@ def run_on_ray(
             except ray.exceptions.RayError as e:  # the row's outcome could not come back (e.g. not picklable)
                 outcome = RowOutcome(task.row, "", error=error_text(e))
             outputs.finish(outcome)
+            pool.ended(task.row)
     finally:
         if pool is not None:
             pool.close()
