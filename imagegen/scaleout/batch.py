@@ -36,8 +36,8 @@ class BatchWorker:
     `gpus` > 1: imagegen.batch_ranks). It takes ROWS_IN_FLIGHT calls at once (a threaded actor) so a row's PNG
     is encoded while the next row generates, as the local Writer does; the generations themselves run one after
     another on one thread of their own (MLX work, or the ranks' connection, stays on one thread), in the order
-    the driver sent them (`turn`: Ray starts a threaded actor's calls in any order), so the driver knows which row
-    a dead worker was generating."""
+    the driver sent them (`turn`: Ray starts a threaded actor's calls in any order), as Pool's accounting of a
+    dead worker's rows assumes."""
 
     def __init__(self, load: LoadOptions, plugins: list[PluginRef], gpus: int = 1):
         setup_worker(plugins)
