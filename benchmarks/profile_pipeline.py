@@ -10,7 +10,6 @@ FOLDER: a diffusers-layout checkpoint of the model (bench_generate.py --keep lea
 from __future__ import annotations
 
 import argparse
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from unittest.mock import patch
 
 import mlx.core as mx
 from common import Recorder, ensure_imports, header
-from profile_step import group
+from profile_step import group, kernel_events
 
 from imagegen.cli.bench import clear_prompt_cache, evaluate, time_mlx
 
@@ -36,32 +35,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def kernels(fn) -> dict[str, Any]:
-    """GPU time of one evaluated call of fn, by kernel group, with the kernel count and the wall time around it."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    evaluate(fn())
-    mx.synchronize()
+    """GPU time of one evaluated call of fn, by kernel group, with the kernel count."""
+    events = kernel_events(fn, 1)
     totals: dict[str, float] = defaultdict(float)
-    count = 0
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        start = time.perf_counter()
-        evaluate(fn())
-        mx.synchronize()
-        wall = time.perf_counter() - start
-        torch.cuda.synchronize()
-    for event in prof.events():
-        if event.device_type.name == "CUDA":
-            totals[event.name] += event.time_range.elapsed_us()
-            count += 1
     groups: dict[str, float] = defaultdict(float)
-    for name, us in totals.items():
+    for name, us in events:
+        totals[name] += us
         groups[group(name)] += us
     top = sorted(totals.items(), key=lambda kv: -kv[1])[:12]
     return {
         "gpu_ms": round(sum(totals.values()) / 1e3, 3),
-        "profiled_wall_ms": round(wall * 1e3, 3),
-        "kernels": count,
+        "kernels": len(events),
         "by_group_ms": {g: round(v / 1e3, 3) for g, v in sorted(groups.items(), key=lambda kv: -kv[1])},
         "top_ms": [[n[:100], round(v / 1e3, 3)] for n, v in top],
     }

@@ -17,7 +17,7 @@ from families import FULL, Flux2
 from imagegen_flux2.config import Flux2TransformerConfig
 from imagegen_flux2.transformer import Flux2Transformer
 
-from imagegen.cli.bench import time_mlx
+from imagegen.cli.bench import evaluate, time_mlx
 from imagegen.nn import cuda_kernels
 
 # Kernel families by name (cuBLAS / CUTLASS GEMMs, cuDNN attention, MLX's own kernels).
@@ -36,22 +36,26 @@ def group(name: str) -> str:
     return next(g for g, pattern in GROUPS if re.search(pattern, name, re.IGNORECASE))
 
 
-def kernel_times(fn, steps: int = 3) -> dict[str, float]:
-    """GPU microseconds per kernel name over `steps` calls of fn, divided by steps."""
+def kernel_events(fn, calls: int) -> list[tuple[str, float]]:
+    """(name, GPU microseconds) of every CUDA kernel that `calls` evaluated calls of fn ran (after one untimed)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    mx.eval(fn())
+    evaluate(fn())
     mx.synchronize()
-    totals: dict[str, float] = defaultdict(float)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            mx.eval(fn())
+        for _ in range(calls):
+            evaluate(fn())
         mx.synchronize()
         torch.cuda.synchronize()
-    for event in prof.events():
-        if event.device_type.name == "CUDA":
-            totals[event.name] += event.time_range.elapsed_us() / steps
+    return [(e.name, e.time_range.elapsed_us()) for e in prof.events() if e.device_type.name == "CUDA"]
+
+
+def kernel_times(fn, steps: int = 3) -> dict[str, float]:
+    """GPU microseconds per kernel name over `steps` calls of fn, divided by steps."""
+    totals: dict[str, float] = defaultdict(float)
+    for name, us in kernel_events(fn, steps):
+        totals[name] += us / steps
     return dict(totals)
 
 
