@@ -128,19 +128,19 @@ def _scale_shift(
     first: mx.array,
     weight: mx.array,
     bias: mx.array,
-    input_bias: mx.array,
+    input_bias: mx.array | float,
     eps: mx.array,
     count: mx.array,
 ) -> tuple[mx.array, mx.array]:
-    """Per-channel scale and shift [B, C] for x (whose norm is that of x + input_bias) from the summed statistics
-    [B, G, 2] of x + input_bias - first."""
+    """Per-channel scale and shift [B, C] for x (whose norm is that of x + input_bias, float32 [C] or 0.0) from the
+    summed statistics [B, G, 2] of x + input_bias - first."""
     groups, c = first.shape[1], weight.shape[0]
     m = sums[..., 0] / count
     var = mx.maximum(sums[..., 1] / count - m * m, 0.0)
     rstd = mx.repeat(mx.rsqrt(var + eps), c // groups, axis=1)
     mean = mx.repeat(first + m, c // groups, axis=1)
     scale = rstd * weight.astype(mx.float32)
-    return scale, bias.astype(mx.float32) + (input_bias.astype(mx.float32) - mean) * scale
+    return scale, bias.astype(mx.float32) + (input_bias - mean) * scale
 
 
 def group_norm(
@@ -160,11 +160,15 @@ def group_norm(
     rows = x.reshape(b, h * w, c)
     pack, threads = _pack(x, groups), _stats_threads(x, groups)
     blocks = min(BLOCKS, max(1, h * w // (threads // (c // pack))))
-    input_bias = mx.zeros((c,), mx.float32) if input_bias is None else input_bias.astype(mx.float32)
-    first = x[:, 0, 0, :: c // groups].astype(mx.float32) + input_bias[:: c // groups]  # a value of each group
+    first = x[:, 0, 0, :: c // groups].astype(mx.float32)  # each group's shift: one of its own values
+    if input_bias is not None:
+        input_bias = input_bias.astype(mx.float32)
+        first = first + input_bias[:: c // groups]
     if split is not None:  # one shift for all bands: the mean of theirs
         first = split.sum(first) / split.size
-    offsets = mx.repeat(first, c // groups, axis=1) - input_bias  # x - offsets = x + input_bias - first
+    offsets = mx.repeat(first, c // groups, axis=1)
+    if input_bias is not None:
+        offsets = offsets - input_bias  # x - offsets = x + input_bias - first
     partial = _stats_kernel()(
         inputs=[rows, offsets],
         template=[("T", x.dtype), ("P", pack), ("THREADS", threads)],
@@ -182,7 +186,7 @@ def group_norm(
         first,
         weight,
         bias,
-        input_bias,
+        0.0 if input_bias is None else input_bias,  # a constant of the compiled function: no array, no kernel
         mx.array(eps, mx.float32),
         mx.array(height * w * (c // groups), mx.float32),
     )
