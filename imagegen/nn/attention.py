@@ -12,13 +12,13 @@ from ..distributed import current as sequence_parallel
 
 
 def attention(
-    q: mx.array, k: mx.array, v: mx.array, mask: mx.array | str | None = None, scale: float | None = None
+    q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = None, scale: float | None = None
 ) -> mx.array:
     """q: [B, H, Lq, D]; k, v: [B, Hkv, Lk, D] (Hkv may divide H: grouped-query attention).
 
-    mask: boolean (True = attend) or additive, broadcastable to [B, H, Lq, Lk], or "causal". Returns [B, H, Lq, D]."""
+    mask: boolean (True = attend) or additive, broadcastable to [B, H, Lq, Lk]. Returns [B, H, Lq, D]."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if isinstance(mask, mx.array):
+    if mask is not None:
         # additive at the mask's own shape: MLX broadcasts it as a view, while a boolean mask is made a full
         # [B, H, Lq, Lk] bias on every call on CUDA (a quarter of a Qwen3 prompt encode's GPU time on an H200);
         # the most negative value, as MLX's own fallback uses, keeps a row with no allowed key finite
