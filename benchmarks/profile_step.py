@@ -2,7 +2,7 @@
 tracer, which sees every CUDA kernel of the process, MLX's included), and the step with imagegen's CUDA kernels on
 and off (imagegen.nn.cuda_kernels: attention inputs, SwiGLU), random weights, bf16, 1024x1024.
 
-    python3 benchmarks/profile_step.py [flux2-klein-4b|flux2-klein-9b] [--no-kernels]   # JSON lines"""
+    python3 benchmarks/profile_step.py [flux2-klein-4b|flux2-klein-9b] [--no-kernels] [--quantize fp8]   # JSON lines"""
 
 from __future__ import annotations
 
@@ -60,10 +60,18 @@ def kernel_times(fn, steps: int = 3) -> dict[str, float]:
 
 
 def main() -> None:
-    model_id = next((a for a in sys.argv[1:] if not a.startswith("--")), "flux2-klein-4b")
+    args = [a for i, a in enumerate(sys.argv[1:], 1) if sys.argv[i - 1] != "--quantize"]
+    model_id = next((a for a in args if not a.startswith("--")), "flux2-klein-4b")
     fam = Flux2(model_id, FULL)
     transformer = Flux2Transformer(Flux2TransformerConfig(**fam.transformer_config))
     transformer.set_dtype(mx.bfloat16)
+    mode = sys.argv[sys.argv.index("--quantize") + 1] if "--quantize" in sys.argv else None
+    if mode:  # the layers the pipeline would quantize
+        from imagegen_flux2.transformer import quant_predicate
+
+        from imagegen.quantize import quantize_model
+
+        quantize_model(transformer, mode, quant_predicate)
     mx.eval(transformer.parameters())
     inputs = fam.step_inputs(FULL.size)
     flops = fam.flops(FULL.size, FULL.text_len)
@@ -78,6 +86,7 @@ def main() -> None:
                 json.dumps(
                     {
                         "model": model_id,
+                        "quantize": mode,
                         "fused_kernels": fused,
                         "pace": pace,
                         "ms": round(t.ms, 2),
@@ -104,6 +113,7 @@ def main() -> None:
             json.dumps(
                 {
                     "model": model_id,
+                    "quantize": mode,
                     "fused_kernels": fused,
                     "by_group_ms": by_group,
                     "gpu_ms_per_step": round(sum(times.values()) / 1e3, 2),

@@ -48,7 +48,8 @@ def weight_bytes(folder: Path, dtype: str, quantize: str | None, quantized: bool
     per = BYTES.get(dtype, 2)
     if quantize and quantized:
         s = scheme(normalize_mode(quantize))
-        matrix_bytes = matrices * (s["bits"] / 8 + 2 * per / s["group_size"])  # scales (+ biases)
+        scales = 2 * per / s["group_size"] if s["group_size"] else 0  # (+ biases); fp8: one per row
+        matrix_bytes = matrices * (s["bits"] / 8 + scales)
     else:
         matrix_bytes = matrices * per
     return int(matrix_bytes + other * per)

@@ -99,8 +99,11 @@ def read_safetensors(folder: Path, sources: dict[str, Path] | None = None) -> di
 
 
 def cast(weights: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.array]:
-    """Cast floating tensors; quantized (integer) tensors keep their type."""
-    return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    """Cast floating tensors; quantized (integer) tensors and fp8 layers' float32 scales keep their type."""
+    return {
+        k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and not k.endswith(".weight_scale") else v
+        for k, v in weights.items()
+    }
 
 
 def fuse_projections(

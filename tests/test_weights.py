@@ -131,7 +131,7 @@ def test_missing_and_corrupt_files(tmp_path):
         load_module(Tiny(), tmp_path)
 
 
-@pytest.mark.parametrize("mode", ALL_MODES)
+@pytest.mark.parametrize("mode", [m for m in ALL_MODES if m != "fp8"])  # fp8: tests/test_fp8_linear.py
 def test_quantized_linear_matches_dequantized_reference(mode):
     check_supported(mode)
     s = scheme(normalize_mode(mode))

@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import LoraError
+from ..nn.fp8_linear import Fp8Linear
 from .deltas import Delta, LohaDelta, LokrDelta, LoraDelta
 from .targets import Part
 
@@ -39,12 +40,12 @@ def module_at(root: nn.Module, path: str) -> tuple[Any, Any, Any]:
 
 
 def layer_shape(module: Any) -> tuple[int, int] | None:
-    """(out, in) of a Linear or QuantizedLinear (or of an adapted one); None for anything else."""
+    """(out, in) of a Linear, QuantizedLinear or Fp8Linear (or of an adapted one); None for anything else."""
     if isinstance(module, LoraLinear):
         return layer_shape(module.base)
     if isinstance(module, nn.QuantizedLinear):
         return module.weight.shape[0], module.scales.shape[-1] * module.group_size
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear | Fp8Linear):  # an Fp8Linear's weight has one byte per value
         return tuple(module.weight.shape)
     return None
 

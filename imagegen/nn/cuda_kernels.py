@@ -82,8 +82,11 @@ def _constant(name: str, value: Any) -> str:
 class Kernel:
     """One kernel body (module docstring); call it as mx.fast.cuda_kernel's kernels are called."""
 
-    def __init__(self, name: str, inputs: Sequence[str], outputs: Sequence[str], source: str):
+    def __init__(
+        self, name: str, inputs: Sequence[str], outputs: Sequence[str], source: str, headers: Sequence[str] = ()
+    ):
         self.name, self.inputs, self.outputs, self.body = name, tuple(inputs), tuple(outputs), source
+        self.headers = (*nvrtc.HEADERS, *headers)  # headers: more of CUDA's, beside the bf16 / fp16 ones
         self.shaped = tuple(n for n in self.inputs if re.search(rf"\b{n}_(shape|ndim)\b", source))
         if re.search(r"\b\w+_strides\b", source):
             raise ValueError(f"kernel {name}: inputs are row-contiguous, derive strides from <input>_shape")
@@ -103,7 +106,7 @@ class Kernel:
                     f"  constexpr int {n}_ndim = {x.ndim};",
                 ]
         prologue += [_constant(k, v) for k, v in template]
-        includes = "".join(f"#include <{h}>\n" for h in nvrtc.HEADERS)
+        includes = "".join(f"#include <{h}>\n" for h in self.headers)
         signature = ",\n    ".join(params)
         return (
             f'{includes}{PACK_HEADER}\nextern "C" __global__ void {self.name}(\n    {signature}) {{\n'
@@ -139,11 +142,15 @@ class Kernel:
         )
 
 
-def kernel(name: str, inputs: Sequence[str], outputs: Sequence[str], source: str) -> Kernel:
+def kernel(
+    name: str, inputs: Sequence[str], outputs: Sequence[str], source: str, headers: Sequence[str] = ()
+) -> Kernel:
     """The Kernel for a body, built once per process (instantiations compile on first launch)."""
-    return _kernel(name, tuple(inputs), tuple(outputs), source)
+    return _kernel(name, tuple(inputs), tuple(outputs), source, tuple(headers))
 
 
 @cache
-def _kernel(name: str, inputs: tuple[str, ...], outputs: tuple[str, ...], source: str) -> Kernel:
-    return Kernel(name, inputs, outputs, source)
+def _kernel(
+    name: str, inputs: tuple[str, ...], outputs: tuple[str, ...], source: str, headers: tuple[str, ...]
+) -> Kernel:
+    return Kernel(name, inputs, outputs, source, headers)
