@@ -136,14 +136,34 @@ def fp8_gemm_here() -> bool:
 @pytest.mark.cuda
 @pytest.mark.skipif(not cuda_kernels._cuda(), reason="the fused kernel runs on CUDA only")
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
-def test_fused_rows_equal_reference(dtype):
-    x = (mx.random.normal((333, 3072), key=mx.random.key(6)) * 7).astype(dtype)
-    x = mx.concatenate([x, mx.zeros((1, 3072), dtype)])
+@pytest.mark.parametrize("width", [2560, 3072, 12288])  # the last pack of a row part-filled, full, 6 packs
+def test_fused_rows_equal_reference(dtype, width):
+    x = (mx.random.normal((333, width), key=mx.random.key(6)) * 7).astype(dtype)
+    x = mx.concatenate([x, mx.zeros((1, width), dtype)])
     q8, scale, buffer = fp8_linear.quantize_rows_fused(x, 64)
     want_q, want_s = quantize_rows(x)
     assert buffer.shape == (334, 64) and buffer.dtype == mx.bfloat16
     np.testing.assert_array_equal(np.array(q8), np.array(want_q))
     np.testing.assert_array_equal(np.array(scale), np.array(want_s))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not cuda_kernels._cuda(), reason="the fused kernel runs on CUDA only")
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_rescale_equals_reference(dtype, bias):
+    keys = mx.random.split(mx.random.key(8), 4)
+    raw = (mx.random.normal((77, 1024), key=keys[0]) * 1e4).astype(mx.bfloat16)
+    x_scale, w_scale = mx.random.uniform(0, 0.1, (77,), key=keys[1]), mx.random.uniform(0, 0.1, (1024,), key=keys[2])
+    b = mx.random.normal((1024,), key=keys[3]).astype(dtype) if bias else None
+    got = fp8_linear.rescale_fused(raw, x_scale, w_scale, b, dtype)
+    want = fp8_linear._rescale(dtype, bias)(raw, x_scale, w_scale, *([b] if bias else []))
+    assert got.dtype == dtype
+    scale = float(mx.abs(want.astype(mx.float32)).max())
+    tol = 1e-6 if dtype == mx.float32 else 4e-3  # one rounding of the last add (FMA or not)
+    np.testing.assert_allclose(
+        np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)), atol=tol * scale, rtol=0
+    )
 
 
 @pytest.mark.cuda

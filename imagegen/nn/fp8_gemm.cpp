@@ -13,6 +13,8 @@
 
 #include <cublasLt.h>
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/map.h>
+#include <nanobind/stl/string.h>
 
 #include <map>
 #include <mutex>
@@ -158,11 +160,58 @@ bool supported(int64_t M, int64_t N, int64_t K) {
   return plan_for(M, N, K).found;
 }
 
+// Which scaling schemes cuBLASLt has an FP8 algorithm for here, for the shape (a diagnostic for the benchmarks:
+// an in-GEMM scaling would save the separate scaling pass).
+std::map<std::string, bool> capabilities(int64_t M, int64_t N, int64_t K) {
+  auto has = [&](cublasLtMatmulMatrixScale_t a_mode, cublasLtMatmulMatrixScale_t b_mode, bool alpha_vector) {
+    cublasLtMatmulDesc_t desc;
+    cublasLtMatrixLayout_t a, b, d;
+    check(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate");
+    cublasOperation_t transpose = CUBLAS_OP_T, keep = CUBLAS_OP_N;
+    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &transpose, sizeof(transpose));
+    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &keep, sizeof(keep));
+    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &a_mode, sizeof(a_mode));
+    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &b_mode, sizeof(b_mode));
+    if (alpha_vector) {
+      cublasLtPointerMode_t mode = CUBLASLT_POINTER_MODE_ALPHA_DEVICE_VECTOR_BETA_ZERO;
+      cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_POINTER_MODE, &mode, sizeof(mode));
+    }
+    cublasLtMatrixLayoutCreate(&a, CUDA_R_8F_E4M3, K, N, K);
+    cublasLtMatrixLayoutCreate(&b, CUDA_R_8F_E4M3, K, M, K);
+    cublasLtMatrixLayoutCreate(&d, CUDA_R_16BF, N, M, N);
+    cublasLtMatmulPreference_t preference;
+    cublasLtMatmulPreferenceCreate(&preference);
+    uint64_t workspace = 32 << 20;
+    cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace,
+                                         sizeof(workspace));
+    cublasLtMatmulHeuristicResult_t result{};
+    int count = 0;
+    cublasStatus_t status =
+        cublasLtMatmulAlgoGetHeuristic(handle(), desc, a, b, d, d, preference, 1, &result, &count);
+    cublasLtMatmulPreferenceDestroy(preference);
+    cublasLtMatrixLayoutDestroy(a);
+    cublasLtMatrixLayoutDestroy(b);
+    cublasLtMatrixLayoutDestroy(d);
+    cublasLtMatmulDescDestroy(desc);
+    return status == CUBLAS_STATUS_SUCCESS && count > 0;
+  };
+  const auto scalar = CUBLASLT_MATMUL_MATRIX_SCALE_SCALAR_32F;
+  return {
+      {"scalar", has(scalar, scalar, false)},
+      {"outer_vector", has(CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F, CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F,
+                           false)},
+      {"blocks_128x128_and_rows_128", has(CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F,
+                                          CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F, false)},
+      {"alpha_vector", has(scalar, scalar, true)},
+  };
+}
+
 }  // namespace
 
 NB_MODULE(_imagegen_fp8, m) {
   m.doc() = "FP8 (E4M3) GEMM for MLX on CUDA through cuBLASLt (imagegen/nn/fp8_gemm.cpp)";
   m.def("fp8_matmul", &fp8_matmul, nb::arg("x8"), nb::arg("w8"), nb::arg("buffer"));
   m.def("supported", &supported, nb::arg("M"), nb::arg("N"), nb::arg("K"));
+  m.def("capabilities", &capabilities, nb::arg("M"), nb::arg("N"), nb::arg("K"));
   m.def("cublaslt_version", [] { return static_cast<int64_t>(cublasLtGetVersion()); });
 }

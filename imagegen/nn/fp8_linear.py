@@ -27,17 +27,20 @@ TINY = 1e-12  # an all-zero row keeps a finite scale (the kernel's 1e-12f)
 THREADS = 256
 PER = 8  # elements per packed load: 16 bytes of bf16 / fp16
 
-# One block per row: the row's largest magnitude (a warp then a block reduction), then each element times
-# 448 / amax converted to E4M3 (round to nearest even, saturating). `buffer` is the GEMM's output memory: allocated
-# here, written by cuBLASLt (see fp8_gemm.cpp).
+# One block per row, the row held in registers (PACKS packs of PER values per thread, K a compile-time constant):
+# its largest magnitude (a warp then a block reduction), then each value times 448 / amax converted to E4M3 (round
+# to nearest even, saturating). `buffer` is the GEMM's output memory: allocated here, written by cuBLASLt.
 _QUANTIZE_ROWS = """
   const long row = blockIdx.x;
   const T* xr = x + row * K;
+  float v[PACKS][PER];
   float amax = 0.f;
-  for (long c = long(threadIdx.x) * PER; c < K; c += long(blockDim.x) * PER) {
-    float v[PER];
-    load_row<T, PER>(xr + c, 1, v);
-    for (int j = 0; j < PER; ++j) amax = fmaxf(amax, fabsf(v[j]));
+  for (int p = 0; p < PACKS; ++p) {
+    const long c = (long(p) * blockDim.x + threadIdx.x) * PER;
+    if (c < K) {
+      load_row<T, PER>(xr + c, 1, v[p]);
+      for (int j = 0; j < PER; ++j) amax = fmaxf(amax, fabsf(v[p][j]));
+    }
   }
   for (int offset = 16; offset > 0; offset >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
   __shared__ float warp_max[32];
@@ -51,14 +54,34 @@ _QUANTIZE_ROWS = """
   __syncthreads();
   amax = warp_max[0];
   const float inverse = 448.f / amax;
-  for (long c = long(threadIdx.x) * PER; c < K; c += long(blockDim.x) * PER) {
-    float v[PER];
-    load_row<T, PER>(xr + c, 1, v);
-    Pack<unsigned char, PER> bytes;
-    for (int j = 0; j < PER; ++j) bytes.v[j] = __nv_cvt_float_to_fp8(v[j] * inverse, __NV_SATFINITE, __NV_E4M3);
-    *reinterpret_cast<Pack<unsigned char, PER>*>(q + row * K + c) = bytes;
+  for (int p = 0; p < PACKS; ++p) {
+    const long c = (long(p) * blockDim.x + threadIdx.x) * PER;
+    if (c < K) {
+      Pack<unsigned char, PER> bytes;
+      for (int j = 0; j < PER; ++j) bytes.v[j] = __nv_cvt_float_to_fp8(v[p][j] * inverse, __NV_SATFINITE, __NV_E4M3);
+      *reinterpret_cast<Pack<unsigned char, PER>*>(q + row * K + c) = bytes;
+    }
   }
   if (threadIdx.x == 0) scale[row] = amax / 448.f;
+"""
+
+# out = raw * x_scale[row] * w_scale[col] (+ bias[col]), PER columns per thread in packed loads and stores; the
+# same float32 arithmetic as _rescale's MLX expression.
+_RESCALE = """
+  const long i = long(blockIdx.x) * blockDim.x + threadIdx.x;
+  const long per_row = N / PER;
+  if (i >= raw_shape[0] * per_row) return;
+  const long row = i / per_row, col = (i % per_row) * PER;
+  float v[PER];
+  load_row<__nv_bfloat16, PER>(raw + row * N + col, 1, v);
+  const float s = x_scale[row];
+  Pack<T, PER> y;
+  for (int j = 0; j < PER; ++j) {
+    float value = v[j] * s * w_scale[col + j];
+    BIAS
+    y.v[j] = static_cast<T>(value);
+  }
+  *reinterpret_cast<Pack<T, PER>*>(out + row * N + col) = y;
 """
 
 
@@ -99,15 +122,36 @@ def quantize_rows_fused(x: mx.array, out_features: int) -> tuple[mx.array, mx.ar
     """The CUDA kernel for x [M, K] (K a multiple of 8): (bytes, scales, an unwritten bf16 [M, out_features] buffer
     for the GEMM's output)."""
     rows, width = x.shape
+    packs = -(-width // (THREADS * PER))
     q, scale, buffer = _quantize_rows_kernel()(
         inputs=[x],
-        template=[("T", x.dtype), ("PER", PER), ("K", width)],
+        template=[("T", x.dtype), ("PER", PER), ("K", width), ("PACKS", packs)],
         grid=(rows * THREADS, 1, 1),
         threadgroup=(THREADS, 1, 1),
         output_shapes=[(rows, width), (rows,), (rows, out_features)],
         output_dtypes=[mx.uint8, mx.float32, mx.bfloat16],
     )
     return q, scale, buffer
+
+
+def _rescale_kernel(bias: bool):
+    body = _RESCALE.replace("BIAS", "value += static_cast<float>(bias[col + j]);" if bias else "")
+    names = ["raw", "x_scale", "w_scale", *(["bias"] if bias else [])]
+    return cuda_kernels.kernel(f"imagegen_fp8_rescale{'_bias' if bias else ''}", names, ["out"], body)
+
+
+def rescale_fused(raw: mx.array, x_scale: mx.array, w_scale: mx.array, bias: mx.array | None, dtype: mx.Dtype):
+    """The CUDA kernel for raw [M, N] bf16 (N a multiple of 8): the scaled (and biased) output in `dtype`."""
+    rows, width = raw.shape
+    inputs = [raw, x_scale, w_scale] + ([bias] if bias is not None else [])
+    return _rescale_kernel(bias is not None)(
+        inputs=inputs,
+        template=[("T", dtype), ("PER", PER), ("N", width)],
+        grid=(rows * width // PER, 1, 1),
+        threadgroup=(THREADS, 1, 1),
+        output_shapes=[(rows, width)],
+        output_dtypes=[dtype],
+    )[0]
 
 
 @cache
@@ -156,14 +200,15 @@ class Fp8Linear(nn.Module):
         lead, width = x.shape[:-1], x.shape[-1]
         out_dims = self.weight.shape[0]
         rows = x.reshape(-1, width)
+        bias = self["bias"] if "bias" in self else None
         if self._fast(rows):
             q, scale, buffer = quantize_rows_fused(rows, out_dims)
             raw = _extension().fp8_matmul(q, self.weight, buffer)
+            y = rescale_fused(raw, scale, self.weight_scale, bias, x.dtype)
         else:
             q, scale = quantize_rows(rows)
             raw = raw_products(q, self.weight, x.dtype)
-        extra = [self["bias"]] if "bias" in self else []
-        y = _rescale(x.dtype, bool(extra))(raw, scale, self.weight_scale, *extra)
+            y = _rescale(x.dtype, bias is not None)(raw, scale, self.weight_scale, *([] if bias is None else [bias]))
         return y.reshape(*lead, out_dims)
 
     def _fast(self, rows: mx.array) -> bool:
