@@ -6,8 +6,8 @@
 #
 # Needs the wheels installed (/tmp/site: see /work/shared/gpu/install.sh; pytest among them for `tests`). imagegen
 # need not be installed: the source tree and its plugins go on PYTHONPATH. Each part has a time limit (seconds,
-# LIMIT_<part> overrides) and fails alone. Rough times on an H200: tests 60 s (300 s on a fresh machine), quant 330 s (Klein 4B 8/4-bit/nvfp4
-# then Z-Image 8/4-bit, each end to end vs bf16), vae 60 s, throughput 60 s (reuses quant's Klein 4B checkpoint),
+# LIMIT_<part> overrides) and fails alone. Rough times on an H200: tests 60 s (300 s on a fresh machine), quant 400 s (Klein 4B 8/4-bit/nvfp4/fp8
+# then Z-Image 8/4-bit/fp8, each end to end vs bf16), vae 60 s, throughput 60 s (reuses quant's Klein 4B checkpoint),
 # cold 300 s (writes a 35 GB Klein 9B checkpoint). Other helpers' benchmarks can be added as parts below.
 # TINY=1 runs every part on tiny CPU configs (checks this script; the numbers mean nothing).
 set -uo pipefail
@@ -18,6 +18,11 @@ WORK=${WORK:-/tmp/imagegen-bench}
 mkdir -p "$OUT" "$WORK"
 export PYTHONPATH="${PYTHONPATH:-/tmp/site}:$ROOT:$ROOT/plugins/imagegen-flux2:$ROOT/plugins/imagegen-zimage"
 export IMAGEGEN_KERNEL_CACHE="${IMAGEGEN_KERNEL_CACHE:-$WORK/kernels}"
+# A machine without a C++ compiler or nanobind cannot build the FP8 GEMM extension on first use: FP8_EXTENSION names
+# one built elsewhere for the same MLX and Python (python imagegen/nn/fp8_extension.py --out DIR), put in the cache.
+if [ -n "${FP8_EXTENSION:-}" ]; then
+  mkdir -p "$IMAGEGEN_KERNEL_CACHE/imagegen" && cp "$FP8_EXTENSION" "$IMAGEGEN_KERNEL_CACHE/imagegen/"
+fi
 PY=${PYTHON:-python3}
 T=()  # TINY=1: every benchmark on its tiny CPU config (a smoke run of this script without a GPU)
 [ -n "${TINY:-}" ] && T=(--tiny)
@@ -52,13 +57,17 @@ for part in "${parts[@]}"; do
         echo "== tests: pytest is not installed here (add pytest, iniconfig, pluggy, packaging to the wheels)"
       fi ;;
     quant)
-      run quant-matmul "$(limit quant_matmul 90)" $PY benchmarks/bench_quant.py --out "$OUT/quant-matmul.jsonl" "${T[@]}"
-      run klein4b-quant "$(limit klein4b 240)" $PY benchmarks/bench_generate.py --models flux2-klein-4b \
-        --sections e2e,quant --impls imagegen --quant-modes 8,4,nvfp4 --pace "" --keep --workdir "$WORK" \
-        --budget-s 220 --out "$OUT/klein4b-quant.jsonl" "${T[@]}"
-      run zimage-quant "$(limit zimage 300)" $PY benchmarks/bench_generate.py --models zimage-turbo \
-        --sections e2e,quant --impls imagegen --quant-modes 8,4 --pace "" --workdir "$WORK" \
-        --budget-s 280 --out "$OUT/zimage-quant.jsonl" "${T[@]}" ;;
+      run quant-matmul "$(limit quant_matmul 120)" $PY benchmarks/bench_quant.py --sections dequantize,matmul,fp8 \
+        --out "$OUT/quant-matmul.jsonl" "${T[@]}"
+      run klein4b-quant "$(limit klein4b 270)" $PY benchmarks/bench_generate.py --models flux2-klein-4b \
+        --sections e2e,quant --impls imagegen --quant-modes 8,4,nvfp4,fp8 --pace "" --keep --workdir "$WORK" \
+        --budget-s 250 --out "$OUT/klein4b-quant.jsonl" "${T[@]}"
+      run zimage-quant "$(limit zimage 330)" $PY benchmarks/bench_generate.py --models zimage-turbo \
+        --sections e2e,quant --impls imagegen --quant-modes 8,4,fp8 --pace "" --workdir "$WORK" \
+        --budget-s 310 --out "$OUT/zimage-quant.jsonl" "${T[@]}"
+      # a full-size step only (profile_step has no tiny mode)
+      [ -z "${TINY:-}" ] && run profile-fp8 "$(limit profile_fp8 200)" $PY benchmarks/profile_step.py flux2-klein-4b \
+        --quantize fp8 --no-kernels ;;
     vae)
       run vae "$(limit vae 150)" $PY benchmarks/bench_vae.py --workdir "$WORK" --out "$OUT/vae.jsonl" "${T[@]}" ;;
     throughput)

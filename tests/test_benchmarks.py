@@ -309,3 +309,13 @@ def test_cold_start_benchmark_times_both_frameworks_in_new_processes(tmp_path):
     for record in runs.values():
         assert "error" not in record and record["load_s"] > 0 and record["second_s"] > 0
     assert set(runs["imagegen"]["first_stages_s"]) == {"encode", "denoise", "decode", "total"}
+
+
+def test_quant_benchmark_fp8_section(tmp_path):
+    """benchmarks/bench_quant.py --sections fp8 in tiny mode: the fp8 layer against the bf16 one per shape and token
+    count (the portable path on the CPU: no cuBLASLt, no torch._scaled_mm columns)."""
+    records = _tiny_benchmark("bench_quant.py", tmp_path / "quant.jsonl", "--sections", "fp8", "--repeats", "2")
+    rows = [r for r in records if r.get("section") == "fp8"]
+    assert [r["tokens"] for r in rows] == [8, 32]
+    for r in rows:
+        assert r["cublaslt"] is False and r["fp8_ms"] > 0 and r["bf16_ms"] > 0 and "torch_scaled_mm_ms" not in r

@@ -197,3 +197,36 @@ def test_cublaslt_gemm_equals_exact_products_and_scaled_mm(bias, rows):
             out_dtype=torch.bfloat16,
         )
         np.testing.assert_allclose(fast, ref.float().cpu().numpy(), atol=1e-2 * scale, rtol=0)
+
+
+# --- the extension's build: clear refusals, nothing half written ---------------------------------------------
+
+
+def test_extension_build_refuses_clearly(monkeypatch, tmp_path):
+    from imagegen.nn import fp8_extension as ext
+
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(ext.ExtensionUnavailable, match="no-such-compiler is not a program"):
+        ext.compile_extension(tmp_path)
+    failing = tmp_path / "failing-c++"
+    failing.write_text("#!/bin/sh\necho 'fp8_gemm.cpp:1: error: no cuBLASLt here' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv("CXX", str(failing))
+    monkeypatch.setattr(ext, "_package_dir", lambda name: tmp_path)  # mlx and nanobind "found"
+    monkeypatch.setattr(ext, "_folder_with", lambda name, sub: tmp_path)
+    (tmp_path / "libcublasLt.so.13").touch()
+    with pytest.raises(ext.ExtensionUnavailable, match="compiling fp8_gemm.cpp failed:\n.*no cuBLASLt here"):
+        ext.compile_extension(tmp_path / "out")
+    assert not [p for p in (tmp_path / "out").iterdir() if p.is_file()]  # no library, no temporary
+    monkeypatch.setattr(ext, "_package_dir", lambda name: (_ for _ in ()).throw(ext.ExtensionUnavailable(name)))
+    with pytest.raises(ext.ExtensionUnavailable):
+        ext.compile_extension(tmp_path / "out")
+
+
+def test_library_name_follows_source_flags_and_abi(monkeypatch):
+    from imagegen.nn import fp8_extension as ext
+
+    name = ext.library_name()
+    assert name.startswith("_imagegen_fp8-") and name == ext.library_name()
+    monkeypatch.setattr(ext, "FLAGS", (*ext.FLAGS, "-O3"))
+    assert ext.library_name() != name

@@ -52,6 +52,16 @@ def test_quantized_and_end_to_end_goals():
     four = lines["flux2-klein-4b imagegen-4bit end to end vs bf16"]
     assert four["ratio"] == 1.08 and not four["met"]  # fast enough, but over 8 GB
     assert len(lines) == 3
+    fp8 = {"section": "quant", "model": "flux2-klein-4b", "impl": "imagegen-fp8", "quantize": "fp8", "what": "e2e"}
+    lines = {line["goal"]: line for line in goals.quant_goals([*RECORDS, {**fp8, "ms": 240.0, "psnr_db": 46.9}])}
+    assert lines["flux2-klein-4b fp8 end to end faster than bf16"]["met"]
+    assert lines["flux2-klein-4b end to end (fp8)"] == {
+        "goal": "flux2-klein-4b end to end (fp8)",
+        "ms": 240.0,
+        "goal_ms": 260.0,
+        "psnr_db": 46.9,
+        "met": True,
+    }
 
 
 def junit(tmp_path: Path, cases: str) -> Path:

@@ -126,7 +126,9 @@ def batch(
     ),
     size: str = typer.Option(None, "--size", help="WIDTHxHEIGHT for rows without 'size' (default: the model's)."),
     weights: str = typer.Option(None, "--weights", help="Weights folder or Hugging Face repo id (cached)."),
-    quantize: str = typer.Option(None, "--quantize", "-q", help="Quantize weights: 4, 8, mxfp8, mxfp4, nvfp4, ..."),
+    quantize: str = typer.Option(
+        None, "--quantize", "-q", help="Quantize weights: 4, 8, mxfp8, mxfp4, nvfp4, fp8 (faster on CUDA), ..."
+    ),
     dtype: str = typer.Option(
         None, "--dtype", help="bfloat16, float16 or float32 (default: the model's; float32 for flux2-demo)."
     ),

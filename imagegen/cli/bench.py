@@ -158,7 +158,9 @@ def bench(
     ),
     size: str = typer.Option(None, "--size", help="WIDTHxHEIGHT (default: the model's)."),
     steps: int = typer.Option(None, "--steps", "-s", help="Steps of the end-to-end run (default: the model's)."),
-    quantize: str = typer.Option(None, "--quantize", "-q", help="Quantize weights: 4, 8, mxfp8, mxfp4, nvfp4, ..."),
+    quantize: str = typer.Option(
+        None, "--quantize", "-q", help="Quantize weights: 4, 8, mxfp8, mxfp4, nvfp4, fp8 (faster on CUDA), ..."
+    ),
     dtype: str = typer.Option(
         None, "--dtype", help="bfloat16, float16 or float32 (default: the model's; float32 for flux2-demo)."
     ),

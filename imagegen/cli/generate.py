@@ -160,7 +160,9 @@ def run(
         help="WIDTHxHEIGHT, multiples of 16 (default: the model's, or the first --image's for editing models).",
     ),
     weights: str = typer.Option(None, "--weights", help="Weights folder or Hugging Face repo id (cached)."),
-    quantize: str = typer.Option(None, "--quantize", "-q", help="Quantize weights: 4, 8, mxfp8, mxfp4, nvfp4, ..."),
+    quantize: str = typer.Option(
+        None, "--quantize", "-q", help="Quantize weights: 4, 8, mxfp8, mxfp4, nvfp4, fp8 (faster on CUDA), ..."
+    ),
     dtype: str = typer.Option(
         None, "--dtype", help="bfloat16, float16 or float32 (default: the model's; float32 for flux2-demo)."
     ),

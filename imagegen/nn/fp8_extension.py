@@ -99,9 +99,12 @@ def _fmt_declaration(out_dir: Path) -> Path:
 
 def compile_extension(out_dir: Path) -> Path:
     """Compile fp8_gemm.cpp into out_dir (written under a temporary name, then renamed); returns its path."""
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    chosen = os.environ.get("CXX")
+    compiler = shutil.which(chosen) if chosen else shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if compiler is None:
-        raise ExtensionUnavailable("no C++ compiler found (install g++ or set CXX)")
+        raise ExtensionUnavailable(
+            f"no C++ compiler found ({f'CXX={chosen} is not a program' if chosen else 'install g++ or set CXX'})"
+        )
     mlx_dir, nanobind_dir = _package_dir("mlx"), _package_dir("nanobind")
     includes = [
         mlx_dir / "include",
@@ -163,6 +166,7 @@ def load():
             folder = (folder / "imagegen") if folder is not None else Path(tempfile.gettempdir()) / "imagegen-fp8"
             path = folder / library_name()
             if not path.is_file():
+                print("imagegen: building the FP8 GEMM extension (once per machine, about 10 s)", file=sys.stderr)
                 path = compile_extension(folder)
             try:
                 _loaded = _load_from(path)

@@ -6,7 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import imagegen
-from imagegen.quantize import ALL_MODES
+from imagegen.quantize import ALL_MODES, FP8
 
 from .kv_pipeline import Flux2KVPipeline
 from .lora import lora_targets
@@ -115,6 +115,7 @@ def demo() -> imagegen.ModelSpec | None:
         init_size=init_size,
         run_default=True,  # `imagegen run` works out of the box with the bundled weights
         default_dtype="float32",  # small enough; float32 keeps CPU runs exact and fast
+        quantize_modes=(FP8,),  # its widths are not multiples of the integer modes' groups; fp8 scales per row
         block_loop=True,
         components=frozenset({"vae"}),
         lora_targets=lora_targets,
