@@ -136,6 +136,14 @@ def test_convert_writes_a_merged_folder(adapter, tmp_path):
     assert np.abs(pixels("q8.png") - pixels("styled.png")).max() > 0  # quantized: close, not equal
     result = invoke("convert", "-m", "flux2-demo", "--lora", str(adapter), "-o", str(tmp_path / "q8"))
     assert result.exit_code == 1 and "already exists" in result.output
+    # fp8, which the demo model takes: the saved folder loads back as fp8 and draws what the fp8 run draws
+    result = invoke("convert", "-m", "flux2-demo", "--lora", str(adapter), "-q", "fp8", "-o", str(tmp_path / "f8"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "f8" / "transformer" / "quantization.json").read_text())["mode"] == "fp8"
+    assert invoke(*RUN, "-o", "f8.png", "--weights", str(tmp_path / "f8")).exit_code == 0
+    assert invoke(*RUN, "-o", "f8-lora.png", "--lora", str(adapter), "-q", "fp8").exit_code == 0
+    error = {name: np.abs(pixels(f"{name}.png") - pixels("styled.png")).mean() for name in ("q8", "f8", "f8-lora")}
+    assert error["f8"] < 1.5 * error["q8"] and error["f8-lora"] < 1.5 * error["q8"]  # as close as 8-bit
 
 
 def test_server_names_adapters_from_its_folder_and_batch_rows_take_them(adapter, tmp_path):
