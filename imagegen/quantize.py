@@ -86,7 +86,7 @@ def quantize_model(model: nn.Module, mode: str, predicate: Predicate | None = No
     if mode == FP8:
         from .nn import fp8_linear  # imagegen.nn imports weights, which imports us
 
-        fp8_linear.to_fp8(model, lambda path, module: predicate is None or predicate(path, module))
+        fp8_linear.quantize_linears(model, lambda path, module: predicate is None or predicate(path, module))
         return {"quantization": mode, **s}
 
     def pick(path: str, module: nn.Module) -> bool:
@@ -103,7 +103,7 @@ def apply_record(model: nn.Module, record: dict[str, Any], weights: dict[str, mx
     if s["mode"] == FP8:
         from .nn import fp8_linear
 
-        fp8_linear.rebuild(model, weights)
+        fp8_linear.rebuild_linears(model, weights)
         return
 
     def pick(path: str, module: nn.Module) -> bool:

@@ -113,6 +113,7 @@ def compile_extension(out_dir: Path) -> Path:
         Path(sysconfig.get_paths()["include"]),
         _folder_with("cuda_runtime.h", "include"),
         _folder_with("cublasLt.h", "include"),
+        mlx_dir / "include" / "cccl",  # nv/target for the CUDA headers, where the NVIDIA packages lack it
     ]
     cublas_lib = _folder_with("libcublasLt.so*", "lib")
     cublas_file = sorted(cublas_lib.glob("libcublasLt.so*"))[-1].name if sys.platform != "win32" else "cublasLt"

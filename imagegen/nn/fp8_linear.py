@@ -19,6 +19,7 @@ from functools import cache
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_unflatten
 
 from . import cuda_kernels
 
@@ -94,6 +95,7 @@ def quantize_rows(a: mx.array) -> tuple[mx.array, mx.array]:
 
 
 def dequantize_rows(q: mx.array, scale: mx.array, dtype: mx.Dtype) -> mx.array:
+    """bytes * scale per row: the values quantize_rows stands for."""
     return (mx.from_fp8(q, dtype=mx.float32) * scale[..., None]).astype(dtype)
 
 
@@ -224,15 +226,15 @@ class Fp8Linear(nn.Module):
         )
 
 
-def to_fp8(model: nn.Module, pick) -> int:
+def quantize_linears(model: nn.Module, pick) -> int:
     """Replace, in place, every nn.Linear that `pick(path, module)` accepts by its Fp8Linear; returns how many."""
     replaced = [(path, Fp8Linear.from_linear(m)) for path, m in model.named_modules() if _linear(m) and pick(path, m)]
     if replaced:
-        model.update_modules(_tree(replaced))
+        model.update_modules(tree_unflatten(replaced))
     return len(replaced)
 
 
-def rebuild(model: nn.Module, weights: dict[str, mx.array]) -> None:
+def rebuild_linears(model: nn.Module, weights: dict[str, mx.array]) -> None:
     """Before loading a saved fp8 model: turn into (empty) Fp8Linears exactly the Linears the file has scales for."""
     replaced = []
     for path, m in model.named_modules():
@@ -240,14 +242,8 @@ def rebuild(model: nn.Module, weights: dict[str, mx.array]) -> None:
             out_dims, in_dims = m.weight.shape
             replaced.append((path, Fp8Linear(in_dims, out_dims, bias="bias" in m)))
     if replaced:
-        model.update_modules(_tree(replaced))
+        model.update_modules(tree_unflatten(replaced))
 
 
 def _linear(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) and not isinstance(m, nn.QuantizedLinear)
-
-
-def _tree(pairs):
-    from mlx.utils import tree_unflatten
-
-    return tree_unflatten(pairs)
