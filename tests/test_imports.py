@@ -24,6 +24,8 @@ LAZY = {
     ("imagegen.options", "imagegen.lora"): "imagegen.lora finds recorded adapter files through options",
     ("imagegen.quantize", "imagegen.nn"): "imagegen.nn imports weights, which imports quantize",
     ("imagegen.quantize", "imagegen.nn.quantized_linear"): "imagegen.nn imports weights, which imports quantize",
+    ("imagegen.quantize", "imagegen.nn.fp8_linear"): "imagegen.nn imports weights, which imports quantize",
+    ("imagegen.nn.fp8_extension", "imagegen.kernel_cache"): "the file also runs as a build script, imagegen-free",
     ("imagegen.batch", "imagegen.batch_ranks"): "an image over GPUs: batch_ranks runs batch's rows on ranks",
     ("imagegen.batch", "imagegen.scaleout"): "the optional Ray extra",
     ("imagegen.batch", "imagegen.scaleout.batch"): "the optional Ray extra",

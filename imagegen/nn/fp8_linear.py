@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from . import cuda_kernels
+from . import cuda_kernels, fp8_extension
 
 E4M3_MAX = 448.0  # the largest finite E4M3 value: each row's largest magnitude maps onto it
 TINY = 1e-12  # an all-zero row keeps a finite scale (the kernel's 1e-12f)
@@ -159,8 +159,6 @@ def rescale_fused(raw: mx.array, x_scale: mx.array, w_scale: mx.array, bias: mx.
 @cache
 def _extension():
     """The cuBLASLt extension, or None (with one warning) when it cannot be built or loaded here."""
-    from . import fp8_extension
-
     try:
         return fp8_extension.load()
     except fp8_extension.ExtensionUnavailable as e:
