@@ -230,3 +230,23 @@ def test_library_name_follows_source_flags_and_abi(monkeypatch):
     assert name.startswith("_imagegen_fp8-") and name == ext.library_name()
     monkeypatch.setattr(ext, "FLAGS", (*ext.FLAGS, "-O3"))
     assert ext.library_name() != name
+
+
+def test_a_damaged_cached_library_is_built_again(monkeypatch, tmp_path):
+    from imagegen.nn import fp8_extension as ext
+
+    monkeypatch.setenv("IMAGEGEN_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(ext, "_loaded", None)
+    damaged = tmp_path / "imagegen" / ext.library_name()
+    damaged.parent.mkdir()
+    damaged.write_bytes(b"\x7fELF truncated")
+    builds = []
+
+    def build(folder):
+        builds.append(folder)
+        raise ext.ExtensionUnavailable("no compiler here")
+
+    monkeypatch.setattr(ext, "compile_extension", build)
+    with pytest.raises(ext.ExtensionUnavailable, match="no compiler here"):
+        ext.load()
+    assert builds == [tmp_path / "imagegen"]

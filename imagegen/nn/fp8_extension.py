@@ -155,7 +155,8 @@ _loaded = None
 
 
 def load():
-    """The extension module: this process's, the cached library, or a fresh build (then cached)."""
+    """The extension module: this process's, the cached library, or a fresh build (then cached). A cached library
+    that does not load (a damaged file) is built again once."""
     global _loaded
     with _lock:
         if _loaded is None:
@@ -166,13 +167,18 @@ def load():
             folder = kernel_cache_dir()
             folder = (folder / "imagegen") if folder is not None else Path(tempfile.gettempdir()) / "imagegen-fp8"
             path = folder / library_name()
-            if not path.is_file():
+            if path.is_file():
+                try:
+                    _loaded = _load_from(path)
+                except ImportError:
+                    pass
+            if _loaded is None:
                 print("imagegen: building the FP8 GEMM extension (once per machine, about 10 s)", file=sys.stderr)
                 path = compile_extension(folder)
-            try:
-                _loaded = _load_from(path)
-            except ImportError as e:
-                raise ExtensionUnavailable(f"{path} does not load: {e}") from None
+                try:
+                    _loaded = _load_from(path)
+                except ImportError as e:
+                    raise ExtensionUnavailable(f"{path} does not load: {e}") from None
         return _loaded
 
 
