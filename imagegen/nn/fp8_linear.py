@@ -86,9 +86,11 @@ _RESCALE = """
 """
 
 
+@mx.compile
 def quantize_rows(a: mx.array) -> tuple[mx.array, mx.array]:
     """a [..., K] -> (E4M3 bytes [..., K] as uint8, float32 scales [...]) with a ~= bytes * scale per row: the
-    reference the CUDA kernel is tested against, and how weights are quantized (a row = an output channel)."""
+    reference the CUDA kernel is tested against, and how weights are quantized (a row = an output channel).
+    Compiled: the float32 copy of `a` is never materialized."""
     a = a.astype(mx.float32)
     amax = mx.maximum(mx.max(mx.abs(a), axis=-1, keepdims=True), TINY)
     return mx.to_fp8(a * (E4M3_MAX / amax)), (amax / E4M3_MAX)[..., 0]
@@ -225,8 +227,14 @@ class Fp8Linear(nn.Module):
 
 
 def quantize_linears(model: nn.Module, pick) -> int:
-    """Replace, in place, every nn.Linear that `pick(path, module)` accepts by its Fp8Linear; returns how many."""
-    replaced = [(path, Fp8Linear.from_linear(m)) for path, m in model.named_modules() if _linear(m) and pick(path, m)]
+    """Replace, in place, every nn.Linear that `pick(path, module)` accepts by its Fp8Linear; returns how many.
+    Each layer is quantized on the spot (evaluated), so a load holds one layer's temporaries at a time, not all."""
+    replaced = []
+    for path, m in model.named_modules():
+        if _linear(m) and pick(path, m):
+            layer = Fp8Linear.from_linear(m)
+            mx.eval(layer.weight, layer.weight_scale)
+            replaced.append((path, layer))
     if replaced:
         model.update_modules(tree_unflatten(replaced))
     return len(replaced)
