@@ -169,8 +169,12 @@ def _extension():
 
 
 def _fp8_gpu() -> bool:
-    if not cuda_kernels.available():
-        return False
+    return cuda_kernels.available() and _fp8_tensor_cores()
+
+
+@cache
+def _fp8_tensor_cores() -> bool:
+    """Whether the GPU has FP8 tensor cores (compute capability 8.9 and up): asked once, not on every layer call."""
     info = mx.device_info(mx.gpu)
     return (int(info["compute_capability_major"]), int(info["compute_capability_minor"])) >= (8, 9)
 
