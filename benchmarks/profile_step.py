@@ -6,9 +6,9 @@ and off (imagegen.nn.cuda_kernels: attention inputs, SwiGLU), random weights, bf
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
-import sys
 from collections import defaultdict
 
 import mlx.core as mx
@@ -60,12 +60,15 @@ def kernel_times(fn, steps: int = 3) -> dict[str, float]:
 
 
 def main() -> None:
-    args = [a for i, a in enumerate(sys.argv[1:], 1) if sys.argv[i - 1] != "--quantize"]
-    model_id = next((a for a in args if not a.startswith("--")), "flux2-klein-4b")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model", nargs="?", default="flux2-klein-4b", help="a FLUX.2 Klein model id")
+    p.add_argument("--no-kernels", action="store_true", help="timings only, no per-kernel profile")
+    p.add_argument("--quantize", default=None, help="quantize the transformer first (e.g. fp8)")
+    args = p.parse_args()
+    model_id, mode = args.model, args.quantize
     fam = Flux2(model_id, FULL)
     transformer = Flux2Transformer(Flux2TransformerConfig(**fam.transformer_config))
     transformer.set_dtype(mx.bfloat16)
-    mode = sys.argv[sys.argv.index("--quantize") + 1] if "--quantize" in sys.argv else None
     if mode:  # the layers the pipeline would quantize
         from imagegen_flux2.transformer import quant_predicate
 
@@ -97,7 +100,7 @@ def main() -> None:
                 ),
                 flush=True,
             )
-        if "--no-kernels" in sys.argv:
+        if args.no_kernels:
             continue
         try:
             times = kernel_times(fam.imagegen_step(transformer, inputs, True, 1))
